@@ -1,0 +1,360 @@
+//! Layered settings: defaults < TOML file < `MESHKIT_*` environment.
+//!
+//! Every leaf setting `section.key` can be set from the environment as
+//! `MESHKIT_SECTION_KEY` (for example `registry.ttl_secs` from
+//! `MESHKIT_REGISTRY_TTL_SECS`, `etcd.endpoints` from `MESHKIT_ETCD_ENDPOINTS`,
+//! a comma-separated list). Only known settings are looked up, so the mapping
+//! is unambiguous, and an unknown key in the file is refused by name. The
+//! environment is read through [`Env`] so tests can feed a map.
+
+use std::{collections::HashMap, net::SocketAddr, path::Path};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use toml::{Table, Value};
+
+use crate::error::{Error, Result};
+
+/// Where environment variables come from.
+pub trait Env {
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, key: &str) -> Option<String> {
+        self.get(key).cloned()
+    }
+}
+
+/// Settings shared by every meshkit process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    pub server: ServerSettings,
+    pub etcd: EtcdSettings,
+    pub registry: RegistrySettings,
+    pub database: DatabaseSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: String,
+    /// Address registered in etcd; empty means the bound address.
+    pub advertise: String,
+    /// How long to wait after revoking the lease for watchers to drop us.
+    pub drain_delay_ms: u64,
+    /// Upper bound on finishing in-flight calls at shutdown.
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdSettings {
+    /// `host:port` or `http://host:port`, one or more.
+    pub endpoints: Vec<String>,
+    /// Root of every meshkit key.
+    pub prefix: String,
+    pub connect_timeout_ms: u64,
+    /// Per-request timeout, so a stopped etcd never hangs a caller.
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Whether the server registers itself at all.
+    pub enabled: bool,
+    /// Lease TTL; keepalives go out at about a third of it.
+    pub ttl_secs: i64,
+    /// Instance id; empty means a fresh random id per process.
+    pub instance_id: String,
+    pub zone: String,
+    pub weight: u32,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://path?mode=rwc` or `postgres://…`; `DATABASE_URL` also sets it.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// An `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+/// Loads `T` from its defaults, then `file` (if any), then the environment.
+pub fn load<T>(file: Option<&Path>, env: &dyn Env) -> Result<T>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    let mut table = match Value::try_from(T::default()) {
+        Ok(Value::Table(t)) => t,
+        _ => return Err(Error::Config("defaults do not form a table".into())),
+    };
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::ConfigFile { path: path.to_owned(), message: e.to_string() })?;
+        let from_file: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::ConfigFile { path: path.to_owned(), message: e.to_string() })?;
+        merge(&mut table, from_file, "").map_err(|message| Error::ConfigFile { path: path.to_owned(), message })?;
+    }
+    apply_env(&mut table, "MESHKIT", env)?;
+    T::deserialize(Value::Table(table)).map_err(|e| Error::Config(e.to_string()))
+}
+
+/// Overlays `over` on `base`, refusing keys the defaults do not have.
+fn merge(base: &mut Table, over: Table, path: &str) -> Result<(), String> {
+    for (key, value) in over {
+        let full = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o, &full)?,
+            (Some(Value::Table(_)), _) => return Err(format!("`{full}` must be a table")),
+            (Some(slot), v) => {
+                if std::mem::discriminant(slot) != std::mem::discriminant(&v) {
+                    return Err(format!("`{full}` must be {}, found {}", slot.type_str(), v.type_str()));
+                }
+                *slot = v;
+            }
+            (None, _) => return Err(format!("unknown setting `{full}`")),
+        }
+    }
+    Ok(())
+}
+
+fn apply_env(table: &mut Table, prefix: &str, env: &dyn Env) -> Result<()> {
+    for (key, slot) in table.iter_mut() {
+        let name = format!("{prefix}_{}", key.to_uppercase());
+        if let Value::Table(inner) = slot {
+            apply_env(inner, &name, env)?;
+            continue;
+        }
+        let Some(raw) = env.var(&name) else { continue };
+        *slot = parse_env_value(slot, &raw).map_err(|problem| Error::Config(format!("{name}={raw:?}: {problem}")))?;
+    }
+    Ok(())
+}
+
+fn parse_env_value(current: &Value, raw: &str) -> Result<Value, String> {
+    let raw = raw.trim();
+    Ok(match current {
+        Value::String(_) => Value::String(raw.to_owned()),
+        Value::Integer(_) => Value::Integer(raw.parse().map_err(|_| "expected a whole number".to_owned())?),
+        Value::Float(_) => Value::Float(raw.parse().map_err(|_| "expected a number".to_owned())?),
+        Value::Boolean(_) => Value::Boolean(match raw.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            _ => return Err("expected true or false".into()),
+        }),
+        Value::Array(_) => Value::Array(
+            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.to_owned())).collect(),
+        ),
+        other => return Err(format!("cannot be set from the environment ({})", other.type_str())),
+    })
+}
+
+// === impl MeshConfig ===
+
+impl MeshConfig {
+    /// Loads the settings of `service` (used for the default database file)
+    /// from `MESHKIT_CONFIG` (a TOML file, optional) and the environment, and
+    /// validates them.
+    pub fn load(service: &str, env: &dyn Env) -> Result<Self> {
+        let file = env.var("MESHKIT_CONFIG").filter(|s| !s.is_empty());
+        let mut config: MeshConfig = load(file.as_deref().map(Path::new), env)?;
+        if env.var("MESHKIT_DATABASE_URL").is_none() {
+            if let Some(url) = env.var("DATABASE_URL").filter(|s| !s.is_empty()) {
+                config.database.url = url;
+            }
+        }
+        if config.database.url.is_empty() {
+            config.database.url = format!("sqlite://{service}.db?mode=rwc");
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and formats; the error names the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |setting: &str, problem: String| Err(Error::Config(format!("{setting}: {problem}")));
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return bad("server.listen", format!("{:?} is not an address like 127.0.0.1:0", self.server.listen));
+        }
+        if !self.server.advertise.is_empty() && !self.server.advertise.contains(':') {
+            return bad("server.advertise", format!("{:?} is not host:port", self.server.advertise));
+        }
+        if self.etcd.endpoints.is_empty() {
+            return bad("etcd.endpoints", "at least one endpoint is required".into());
+        }
+        if let Some(e) = self.etcd.endpoints.iter().find(|e| e.is_empty() || e.contains(' ')) {
+            return bad("etcd.endpoints", format!("{e:?} is not host:port"));
+        }
+        if !self.etcd.prefix.starts_with('/') || self.etcd.prefix.ends_with('/') {
+            return bad("etcd.prefix", format!("{:?} must start with / and not end with /", self.etcd.prefix));
+        }
+        if !(2..=3600).contains(&self.registry.ttl_secs) {
+            return bad("registry.ttl_secs", format!("{} is outside 2..=3600", self.registry.ttl_secs));
+        }
+        if self.registry.weight == 0 || self.registry.weight > 10_000 {
+            return bad("registry.weight", format!("{} is outside 1..=10000", self.registry.weight));
+        }
+        if self.registry.instance_id.contains('/') {
+            return bad("registry.instance_id", "must not contain /".into());
+        }
+        let url = &self.database.url;
+        if !(url.is_empty()
+            || url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return bad("database.url", "must start with sqlite:, postgres:// or postgresql://".into());
+        }
+        if self.database.max_connections == 0 {
+            return bad("database.max_connections", "must be at least 1".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format", format!("{:?} is neither text nor json", self.log.format));
+        }
+        Ok(())
+    }
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            server: ServerSettings::default(),
+            etcd: EtcdSettings::default(),
+            registry: RegistrySettings::default(),
+            database: DatabaseSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:0".into(), advertise: String::new(), drain_delay_ms: 300, drain_timeout_ms: 10_000 }
+    }
+}
+
+impl Default for EtcdSettings {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            prefix: "/meshkit".into(),
+            connect_timeout_ms: 2_000,
+            request_timeout_ms: 3_000,
+        }
+    }
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl_secs: 10,
+            instance_id: String::new(),
+            zone: String::new(),
+            weight: 100,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self { url: String::new(), max_connections: 8 }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { filter: "info".into(), format: "text".into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_then_file_then_env() {
+        let dir = tempfile_dir();
+        let file = dir.join("mesh.toml");
+        std::fs::write(&file, "[registry]\nttl_secs = 30\nzone = \"a\"\n[etcd]\nendpoints = [\"10.0.0.1:2379\"]\n")
+            .unwrap();
+        let e = env(&[
+            ("MESHKIT_CONFIG", file.to_str().unwrap()),
+            ("MESHKIT_REGISTRY_TTL_SECS", "20"),
+            ("MESHKIT_ETCD_ENDPOINTS", "127.0.0.1:1, 127.0.0.1:2"),
+        ]);
+        let c = MeshConfig::load("user", &e).unwrap();
+        assert_eq!(c.registry.ttl_secs, 20, "env beats file");
+        assert_eq!(c.registry.zone, "a", "file beats defaults");
+        assert_eq!(c.etcd.endpoints, vec!["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(c.registry.weight, 100, "default kept");
+        assert_eq!(c.database.url, "sqlite://user.db?mode=rwc");
+    }
+
+    #[test]
+    fn database_url_from_standard_variable() {
+        let c = MeshConfig::load("user", &env(&[("DATABASE_URL", "postgres://u@h/db")])).unwrap();
+        assert_eq!(c.database.url, "postgres://u@h/db");
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let err = MeshConfig::load("user", &env(&[("MESHKIT_REGISTRY_TTL_SECS", "ten")])).unwrap_err();
+        assert!(err.to_string().contains("MESHKIT_REGISTRY_TTL_SECS"), "{err}");
+        let err = MeshConfig::load("user", &env(&[("MESHKIT_REGISTRY_TTL_SECS", "1")])).unwrap_err();
+        assert!(err.to_string().contains("registry.ttl_secs"), "{err}");
+        let err = MeshConfig::load("user", &env(&[("MESHKIT_SERVER_LISTEN", "nowhere")])).unwrap_err();
+        assert!(err.to_string().contains("server.listen"), "{err}");
+        let err = MeshConfig::load("user", &env(&[("MESHKIT_DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("database.url"), "{err}");
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let dir = tempfile_dir();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "[registry]\nttl = 3\n").unwrap();
+        let err = MeshConfig::load("user", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
+        assert!(err.to_string().contains("unknown setting `registry.ttl`"), "{err}");
+        std::fs::write(&file, "[registry]\nttl_secs = \"3\"\n").unwrap();
+        let err = MeshConfig::load("user", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
+        assert!(err.to_string().contains("`registry.ttl_secs` must be integer"), "{err}");
+        let err = MeshConfig::load("user", &env(&[("MESHKIT_CONFIG", "/nonexistent/x.toml")])).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/x.toml"), "{err}");
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("meshkit-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

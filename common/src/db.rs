@@ -1,0 +1,99 @@
+//! Database connections (sea-orm) and forward-only migrations.
+//!
+//! A SQLite file is the embedded default; a `postgres://` URL selects
+//! PostgreSQL. Migrations are numbered per component and recorded in
+//! `meshkit_migrations`; each runs in one transaction, and their statements
+//! are written to be safe when two instances of a service start at once
+//! (`IF NOT EXISTS`, plus an advisory lock on PostgreSQL).
+
+use std::time::Duration;
+
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Schema, Statement, TransactionTrait,
+    sea_query::{Alias, Expr, ExprTrait, OnConflict, Query},
+};
+
+use crate::{config::DatabaseSettings, error::Result};
+
+/// One schema change of a component.
+pub struct Migration {
+    /// Strictly increasing within a component.
+    pub version: i64,
+    pub name: &'static str,
+    /// The statements for a backend; built with sea-query so one definition
+    /// serves SQLite and PostgreSQL.
+    pub up: fn(&Schema, DbBackend) -> Vec<Statement>,
+}
+
+/// Connects and, for SQLite, switches the file to WAL so several processes
+/// (instances of one service) can share it.
+pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(settings.url.clone());
+    options
+        .max_connections(settings.max_connections)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    let db = Database::connect(options).await?;
+    if db.get_database_backend() == DbBackend::Sqlite {
+        db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
+    }
+    Ok(db)
+}
+
+/// Applies the migrations of `component` that are not yet recorded.
+/// Returns how many were applied.
+pub async fn migrate(db: &DatabaseConnection, component: &str, migrations: &[Migration]) -> Result<usize> {
+    let backend = db.get_database_backend();
+    db.execute_unprepared(
+        "CREATE TABLE IF NOT EXISTS meshkit_migrations (\
+           component VARCHAR(100) NOT NULL, \
+           version BIGINT NOT NULL, \
+           name VARCHAR(200) NOT NULL, \
+           PRIMARY KEY (component, version))",
+    )
+    .await?;
+    let schema = Schema::new(backend);
+    let mut applied = 0;
+    for migration in migrations {
+        let txn = db.begin().await?;
+        if backend == DbBackend::Postgres {
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", lock_key(component))).await?;
+        }
+        let done = Query::select()
+            .expr(Expr::col(Alias::new("version")))
+            .from(Alias::new("meshkit_migrations"))
+            .and_where(Expr::col(Alias::new("component")).eq(component))
+            .and_where(Expr::col(Alias::new("version")).eq(migration.version))
+            .to_owned();
+        if txn.query_one(&done).await?.is_some() {
+            txn.commit().await?;
+            continue;
+        }
+        for statement in (migration.up)(&schema, backend) {
+            txn.execute_raw(statement).await?;
+        }
+        let record = Query::insert()
+            .into_table(Alias::new("meshkit_migrations"))
+            .columns([Alias::new("component"), Alias::new("version"), Alias::new("name")])
+            .values_panic([component.into(), migration.version.into(), migration.name.into()])
+            .on_conflict(OnConflict::columns([Alias::new("component"), Alias::new("version")]).do_nothing().to_owned())
+            .to_owned();
+        txn.execute(&record).await?;
+        txn.commit().await?;
+        tracing::info!(component, version = migration.version, name = migration.name, "migration applied");
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+fn lock_key(component: &str) -> i64 {
+    // FNV-1a: stable across processes and releases.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in component.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}

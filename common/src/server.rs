@@ -1,0 +1,290 @@
+//! The server builder every meshkit service starts from.
+//!
+//! [`MeshServer`] adds the standard health service (`grpc.health.v1`),
+//! reflection in both v1 and v1alpha (grpcurl 1.8.6 speaks only v1alpha), an
+//! `x-meshkit-instance` response header naming the instance, and registration
+//! in etcd under the registry contract. [`RunningServer::shutdown`] drains in
+//! the order watchers need: health NOT_SERVING, revoke the lease, wait for
+//! watchers to drop the instance, then stop accepting and finish in-flight
+//! calls (bounded).
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use etcd_client::Client;
+use futures::StreamExt;
+use http::HeaderValue;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::{Routes, RoutesBuilder},
+    transport::Server,
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::{Service, util::MapResponseLayer};
+
+use crate::{
+    config::MeshConfig,
+    error::{Error, Result},
+    registry::{Instance, RegistrySession, instance_key},
+};
+
+/// The response header that names the instance that served a call.
+pub const INSTANCE_HEADER: &str = "x-meshkit-instance";
+
+/// Builds a gRPC server that registers itself in etcd.
+pub struct MeshServer {
+    config: MeshConfig,
+    routes: RoutesBuilder,
+    services: Vec<&'static str>,
+    metadata: BTreeMap<String, String>,
+    etcd: Option<Client>,
+}
+
+impl MeshServer {
+    pub fn new(config: MeshConfig) -> Self {
+        Self { config, routes: RoutesBuilder::default(), services: Vec::new(), metadata: BTreeMap::new(), etcd: None }
+    }
+
+    /// Uses an existing etcd client instead of connecting a new one.
+    pub fn with_etcd(mut self, client: Client) -> Self {
+        self.etcd = Some(client);
+        self
+    }
+
+    /// Adds a generated tonic service; it is registered under its full name.
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(svc);
+        self.services.push(S::NAME);
+        self
+    }
+
+    /// A metadata entry published with the registration.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Binds, serves, marks every service SERVING and registers in etcd.
+    /// Returns once the instance is registered and answering.
+    pub async fn start(self) -> Result<RunningServer> {
+        let started = Instant::now();
+        let MeshServer { config, mut routes, services, metadata, etcd } = self;
+        let listen: SocketAddr = config
+            .server
+            .listen
+            .parse()
+            .map_err(|_| Error::Config(format!("server.listen: {:?} is not an address", config.server.listen)))?;
+        let listener = TcpListener::bind(listen).await?;
+        let local_addr = listener.local_addr()?;
+        let instance_id = if config.registry.instance_id.is_empty() {
+            new_instance_id()
+        } else {
+            config.registry.instance_id.clone()
+        };
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        routes.add_service(health_service);
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(meshkit_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(meshkit_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+        routes.add_service(reflection_v1).add_service(reflection_v1alpha);
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            conn.inspect(|stream| {
+                let _ = stream.set_nodelay(true);
+            })
+        });
+        let header = HeaderValue::from_str(&instance_id).ok();
+        let server = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .layer(MapResponseLayer::new(move |mut res: http::Response<Body>| {
+                if let Some(value) = &header {
+                    res.headers_mut().insert(INSTANCE_HEADER, value.clone());
+                }
+                res
+            }))
+            .add_routes(routes_of(routes));
+        let task = tokio::spawn(async move {
+            server
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .map_err(Error::from)
+        });
+
+        for name in &services {
+            health.set_service_status(*name, ServingStatus::Serving).await;
+        }
+
+        let registry = if config.registry.enabled && !services.is_empty() {
+            let client = match etcd {
+                Some(c) => c,
+                None => crate::etcd::connect(&config.etcd).await?,
+            };
+            let addr = if config.server.advertise.is_empty() {
+                local_addr.to_string()
+            } else {
+                config.server.advertise.clone()
+            };
+            let instance = Instance {
+                addr,
+                zone: config.registry.zone.clone(),
+                weight: config.registry.weight,
+                version: config.registry.version.clone(),
+                metadata,
+            };
+            let value = serde_json::to_string(&instance).map_err(|e| Error::Config(e.to_string()))?;
+            let entries = services
+                .iter()
+                .map(|name| (instance_key(&config.etcd.prefix, name, &instance_id), value.clone()))
+                .collect();
+            match RegistrySession::start(client, config.registry.ttl_secs, entries).await {
+                Ok(session) => Some(session),
+                Err(e) => {
+                    let _ = stop_tx.send(());
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        tracing::info!(
+            addr = %local_addr,
+            instance_id,
+            services = ?services,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "serving and registered"
+        );
+        Ok(RunningServer {
+            local_addr,
+            instance_id,
+            services,
+            health,
+            registry,
+            stop: Some(stop_tx),
+            task,
+            drain_delay: Duration::from_millis(config.server.drain_delay_ms),
+            drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
+        })
+    }
+}
+
+fn routes_of(builder: RoutesBuilder) -> Routes {
+    builder.routes()
+}
+
+/// `{pid}-{random}`: unique per process, readable in logs.
+pub fn new_instance_id() -> String {
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    format!("{}-{}", std::process::id(), &random[random.len() - 10..])
+}
+
+/// A started server; dropping it without [`shutdown`](Self::shutdown) stops
+/// serving abruptly and leaves the lease to expire by TTL.
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    instance_id: String,
+    services: Vec<&'static str>,
+    health: HealthReporter,
+    registry: Option<RegistrySession>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<()>>,
+    drain_delay: Duration,
+    drain_timeout: Duration,
+}
+
+impl RunningServer {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The registry session, when registration is enabled.
+    pub fn registry(&self) -> Option<&RegistrySession> {
+        self.registry.as_ref()
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains.
+    pub async fn run_until_signal(mut self) -> Result<()> {
+        tokio::select! {
+            _ = crate::shutdown::signal() => self.shutdown().await,
+            result = &mut self.task => {
+                // The server stopped on its own: report why.
+                if let Some(registry) = self.registry.take() {
+                    registry.close().await;
+                }
+                result.map_err(|e| Error::Io(std::io::Error::other(e)))?
+            }
+        }
+    }
+
+    /// Drains: NOT_SERVING, revoke the lease, give watchers `drain_delay` to
+    /// drop this instance, stop accepting, then wait (up to `drain_timeout`)
+    /// for in-flight calls.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let started = Instant::now();
+        self.health.set_service_status("", ServingStatus::NotServing).await;
+        for name in &self.services {
+            self.health.set_service_status(*name, ServingStatus::NotServing).await;
+        }
+        if let Some(registry) = self.registry.take() {
+            registry.close().await;
+            tokio::time::sleep(self.drain_delay).await;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let outcome = match tokio::time::timeout(self.drain_timeout, &mut self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(Error::Io(std::io::Error::other(join))),
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = self.drain_timeout.as_millis() as u64,
+                    "in-flight calls outlived the drain timeout"
+                );
+                self.task.abort();
+                Ok(())
+            }
+        };
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
+        outcome
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.task.abort();
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! meshkit's edge gateway: REST/JSON transcoding from the `google.api.http`
+//! annotations, grpc-web and gRPC passthrough over balanced channels.
+//!
+//! The gateway is built on the same `meshkit-common` discovery and balanced
+//! channels the services use; its routes come from
+//! `meshkit_proto::FILE_DESCRIPTOR_SET`, so it needs no routing table.
+#![forbid(unsafe_code)]

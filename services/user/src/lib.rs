@@ -1,0 +1,29 @@
+//! meshkit's reference user-service: creates and looks up users.
+//!
+//! The binary (`user-service`) only loads settings and calls [`start`]; the
+//! handlers, entities and migrations live here so tests run them in-process.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod entity;
+pub mod migrations;
+pub mod validate;
+
+use meshkit_common::{MeshConfig, MeshServer, RunningServer, db};
+use meshkit_proto::user::user_service_server::UserServiceServer;
+
+pub use api::UserApi;
+
+/// The component name: default database file and migration records.
+pub const COMPONENT: &str = "user";
+
+/// Connects the database, applies migrations, serves and registers.
+pub async fn start(config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+    let database = db::connect(&config.database).await?;
+    db::migrate(&database, COMPONENT, migrations::MIGRATIONS).await?;
+    MeshServer::new(config)
+        .metadata("component", COMPONENT)
+        .add_service(UserServiceServer::new(UserApi::new(database)))
+        .start()
+        .await
+}

@@ -21,7 +21,11 @@ pub enum Error {
     #[error("database: {0}")]
     Db(#[from] sea_orm::DbErr),
 
-    /// A listener could not be bound or a socket failed.
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+
+    /// A socket or file operation failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 
@@ -44,7 +48,7 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {
             Error::Config(_) | Error::ConfigFile { .. } => tonic::Status::failed_precondition(err.to_string()),
-            Error::Etcd(_) | Error::Transport(_) | Error::Io(_) => tonic::Status::unavailable(err.to_string()),
+            Error::Etcd(_) | Error::Transport(_) | Error::Io(_) | Error::Bind { .. } => tonic::Status::unavailable(err.to_string()),
             Error::Db(e) => crate::status::db_error(e),
         }
     }

@@ -90,7 +90,7 @@ impl MeshServer {
             .listen
             .parse()
             .map_err(|_| Error::Config(format!("server.listen: {:?} is not an address", config.server.listen)))?;
-        let listener = TcpListener::bind(listen).await?;
+        let listener = TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen, source })?;
         let local_addr = listener.local_addr()?;
         let instance_id = if config.registry.instance_id.is_empty() {
             new_instance_id()
@@ -100,16 +100,19 @@ impl MeshServer {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         routes.add_service(health_service);
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(meshkit_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| Error::Config(format!("reflection: {e}")))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(meshkit_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+        // Advertise what this process serves, not every service in the contracts.
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(meshkit_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health");
+            for name in &services {
+                builder = builder.with_service_name(*name);
+            }
+            builder
+        };
+        let reflection_v1 = reflection().build_v1().map_err(|e| Error::Config(format!("reflection: {e}")))?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| Error::Config(format!("reflection: {e}")))?;
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();

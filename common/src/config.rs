@@ -36,7 +36,7 @@ impl Env for HashMap<String, String> {
 }
 
 /// Settings shared by every meshkit process.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeshConfig {
     pub server: ServerSettings,
@@ -236,18 +236,6 @@ impl MeshConfig {
             return bad("log.format", format!("{:?} is neither text nor json", self.log.format));
         }
         Ok(())
-    }
-}
-
-impl Default for MeshConfig {
-    fn default() -> Self {
-        Self {
-            server: ServerSettings::default(),
-            etcd: EtcdSettings::default(),
-            registry: RegistrySettings::default(),
-            database: DatabaseSettings::default(),
-            log: LogSettings::default(),
-        }
     }
 }
 

@@ -76,7 +76,7 @@ impl Watcher {
                     Ok(false) => return,
                     Err(e) => {
                         tracing::debug!(prefix = %self.prefix, error = %e, "discovery read failed, keeping last known endpoints");
-                        tokio::time::sleep(backoff.next()).await;
+                        tokio::time::sleep(backoff.next_delay()).await;
                         continue;
                     }
                 }
@@ -85,7 +85,7 @@ impl Watcher {
                 End::Closed => return,
                 End::Broken => {
                     tracing::debug!(prefix = %self.prefix, revision = self.revision, "watch broke, resuming");
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 End::Resync => {
                     tracing::info!(prefix = %self.prefix, "watch history compacted, reading the prefix again");

@@ -48,7 +48,9 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {
             Error::Config(_) | Error::ConfigFile { .. } => tonic::Status::failed_precondition(err.to_string()),
-            Error::Etcd(_) | Error::Transport(_) | Error::Io(_) | Error::Bind { .. } => tonic::Status::unavailable(err.to_string()),
+            Error::Etcd(_) | Error::Transport(_) | Error::Io(_) | Error::Bind { .. } => {
+                tonic::Status::unavailable(err.to_string())
+            }
             Error::Db(e) => crate::status::db_error(e),
         }
     }

@@ -172,7 +172,7 @@ impl Worker {
                     state.send_replace(SessionState::Reconnecting);
                     tokio::select! {
                         _ = &mut stop => break,
-                        _ = sleep(backoff.next()) => {}
+                        _ = sleep(backoff.next_delay()) => {}
                     }
                     // The lease may have outlived the outage: keep it if so.
                     if self.lease_alive().await {
@@ -197,7 +197,7 @@ impl Worker {
                         tracing::debug!(error = %e, "registration failed, retrying");
                         tokio::select! {
                             _ = &mut stop => { state.send_replace(SessionState::Closed); return; }
-                            _ = sleep(backoff.next()) => {}
+                            _ = sleep(backoff.next_delay()) => {}
                         }
                     }
                 }
@@ -284,7 +284,7 @@ impl Backoff {
     }
 
     /// The next delay: a random point in (0, current], then current doubles.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let upper = self.current;
         self.current = (self.current * 2).min(self.cap);
         upper.mul_f64(rand::rng().random_range(0.5..=1.0))
@@ -324,10 +324,10 @@ mod tests {
     #[test]
     fn backoff_grows_to_its_cap() {
         let mut b = Backoff::new(Duration::from_millis(10), Duration::from_millis(80));
-        let delays: Vec<_> = (0..6).map(|_| b.next()).collect();
+        let delays: Vec<_> = (0..6).map(|_| b.next_delay()).collect();
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(80)));
         assert!(delays[5] >= Duration::from_millis(40));
         b.reset();
-        assert!(b.next() <= Duration::from_millis(10));
+        assert!(b.next_delay() <= Duration::from_millis(10));
     }
 }

@@ -1,1 +1,79 @@
+//! The harness for tests that span meshkit services: real etcd (Debian's
+//! `etcd-server`) and real PostgreSQL, each started on free loopback ports in
+//! a temp dir and stopped when dropped; service processes and in-process
+//! services wired to them.
+#![forbid(unsafe_code)]
 
+pub mod etcd;
+pub mod postgres;
+pub mod process;
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use meshkit_common::MeshConfig;
+
+pub use etcd::Etcd;
+pub use postgres::Postgres;
+pub use process::ServiceProcess;
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the loopback interface accepts a bind to port 0")
+}
+
+/// Settings for an in-process service: this etcd, this database, a free
+/// port, a short TTL so lease tests run fast, and a short drain delay.
+pub fn mesh_config(etcd: &Etcd, database_url: &str) -> MeshConfig {
+    let mut config = MeshConfig::default();
+    config.etcd.endpoints = vec![etcd.endpoint()];
+    config.registry.ttl_secs = 2;
+    config.server.drain_delay_ms = 100;
+    config.server.drain_timeout_ms = 5_000;
+    config.database.url = database_url.to_owned();
+    config
+}
+
+/// `sqlite://DIR/NAME.db?mode=rwc`.
+pub fn sqlite_url(dir: &Path, name: &str) -> String {
+    format!("sqlite://{}?mode=rwc", dir.join(format!("{name}.db")).display())
+}
+
+/// The directory cargo put the workspace binaries in (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/this-test-HASH → target/debug
+    exe.parent().and_then(Path::parent).map(Path::to_path_buf).expect("target/<profile>/deps layout")
+}
+
+/// Logs for tests: `RUST_LOG=debug cargo test` shows them.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

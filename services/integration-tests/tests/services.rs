@@ -1,0 +1,158 @@
+//! user-service and order-service end to end, order reaching user through
+//! the balanced channel, and every validation rule of the contracts.
+
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
+use std::{collections::HashMap, time::Duration};
+
+use meshkit_common::{ChannelBuilder, server::INSTANCE_HEADER};
+use meshkit_integration_tests::{Etcd, init_logs, mesh_config, sqlite_url};
+use meshkit_proto::{
+    order::{CreateOrderRequest, GetOrderRequest, OrderItem, order_service_client::OrderServiceClient},
+    user::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient},
+};
+use tonic::Code;
+
+const USER: &str = "meshkit.user.v1.UserService";
+const ORDER: &str = "meshkit.order.v1.OrderService";
+
+fn item(sku: &str, quantity: i32) -> OrderItem {
+    OrderItem { sku: sku.into(), quantity }
+}
+
+#[tokio::test]
+async fn calls_spread_over_two_instances() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path(), "user");
+    let a = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let b = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
+    let mut users = UserServiceClient::new(channels.balanced(USER));
+    let created = users
+        .create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut served: HashMap<String, usize> = HashMap::new();
+    // Sequential and concurrent calls alike.
+    for _ in 0..100 {
+        let resp = users.get_user(GetUserRequest { id: created.id.clone() }).await.unwrap();
+        let by = resp.metadata().get(INSTANCE_HEADER).unwrap().to_str().unwrap().to_owned();
+        *served.entry(by).or_default() += 1;
+    }
+    let concurrent = futures::future::join_all((0..100).map(|_| {
+        let mut users = users.clone();
+        let id = created.id.clone();
+        async move { users.get_user(GetUserRequest { id }).await }
+    }))
+    .await;
+    for resp in concurrent {
+        let resp = resp.unwrap();
+        let by = resp.metadata().get(INSTANCE_HEADER).unwrap().to_str().unwrap().to_owned();
+        *served.entry(by).or_default() += 1;
+    }
+    assert_eq!(served.len(), 2, "both instances must serve: {served:?}");
+    for (instance, count) in &served {
+        assert!(*count >= 20, "{instance} served only {count} of 200: {served:?}");
+    }
+    assert!(served.contains_key(a.instance_id()) && served.contains_key(b.instance_id()));
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn create_order_checks_the_user_through_the_mesh() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
+    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
+    let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
+    let mut users = UserServiceClient::new(channels.balanced(USER));
+    let mut orders = OrderServiceClient::new(channels.balanced(ORDER));
+
+    let ada = users
+        .create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ada.id.is_empty());
+    let placed = orders
+        .create_order(CreateOrderRequest { user_id: ada.id.clone(), items: vec![item("book-1", 2)] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(placed.user_id, ada.id);
+    assert_eq!(placed.items, vec![item("book-1", 2)]);
+    let fetched = orders.get_order(GetOrderRequest { id: placed.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(fetched, placed);
+
+    // A well-formed id of nobody.
+    let ghost = "01900000-0000-7000-8000-000000000000";
+    let err = orders
+        .create_order(CreateOrderRequest { user_id: ghost.into(), items: vec![item("book-1", 1)] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(ghost), "message must name the user: {}", err.message());
+
+    // With no user-service left, order-service says so instead of hanging.
+    user.shutdown().await.unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        orders.create_order(CreateOrderRequest { user_id: ada.id.clone(), items: vec![item("book-1", 1)] }),
+    )
+    .await
+    .expect("answers promptly")
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("user"), "{}", err.message());
+    order.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_validation_rule_names_its_field() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
+    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
+    let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
+    let mut users = UserServiceClient::new(channels.balanced(USER));
+    let mut orders = OrderServiceClient::new(channels.balanced(ORDER));
+
+    let user_cases = [("", "ada@example.com", "name"), ("Ada", "not-an-email", "email"), ("Ada", "", "email")];
+    for (name, email, field) in user_cases {
+        let err = users.create_user(CreateUserRequest { name: name.into(), email: email.into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name:?}/{email:?}");
+        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+    }
+    let ada = users
+        .create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let dup = users.create_user(CreateUserRequest { name: "Eve".into(), email: "ADA@example.com".into() }).await;
+    assert_eq!(dup.unwrap_err().code(), Code::AlreadyExists);
+
+    let order_cases = [
+        (ada.id.clone(), vec![], "items"),
+        (ada.id.clone(), vec![item("book-1", 0)], "items[0].quantity"),
+        (ada.id.clone(), vec![item("book-1", 1), item("book-2", -1)], "items[1].quantity"),
+        (ada.id.clone(), vec![item("", 1)], "items[0].sku"),
+        (String::new(), vec![item("book-1", 1)], "user_id"),
+        ("42".into(), vec![item("book-1", 1)], "user_id"),
+    ];
+    for (user_id, items, field) in order_cases {
+        let err = orders.create_order(CreateOrderRequest { user_id, items }).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+    }
+    let err = users.get_user(GetUserRequest { id: "01900000-0000-7000-8000-000000000000".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    user.shutdown().await.unwrap();
+    order.shutdown().await.unwrap();
+}

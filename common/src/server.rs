@@ -237,10 +237,11 @@ impl RunningServer {
         self.registry.as_ref()
     }
 
-    /// Serves until SIGTERM or SIGINT, then drains.
-    pub async fn run_until_signal(mut self) -> Result<()> {
+    /// Serves until `stop` resolves (e.g. [`Signals::recv`](crate::shutdown::Signals::recv)),
+    /// then drains.
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::select! {
-            _ = crate::shutdown::signal() => self.shutdown().await,
+            _ = stop => self.shutdown().await,
             result = &mut self.task => {
                 // The server stopped on its own: report why.
                 if let Some(registry) = self.registry.take() {

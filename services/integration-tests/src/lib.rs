@@ -47,9 +47,10 @@ pub fn sqlite_url(dir: &Path, name: &str) -> String {
 
 /// The directory cargo put the workspace binaries in (`target/debug`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/debug/deps/this-test-HASH → target/debug
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).expect("target/<profile>/deps layout")
+    let exe = std::env::current_exe().expect("own executable path");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    // Tests run from target/<profile>/deps, binaries from target/<profile>.
+    if dir.ends_with("deps") { dir.parent().unwrap_or(dir).to_path_buf() } else { dir.to_path_buf() }
 }
 
 /// Logs for tests: `RUST_LOG=debug cargo test` shows them.

@@ -1,0 +1,52 @@
+# meshkit: `make up` starts a local cluster, `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: help up down status deps build build-release test test-fast lint fmt bench clean-run
+
+help: ## list the targets
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+up: deps build-release ## install what is missing, build, start etcd + 2 user + 2 order instances
+	@deploy/local/cluster.sh up
+
+down: ## stop the local cluster; no process is left behind
+	@deploy/local/cluster.sh down
+
+status: ## show the local cluster's processes and registrations
+	@deploy/local/cluster.sh status
+
+deps: ## install missing system packages (etcd, protoc, grpcurl)
+	@deploy/local/install-deps.sh
+
+build: ## debug build of every crate and binary
+	$(CARGO) build --workspace --bins
+
+build-release: ## release build of every binary (services, bench)
+	$(CARGO) build --release --workspace --bins
+
+test: ## the whole suite: unit tests, then integration tests on real etcd and PostgreSQL
+	@deploy/local/install-deps.sh --test
+	$(CARGO) build --workspace --bins
+	@mkdir -p target
+	@set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; status=$$?; \
+	  awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log; \
+	  exit $$status
+
+test-fast: ## inner loop: unit tests only, no etcd or database
+	$(CARGO) test --workspace --exclude meshkit-integration-tests
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+bench: deps build-release ## benchmarks (release build); figures go in docs/BENCHMARKS.md
+	$(CARGO) run --release -p meshkit-integration-tests --bin mesh-bench
+
+clean-run: down ## remove the local cluster's data and logs
+	rm -rf .run

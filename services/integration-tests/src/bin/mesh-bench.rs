@@ -1,0 +1,298 @@
+//! `make bench`: measures the mesh on real processes, and prints each figure
+//! beside its baseline and goal. Loopback only; every loop is bounded.
+//!
+//! 1. Start-up: spawn → SERVING and registered in etcd (migrations applied),
+//!    and idle RSS, of the release user-service.
+//! 2. Balanced channel vs direct tonic channels to the same two instances,
+//!    side by side in one run: throughput, p50/p99 latency, client CPU per call.
+//!
+//! `MESHKIT_BENCH_SECS` (default 5) sets the length of each load phase.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use hdrhistogram::Histogram;
+use meshkit_common::ChannelBuilder;
+use meshkit_integration_tests::{Etcd, ServiceProcess, free_port, sqlite_url};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const USER: &str = "meshkit.user.v1.UserService";
+const CONCURRENCY: usize = 32;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let secs: u64 = std::env::var("MESHKIT_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5).clamp(1, 60);
+    let etcd = Etcd::start().await?;
+    let dir = tempfile::tempdir()?;
+    let db = sqlite_url(dir.path(), "user");
+    println!("meshkit bench ({} cores, {secs} s per load phase, concurrency {CONCURRENCY})", num_cpus());
+
+    startup(&etcd, &db, dir.path()).await?;
+    if std::env::var("MESHKIT_BENCH_DEBUG").is_ok() {
+        let mut c = etcd.client().await;
+        for kv in c.get("/meshkit/services/", Some(GetOptions::new().with_prefix())).await?.kvs() {
+            eprintln!("left after start-up: {} {} lease {}", kv.key_str()?, kv.value_str()?, kv.lease());
+        }
+    }
+    balanced_vs_direct(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+    Ok(())
+}
+
+fn service_env(etcd: &Etcd, db: &str, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("MESHKIT_ETCD_ENDPOINTS", etcd.endpoint()),
+        ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{port}")),
+        ("MESHKIT_DATABASE_URL", db.to_owned()),
+        ("MESHKIT_SERVER_DRAIN_DELAY_MS", "50".into()),
+    ]
+}
+
+/// Spawn → the instance's key appears in etcd, watched (not polled).
+async fn startup(etcd: &Etcd, db: &str, logs: &std::path::Path) -> anyhow::Result<()> {
+    let mut client = etcd.client().await;
+    // Apply migrations once so the runs measure a restart.
+    let first = ServiceProcess::spawn("user-service", &service_env(etcd, db, free_port()), logs)?;
+    wait_registered(&mut client, None).await?;
+    stop(first).await;
+
+    let runs = 15;
+    let mut times = Vec::with_capacity(runs);
+    let mut rss = Vec::new();
+    for i in 0..runs {
+        let revision =
+            client.get("/", Some(GetOptions::new().with_count_only())).await?.header().map_or(0, |h| h.revision());
+        let started = Instant::now();
+        let process = ServiceProcess::spawn("user-service", &service_env(etcd, db, free_port()), logs)?;
+        wait_registered(&mut client, Some(revision + 1)).await?;
+        times.push(started.elapsed());
+        if i < 3 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            rss.push(rss_kib(process.pid()).context("reading VmRSS")?);
+        }
+        stop(process).await;
+    }
+    times.sort();
+    let p50 = times[runs / 2];
+    let max = times[runs - 1];
+    let rss_max = rss.iter().copied().max().unwrap_or(0);
+    println!("\n== start-up (release user-service, migrations applied, {runs} runs)");
+    println!("  spawn -> SERVING + registered   p50 {:>7.1} ms   max {:>7.1} ms   goal < 100 ms", ms(p50), ms(max));
+    println!(
+        "  idle RSS after 2 s                {:>7.1} MiB                     goal < 15 MiB",
+        rss_max as f64 / 1024.0
+    );
+    Ok(())
+}
+
+async fn wait_registered(client: &mut etcd_client::Client, from_revision: Option<i64>) -> anyhow::Result<()> {
+    let prefix = format!("/meshkit/services/{USER}/");
+    let mut options = WatchOptions::new().with_prefix();
+    if let Some(rev) = from_revision {
+        options = options.with_start_revision(rev);
+    }
+    let mut stream = client.watch(prefix.as_str(), Some(options)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, stream.message()).await.context("not registered within 10 s")??;
+        let Some(resp) = msg else { anyhow::bail!("watch ended") };
+        if resp.events().iter().any(|e| e.event_type() == EventType::Put) {
+            return Ok(());
+        }
+    }
+}
+
+async fn stop(mut process: ServiceProcess) {
+    process.signal(15);
+    let _ = process.wait_exit(Duration::from_secs(10)).await;
+}
+
+async fn balanced_vs_direct(etcd: &Etcd, db: &str, logs: &std::path::Path, phase: Duration) -> anyhow::Result<()> {
+    let ports = [free_port(), free_port()];
+    let servers: Vec<ServiceProcess> = ports
+        .iter()
+        .map(|p| ServiceProcess::spawn("user-service", &service_env(etcd, db, *p), logs))
+        .collect::<Result<_, _>>()?;
+    let mut client = etcd.client().await;
+    for _ in 0..200 {
+        let n = client
+            .get(format!("/meshkit/services/{USER}/"), Some(GetOptions::new().with_prefix().with_count_only()))
+            .await?
+            .count();
+        if n == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    let direct: Vec<Channel> = ports
+        .iter()
+        .map(|p| Endpoint::from_shared(format!("http://127.0.0.1:{p}")).map(|e| e.tcp_nodelay(true).connect_lazy()))
+        .collect::<Result<_, _>>()?;
+    let balanced = ChannelBuilder::new(etcd.client().await, "/meshkit").balanced(USER);
+
+    // Warm both paths, then alternate phases so drift hits both alike.
+    run_direct(&direct, Duration::from_millis(500)).await?;
+    run_balanced(&balanced, Duration::from_millis(500)).await?;
+    let mut d = Stats::default();
+    let mut b = Stats::default();
+    for _ in 0..2 {
+        d.merge(run_direct(&direct, phase / 2).await?);
+        b.merge(run_balanced(&balanced, phase / 2).await?);
+    }
+    println!("\n== balanced channel vs direct tonic channels (health Check on 2 instances, concurrency {CONCURRENCY})");
+    println!("  {:<10} {:>12} {:>10} {:>10} {:>14}", "", "calls/s", "p50 µs", "p99 µs", "client CPU µs/call");
+    for (name, s) in [("direct", &d), ("balanced", &b)] {
+        println!(
+            "  {:<10} {:>12.0} {:>10} {:>10} {:>14.1}",
+            name,
+            s.rate(),
+            s.hist.value_at_quantile(0.5),
+            s.hist.value_at_quantile(0.99),
+            s.cpu_per_call_us()
+        );
+    }
+    println!(
+        "  ratio      throughput {:.3} (goal >= 0.95)   added p50 {:+} µs (goal <= 20)   added p99 {:+} µs (goal <= 50)   CPU/call x{:.2}",
+        b.rate() / d.rate(),
+        b.hist.value_at_quantile(0.5) as i64 - d.hist.value_at_quantile(0.5) as i64,
+        b.hist.value_at_quantile(0.99) as i64 - d.hist.value_at_quantile(0.99) as i64,
+        b.cpu_per_call_us() / d.cpu_per_call_us()
+    );
+    for s in servers {
+        stop(s).await;
+    }
+    Ok(())
+}
+
+struct Stats {
+    hist: Histogram<u64>,
+    calls: u64,
+    errors: u64,
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            calls: 0,
+            errors: 0,
+            wall: Duration::ZERO,
+            cpu: Duration::ZERO,
+        }
+    }
+}
+
+impl Stats {
+    fn merge(&mut self, other: Stats) {
+        let _ = self.hist.add(&other.hist);
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.wall += other.wall;
+        self.cpu += other.cpu;
+    }
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.wall.as_secs_f64()
+    }
+    fn cpu_per_call_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.calls.max(1) as f64
+    }
+}
+
+async fn run_direct(channels: &[Channel], phase: Duration) -> anyhow::Result<Stats> {
+    let clients: Vec<HealthClient<Channel>> = channels.iter().cloned().map(HealthClient::new).collect();
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    load(phase, move || {
+        // Round-robin over the instances: the simplest client a team would write.
+        let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % clients.len();
+        let mut c = clients[i].clone();
+        async move { c.check(HealthCheckRequest { service: USER.into() }).await.map(|_| ()) }
+    })
+    .await
+}
+
+async fn run_balanced(channel: &meshkit_common::BalancedChannel, phase: Duration) -> anyhow::Result<Stats> {
+    let client = HealthClient::new(channel.clone());
+    load(phase, move || {
+        let mut c = client.clone();
+        async move { c.check(HealthCheckRequest { service: USER.into() }).await.map(|_| ()) }
+    })
+    .await
+}
+
+/// CONCURRENCY workers issue calls back to back until `phase` ends.
+async fn load<F, Fut>(phase: Duration, call: F) -> anyhow::Result<Stats>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let call = Arc::new(call);
+    let cpu0 = process_cpu();
+    let started = Instant::now();
+    let deadline = started + phase;
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                let (mut calls, mut errors) = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    match call().await {
+                        Ok(()) => {
+                            let _ = hist.record(t.elapsed().as_micros() as u64);
+                            calls += 1;
+                        }
+                        Err(status) => {
+                            if errors == 0 {
+                                eprintln!("first failed call: {status:?}");
+                            }
+                            errors += 1;
+                        }
+                    }
+                }
+                (hist, calls, errors)
+            })
+        })
+        .collect();
+    let mut stats = Stats::default();
+    for w in workers {
+        let (hist, calls, errors) = w.await?;
+        stats.hist.add(&hist)?;
+        stats.calls += calls;
+        stats.errors += errors;
+    }
+    stats.wall = started.elapsed();
+    stats.cpu = process_cpu().saturating_sub(cpu0);
+    anyhow::ensure!(stats.errors == 0, "{} calls failed", stats.errors);
+    Ok(stats)
+}
+
+/// utime + stime of this process, from /proc/self/stat.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / 100.0)
+}
+
+fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -44,6 +44,7 @@ pub struct MeshConfig {
     pub registry: RegistrySettings,
     pub database: DatabaseSettings,
     pub log: LogSettings,
+    pub admin: AdminSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +58,18 @@ pub struct ServerSettings {
     pub drain_delay_ms: u64,
     /// Upper bound on finishing in-flight calls at shutdown.
     pub drain_timeout_ms: u64,
+    /// Delay added to every call: fault injection for chaos drills, 0 in production.
+    pub fault_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Whether to serve the admin endpoint (`/pools`, `/healthz`).
+    pub enabled: bool,
+    /// Address of the admin endpoint; port 0 picks a free port. It is
+    /// published in the registration's metadata as `admin`.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,6 +213,9 @@ impl MeshConfig {
         if self.server.listen.parse::<SocketAddr>().is_err() {
             return bad("server.listen", format!("{:?} is not an address like 127.0.0.1:0", self.server.listen));
         }
+        if self.admin.enabled && self.admin.listen.parse::<SocketAddr>().is_err() {
+            return bad("admin.listen", format!("{:?} is not an address like 127.0.0.1:0", self.admin.listen));
+        }
         if !self.server.advertise.is_empty() && !self.server.advertise.contains(':') {
             return bad("server.advertise", format!("{:?} is not host:port", self.server.advertise));
         }
@@ -241,7 +257,19 @@ impl MeshConfig {
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:0".into(), advertise: String::new(), drain_delay_ms: 300, drain_timeout_ms: 10_000 }
+        Self {
+            listen: "127.0.0.1:0".into(),
+            advertise: String::new(),
+            drain_delay_ms: 300,
+            drain_timeout_ms: 10_000,
+            fault_delay_ms: 0,
+        }
+    }
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self { enabled: true, listen: "127.0.0.1:0".into() }
     }
 }
 

@@ -11,12 +11,15 @@
 //! - [`db`]: sea-orm connections and forward-only migrations.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod db;
+pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod etcd;
+pub mod methods;
 pub mod registry;
 pub mod server;
 pub mod shutdown;

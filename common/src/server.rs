@@ -30,7 +30,10 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{Service, util::MapResponseLayer};
 
 use crate::{
+    admin::AdminServer,
+    balance::ChannelBuilder,
     config::MeshConfig,
+    deadline::DeadlineLayer,
     error::{Error, Result},
     registry::{Instance, RegistrySession, instance_key},
 };
@@ -45,16 +48,30 @@ pub struct MeshServer {
     services: Vec<&'static str>,
     metadata: BTreeMap<String, String>,
     etcd: Option<Client>,
+    channels: Vec<ChannelBuilder>,
 }
 
 impl MeshServer {
     pub fn new(config: MeshConfig) -> Self {
-        Self { config, routes: RoutesBuilder::default(), services: Vec::new(), metadata: BTreeMap::new(), etcd: None }
+        Self {
+            config,
+            routes: RoutesBuilder::default(),
+            services: Vec::new(),
+            metadata: BTreeMap::new(),
+            etcd: None,
+            channels: Vec::new(),
+        }
     }
 
     /// Uses an existing etcd client instead of connecting a new one.
     pub fn with_etcd(mut self, client: Client) -> Self {
         self.etcd = Some(client);
+        self
+    }
+
+    /// Shows the pools of `channels` on the admin endpoint.
+    pub fn with_channels(mut self, channels: ChannelBuilder) -> Self {
+        self.channels.push(channels);
         self
     }
 
@@ -84,7 +101,7 @@ impl MeshServer {
     /// Returns once the instance is registered and answering.
     pub async fn start(self) -> Result<RunningServer> {
         let started = Instant::now();
-        let MeshServer { config, mut routes, services, metadata, etcd } = self;
+        let MeshServer { config, mut routes, services, mut metadata, etcd, channels } = self;
         let listen: SocketAddr = config
             .server
             .listen
@@ -121,9 +138,22 @@ impl MeshServer {
                 let _ = stream.set_nodelay(true);
             })
         });
+        let admin = if config.admin.enabled {
+            let listen: SocketAddr = config
+                .admin
+                .listen
+                .parse()
+                .map_err(|_| Error::Config(format!("admin.listen: {:?} is not an address", config.admin.listen)))?;
+            let admin = AdminServer::start(listen, channels).await?;
+            metadata.insert("admin".into(), admin.local_addr().to_string());
+            Some(admin)
+        } else {
+            None
+        };
         let header = HeaderValue::from_str(&instance_id).ok();
+        let fault_delay = Duration::from_millis(config.server.fault_delay_ms);
         let server = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .layer(MapResponseLayer::new(move |mut res: http::Response<Body>| {
                 if let Some(value) = &header {
@@ -131,6 +161,8 @@ impl MeshServer {
                 }
                 res
             }))
+            .layer(DeadlineLayer)
+            .layer(FaultDelayLayer(fault_delay))
             .add_routes(routes_of(routes));
         let task = tokio::spawn(async move {
             server
@@ -185,6 +217,7 @@ impl MeshServer {
             "serving and registered"
         );
         Ok(RunningServer {
+            admin,
             local_addr,
             instance_id,
             services,
@@ -211,6 +244,7 @@ pub fn new_instance_id() -> String {
 /// A started server; dropping it without [`shutdown`](Self::shutdown) stops
 /// serving abruptly and leaves the lease to expire by TTL.
 pub struct RunningServer {
+    admin: Option<AdminServer>,
     local_addr: SocketAddr,
     instance_id: String,
     services: Vec<&'static str>,
@@ -230,6 +264,11 @@ impl RunningServer {
 
     pub fn instance_id(&self) -> &str {
         &self.instance_id
+    }
+
+    /// The admin endpoint's address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
     }
 
     /// The registry session, when registration is enabled.
@@ -280,6 +319,9 @@ impl RunningServer {
                 Ok(())
             }
         };
+        if let Some(admin) = self.admin.take() {
+            admin.stop().await;
+        }
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
         outcome
     }
@@ -290,5 +332,51 @@ impl Drop for RunningServer {
         if self.stop.is_some() {
             self.task.abort();
         }
+    }
+}
+
+/// Delays every call by a fixed time: fault injection for chaos drills.
+#[derive(Debug, Clone, Copy)]
+struct FaultDelayLayer(Duration);
+
+impl<S> tower::Layer<S> for FaultDelayLayer {
+    type Service = FaultDelay<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FaultDelay { inner, delay: self.0 }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FaultDelay<S> {
+    inner: S,
+    delay: Duration,
+}
+
+impl<S, R> Service<R> for FaultDelay<S>
+where
+    S: Service<R> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<S::Future, futures::future::BoxFuture<'static, Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let fut = self.inner.call(req);
+        if self.delay.is_zero() {
+            return futures::future::Either::Left(fut);
+        }
+        let delay = self.delay;
+        futures::future::Either::Right(Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            fut.await
+        }))
     }
 }

@@ -1,25 +1,30 @@
 //! Balanced channels: a service name in, a tonic-compatible `tower::Service` out.
 //!
+//! Layer order, outermost first, as a call goes down:
+//!
 //! ```text
-//! etcd prefix watch (discovery) ──Change<id, Instance>──▶ per-endpoint stack
-//!                                                            │
-//!   caller ─▶ BalancedChannel (Buffer) ─▶ Pool (fail fast) ─▶ p2c Balance ─▶ PeakEwma ─▶ tonic Channel ─▶ h2
+//! BalancedChannel
+//!   └─ retry with budget, bounded by the deadline    (retry.rs; deadline.rs)
+//!       └─ buffer: one queue in front of the pool     (tower::buffer)
+//!           └─ pool: fail fast when no instance       (Pool below)
+//!               └─ p2c balancer over the endpoints    (tower::balance::p2c)
+//!                   └─ endpoint: load, ejection,      (endpoint.rs)
+//!                      connections
+//!                       └─ transport: tonic Channel, HTTP/2 per connection
 //! ```
 //!
-//! Layer order, outermost first (the full stack as the mesh grows):
-//! tracing and metrics → deadline → retry with budget → circuit breaker →
-//! **balancer** → per-endpoint concurrency limit and timeout → **transport**.
-//! The balancer and transport are here; the rest wrap [`BalancedChannel`] from
-//! outside or each endpoint from inside, at these positions.
-//!
-//! Load is real: peak EWMA of latency, weighted by calls in flight, where a
-//! call stays in flight until its response body ends (see [`body`]). tonic's
-//! own `balance_channel` reports no load at all.
+//! Tracing and metrics wrap the channel from outside (outermost); circuit
+//! breakers sit between retry and the balancer; per-endpoint concurrency
+//! limits inside the endpoint. The endpoints come from a resumable etcd watch
+//! ([`crate::discovery`]); load is real (see [`endpoint`]), where tonic's own
+//! `balance_channel` reports none.
 
 pub mod body;
+pub mod endpoint;
+pub mod retry;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     future::Future,
     pin::Pin,
     sync::{
@@ -32,55 +37,57 @@ use std::{
 
 use etcd_client::Client;
 use futures::{Stream, StreamExt};
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
-use tower::{
-    BoxError, Service,
-    balance::p2c::Balance,
-    buffer::Buffer,
-    discover::Change,
-    load::{PeakEwmaDiscover, peak_ewma::Handle},
-};
+use tonic::transport::Endpoint;
+use tower::{BoxError, Service, balance::p2c::Balance, buffer::Buffer, discover::Change};
 
-use self::body::{CompleteOnBodyEnd, TrackedBody};
+use self::{
+    body::TrackedBody,
+    endpoint::{EndpointService, PoolCounts},
+    retry::Retry,
+};
+pub use self::{
+    endpoint::{EndpointConfig, EndpointSnapshot, EndpointStats, PoolSnapshot},
+    retry::RetryConfig,
+};
 use crate::{
     discovery::{self, ServiceWatch},
+    methods::MethodTable,
     registry::{Instance, service_prefix},
 };
 
 type Request = http::Request<tonic::body::Body>;
 /// The body of a balanced channel's responses.
-pub type ResponseBody = TrackedBody<tonic::body::Body, Handle>;
+pub type ResponseBody = TrackedBody<tonic::body::Body>;
 type Response = http::Response<ResponseBody>;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
-type EndpointStream = Pin<Box<dyn Stream<Item = Result<Change<String, Channel>, BoxError>> + Send>>;
+type EndpointStream = Pin<Box<dyn Stream<Item = Result<Change<String, EndpointService>, BoxError>> + Send>>;
 
 /// Settings of every balanced channel a builder makes.
 #[derive(Debug, Clone)]
 pub struct ChannelConfig {
-    /// TCP connect timeout per endpoint.
+    /// TCP connect timeout per connection.
     pub connect_timeout: Duration,
-    /// RTT assumed for an endpoint before it has answered.
-    pub default_rtt: Duration,
-    /// How fast the latency estimate forgets a peak.
-    pub ewma_decay: Duration,
     /// Calls queued in front of the balancer.
     pub buffer: usize,
     /// How long a call waits for the first discovery read before failing.
     pub discovery_wait: Duration,
-    /// HTTP/2 keepalive ping interval on each connection.
+    /// HTTP/2 keepalive ping interval; a silent peer is dropped after 2 s more.
     pub http2_keepalive: Duration,
+    pub endpoint: EndpointConfig,
+    pub retry: RetryConfig,
 }
 
 impl Default for ChannelConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_millis(500),
-            default_rtt: Duration::from_millis(5),
-            ewma_decay: Duration::from_secs(5),
             buffer: 1024,
             discovery_wait: Duration::from_secs(3),
-            http2_keepalive: Duration::from_secs(10),
+            http2_keepalive: Duration::from_secs(5),
+            endpoint: EndpointConfig::default(),
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -95,6 +102,16 @@ impl ChannelConfig {
         self.discovery_wait = wait;
         self
     }
+
+    pub fn endpoint(mut self, endpoint: EndpointConfig) -> Self {
+        self.endpoint = endpoint;
+        self
+    }
+
+    pub fn retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
 }
 
 /// Makes balanced channels, one pool per service shared by every caller.
@@ -103,17 +120,31 @@ pub struct ChannelBuilder {
     client: Client,
     prefix: String,
     config: ChannelConfig,
+    methods: Arc<MethodTable>,
     pools: Arc<Mutex<HashMap<String, BalancedChannel>>>,
 }
 
 impl ChannelBuilder {
     /// `prefix` is the etcd root (`/meshkit` by default).
     pub fn new(client: Client, prefix: impl Into<String>) -> Self {
-        Self { client, prefix: prefix.into(), config: ChannelConfig::default(), pools: Arc::default() }
+        Self {
+            client,
+            prefix: prefix.into(),
+            config: ChannelConfig::default(),
+            methods: Arc::new(MethodTable::meshkit()),
+            pools: Arc::default(),
+        }
     }
 
     pub fn with_config(mut self, config: ChannelConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Which methods may be retried after reaching a server; the workspace's
+    /// contracts by default.
+    pub fn with_methods(mut self, methods: MethodTable) -> Self {
+        self.methods = Arc::new(methods);
         self
     }
 
@@ -127,9 +158,58 @@ impl ChannelBuilder {
             return channel.clone();
         }
         let watch = discovery::watch_prefix(self.client.clone(), service_prefix(&self.prefix, service));
-        let channel = BalancedChannel::from_watch(service, watch, &self.config);
+        let channel = BalancedChannel::from_watch(service, watch, &self.config, self.methods.clone());
         pools.insert(service.to_owned(), channel.clone());
         channel
+    }
+
+    /// The pools made so far, for introspection.
+    pub fn pools(&self) -> Vec<Arc<PoolView>> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.values().map(|c| c.view.clone()).collect()
+    }
+}
+
+/// What a pool holds, shared with introspection.
+pub struct PoolView {
+    service: String,
+    counts: Arc<PoolCounts>,
+    endpoints: Mutex<BTreeMap<String, Arc<EndpointStats>>>,
+    changed: watch::Sender<u64>,
+}
+
+impl PoolView {
+    fn new(service: &str, counts: Arc<PoolCounts>) -> Self {
+        Self { service: service.to_owned(), counts, endpoints: Mutex::default(), changed: watch::Sender::new(0) }
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Every endpoint with its state, load and counters.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints.iter().map(|(id, stats)| (id.clone(), stats.snapshot())).collect()
+    }
+
+    /// Instance ids in the pool now, ready or ejected.
+    pub fn ids(&self) -> Vec<String> {
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// How many endpoints are ejected now.
+    pub fn ejected(&self) -> usize {
+        self.counts.ejected.load(Ordering::Relaxed)
+    }
+
+    /// Bumped whenever an endpoint joins, leaves or is ejected.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
     }
 }
 
@@ -137,56 +217,79 @@ impl ChannelBuilder {
 /// takes a channel: `UserServiceClient::new(channel)`.
 #[derive(Clone)]
 pub struct BalancedChannel {
-    inner: Buffer<Request, BoxFuture>,
+    inner: Retry<Buffer<Request, BoxFuture>>,
+    view: Arc<PoolView>,
 }
 
 impl BalancedChannel {
-    /// A channel over any discovery source; `synced` says the first full read
-    /// has been delivered. [`ChannelBuilder::balanced`] feeds it from etcd.
-    pub fn from_watch(service: &str, watch: ServiceWatch, config: &ChannelConfig) -> Self {
+    /// A channel over any discovery source; [`ChannelBuilder::balanced`]
+    /// feeds it from etcd.
+    pub fn from_watch(service: &str, watch: ServiceWatch, config: &ChannelConfig, methods: Arc<MethodTable>) -> Self {
         let ServiceWatch { changes, synced } = watch;
-        let config_ = config.clone();
-        let service_name: Arc<str> = Arc::from(service);
-        let name = service_name.clone();
+        let counts = Arc::new(PoolCounts::new());
+        let view = Arc::new(PoolView::new(service, counts.clone()));
+        counts.set_notify(Arc::downgrade(&view));
+        let endpoint_config = Arc::new(config.endpoint.clone());
+        let (view_, config_) = (view.clone(), config.clone());
         let endpoints: EndpointStream = Box::pin(ReceiverStream::new(changes).filter_map(move |change| {
             let result = match change {
-                Change::Remove(id) => Some(Ok(Change::Remove(id))),
-                Change::Insert(id, instance) => match endpoint(&instance, &config_) {
-                    Ok(ep) => Some(Ok(Change::Insert(id, ep.connect_lazy()))),
+                Change::Remove(id) => {
+                    view_.endpoints.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    view_.bump();
+                    Some(Ok(Change::Remove(id)))
+                }
+                Change::Insert(id, instance) => match transport_endpoint(&instance, &config_) {
+                    Ok(ep) => {
+                        let stats = Arc::new(EndpointStats::new(
+                            id.clone(),
+                            instance.addr.clone(),
+                            instance.weight,
+                            endpoint_config.clone(),
+                            counts.clone(),
+                        ));
+                        view_.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats.clone());
+                        view_.bump();
+                        Some(Ok(Change::Insert(id, EndpointService::new(ep, stats))))
+                    }
                     Err(e) => {
-                        tracing::warn!(service = %name, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
+                        tracing::warn!(service = %view_.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
                         None
                     }
                 },
             };
             std::future::ready(result)
         }));
-        let discover =
-            PeakEwmaDiscover::new::<Request>(endpoints, config.default_rtt, config.ewma_decay, CompleteOnBodyEnd);
         let pool = Pool {
-            balance: Balance::new(discover),
+            balance: Balance::new(endpoints),
             synced,
             wait: Box::pin(tokio::time::sleep(config.discovery_wait)),
             waited: false,
             route_to_balance: false,
-            service: service_name,
+            service: Arc::from(service),
         };
-        Self { inner: Buffer::new(pool, config.buffer) }
+        let buffered = Buffer::new(pool, config.buffer);
+        Self { inner: Retry::new(buffered, methods, config.retry.clone()), view }
+    }
+
+    /// The pool behind this channel.
+    pub fn view(&self) -> &Arc<PoolView> {
+        &self.view
     }
 }
 
-fn endpoint(instance: &Instance, config: &ChannelConfig) -> Result<Endpoint, tonic::transport::Error> {
+fn transport_endpoint(instance: &Instance, config: &ChannelConfig) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{}", instance.addr))?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.http2_keepalive)
+        .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true))
 }
 
 impl Service<Request> for BalancedChannel {
     type Response = Response;
     type Error = BoxError;
-    type Future = tower::buffer::future::ResponseFuture<BoxFuture>;
+    type Future = BoxFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -200,7 +303,7 @@ impl Service<Request> for BalancedChannel {
 /// The balancer, answering UNAVAILABLE at once when the service has no
 /// instance (after the first discovery read) instead of queueing forever.
 struct Pool {
-    balance: Balance<PeakEwmaDiscover<EndpointStream, CompleteOnBodyEnd>, Request>,
+    balance: Balance<EndpointStream, Request>,
     synced: Arc<AtomicBool>,
     wait: Pin<Box<tokio::time::Sleep>>,
     waited: bool,
@@ -250,10 +353,57 @@ impl Service<Request> for Pool {
         if std::mem::take(&mut self.route_to_balance) {
             Box::pin(self.balance.call(req))
         } else {
-            let status = tonic::Status::unavailable(format!("no live instance of {}", self.service));
+            let status: tonic::Status = NoLiveInstance(self.service.clone()).into();
             Box::pin(std::future::ready(Err(status.into())))
         }
     }
+}
+
+/// The pool had no instance to send the call to.
+#[derive(Debug, thiserror::Error)]
+#[error("no live instance of {0}")]
+pub struct NoLiveInstance(Arc<str>);
+
+impl From<NoLiveInstance> for tonic::Status {
+    /// UNAVAILABLE, keeping the cause so retries can tell it was never sent.
+    fn from(e: NoLiveInstance) -> Self {
+        let mut status = tonic::Status::unavailable(e.to_string());
+        status.set_source(Arc::new(e));
+        status
+    }
+}
+
+/// Whether the error says the request never left this process or was
+/// refused before any application code saw it: always safe to retry.
+pub(crate) fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
+    chain(err).any(|e| {
+        e.downcast_ref::<NoLiveInstance>().is_some()
+            || e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            || e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_canceled())
+            || e.downcast_ref::<h2::Error>().is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
+    })
+}
+
+/// Whether the connection under the call was refused, reset or closed.
+pub(crate) fn connection_lost(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    chain(err).any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe | UnexpectedEof
+            )
+        }) || e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_closed() || h.is_incomplete_message() || h.is_canceled())
+            || e.downcast_ref::<h2::Error>().is_some_and(|h| h.is_io() || h.is_go_away())
+    })
+}
+
+fn chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| e.source())
 }
 
 #[cfg(test)]

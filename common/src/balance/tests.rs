@@ -24,7 +24,7 @@ fn status_of(err: BoxError) -> tonic::Status {
 #[tokio::test]
 async fn no_instance_fails_fast_with_unavailable() {
     let (_tx, w) = watch(true);
-    let channel = BalancedChannel::from_watch("meshkit.test.v1.Empty", w, &ChannelConfig::default());
+    let channel = BalancedChannel::from_watch("meshkit.test.v1.Empty", w, &ChannelConfig::default(), Arc::default());
     let err = tokio::time::timeout(Duration::from_secs(2), channel.oneshot(request()))
         .await
         .expect("answers without waiting")
@@ -38,7 +38,7 @@ async fn no_instance_fails_fast_with_unavailable() {
 async fn unsynced_discovery_fails_after_the_wait() {
     let (_tx, w) = watch(false);
     let config = ChannelConfig::default().discovery_wait(Duration::from_millis(100));
-    let channel = BalancedChannel::from_watch("meshkit.test.v1.Empty", w, &config);
+    let channel = BalancedChannel::from_watch("meshkit.test.v1.Empty", w, &config, Arc::default());
     let started = std::time::Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(2), channel.oneshot(request()))
         .await
@@ -51,7 +51,7 @@ async fn unsynced_discovery_fails_after_the_wait() {
 #[tokio::test]
 async fn bad_address_is_skipped_not_fatal() {
     let (tx, w) = watch(false);
-    let channel = BalancedChannel::from_watch("meshkit.test.v1.Bad", w, &ChannelConfig::default());
+    let channel = BalancedChannel::from_watch("meshkit.test.v1.Bad", w, &ChannelConfig::default(), Arc::default());
     let bad = Instance {
         addr: "not an address".into(),
         zone: String::new(),
@@ -68,4 +68,93 @@ async fn bad_address_is_skipped_not_fatal() {
         .expect("bounded")
         .expect_err("no usable instance");
     assert_eq!(status_of(err).code(), tonic::Code::Unavailable);
+}
+
+mod endpoint_stats {
+    use std::time::Instant;
+
+    use super::super::endpoint::{EndpointConfig, EndpointStats, Outcome, PoolCounts};
+    use super::*;
+
+    fn pool(n: usize, config: EndpointConfig) -> (Arc<PoolCounts>, Vec<Arc<EndpointStats>>) {
+        let counts = Arc::new(PoolCounts::new());
+        let config = Arc::new(config);
+        let stats = (0..n)
+            .map(|i| {
+                Arc::new(EndpointStats::new(
+                    format!("i-{i}"),
+                    format!("127.0.0.1:{i}"),
+                    100,
+                    config.clone(),
+                    counts.clone(),
+                ))
+            })
+            .collect();
+        (counts, stats)
+    }
+
+    fn call(stats: &EndpointStats, outcome: Outcome, latency: Duration) {
+        let now = Instant::now();
+        stats.test_started(now);
+        stats.test_finished(Some(outcome), latency, now);
+    }
+
+    #[test]
+    fn load_follows_latency_in_flight_failures_and_weight() {
+        let (counts, s) = pool(2, EndpointConfig::default());
+        let now = Instant::now();
+        let base = s[0].load(now);
+        call(&s[0], Outcome::Success, Duration::from_millis(50));
+        assert!(s[0].load(Instant::now()) > base * 5.0, "a slow answer raises the load at once");
+        s[1].test_started(now);
+        let one = s[1].load(now);
+        s[1].test_started(now);
+        assert!(s[1].load(now) >= one * 1.49, "calls in flight add load: 3 vs 2 shares");
+        let (_, fresh) = pool(1, EndpointConfig::default());
+        let before = fresh[0].load(now);
+        call(&fresh[0], Outcome::Failure, Duration::from_millis(5));
+        assert!(fresh[0].load(Instant::now()) > before * 2.0, "failures are penalised");
+        let heavy =
+            Arc::new(EndpointStats::new("w".into(), "a:1".into(), 400, Arc::new(EndpointConfig::default()), counts));
+        assert!(heavy.load(now) < base / 3.0, "weight 400 costs a quarter of weight 100");
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_a_probe_brings_back() {
+        let config = EndpointConfig { eject_after: 3, eject_base: Duration::from_millis(30), ..Default::default() };
+        let (counts, s) = pool(3, config);
+        for _ in 0..2 {
+            call(&s[0], Outcome::Failure, Duration::from_millis(1));
+        }
+        assert_eq!(s[0].snapshot().state, "ready");
+        call(&s[0], Outcome::Failure, Duration::from_millis(1));
+        assert_eq!(s[0].snapshot().state, "ejected");
+        assert_eq!(counts.ejected.load(Ordering::Relaxed), 1);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(s[0].test_ejected_until().is_none(), "backoff over: probing");
+        assert_eq!(s[0].snapshot().state, "probing");
+        // A failed probe ejects again, for twice as long.
+        call(&s[0], Outcome::Failure, Duration::from_millis(1));
+        let snap = s[0].snapshot();
+        assert_eq!(snap.state, "ejected");
+        assert!(snap.ejected_for_ms > 30, "{}", snap.ejected_for_ms);
+        std::thread::sleep(Duration::from_millis(70));
+        assert!(s[0].test_ejected_until().is_none());
+        call(&s[0], Outcome::Success, Duration::from_millis(1));
+        assert_eq!(s[0].snapshot().state, "ready");
+        assert_eq!(counts.ejected.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_lost_connection_ejects_at_once_but_never_the_last_endpoint() {
+        let (counts, s) = pool(2, EndpointConfig::default());
+        call(&s[0], Outcome::ConnectionLost, Duration::from_millis(1));
+        assert_eq!(s[0].snapshot().state, "ejected");
+        call(&s[1], Outcome::ConnectionLost, Duration::from_millis(1));
+        assert_eq!(s[1].snapshot().state, "ready", "the last endpoint in rotation stays");
+        assert_eq!(counts.ejected.load(Ordering::Relaxed), 1);
+        drop(s);
+        assert_eq!(counts.ejected.load(Ordering::Relaxed), 0, "removed endpoints leave the counts");
+        assert_eq!(counts.endpoints.load(Ordering::Relaxed), 0);
+    }
 }

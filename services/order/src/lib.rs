@@ -29,6 +29,7 @@ pub async fn start(config: MeshConfig) -> meshkit_common::Result<RunningServer> 
     let users = UserServiceClient::new(channels.balanced(USER_SERVICE));
     MeshServer::new(config)
         .with_etcd(client)
+        .with_channels(channels)
         .metadata("component", COMPONENT)
         .add_service(OrderServiceServer::new(OrderApi::new(database, users)))
         .start()

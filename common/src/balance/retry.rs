@@ -1,0 +1,203 @@
+//! Retries that cannot duplicate work, within a budget and the caller's deadline.
+//!
+//! A call is tried again only when it never reached the application (the
+//! connection was refused, the stream was refused or the request was never
+//! sent, no instance was live) or when its method is marked idempotent in the
+//! contracts (then also after a lost connection, a per-call UNAVAILABLE, or
+//! an attempt that timed out). Retries draw on a budget of about 20% of
+//! recent traffic plus a small floor per second, so a failing dependency is
+//! not hit with three times its load. No attempt outlives the deadline: each
+//! goes out with the time that is left as its `grpc-timeout`.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::{
+    BoxError, Service, ServiceExt,
+    retry::budget::{Budget, TpsBudget},
+};
+
+use super::{BoxFuture, Request, Response, connection_lost, never_sent};
+use crate::{
+    deadline,
+    methods::{MethodInfo, MethodTable},
+};
+
+/// Retry settings; part of [`ChannelConfig`](super::ChannelConfig).
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Share of recent calls that may be retries.
+    pub budget_percent: f32,
+    /// Retries always allowed per second, whatever the traffic.
+    pub budget_min_per_sec: u32,
+    /// Pause before a retry (jittered, doubled per attempt).
+    pub backoff: Duration,
+    /// The longest an attempt of an idempotent call waits before it is
+    /// abandoned for another instance (a frozen instance answers nothing).
+    pub attempt_timeout: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            budget_percent: 0.2,
+            budget_min_per_sec: 10,
+            backoff: Duration::from_millis(5),
+            attempt_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Retry<S> {
+    inner: S,
+    methods: Arc<MethodTable>,
+    budget: Arc<TpsBudget>,
+    config: Arc<RetryConfig>,
+}
+
+impl<S> Retry<S> {
+    pub(crate) fn new(inner: S, methods: Arc<MethodTable>, config: RetryConfig) -> Self {
+        let budget = TpsBudget::new(Duration::from_secs(10), config.budget_min_per_sec, config.budget_percent);
+        Self { inner, methods, budget: Arc::new(budget), config: Arc::new(config) }
+    }
+}
+
+impl<S> Service<Request> for Retry<S>
+where
+    S: Service<Request, Response = Response, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Each attempt waits for readiness of its own clone of the buffer.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let inner = self.inner.clone();
+        let methods = self.methods.clone();
+        let budget = self.budget.clone();
+        let config = self.config.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let deadline = deadline::for_request(&req, started);
+            let method = methods.get(req.uri().path());
+            budget.deposit();
+            match method {
+                Some(info) if !info.client_streaming => replayable(inner, req, info, deadline, &budget, &config).await,
+                // Unknown or streaming requests cannot be replayed: one attempt.
+                _ => {
+                    let path = req.uri().path().to_owned();
+                    attempt(inner, req, deadline, None).await.unwrap_or_else(|_| {
+                        Err(tonic::Status::deadline_exceeded(format!("deadline exceeded calling {path}")).into())
+                    })
+                }
+            }
+        })
+    }
+}
+
+async fn replayable(
+    inner: impl Service<Request, Response = Response, Error = BoxError> + Clone,
+    req: Request,
+    info: MethodInfo,
+    deadline: Option<Instant>,
+    budget: &TpsBudget,
+    config: &RetryConfig,
+) -> Result<Response, BoxError> {
+    let path = req.uri().path().to_owned();
+    let (parts, body) = req.into_parts();
+    let bytes: Bytes = body.collect().await.map_err(|e| -> BoxError { e.into() })?.to_bytes();
+    let attempt_timeout = info.idempotent.then_some(config.attempt_timeout);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut req = http::Request::new(tonic::body::Body::new(Full::new(bytes.clone())));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        *req.extensions_mut() = parts.extensions.clone();
+
+        let result = match attempt(inner.clone(), req, deadline, attempt_timeout).await {
+            Ok(result) => result,
+            Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Err(tonic::Status::deadline_exceeded(format!(
+                    "deadline exceeded calling {path} after {attempts} attempt(s)"
+                ))
+                .into());
+            }
+            // The attempt (not the call) timed out: an idempotent call may go elsewhere.
+            Err(timed_out) => Err(timed_out),
+        };
+        let retry = match &result {
+            Ok(resp) => {
+                info.idempotent
+                    && resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v == (tonic::Code::Unavailable as i32).to_string())
+            }
+            Err(e) => {
+                never_sent(e.as_ref()) || (info.idempotent && (connection_lost(e.as_ref()) || is_timeout(e.as_ref())))
+            }
+        };
+        if !retry || attempts >= config.max_attempts {
+            return result;
+        }
+        let pause = config.backoff * 2u32.pow(attempts - 1);
+        if deadline.is_some_and(|d| Instant::now() + pause >= d) || !budget.withdraw() {
+            return result;
+        }
+        tracing::debug!(path, attempts, "retrying");
+        tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.0))).await;
+    }
+}
+
+/// One attempt, bounded by the deadline and, for idempotent calls, the
+/// attempt timeout. `Err` means the attempt timed out.
+async fn attempt(
+    inner: impl Service<Request, Response = Response, Error = BoxError>,
+    mut req: Request,
+    deadline: Option<Instant>,
+    attempt_timeout: Option<Duration>,
+) -> Result<Result<Response, BoxError>, BoxError> {
+    let now = Instant::now();
+    let limit = match (deadline, attempt_timeout.map(|t| now + t)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if let Some(d) = deadline {
+        if d <= now {
+            return Err(AttemptTimedOut.into());
+        }
+        req.headers_mut().insert("grpc-timeout", deadline::format_grpc_timeout(d - now));
+    }
+    let call = inner.oneshot(req);
+    match limit {
+        Some(limit) => tokio::time::timeout_at(limit, call).await.map_err(|_| AttemptTimedOut.into()),
+        None => Ok(call.await),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("attempt timed out")]
+struct AttemptTimedOut;
+
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<AttemptTimedOut>().is_some()
+}

@@ -87,3 +87,33 @@ async fn pools(State(state): State<AdminState>) -> Json<PoolsReport> {
     }
     Json(report)
 }
+
+/// Reads `/pools` from the admin endpoint at `addr` (plain HTTP/1.1 on
+/// loopback or a private network; used by `meshctl` and the tests).
+pub async fn fetch_pools(addr: &str) -> Result<PoolsReport> {
+    let body = http_get(addr, "/pools").await?;
+    serde_json::from_str(&body).map_err(|e| Error::Io(std::io::Error::other(format!("{addr}/pools: {e}"))))
+}
+
+/// A minimal GET: one request, `Connection: close`, body as text.
+pub async fn http_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| Error::Io(std::io::Error::other(format!("{addr}: no answer within 5 s"))))??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        let status = head.lines().next().unwrap_or("no status line");
+        return Err(Error::Io(std::io::Error::other(format!("{addr}{path}: {status}"))));
+    }
+    Ok(body.to_owned())
+}

@@ -37,55 +37,101 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection> 
         .sqlx_logging(false);
     let db = Database::connect(options).await?;
     if db.get_database_backend() == DbBackend::Sqlite {
-        db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
+        when_not_busy(|| async { db.execute_unprepared("PRAGMA journal_mode=WAL").await.map(|_| ()) }).await?;
     }
     Ok(db)
+}
+
+/// Runs `op` again while SQLite says the file is locked by another process.
+///
+/// Instances of one service that start together share the file; a deferred
+/// transaction that reads and then writes gets SQLITE_BUSY at once (busy
+/// waiting cannot help it), so the whole step is repeated after a pause.
+async fn when_not_busy<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, sea_orm::DbErr>>,
+{
+    let mut pause = Duration::from_millis(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match op().await {
+            Err(e) if is_busy(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.5))).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+fn is_busy(err: &sea_orm::DbErr) -> bool {
+    // SQLITE_BUSY (5) and its extended codes; sqlx reports the code only in the message.
+    let message = err.to_string();
+    message.contains("database is locked") || message.contains("(code: 5)") || message.contains("(code: 517)")
 }
 
 /// Applies the migrations of `component` that are not yet recorded.
 /// Returns how many were applied.
 pub async fn migrate(db: &DatabaseConnection, component: &str, migrations: &[Migration]) -> Result<usize> {
     let backend = db.get_database_backend();
-    db.execute_unprepared(
-        "CREATE TABLE IF NOT EXISTS meshkit_migrations (\
-           component VARCHAR(100) NOT NULL, \
-           version BIGINT NOT NULL, \
-           name VARCHAR(200) NOT NULL, \
-           PRIMARY KEY (component, version))",
-    )
+    when_not_busy(|| async {
+        db.execute_unprepared(
+            "CREATE TABLE IF NOT EXISTS meshkit_migrations (\
+               component VARCHAR(100) NOT NULL, \
+               version BIGINT NOT NULL, \
+               name VARCHAR(200) NOT NULL, \
+               PRIMARY KEY (component, version))",
+        )
+        .await
+        .map(|_| ())
+    })
     .await?;
     let schema = Schema::new(backend);
     let mut applied = 0;
     for migration in migrations {
-        let txn = db.begin().await?;
-        if backend == DbBackend::Postgres {
-            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", lock_key(component))).await?;
+        if when_not_busy(|| apply(db, &schema, component, migration)).await? {
+            tracing::info!(component, version = migration.version, name = migration.name, "migration applied");
+            applied += 1;
         }
-        let done = Query::select()
-            .expr(Expr::col(Alias::new("version")))
-            .from(Alias::new("meshkit_migrations"))
-            .and_where(Expr::col(Alias::new("component")).eq(component))
-            .and_where(Expr::col(Alias::new("version")).eq(migration.version))
-            .to_owned();
-        if txn.query_one(&done).await?.is_some() {
-            txn.commit().await?;
-            continue;
-        }
-        for statement in (migration.up)(&schema, backend) {
-            txn.execute_raw(statement).await?;
-        }
-        let record = Query::insert()
-            .into_table(Alias::new("meshkit_migrations"))
-            .columns([Alias::new("component"), Alias::new("version"), Alias::new("name")])
-            .values_panic([component.into(), migration.version.into(), migration.name.into()])
-            .on_conflict(OnConflict::columns([Alias::new("component"), Alias::new("version")]).do_nothing().to_owned())
-            .to_owned();
-        txn.execute(&record).await?;
-        txn.commit().await?;
-        tracing::info!(component, version = migration.version, name = migration.name, "migration applied");
-        applied += 1;
     }
     Ok(applied)
+}
+
+/// Applies one migration in one transaction, unless already recorded.
+async fn apply(
+    db: &DatabaseConnection,
+    schema: &Schema,
+    component: &str,
+    migration: &Migration,
+) -> std::result::Result<bool, sea_orm::DbErr> {
+    let backend = db.get_database_backend();
+    let txn = db.begin().await?;
+    if backend == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", lock_key(component))).await?;
+    }
+    let done = Query::select()
+        .expr(Expr::col(Alias::new("version")))
+        .from(Alias::new("meshkit_migrations"))
+        .and_where(Expr::col(Alias::new("component")).eq(component))
+        .and_where(Expr::col(Alias::new("version")).eq(migration.version))
+        .to_owned();
+    if txn.query_one(&done).await?.is_some() {
+        txn.commit().await?;
+        return Ok(false);
+    }
+    for statement in (migration.up)(schema, backend) {
+        txn.execute_raw(statement).await?;
+    }
+    let record = Query::insert()
+        .into_table(Alias::new("meshkit_migrations"))
+        .columns([Alias::new("component"), Alias::new("version"), Alias::new("name")])
+        .values_panic([component.into(), migration.version.into(), migration.name.into()])
+        .on_conflict(OnConflict::columns([Alias::new("component"), Alias::new("version")]).do_nothing().to_owned())
+        .to_owned();
+    txn.execute(&record).await?;
+    txn.commit().await?;
+    Ok(true)
 }
 
 fn lock_key(component: &str) -> i64 {

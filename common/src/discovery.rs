@@ -119,6 +119,9 @@ impl Watcher {
         }
         self.known = fresh;
         self.revision = revision;
+        if !changes.is_empty() {
+            tracing::info!(prefix = %self.prefix, revision, changes = changes.len(), known = self.known.len(), "discovery full read");
+        }
         for change in changes {
             if self.tx.send(change).await.is_err() {
                 return Ok(false);
@@ -170,6 +173,12 @@ impl Watcher {
                         None => continue,
                     },
                 };
+                match &change {
+                    Change::Insert(id, i) => {
+                        tracing::info!(prefix = %self.prefix, instance = %id, addr = %i.addr, "instance joined")
+                    }
+                    Change::Remove(id) => tracing::info!(prefix = %self.prefix, instance = %id, "instance left"),
+                }
                 if self.tx.send(change).await.is_err() {
                     return End::Closed;
                 }

@@ -55,6 +55,10 @@ pub struct EndpointConfig {
     pub eject_max: Duration,
     pub max_connections: usize,
     pub streams_per_connection: usize,
+    /// A call abandoned (by a timeout or its caller) after this long counts
+    /// as a failure: a frozen instance answers nothing and would otherwise
+    /// look healthy once its calls are dropped.
+    pub abandoned_after: Duration,
 }
 
 impl Default for EndpointConfig {
@@ -68,6 +72,7 @@ impl Default for EndpointConfig {
             eject_max: Duration::from_secs(15),
             max_connections: 4,
             streams_per_connection: 64,
+            abandoned_after: Duration::from_millis(900),
         }
     }
 }
@@ -255,10 +260,25 @@ impl EndpointStats {
 
     fn finished(&self, outcome: Option<Outcome>, latency: Duration, now: Instant) {
         self.inflight.fetch_sub(1, Ordering::Relaxed);
-        let Some(outcome) = outcome else { return };
-        let mut s = self.lock();
-        s.progress_at = now;
         let sample = latency.as_nanos() as f64;
+        let outcome = match outcome {
+            Some(outcome) => outcome,
+            // Abandoned: it took at least this long, and no answer came.
+            None => {
+                let mut s = self.lock();
+                s.rtt_ns = s.rtt_ns.max(sample);
+                s.rtt_at = now;
+                if latency < self.config.abandoned_after {
+                    return;
+                }
+                drop(s);
+                Outcome::Failure
+            }
+        };
+        let mut s = self.lock();
+        if outcome == Outcome::Success {
+            s.progress_at = now;
+        }
         if outcome == Outcome::Success {
             let elapsed = now.saturating_duration_since(s.rtt_at);
             s.rtt_ns = if sample > s.rtt_ns {
@@ -398,7 +418,7 @@ impl CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        // Dropped without an outcome: the caller gave up. Neither good nor bad.
+        // Dropped without an outcome: the caller gave up (see `abandoned_after`).
         self.end(None);
     }
 }

@@ -37,8 +37,9 @@ use std::{
 
 use etcd_client::Client;
 use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
 use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Endpoint;
 use tower::{BoxError, Service, balance::p2c::Balance, buffer::Buffer, discover::Change};
 
@@ -225,40 +226,13 @@ impl BalancedChannel {
     /// A channel over any discovery source; [`ChannelBuilder::balanced`]
     /// feeds it from etcd.
     pub fn from_watch(service: &str, watch: ServiceWatch, config: &ChannelConfig, methods: Arc<MethodTable>) -> Self {
-        let ServiceWatch { changes, synced } = watch;
         let counts = Arc::new(PoolCounts::new());
         let view = Arc::new(PoolView::new(service, counts.clone()));
         counts.set_notify(Arc::downgrade(&view));
-        let endpoint_config = Arc::new(config.endpoint.clone());
-        let (view_, config_) = (view.clone(), config.clone());
-        let endpoints: EndpointStream = Box::pin(ReceiverStream::new(changes).filter_map(move |change| {
-            let result = match change {
-                Change::Remove(id) => {
-                    view_.endpoints.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                    view_.bump();
-                    Some(Ok(Change::Remove(id)))
-                }
-                Change::Insert(id, instance) => match transport_endpoint(&instance, &config_) {
-                    Ok(ep) => {
-                        let stats = Arc::new(EndpointStats::new(
-                            id.clone(),
-                            instance.addr.clone(),
-                            instance.weight,
-                            endpoint_config.clone(),
-                            counts.clone(),
-                        ));
-                        view_.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats.clone());
-                        view_.bump();
-                        Some(Ok(Change::Insert(id, EndpointService::new(ep, stats))))
-                    }
-                    Err(e) => {
-                        tracing::warn!(service = %view_.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
-                        None
-                    }
-                },
-            };
-            std::future::ready(result)
-        }));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let synced = Arc::new(Synced::default());
+        tokio::spawn(forward(watch, tx, synced.clone(), view.clone(), counts, config.clone()));
+        let endpoints: EndpointStream = Box::pin(UnboundedReceiverStream::new(rx).map(Ok));
         let pool = Pool {
             balance: Balance::new(endpoints),
             synced,
@@ -274,6 +248,66 @@ impl BalancedChannel {
     /// The pool behind this channel.
     pub fn view(&self) -> &Arc<PoolView> {
         &self.view
+    }
+}
+
+/// Applies discovery changes to the pool's view as they come, and hands the
+/// endpoints to the balancer (which takes them on its next call). `synced`
+/// is set once the first full read has been handed over.
+async fn forward(
+    watch: ServiceWatch,
+    tx: mpsc::UnboundedSender<Change<String, EndpointService>>,
+    synced: Arc<Synced>,
+    view: Arc<PoolView>,
+    counts: Arc<PoolCounts>,
+    config: ChannelConfig,
+) {
+    let ServiceWatch { mut changes, synced: source_synced } = watch;
+    let endpoint_config = Arc::new(config.endpoint.clone());
+    loop {
+        let change = tokio::select! {
+            change = changes.recv() => match change {
+                Some(change) => Some(change),
+                None => return,
+            },
+            // Until the first read is handed over, look at the flag now and then.
+            _ = tokio::time::sleep(Duration::from_millis(5)), if !synced.is_set() => None,
+            _ = tx.closed() => return,
+        };
+        if let Some(change) = change {
+            let forwarded = match change {
+                Change::Remove(id) => {
+                    view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    Some(Change::Remove(id))
+                }
+                Change::Insert(id, instance) => match transport_endpoint(&instance, &config) {
+                    Ok(ep) => {
+                        let stats = Arc::new(EndpointStats::new(
+                            id.clone(),
+                            instance.addr.clone(),
+                            instance.weight,
+                            endpoint_config.clone(),
+                            counts.clone(),
+                        ));
+                        view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats.clone());
+                        Some(Change::Insert(id, EndpointService::new(ep, stats)))
+                    }
+                    Err(e) => {
+                        tracing::warn!(service = %view.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
+                        None
+                    }
+                },
+            };
+            if let Some(change) = forwarded {
+                view.bump();
+                if tx.send(change).is_err() {
+                    return;
+                }
+            }
+        }
+        if !synced.is_set() && source_synced.load(Ordering::Acquire) && changes.is_empty() {
+            synced.set();
+        }
     }
 }
 
@@ -300,11 +334,30 @@ impl Service<Request> for BalancedChannel {
     }
 }
 
+/// Set once the first discovery read is in the balancer's hands; wakes the
+/// pool waiting on it.
+#[derive(Default)]
+struct Synced {
+    done: AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl Synced {
+    fn is_set(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.done.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
 /// The balancer, answering UNAVAILABLE at once when the service has no
 /// instance (after the first discovery read) instead of queueing forever.
 struct Pool {
     balance: Balance<EndpointStream, Request>,
-    synced: Arc<AtomicBool>,
+    synced: Arc<Synced>,
     wait: Pin<Box<tokio::time::Sleep>>,
     waited: bool,
     route_to_balance: bool,
@@ -313,7 +366,11 @@ struct Pool {
 
 impl Pool {
     fn discovery_settled(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.synced.load(Ordering::Acquire) || self.waited {
+        if self.waited {
+            return true;
+        }
+        self.synced.waker.register(cx.waker());
+        if self.synced.is_set() {
             return true;
         }
         if self.wait.as_mut().poll(cx).is_ready() {

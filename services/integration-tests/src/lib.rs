@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod etcd;
+pub mod load;
 pub mod postgres;
 pub mod process;
 
@@ -17,6 +18,7 @@ use std::{
 use meshkit_common::MeshConfig;
 
 pub use etcd::Etcd;
+pub use load::{LoadGen, Tally};
 pub use postgres::Postgres;
 pub use process::ServiceProcess;
 

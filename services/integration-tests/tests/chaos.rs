@@ -1,0 +1,316 @@
+//! Chaos drills on real processes: instances killed, frozen, slowed and
+//! restarted, and etcd stopped, all under steady load on loopback. The mesh
+//! must keep every idempotent call succeeding.
+
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use meshkit_common::{BalancedChannel, ChannelBuilder, admin::fetch_pools, server::INSTANCE_HEADER};
+use meshkit_integration_tests::{Etcd, LoadGen, ServiceProcess, eventually, free_port, init_logs, sqlite_url};
+use meshkit_proto::{
+    order::{CreateOrderRequest, OrderItem, order_service_client::OrderServiceClient},
+    user::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient},
+};
+
+const USER: &str = "meshkit.user.v1.UserService";
+const ORDER: &str = "meshkit.order.v1.OrderService";
+const SIGKILL: i32 = 9;
+const SIGTERM: i32 = 15;
+const SIGCONT: i32 = 18;
+const SIGSTOP: i32 = 19;
+
+fn spawn(etcd: &Etcd, dir: &Path, binary: &str, id: &str, extra: &[(&'static str, String)]) -> ServiceProcess {
+    let component = binary.trim_end_matches("-service");
+    let mut env = vec![
+        ("MESHKIT_ETCD_ENDPOINTS", etcd.endpoint()),
+        ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{}", free_port())),
+        ("MESHKIT_DATABASE_URL", sqlite_url(dir, component)),
+        ("MESHKIT_REGISTRY_INSTANCE_ID", id.to_owned()),
+        ("MESHKIT_REGISTRY_TTL_SECS", "2".to_owned()),
+        ("MESHKIT_SERVER_DRAIN_DELAY_MS", "200".to_owned()),
+    ];
+    env.extend_from_slice(extra);
+    ServiceProcess::spawn(binary, &env, dir).unwrap()
+}
+
+async fn registered(etcd: &Etcd, service: &str) -> Vec<String> {
+    let mut client = etcd.client().await;
+    let prefix = format!("/meshkit/services/{service}/");
+    match client.get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())).await {
+        Ok(resp) => resp.kvs().iter().map(|kv| kv.key_str().unwrap().trim_start_matches(&prefix).to_owned()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn wait_registered(etcd: &Etcd, service: &str, ids: &[&str]) {
+    eventually(&format!("{ids:?} registered"), Duration::from_secs(15), || async {
+        let now = registered(etcd, service).await;
+        ids.iter().all(|id| now.iter().any(|n| n == id)).then_some(())
+    })
+    .await;
+}
+
+async fn admin_addr(etcd: &Etcd, service: &str, id: &str) -> String {
+    let mut client = etcd.client().await;
+    let resp = client.get(format!("/meshkit/services/{service}/{id}"), None).await.unwrap();
+    let instance: meshkit_common::Instance = serde_json::from_slice(resp.kvs()[0].value()).unwrap();
+    instance.metadata["admin"].clone()
+}
+
+/// The user ids in the pool that `admin`'s process keeps for user-service.
+async fn user_pool_of(admin: &str) -> Vec<String> {
+    match fetch_pools(admin).await {
+        Ok(report) => report.get(USER).map(|p| p.endpoints.keys().cloned().collect()).unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn create_user(users: &BalancedChannel, email: &str) -> String {
+    let mut client = UserServiceClient::new(users.clone());
+    client.create_user(CreateUserRequest { name: "Load".into(), email: email.into() }).await.unwrap().into_inner().id
+}
+
+/// CreateOrder through order-service (which calls GetUser on the pool under test).
+fn order_load(orders: BalancedChannel, user_id: String) -> LoadGen {
+    LoadGen::start(4, Duration::from_millis(5), move || {
+        let mut client = OrderServiceClient::new(orders.clone());
+        let user_id = user_id.clone();
+        async move {
+            let mut req = tonic::Request::new(CreateOrderRequest {
+                user_id,
+                items: vec![OrderItem { sku: "book-1".into(), quantity: 1 }],
+            });
+            req.set_timeout(Duration::from_secs(3));
+            client.create_order(req).await.map(|_| None)
+        }
+    })
+}
+
+/// GetUser straight from this process's own pool, noting who served it.
+fn user_load(users: BalancedChannel, user_id: String, pause: Duration) -> LoadGen {
+    LoadGen::start(4, pause, move || {
+        let mut client = UserServiceClient::new(users.clone());
+        let id = user_id.clone();
+        async move {
+            let mut req = tonic::Request::new(GetUserRequest { id });
+            req.set_timeout(Duration::from_secs(3));
+            let resp = client.get_user(req).await?;
+            Ok(resp.metadata().get(INSTANCE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned))
+        }
+    })
+}
+
+struct Cluster {
+    etcd: Etcd,
+    dir: tempfile::TempDir,
+    users: Vec<(String, ServiceProcess)>,
+    _order: ServiceProcess,
+    order_admin: String,
+    channels: ChannelBuilder,
+}
+
+async fn cluster(user_instances: usize) -> Cluster {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let users: Vec<(String, ServiceProcess)> = (1..=user_instances)
+        .map(|i| {
+            let id = format!("user-{i}");
+            let p = spawn(&etcd, dir.path(), "user-service", &id, &[]);
+            (id, p)
+        })
+        .collect();
+    let order = spawn(&etcd, dir.path(), "order-service", "order-1", &[("RUST_LOG", "info".into())]);
+    let ids: Vec<&str> = users.iter().map(|(id, _)| id.as_str()).collect();
+    wait_registered(&etcd, USER, &ids).await;
+    wait_registered(&etcd, ORDER, &["order-1"]).await;
+    let order_admin = admin_addr(&etcd, ORDER, "order-1").await;
+    // Load starts only once order-service itself knows every user instance.
+    eventually("order-service to see every user instance", Duration::from_secs(10), || async {
+        let pool = user_pool_of(&order_admin).await;
+        ids.iter().all(|id| pool.iter().any(|p| p == id)).then_some(())
+    })
+    .await;
+    let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
+    Cluster { etcd, dir, users, _order: order, order_admin, channels }
+}
+
+#[tokio::test]
+async fn kill_9_of_one_user_instance_fails_no_call_and_leaves_every_pool() {
+    let mut c = cluster(3).await;
+    let user_id = create_user(&c.channels.balanced(USER), "kill9@example.com").await;
+    let own_pool = c.channels.balanced(USER);
+    let load = order_load(c.channels.balanced(ORDER), user_id);
+    eventually("traffic", Duration::from_secs(5), || async { (load.ok_so_far() > 50).then_some(()) }).await;
+    c.users[1].1.signal(SIGKILL);
+    let _ = c.users[1].1.wait_exit(Duration::from_secs(5)).await;
+    let killed_at = Instant::now();
+    eventually("user-2 out of order-service's pool", Duration::from_secs(10), || async {
+        (!user_pool_of(&c.order_admin).await.contains(&"user-2".to_owned())).then_some(())
+    })
+    .await;
+    eventually("user-2 out of this process's pool", Duration::from_secs(10), || async {
+        (!own_pool.view().ids().contains(&"user-2".to_owned())).then_some(())
+    })
+    .await;
+    eprintln!("user-2 left every pool {:?} after kill -9", killed_at.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = load.stop().await;
+    assert_eq!(tally.failed, 0, "failed calls: {:?}", tally.errors);
+    assert!(tally.ok > 100, "too little traffic to mean anything: {}", tally.ok);
+}
+
+#[tokio::test]
+async fn a_frozen_instance_is_ejected_and_comes_back_after_sigcont() {
+    let c = cluster(3).await;
+    let user_id = create_user(&c.channels.balanced(USER), "stop@example.com").await;
+    let users = c.channels.balanced(USER);
+    let load = user_load(users.clone(), user_id.clone(), Duration::from_millis(5));
+    let orders = order_load(c.channels.balanced(ORDER), user_id.clone());
+    eventually("traffic", Duration::from_secs(5), || async { (load.ok_so_far() > 50).then_some(()) }).await;
+
+    c.users[2].1.signal(SIGSTOP);
+    // Out of rotation: ejected by the balancer, or dropped when its lease lapses.
+    eventually("user-3 out of rotation", Duration::from_secs(10), || async {
+        let snapshot = users.view().snapshot();
+        snapshot.get("user-3").is_none_or(|e| e.state != "ready").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.users[2].1.signal(SIGCONT);
+    eventually("user-3 back in rotation", Duration::from_secs(15), || async {
+        users.view().snapshot().get("user-3").is_some_and(|e| e.state == "ready").then_some(())
+    })
+    .await;
+    let before = load.ok_so_far();
+    eventually("more traffic", Duration::from_secs(5), || async { (load.ok_so_far() > before + 200).then_some(()) })
+        .await;
+    let tally = load.stop().await;
+    let order_tally = orders.stop().await;
+    assert_eq!(tally.failed, 0, "GetUser failures: {:?}", tally.errors);
+    assert_eq!(order_tally.failed, 0, "CreateOrder failures: {:?}", order_tally.errors);
+    assert!(tally.served_by.get("user-3").copied().unwrap_or(0) > 0, "user-3 never served: {:?}", tally.served_by);
+}
+
+#[tokio::test]
+async fn etcd_down_for_30_s_fails_no_call_and_everyone_is_registered_again() {
+    let mut c = cluster(2).await;
+    let user_id = create_user(&c.channels.balanced(USER), "etcd@example.com").await;
+    let load = order_load(c.channels.balanced(ORDER), user_id.clone());
+    let direct = user_load(c.channels.balanced(USER), user_id, Duration::from_millis(10));
+    eventually("traffic", Duration::from_secs(5), || async { (load.ok_so_far() > 50).then_some(()) }).await;
+    c.etcd.kill();
+    let during = load.ok_so_far();
+    let outage: u64 = std::env::var("MESHKIT_CHAOS_ETCD_OUTAGE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    tokio::time::sleep(Duration::from_secs(outage)).await;
+    assert!(load.ok_so_far() > during + 15 * outage, "calls must go on while etcd is down");
+    c.etcd.restart().await.unwrap();
+    let back = Instant::now();
+    wait_registered(&c.etcd, USER, &["user-1", "user-2"]).await;
+    wait_registered(&c.etcd, ORDER, &["order-1"]).await;
+    let took = back.elapsed();
+    eprintln!("every instance registered {took:?} after etcd answered again");
+    assert!(took < Duration::from_secs(1), "re-registration took {took:?}");
+    // And the watches resumed: a new instance is found.
+    let _user3 = spawn(&c.etcd, c.dir.path(), "user-service", "user-3", &[]);
+    eventually("user-3 in order-service's pool", Duration::from_secs(10), || async {
+        user_pool_of(&c.order_admin).await.contains(&"user-3".to_owned()).then_some(())
+    })
+    .await;
+    let tally = load.stop().await;
+    let direct = direct.stop().await;
+    if tally.failed > 0 {
+        print_logs(c.dir.path(), "order-service");
+    }
+    assert_eq!(tally.failed, 0, "CreateOrder failures: {:?}", tally.errors);
+    assert_eq!(direct.failed, 0, "GetUser failures: {:?}", direct.errors);
+}
+
+fn print_logs(dir: &Path, prefix: &str) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            eprintln!("--- {}\n{}", entry.path().display(), std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+}
+
+#[tokio::test]
+async fn rolling_restart_of_every_user_instance_fails_no_call() {
+    let mut c = cluster(3).await;
+    let user_id = create_user(&c.channels.balanced(USER), "roll@example.com").await;
+    let load = order_load(c.channels.balanced(ORDER), user_id.clone());
+    let direct = user_load(c.channels.balanced(USER), user_id, Duration::from_millis(5));
+    eventually("traffic", Duration::from_secs(5), || async { (load.ok_so_far() > 50).then_some(()) }).await;
+    for i in 0..c.users.len() {
+        let id = c.users[i].0.clone();
+        c.users[i].1.signal(SIGTERM);
+        let status = c.users[i].1.wait_exit(Duration::from_secs(15)).await.expect("drains and exits");
+        assert!(status.success(), "{id} exited with {status}");
+        let replacement = spawn(&c.etcd, c.dir.path(), "user-service", &format!("{id}-b"), &[]);
+        wait_registered(&c.etcd, USER, &[&format!("{id}-b")]).await;
+        c.users[i].1 = replacement;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let tally = load.stop().await;
+    let direct = direct.stop().await;
+    assert_eq!(tally.failed, 0, "CreateOrder failures: {:?}", tally.errors);
+    assert_eq!(direct.failed, 0, "GetUser failures: {:?}", direct.errors);
+    assert!(tally.ok > 100 && direct.ok > 100, "too little traffic: {} / {}", tally.ok, direct.ok);
+}
+
+#[tokio::test]
+async fn a_new_instance_gets_traffic_right_after_it_registers() {
+    let c = cluster(2).await;
+    let user_id = create_user(&c.channels.balanced(USER), "new@example.com").await;
+    let mut client = c.etcd.client().await;
+    let mut watch = client.watch(format!("/meshkit/services/{USER}/user-9"), Some(WatchOptions::new())).await.unwrap();
+    let load = user_load(c.channels.balanced(USER), user_id, Duration::from_millis(1));
+    eventually("traffic", Duration::from_secs(5), || async { (load.ok_so_far() > 50).then_some(()) }).await;
+    let _user9 = spawn(&c.etcd, c.dir.path(), "user-service", "user-9", &[]);
+    let registered_at = loop {
+        let resp = watch.message().await.unwrap().unwrap();
+        if resp.events().iter().any(|e| e.event_type() == EventType::Put) {
+            break Instant::now();
+        }
+    };
+    let users = c.channels.balanced(USER);
+    // The first call user-9 serves: poll the pool's per-endpoint call count.
+    let first_call = eventually("user-9 to serve a call", Duration::from_secs(2), || async {
+        users.view().snapshot().get("user-9").is_some_and(|e| e.calls > 0).then(Instant::now)
+    })
+    .await;
+    let took = first_call.saturating_duration_since(registered_at);
+    eprintln!("user-9 received traffic {took:?} after its registration (goal < 100 ms; see make bench)");
+    let tally = load.stop().await;
+    assert_eq!(tally.failed, 0, "{:?}", tally.errors);
+    assert!(tally.served_by.get("user-9").copied().unwrap_or(0) > 0, "{:?}", tally.served_by);
+}
+
+#[tokio::test]
+async fn an_instance_50_ms_slower_gets_under_a_tenth_of_the_calls() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _fast1 = spawn(&etcd, dir.path(), "user-service", "user-1", &[]);
+    let _fast2 = spawn(&etcd, dir.path(), "user-service", "user-2", &[]);
+    let _slow =
+        spawn(&etcd, dir.path(), "user-service", "user-slow", &[("MESHKIT_SERVER_FAULT_DELAY_MS", "50".into())]);
+    wait_registered(&etcd, USER, &["user-1", "user-2", "user-slow"]).await;
+    let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
+    let users = channels.balanced(USER);
+    let user_id = create_user(&users, "slow@example.com").await;
+    let load = user_load(users, user_id, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let tally = load.stop().await;
+    assert_eq!(tally.failed, 0, "{:?}", tally.errors);
+    let total: u64 = tally.served_by.values().sum();
+    let slow = tally.served_by.get("user-slow").copied().unwrap_or(0);
+    eprintln!("slow instance served {slow} of {total} calls: {:?}", tally.served_by);
+    assert!(total > 500, "too little traffic: {total}");
+    assert!((slow as f64) < 0.10 * total as f64, "slow instance served {slow} of {total}");
+}

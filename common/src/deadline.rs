@@ -153,4 +153,17 @@ mod tests {
         assert_eq!(got, Some(inner));
         assert_eq!(current(), None, "the scope ends with the future");
     }
+
+    #[tokio::test]
+    async fn the_server_layer_makes_grpc_timeout_the_tasks_deadline() {
+        use tower::ServiceExt;
+        let svc = DeadlineLayer
+            .layer(tower::service_fn(|_: http::Request<()>| async { Ok::<_, std::convert::Infallible>(current()) }));
+        let req = http::Request::builder().header("grpc-timeout", "2S").body(()).unwrap();
+        let seen = svc.clone().oneshot(req).await.unwrap().expect("a deadline inside the handler");
+        let left = seen - Instant::now();
+        assert!(left <= Duration::from_secs(2) && left > Duration::from_millis(1500), "{left:?}");
+        let none = svc.oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(none, None, "no header, no deadline");
+    }
 }

@@ -134,7 +134,7 @@ async fn replayable(
 
         let result = match attempt(inner.clone(), req, deadline, attempt_timeout).await {
             Ok(result) => result,
-            Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+            Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d) => {
                 return Err(tonic::Status::deadline_exceeded(format!(
                     "deadline exceeded calling {path} after {attempts} attempt(s)"
                 ))

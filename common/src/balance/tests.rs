@@ -158,3 +158,109 @@ mod endpoint_stats {
         assert_eq!(counts.endpoints.load(Ordering::Relaxed), 0);
     }
 }
+
+mod retries {
+    use std::io::ErrorKind;
+
+    use tower_test::mock;
+
+    use super::super::{body::TrackedBody, retry::Retry};
+    use super::*;
+    use crate::methods::{MethodInfo, MethodTable};
+
+    const IDEMPOTENT: &str = "/t.S/Get";
+    const UNSAFE: &str = "/t.S/Create";
+
+    fn table() -> Arc<MethodTable> {
+        let mut t = MethodTable::default();
+        t.insert(IDEMPOTENT, MethodInfo { idempotent: true, client_streaming: false });
+        t.insert(UNSAFE, MethodInfo { idempotent: false, client_streaming: false });
+        Arc::new(t)
+    }
+
+    fn req(path: &str) -> Request {
+        http::Request::builder().uri(path).body(tonic::body::Body::empty()).expect("static request")
+    }
+
+    fn ok() -> Response {
+        http::Response::new(TrackedBody::new(tonic::body::Body::empty(), None))
+    }
+
+    /// Runs one call whose attempts meet `errors` in turn (then success);
+    /// returns how many attempts reached the inner service and whether the call succeeded.
+    async fn run(path: &str, errors: Vec<ErrorKind>, config: RetryConfig) -> (usize, bool) {
+        let (svc, mut handle) = mock::pair::<Request, Response>();
+        let mut retry = Retry::new(svc, table(), config);
+        let call = tokio::spawn(retry.call(req(path)));
+        let mut attempts = 0;
+        let mut errors = errors.into_iter();
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await;
+            let Ok(Some((_, respond))) = next else { break };
+            attempts += 1;
+            match errors.next() {
+                Some(kind) => respond.send_error(std::io::Error::from(kind)),
+                None => respond.send_response(ok()),
+            }
+        }
+        (attempts, call.await.expect("no panic").is_ok())
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_retried_for_any_method() {
+        assert_eq!(run(UNSAFE, vec![ErrorKind::ConnectionRefused], RetryConfig::default()).await, (2, true));
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_sending_is_retried_only_when_idempotent() {
+        assert_eq!(run(UNSAFE, vec![ErrorKind::ConnectionReset], RetryConfig::default()).await, (1, false));
+        assert_eq!(run(IDEMPOTENT, vec![ErrorKind::ConnectionReset], RetryConfig::default()).await, (2, true));
+    }
+
+    #[tokio::test]
+    async fn attempts_are_capped() {
+        let three = vec![ErrorKind::ConnectionReset; 5];
+        assert_eq!(run(IDEMPOTENT, three, RetryConfig::default()).await, (3, false));
+    }
+
+    #[tokio::test]
+    async fn the_budget_stops_retries_once_spent() {
+        // No floor and no share of traffic: no retry at all.
+        let config = RetryConfig { budget_min_per_sec: 0, budget_percent: 0.0, ..Default::default() };
+        assert_eq!(run(IDEMPOTENT, vec![ErrorKind::ConnectionReset], config).await, (1, false));
+    }
+
+    #[tokio::test]
+    async fn unknown_methods_are_sent_once() {
+        assert_eq!(run("/t.S/Unknown", vec![ErrorKind::ConnectionRefused], RetryConfig::default()).await, (1, false));
+    }
+
+    #[tokio::test]
+    async fn no_retry_outlives_the_deadline() {
+        let (svc, mut handle) = mock::pair::<Request, Response>();
+        let mut retry = Retry::new(svc, table(), RetryConfig::default());
+        let mut request = req(IDEMPOTENT);
+        request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static("100m"));
+        let started = std::time::Instant::now();
+        let call = tokio::spawn(retry.call(request));
+        // The first attempt never answers.
+        let (_, _respond) = handle.next_request().await.expect("first attempt");
+        let err = call.await.expect("no panic").expect_err("deadline");
+        let status = tonic::Status::from_error(err);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() < Duration::from_millis(400), "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn an_inherited_deadline_travels_as_grpc_timeout() {
+        let (svc, mut handle) = mock::pair::<Request, Response>();
+        let mut retry = Retry::new(svc, table(), RetryConfig::default());
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
+        let call = tokio::spawn(crate::deadline::with_deadline(deadline, retry.call(req(IDEMPOTENT))));
+        let (sent, respond) = handle.next_request().await.expect("one attempt");
+        let timeout = sent.headers().get("grpc-timeout").and_then(crate::deadline::parse_grpc_timeout).expect("header");
+        assert!(timeout <= Duration::from_millis(250) && timeout > Duration::from_millis(150), "{timeout:?}");
+        respond.send_response(ok());
+        call.await.expect("no panic").expect("answered");
+    }
+}

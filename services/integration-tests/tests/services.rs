@@ -156,3 +156,42 @@ async fn every_validation_rule_names_its_field() {
     user.shutdown().await.unwrap();
     order.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_callers_deadline_bounds_the_calls_made_for_it() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path(), "user");
+    // Create the user on a prompt instance, then serve reads from a slow one.
+    let prompt = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
+    let mut users = UserServiceClient::new(channels.balanced(USER));
+    let ada = users
+        .create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut slow_config = mesh_config(&etcd, &url);
+    slow_config.server.fault_delay_ms = 1_500;
+    let slow = meshkit_user::start(slow_config).await.unwrap();
+    prompt.shutdown().await.unwrap();
+    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
+    let mut orders = OrderServiceClient::new(channels.balanced(ORDER));
+
+    let mut req = tonic::Request::new(CreateOrderRequest { user_id: ada.id, items: vec![item("book-1", 1)] });
+    req.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let err = orders.create_order(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
+
+    // order-service gave up with its caller: one attempt at user-service, no
+    // retries after the deadline (its attempt timeout alone would allow three).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let pools = meshkit_common::admin::fetch_pools(&order.admin_addr().unwrap().to_string()).await.unwrap();
+    let calls: u64 = pools[USER].endpoints.values().map(|e| e["calls"].as_u64().unwrap()).sum();
+    assert_eq!(calls, 1, "order-service made {calls} calls to user-service: {pools:?}");
+    slow.shutdown().await.unwrap();
+    order.shutdown().await.unwrap();
+}

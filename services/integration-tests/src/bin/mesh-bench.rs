@@ -40,7 +40,106 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     balanced_vs_direct(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+    pool_changes(&etcd, &db, dir.path()).await?;
     Ok(())
+}
+
+/// Registration, graceful stop and kill -9, each to the moment this process's
+/// pool reflects it (the instance joins; leaves; is ejected or leaves).
+async fn pool_changes(etcd: &Etcd, db: &str, logs: &std::path::Path) -> anyhow::Result<()> {
+    let runs = 10;
+    let channel = ChannelBuilder::new(etcd.client().await, "/meshkit").balanced(USER);
+    // A steady instance, so the pool is never empty and light traffic flows.
+    let steady = ServiceProcess::spawn("user-service", &with_id(service_env(etcd, db, free_port()), "steady"), logs)?;
+    let view = channel.view().clone();
+    wait_for(&view, |ids, _| ids.contains(&"steady".to_owned())).await?;
+    let traffic = {
+        let client = HealthClient::new(channel.clone());
+        tokio::spawn(async move {
+            for _ in 0..200_000 {
+                let mut c = client.clone();
+                let _ = c.check(HealthCheckRequest { service: USER.into() }).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let mut client = etcd.client().await;
+    let (mut joined, mut stopped, mut killed) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let id = format!("b{i}");
+        let key = format!("/meshkit/services/{USER}/{id}");
+        let mut watch = client.watch(key.as_str(), None).await?;
+        let process = ServiceProcess::spawn("user-service", &with_id(service_env(etcd, db, free_port()), &id), logs)?;
+        let registered = loop {
+            let resp =
+                tokio::time::timeout(Duration::from_secs(10), watch.message()).await.context("registration")??;
+            if resp.is_some_and(|r| r.events().iter().any(|e| e.event_type() == EventType::Put)) {
+                break Instant::now();
+            }
+        };
+        wait_for(&view, |ids, _| ids.contains(&id)).await?;
+        joined.push(registered.elapsed());
+
+        if i % 2 == 0 {
+            let t = Instant::now();
+            process.signal(15);
+            wait_for(&view, |ids, _| !ids.contains(&id)).await?;
+            stopped.push(t.elapsed());
+            let mut p = process;
+            let _ = p.wait_exit(Duration::from_secs(10)).await;
+        } else {
+            let t = Instant::now();
+            process.signal(9);
+            wait_for(&view, |ids, snapshot| {
+                !ids.contains(&id) || snapshot.get(&id).is_some_and(|e| e.state != "ready")
+            })
+            .await?;
+            killed.push(t.elapsed());
+            // Let its lease lapse before the next run.
+            wait_for(&view, |ids, _| !ids.contains(&id)).await?;
+        }
+    }
+    traffic.abort();
+    stop(steady).await;
+    println!("\n== pool changes ({runs} runs, light traffic of ~400 calls/s through the pool)");
+    for (name, mut times) in [
+        ("registration -> in the pool", joined),
+        ("SIGTERM -> out of the pool", stopped),
+        ("kill -9 -> out of rotation", killed),
+    ] {
+        times.sort();
+        let p50 = times[times.len() / 2];
+        let p99 = times[times.len() - 1];
+        println!("  {name:<30} p50 {:>8.1} ms   p99(max) {:>8.1} ms", ms(p50), ms(p99));
+    }
+    Ok(())
+}
+
+fn with_id(mut env: Vec<(&'static str, String)>, id: &str) -> Vec<(&'static str, String)> {
+    env.push(("MESHKIT_REGISTRY_INSTANCE_ID", id.to_owned()));
+    env.push(("MESHKIT_REGISTRY_TTL_SECS", "3".to_owned()));
+    env
+}
+
+/// Waits (up to 15 s) until the pool's ids and endpoint snapshot satisfy `done`.
+async fn wait_for(
+    view: &Arc<meshkit_common::balance::PoolView>,
+    done: impl Fn(&Vec<String>, &meshkit_common::balance::PoolSnapshot) -> bool,
+) -> anyhow::Result<()> {
+    let mut changes = view.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if done(&view.ids(), &view.snapshot()) {
+            return Ok(());
+        }
+        // Ejection shows in the snapshot without a membership change: look every ms too.
+        let _ = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(1)),
+            changes.changed(),
+        )
+        .await;
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "pool did not change within 15 s");
+    }
 }
 
 fn service_env(etcd: &Etcd, db: &str, port: u16) -> Vec<(&'static str, String)> {

@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -31,15 +31,26 @@ pub struct ServiceWatch {
     pub changes: mpsc::Receiver<Change<String, Instance>>,
     /// Set once the first full read has been sent on `changes`.
     pub synced: Arc<AtomicBool>,
+    /// Full reads after the first: compactions, cancelled watches.
+    pub resyncs: Arc<AtomicU64>,
 }
 
 /// Starts watching `prefix` (as made by [`crate::registry::service_prefix`]).
 pub fn watch_prefix(client: Client, prefix: String) -> ServiceWatch {
     let (tx, changes) = mpsc::channel(256);
     let synced = Arc::new(AtomicBool::new(false));
-    let task = Watcher { client, prefix, known: Instances::new(), revision: 0, synced: synced.clone(), tx };
+    let resyncs = Arc::new(AtomicU64::new(0));
+    let task = Watcher {
+        client,
+        prefix,
+        known: Instances::new(),
+        revision: 0,
+        synced: synced.clone(),
+        resyncs: resyncs.clone(),
+        tx,
+    };
     tokio::spawn(task.run());
-    ServiceWatch { changes, synced }
+    ServiceWatch { changes, synced, resyncs }
 }
 
 struct Watcher {
@@ -49,6 +60,7 @@ struct Watcher {
     /// The revision everything in `known` is current to.
     revision: i64,
     synced: Arc<AtomicBool>,
+    resyncs: Arc<AtomicU64>,
     tx: mpsc::Sender<Change<String, Instance>>,
 }
 
@@ -89,6 +101,7 @@ impl Watcher {
                 }
                 End::Resync => {
                     tracing::info!(prefix = %self.prefix, "watch history compacted, reading the prefix again");
+                    self.resyncs.fetch_add(1, Ordering::Relaxed);
                     need_full_read = true;
                 }
             }

@@ -135,6 +135,8 @@ Try it (grpcurl is installed by \`make up\`):
   grpcurl -plaintext -d '{"name":"Ada","email":"ada@example.com"}' 127.0.0.1:$user_port meshkit.user.v1.UserService/CreateUser
   grpcurl -plaintext -d '{"userId":"<id from CreateUser>","items":[{"sku":"book-1","quantity":2}]}' 127.0.0.1:$order_port meshkit.order.v1.OrderService/CreateOrder
   ETCDCTL_API=3 etcdctl --endpoints $(etcd_endpoints) get --prefix /meshkit/services/
+  $BIN_DIR/meshctl --etcd $(etcd_endpoints) instances
+  $BIN_DIR/meshctl --etcd $(etcd_endpoints) pools order-1
 
 Logs: $RUN_DIR/logs    Stop: make down
 TRY

@@ -262,7 +262,7 @@ async fn forward(
     counts: Arc<PoolCounts>,
     config: ChannelConfig,
 ) {
-    let ServiceWatch { mut changes, synced: source_synced } = watch;
+    let ServiceWatch { mut changes, synced: source_synced, .. } = watch;
     let endpoint_config = Arc::new(config.endpoint.clone());
     loop {
         let change = tokio::select! {

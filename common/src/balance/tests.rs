@@ -7,7 +7,7 @@ use super::*;
 
 fn watch(synced: bool) -> (mpsc::Sender<Change<String, Instance>>, ServiceWatch) {
     let (tx, changes) = mpsc::channel(8);
-    (tx, ServiceWatch { changes, synced: Arc::new(AtomicBool::new(synced)) })
+    (tx, ServiceWatch { changes, synced: Arc::new(AtomicBool::new(synced)), resyncs: Arc::default() })
 }
 
 fn request() -> Request {

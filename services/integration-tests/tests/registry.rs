@@ -166,3 +166,41 @@ async fn discovery_resumes_after_etcd_restarts_and_keeps_endpoints_meanwhile() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_watch_that_resumes_past_a_compaction_reads_again_and_emits_the_difference() {
+    use std::sync::atomic::Ordering;
+    init_logs();
+    let mut etcd = Etcd::start().await.unwrap();
+    let prefix = service_prefix("/meshkit", USER);
+    let value = |port: u16| format!(r#"{{"addr":"127.0.0.1:{port}"}}"#);
+    let mut client = etcd.client().await;
+    client.put(format!("{prefix}a"), value(1), None).await.unwrap();
+    let mut watch = watch_prefix(etcd.client().await, prefix.clone());
+    let first = tokio::time::timeout(Duration::from_secs(2), watch.changes.recv()).await.unwrap().unwrap();
+    assert!(matches!(first, Change::Insert(id, _) if id == "a"));
+
+    // Down long enough that the watcher's backoff has grown to about a second,
+    // then change the registry and compact its history before it is back.
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    etcd.restart().await.unwrap();
+    let mut client = etcd.client().await;
+    client.delete(format!("{prefix}a"), None).await.unwrap();
+    let put = client.put(format!("{prefix}b"), value(2), None).await.unwrap();
+    let revision = put.header().unwrap().revision();
+    client.put("/unrelated", "x", None).await.unwrap();
+    client.compact(revision + 1, None).await.unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let change = tokio::time::timeout(Duration::from_secs(5), watch.changes.recv()).await.unwrap().unwrap();
+        seen.push(change);
+    }
+    assert!(seen.iter().any(|c| matches!(c, Change::Remove(id) if id == "a")), "a must go");
+    assert!(
+        seen.iter().any(|c| matches!(c, Change::Insert(id, i) if id == "b" && i.addr == "127.0.0.1:2")),
+        "b must come"
+    );
+    assert!(watch.resyncs.load(Ordering::Relaxed) >= 1, "the compaction must force a full read");
+}

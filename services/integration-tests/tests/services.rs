@@ -195,3 +195,28 @@ async fn a_callers_deadline_bounds_the_calls_made_for_it() {
     slow.shutdown().await.unwrap();
     order.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn busy_endpoints_get_more_than_one_http2_connection() {
+    use meshkit_common::{ChannelConfig, balance::EndpointConfig};
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "user"));
+    config.server.fault_delay_ms = 200;
+    let user = meshkit_user::start(config).await.unwrap();
+    let endpoint = EndpointConfig { streams_per_connection: 4, max_connections: 3, ..Default::default() };
+    let channels =
+        ChannelBuilder::new(etcd.client().await, "/meshkit").with_config(ChannelConfig::default().endpoint(endpoint));
+    let channel = channels.balanced(USER);
+    let calls = futures::future::join_all((0..12).map(|_| {
+        let mut users = UserServiceClient::new(channel.clone());
+        async move { users.get_user(GetUserRequest { id: "01900000-0000-7000-8000-000000000000".into() }).await }
+    }))
+    .await;
+    assert!(calls.iter().all(|r| r.as_ref().is_err_and(|s| s.code() == Code::NotFound)), "{calls:?}");
+    let snapshot = channel.view().snapshot();
+    let connections = snapshot[user.instance_id()].connections;
+    assert_eq!(connections, 3, "12 concurrent calls at 4 per connection, capped at 3: {snapshot:?}");
+    user.shutdown().await.unwrap();
+}

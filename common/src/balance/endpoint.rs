@@ -109,6 +109,10 @@ impl Outcome {
 pub(crate) struct PoolCounts {
     pub endpoints: AtomicUsize,
     pub ejected: AtomicUsize,
+    /// A moving average of the pool's latency (f64 bits; 0 = none yet): a new
+    /// endpoint starts from it, so it competes with the others as an equal
+    /// instead of looking slow (never picked) or fast (flooded).
+    typical_rtt_ns: AtomicU64,
     view: OnceLock<Weak<super::PoolView>>,
 }
 
@@ -125,6 +129,20 @@ impl PoolCounts {
         if let Some(view) = self.view.get().and_then(Weak::upgrade) {
             view.bump();
         }
+    }
+
+    fn typical_rtt_ns(&self) -> Option<f64> {
+        let bits = self.typical_rtt_ns.load(Ordering::Relaxed);
+        (bits != 0).then(|| f64::from_bits(bits))
+    }
+
+    fn observe_rtt(&self, sample_ns: f64) {
+        // Racy read-modify-write is fine: this only seeds new endpoints.
+        let next = match self.typical_rtt_ns() {
+            Some(current) => current * 0.95 + sample_ns * 0.05,
+            None => sample_ns,
+        };
+        self.typical_rtt_ns.store(next.max(1.0).to_bits(), Ordering::Relaxed);
     }
 }
 
@@ -192,12 +210,13 @@ impl EndpointStats {
     ) -> Self {
         let now = Instant::now();
         pool.endpoints.fetch_add(1, Ordering::Relaxed);
+        let rtt_ns = pool.typical_rtt_ns().unwrap_or(config.default_rtt.as_nanos() as f64);
         Self {
             id,
             addr,
             weight: f64::from(weight.clamp(1, 10_000)) / 100.0,
             state: Mutex::new(State {
-                rtt_ns: config.default_rtt.as_nanos() as f64,
+                rtt_ns,
                 rtt_at: now,
                 progress_at: now,
                 failure_score: 0.0,
@@ -288,6 +307,7 @@ impl EndpointStats {
                 s.rtt_ns * keep + sample * (1.0 - keep)
             };
             s.rtt_at = now;
+            self.pool.observe_rtt(sample);
             s.consecutive_failures = 0;
             if s.probing {
                 s.probing = false;

@@ -114,9 +114,24 @@ mod endpoint_stats {
         let before = fresh[0].load(now);
         call(&fresh[0], Outcome::Failure, Duration::from_millis(5));
         assert!(fresh[0].load(Instant::now()) > before * 2.0, "failures are penalised");
-        let heavy =
-            Arc::new(EndpointStats::new("w".into(), "a:1".into(), 400, Arc::new(EndpointConfig::default()), counts));
-        assert!(heavy.load(now) < base / 3.0, "weight 400 costs a quarter of weight 100");
+        drop(counts);
+        let fresh_pool = Arc::new(PoolCounts::new());
+        let config = Arc::new(EndpointConfig::default());
+        let normal = EndpointStats::new("n".into(), "a:1".into(), 100, config.clone(), fresh_pool.clone());
+        let heavy = EndpointStats::new("w".into(), "a:2".into(), 400, config, fresh_pool);
+        let (n, h) = (normal.load(now), heavy.load(now));
+        assert!((h * 4.0 - n).abs() < n * 0.01, "weight 400 costs a quarter of weight 100: {h} vs {n}");
+    }
+
+    #[test]
+    fn a_new_endpoint_starts_from_the_pools_typical_latency() {
+        let (counts, s) = pool(1, EndpointConfig { default_rtt: Duration::from_millis(5), ..Default::default() });
+        for _ in 0..50 {
+            call(&s[0], Outcome::Success, Duration::from_micros(200));
+        }
+        let newcomer = EndpointStats::new("new".into(), "a:2".into(), 100, Arc::new(EndpointConfig::default()), counts);
+        let rtt = newcomer.snapshot().rtt_ms;
+        assert!(rtt < 1.0, "a newcomer must not look 25 times slower than its peers: {rtt} ms");
     }
 
     #[test]

@@ -115,13 +115,17 @@ struct Cluster {
 }
 
 async fn cluster(user_instances: usize) -> Cluster {
+    cluster_with(user_instances, &[]).await
+}
+
+async fn cluster_with(user_instances: usize, user_env: &[(&'static str, String)]) -> Cluster {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let users: Vec<(String, ServiceProcess)> = (1..=user_instances)
         .map(|i| {
             let id = format!("user-{i}");
-            let p = spawn(&etcd, dir.path(), "user-service", &id, &[]);
+            let p = spawn(&etcd, dir.path(), "user-service", &id, user_env);
             (id, p)
         })
         .collect();
@@ -142,7 +146,7 @@ async fn cluster(user_instances: usize) -> Cluster {
 
 #[tokio::test]
 async fn kill_9_of_one_user_instance_fails_no_call_and_leaves_every_pool() {
-    let mut c = cluster(3).await;
+    let mut c = cluster_with(3, &[("MESHKIT_REGISTRY_TTL_SECS", "5".into())]).await;
     let user_id = create_user(&c.channels.balanced(USER), "kill9@example.com").await;
     let own_pool = c.channels.balanced(USER);
     let load = order_load(c.channels.balanced(ORDER), user_id);
@@ -150,15 +154,24 @@ async fn kill_9_of_one_user_instance_fails_no_call_and_leaves_every_pool() {
     c.users[1].1.signal(SIGKILL);
     let _ = c.users[1].1.wait_exit(Duration::from_secs(5)).await;
     let killed_at = Instant::now();
-    eventually("user-2 out of order-service's pool", Duration::from_secs(10), || async {
+    // Out of rotation from the first refused connection, long before its 5 s lease lapses.
+    eventually("user-2 ejected by order-service", Duration::from_secs(10), || async {
+        let report = fetch_pools(&c.order_admin).await.ok()?;
+        let state = report.get(USER)?.endpoints.get("user-2").map(|e| e["state"].as_str().unwrap_or("").to_owned());
+        state.is_none_or(|s| s != "ready").then_some(())
+    })
+    .await;
+    let ejected_after = killed_at.elapsed();
+    assert!(ejected_after < Duration::from_secs(3), "ejection took {ejected_after:?}: it waited for the lease");
+    eventually("user-2 out of order-service's pool", Duration::from_secs(15), || async {
         (!user_pool_of(&c.order_admin).await.contains(&"user-2".to_owned())).then_some(())
     })
     .await;
-    eventually("user-2 out of this process's pool", Duration::from_secs(10), || async {
+    eventually("user-2 out of this process's pool", Duration::from_secs(15), || async {
         (!own_pool.view().ids().contains(&"user-2".to_owned())).then_some(())
     })
     .await;
-    eprintln!("user-2 left every pool {:?} after kill -9", killed_at.elapsed());
+    eprintln!("user-2: out of rotation {ejected_after:?}, out of every pool {:?} after kill -9", killed_at.elapsed());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let tally = load.stop().await;
     assert_eq!(tally.failed, 0, "failed calls: {:?}", tally.errors);

@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod load;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 
 use std::{
     net::TcpListener,
@@ -21,6 +22,7 @@ pub use etcd::Etcd;
 pub use load::{LoadGen, Tally};
 pub use postgres::Postgres;
 pub use process::ServiceProcess;
+pub use proxy::TcpProxy;
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {

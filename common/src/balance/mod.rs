@@ -63,6 +63,10 @@ type Request = http::Request<tonic::body::Body>;
 pub type ResponseBody = TrackedBody<tonic::body::Body>;
 type Response = http::Response<ResponseBody>;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+type PoolFuture = futures::future::Either<
+    <Balance<EndpointStream, Request> as Service<Request>>::Future,
+    std::future::Ready<Result<Response, BoxError>>,
+>;
 type EndpointStream = Pin<Box<dyn Stream<Item = Result<Change<String, EndpointService>, BoxError>> + Send>>;
 
 /// Settings of every balanced channel a builder makes.
@@ -218,7 +222,7 @@ impl PoolView {
 /// takes a channel: `UserServiceClient::new(channel)`.
 #[derive(Clone)]
 pub struct BalancedChannel {
-    inner: Retry<Buffer<Request, BoxFuture>>,
+    inner: Retry<Buffer<Request, PoolFuture>>,
     view: Arc<PoolView>,
 }
 
@@ -383,7 +387,7 @@ impl Pool {
 impl Service<Request> for Pool {
     type Response = Response;
     type Error = BoxError;
-    type Future = BoxFuture;
+    type Future = PoolFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Errors are never returned from here: a Buffer whose service fails
@@ -408,10 +412,10 @@ impl Service<Request> for Pool {
 
     fn call(&mut self, req: Request) -> Self::Future {
         if std::mem::take(&mut self.route_to_balance) {
-            Box::pin(self.balance.call(req))
+            futures::future::Either::Left(self.balance.call(req))
         } else {
             let status: tonic::Status = NoLiveInstance(self.service.clone()).into();
-            Box::pin(std::future::ready(Err(status.into())))
+            futures::future::Either::Right(std::future::ready(Err(status.into())))
         }
     }
 }

@@ -18,10 +18,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
-use tower::{
-    BoxError, Service, ServiceExt,
-    retry::budget::{Budget, TpsBudget},
-};
+use tower::{BoxError, Service, ServiceExt};
 
 use super::{BoxFuture, Request, Response, connection_lost, never_sent};
 use crate::{
@@ -61,13 +58,13 @@ impl Default for RetryConfig {
 pub(crate) struct Retry<S> {
     inner: S,
     methods: Arc<MethodTable>,
-    budget: Arc<TpsBudget>,
+    budget: Arc<RetryBudget>,
     config: Arc<RetryConfig>,
 }
 
 impl<S> Retry<S> {
     pub(crate) fn new(inner: S, methods: Arc<MethodTable>, config: RetryConfig) -> Self {
-        let budget = TpsBudget::new(Duration::from_secs(10), config.budget_min_per_sec, config.budget_percent);
+        let budget = RetryBudget::new(config.budget_min_per_sec, config.budget_percent);
         Self { inner, methods, budget: Arc::new(budget), config: Arc::new(config) }
     }
 }
@@ -81,13 +78,15 @@ where
     type Error = BoxError;
     type Future = BoxFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Each attempt waits for readiness of its own clone of the buffer.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let inner = self.inner.clone();
+        // The ready service (holding its reserved slot) goes with the call; a
+        // clone stays for the next one. Later attempts wait for readiness again.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         let methods = self.methods.clone();
         let budget = self.budget.clone();
         let config = self.config.clone();
@@ -101,7 +100,8 @@ where
                 // Unknown or streaming requests cannot be replayed: one attempt.
                 _ => {
                     let path = req.uri().path().to_owned();
-                    attempt(inner, req, deadline, None).await.unwrap_or_else(|_| {
+                    let mut inner = inner;
+                    attempt(&mut inner, true, req, deadline, None).await.unwrap_or_else(|_| {
                         Err(tonic::Status::deadline_exceeded(format!("deadline exceeded calling {path}")).into())
                     })
                 }
@@ -111,11 +111,11 @@ where
 }
 
 async fn replayable(
-    inner: impl Service<Request, Response = Response, Error = BoxError> + Clone,
+    mut inner: impl Service<Request, Response = Response, Error = BoxError>,
     req: Request,
     info: MethodInfo,
     deadline: Option<Instant>,
-    budget: &TpsBudget,
+    budget: &RetryBudget,
     config: &RetryConfig,
 ) -> Result<Response, BoxError> {
     let path = req.uri().path().to_owned();
@@ -132,7 +132,7 @@ async fn replayable(
         *req.headers_mut() = parts.headers.clone();
         *req.extensions_mut() = parts.extensions.clone();
 
-        let result = match attempt(inner.clone(), req, deadline, attempt_timeout).await {
+        let result = match attempt(&mut inner, attempts == 1, req, deadline, attempt_timeout).await {
             Ok(result) => result,
             Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d) => {
                 return Err(tonic::Status::deadline_exceeded(format!(
@@ -170,12 +170,16 @@ async fn replayable(
 
 /// One attempt, bounded by the deadline and, for idempotent calls, the
 /// attempt timeout. `Err` means the attempt timed out.
-async fn attempt(
-    inner: impl Service<Request, Response = Response, Error = BoxError>,
+async fn attempt<S>(
+    inner: &mut S,
+    already_ready: bool,
     mut req: Request,
     deadline: Option<Instant>,
     attempt_timeout: Option<Duration>,
-) -> Result<Result<Response, BoxError>, BoxError> {
+) -> Result<Result<Response, BoxError>, BoxError>
+where
+    S: Service<Request, Response = Response, Error = BoxError>,
+{
     let now = Instant::now();
     let limit = match (deadline, attempt_timeout.map(|t| now + t)) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -187,7 +191,12 @@ async fn attempt(
         }
         req.headers_mut().insert("grpc-timeout", deadline::format_grpc_timeout(d - now));
     }
-    let call = inner.oneshot(req);
+    let call = async {
+        if !already_ready {
+            inner.ready().await?;
+        }
+        inner.call(req).await
+    };
     match limit {
         Some(limit) => tokio::time::timeout_at(limit, call).await.map_err(|_| AttemptTimedOut.into()),
         None => Ok(call.await),
@@ -200,4 +209,72 @@ struct AttemptTimedOut;
 
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     err.downcast_ref::<AttemptTimedOut>().is_some()
+}
+
+/// How many retries recent traffic allows: `percent` of the calls of the last
+/// ten seconds plus `min_per_sec` per second, less the retries already made.
+/// Lock-free: a deposit is one relaxed increment in the current second's slot.
+pub(crate) struct RetryBudget {
+    origin: std::time::Instant,
+    slots: [Slot; WINDOW],
+    min_per_sec: u64,
+    /// The share of calls, in thousandths.
+    permille: u64,
+}
+
+const WINDOW: usize = 10;
+
+#[derive(Default)]
+struct Slot {
+    second: std::sync::atomic::AtomicU64,
+    deposits: std::sync::atomic::AtomicU64,
+    withdrawals: std::sync::atomic::AtomicU64,
+}
+
+impl RetryBudget {
+    pub(crate) fn new(min_per_sec: u32, percent: f32) -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            slots: Default::default(),
+            min_per_sec: u64::from(min_per_sec),
+            permille: (f64::from(percent.clamp(0.0, 10.0)) * 1000.0).round() as u64,
+        }
+    }
+
+    /// The slot of the current second, cleared if it still holds an old one.
+    fn slot(&self) -> (&Slot, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Seconds from 1, so a fresh slot (second 0) is never current.
+        let now = self.origin.elapsed().as_secs() + 1;
+        let slot = &self.slots[(now as usize) % WINDOW];
+        let seen = slot.second.load(Relaxed);
+        if seen != now && slot.second.compare_exchange(seen, now, Relaxed, Relaxed).is_ok() {
+            slot.deposits.store(0, Relaxed);
+            slot.withdrawals.store(0, Relaxed);
+        }
+        (slot, now)
+    }
+
+    pub(crate) fn deposit(&self) {
+        self.slot().0.deposits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn withdraw(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (current, now) = self.slot();
+        let (mut deposits, mut withdrawals) = (0u64, 0u64);
+        for slot in &self.slots {
+            if now.saturating_sub(slot.second.load(Relaxed)) < WINDOW as u64 {
+                deposits += slot.deposits.load(Relaxed);
+                withdrawals += slot.withdrawals.load(Relaxed);
+            }
+        }
+        let allowed = self.min_per_sec * WINDOW as u64 + deposits * self.permille / 1000;
+        if withdrawals < allowed {
+            current.withdrawals.fetch_add(1, Relaxed);
+            true
+        } else {
+            false
+        }
+    }
 }

@@ -206,6 +206,7 @@ mod retries {
     async fn run(path: &str, errors: Vec<ErrorKind>, config: RetryConfig) -> (usize, bool) {
         let (svc, mut handle) = mock::pair::<Request, Response>();
         let mut retry = Retry::new(svc, table(), config);
+        retry.ready().await.expect("ready");
         let call = tokio::spawn(retry.call(req(path)));
         let mut attempts = 0;
         let mut errors = errors.into_iter();
@@ -245,6 +246,21 @@ mod retries {
         assert_eq!(run(IDEMPOTENT, vec![ErrorKind::ConnectionReset], config).await, (1, false));
     }
 
+    #[test]
+    fn the_budget_is_a_share_of_traffic_plus_a_floor() {
+        use super::super::retry::RetryBudget;
+        let budget = RetryBudget::new(0, 0.2);
+        assert!(!budget.withdraw(), "no traffic, no floor: no retry");
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let granted = (0..50).filter(|_| budget.withdraw()).count();
+        assert_eq!(granted, 20, "20% of 100 calls");
+        let floor = RetryBudget::new(2, 0.0);
+        let granted = (0..50).filter(|_| floor.withdraw()).count();
+        assert_eq!(granted, 20, "2 per second over the 10 s window");
+    }
+
     #[tokio::test]
     async fn unknown_methods_are_sent_once() {
         assert_eq!(run("/t.S/Unknown", vec![ErrorKind::ConnectionRefused], RetryConfig::default()).await, (1, false));
@@ -257,6 +273,7 @@ mod retries {
         let mut request = req(IDEMPOTENT);
         request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static("100m"));
         let started = std::time::Instant::now();
+        retry.ready().await.expect("ready");
         let call = tokio::spawn(retry.call(request));
         // The first attempt never answers.
         let (_, _respond) = handle.next_request().await.expect("first attempt");
@@ -271,6 +288,7 @@ mod retries {
         let (svc, mut handle) = mock::pair::<Request, Response>();
         let mut retry = Retry::new(svc, table(), RetryConfig::default());
         let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
+        retry.ready().await.expect("ready");
         let call = tokio::spawn(crate::deadline::with_deadline(deadline, retry.call(req(IDEMPOTENT))));
         let (sent, respond) = handle.next_request().await.expect("one attempt");
         let timeout = sent.headers().get("grpc-timeout").and_then(crate::deadline::parse_grpc_timeout).expect("header");

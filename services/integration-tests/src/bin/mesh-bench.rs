@@ -32,15 +32,24 @@ async fn main() -> anyhow::Result<()> {
     let db = sqlite_url(dir.path(), "user");
     println!("meshkit bench ({} cores, {secs} s per load phase, concurrency {CONCURRENCY})", num_cpus());
 
-    startup(&etcd, &db, dir.path()).await?;
+    // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
+    let phases = std::env::var("MESHKIT_BENCH_PHASES").unwrap_or_else(|_| "startup,compare,pool".into());
+    let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
+    if run("startup") {
+        startup(&etcd, &db, dir.path()).await?;
+    }
     if std::env::var("MESHKIT_BENCH_DEBUG").is_ok() {
         let mut c = etcd.client().await;
         for kv in c.get("/meshkit/services/", Some(GetOptions::new().with_prefix())).await?.kvs() {
             eprintln!("left after start-up: {} {} lease {}", kv.key_str()?, kv.value_str()?, kv.lease());
         }
     }
-    balanced_vs_direct(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
-    pool_changes(&etcd, &db, dir.path()).await?;
+    if run("compare") {
+        balanced_vs_direct(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+    }
+    if run("pool") {
+        pool_changes(&etcd, &db, dir.path()).await?;
+    }
     Ok(())
 }
 

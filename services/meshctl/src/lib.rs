@@ -137,22 +137,25 @@ pub async fn pools(client: &mut Client, prefix: &str, target: &str) -> anyhow::R
         let _ = writeln!(
             out,
             "  {:<22} {:<22} {:<8} {:>8} {:>6} {:>9} {:>10} {:>8} {:>8}",
-            "INSTANCE", "ADDR", "STATE", "INFLIGHT", "CONNS", "RTT_MS", "LOAD", "CALLS", "FAILURES"
+            "INSTANCE", "ADDR", "STATE", "INFLIGHT", "CONNS", "RTT_MS", "COST_US", "CALLS", "FAILURES"
         );
         for (id, e) in pool.endpoints {
-            let field = |k: &str| e.get(k).cloned().unwrap_or(serde_json::Value::Null);
+            let text = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+            let count = |k: &str| e.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            let number = |k: &str| e.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+            // The load p2c compares, in nanoseconds of weighted latency: shown in µs.
             let _ = writeln!(
                 out,
-                "  {:<22} {:<22} {:<8} {:>8} {:>6} {:>9.3} {:>10.0} {:>8} {:>8}",
+                "  {:<22} {:<22} {:<8} {:>8} {:>6} {:>9.3} {:>10.1} {:>8} {:>8}",
                 id,
-                field("addr").as_str().unwrap_or("-"),
-                field("state").as_str().unwrap_or("-"),
-                field("inflight"),
-                field("connections"),
-                field("rtt_ms").as_f64().unwrap_or(0.0),
-                field("load").as_f64().unwrap_or(0.0),
-                field("calls"),
-                field("failures"),
+                text("addr"),
+                text("state"),
+                count("inflight"),
+                count("connections"),
+                number("rtt_ms"),
+                number("load") / 1000.0,
+                count("calls"),
+                count("failures"),
             );
         }
     }

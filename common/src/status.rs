@@ -36,3 +36,27 @@ pub fn page_size(field: &str, requested: i32, default: u64, max: u64) -> Result<
         n => Ok(n as u64),
     }
 }
+
+/// Ends a keyset page: `rows` were read with a limit of `limit + 1`; the
+/// extra row, if any, is dropped and the last kept row's key becomes the
+/// next page token (empty on the last page).
+pub fn finish_page<T>(mut rows: Vec<T>, limit: u64, key: impl Fn(&T) -> String) -> (Vec<T>, String) {
+    if rows.len() as u64 > limit {
+        rows.truncate(limit as usize);
+        let token = rows.last().map(key).unwrap_or_default();
+        (rows, token)
+    } else {
+        (rows, String::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_page_keeps_limit_rows_and_points_past_the_last() {
+        let (rows, token) = super::finish_page(vec![1, 2, 3], 2, |n| n.to_string());
+        assert_eq!((rows, token.as_str()), (vec![1, 2], "2"));
+        let (rows, token) = super::finish_page(vec![1, 2], 2, |n| n.to_string());
+        assert_eq!((rows, token.as_str()), (vec![1, 2], ""));
+    }
+}

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use meshkit_common::{
     BalancedChannel,
-    status::{db_error, invalid_argument, page_size},
+    status::{db_error, finish_page, invalid_argument, page_size},
     time::{now_us, timestamp},
 };
 use meshkit_proto::{
@@ -136,13 +136,8 @@ impl OrderService for OrderApi {
                 .map_err(|_| invalid_argument("page_token", "is not a token returned by ListOrders"))?;
             query = query.filter(order::Column::Id.gt(after));
         }
-        let mut rows = query.limit(limit + 1).all(&self.db).await.map_err(db_error)?;
-        let next_page_token = if rows.len() as u64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|r| r.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let rows = query.limit(limit + 1).all(&self.db).await.map_err(db_error)?;
+        let (rows, next_page_token) = finish_page(rows, limit, |r| r.id.clone());
         let mut items = self.load_items(rows.iter().map(|r| r.id.clone()).collect()).await?;
         let orders = rows
             .into_iter()

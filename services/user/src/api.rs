@@ -1,7 +1,7 @@
 //! `meshkit.user.v1.UserService` over sea-orm.
 
 use meshkit_common::{
-    status::{db_error, invalid_argument, page_size},
+    status::{db_error, finish_page, invalid_argument, page_size},
     time::{now_us, timestamp},
 };
 use meshkit_proto::user::{
@@ -65,13 +65,8 @@ impl UserService for UserApi {
                 .map_err(|_| invalid_argument("page_token", "is not a token returned by ListUsers"))?;
             query = query.filter(user::Column::Id.gt(after));
         }
-        let mut rows = query.limit(limit + 1).all(&self.db).await.map_err(db_error)?;
-        let next_page_token = if rows.len() as u64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|r| r.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let rows = query.limit(limit + 1).all(&self.db).await.map_err(db_error)?;
+        let (rows, next_page_token) = finish_page(rows, limit, |r| r.id.clone());
         Ok(Response::new(ListUsersResponse { users: rows.into_iter().map(to_proto).collect(), next_page_token }))
     }
 }

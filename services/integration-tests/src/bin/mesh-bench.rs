@@ -253,17 +253,7 @@ async fn balanced_vs_direct(etcd: &Etcd, db: &str, logs: &std::path::Path, phase
         b.merge(run_balanced(&balanced, phase / 2).await?);
     }
     println!("\n== balanced channel vs direct tonic channels (health Check on 2 instances, concurrency {CONCURRENCY})");
-    println!("  {:<10} {:>12} {:>10} {:>10} {:>14}", "", "calls/s", "p50 µs", "p99 µs", "client CPU µs/call");
-    for (name, s) in [("direct", &d), ("balanced", &b)] {
-        println!(
-            "  {:<10} {:>12.0} {:>10} {:>10} {:>14.1}",
-            name,
-            s.rate(),
-            s.hist.value_at_quantile(0.5),
-            s.hist.value_at_quantile(0.99),
-            s.cpu_per_call_us()
-        );
-    }
+    print_table(&d, &b);
     println!(
         "  ratio      throughput {:.3} (goal >= 0.95)   added p50 {:+} µs (goal <= 20)   added p99 {:+} µs (goal <= 50)   CPU/call x{:.2}",
         b.rate() / d.rate(),
@@ -298,17 +288,7 @@ async fn balanced_vs_direct(etcd: &Etcd, db: &str, logs: &std::path::Path, phase
         );
     }
     println!("\n== the same at a steady {rate} calls/s (open loop, below saturation)");
-    println!("  {:<10} {:>12} {:>10} {:>10} {:>14}", "", "calls/s", "p50 µs", "p99 µs", "client CPU µs/call");
-    for (name, s) in [("direct", &d), ("balanced", &b)] {
-        println!(
-            "  {:<10} {:>12.0} {:>10} {:>10} {:>14.1}",
-            name,
-            s.rate(),
-            s.hist.value_at_quantile(0.5),
-            s.hist.value_at_quantile(0.99),
-            s.cpu_per_call_us()
-        );
-    }
+    print_table(&d, &b);
     println!(
         "  added      p50 {:+} µs (goal <= 20)   p99 {:+} µs (goal <= 50)   CPU/call {:+.1} µs",
         b.hist.value_at_quantile(0.5) as i64 - d.hist.value_at_quantile(0.5) as i64,
@@ -319,6 +299,20 @@ async fn balanced_vs_direct(etcd: &Etcd, db: &str, logs: &std::path::Path, phase
         stop(s).await;
     }
     Ok(())
+}
+
+fn print_table(direct: &Stats, balanced: &Stats) {
+    println!("  {:<10} {:>12} {:>10} {:>10} {:>14}", "", "calls/s", "p50 µs", "p99 µs", "client CPU µs/call");
+    for (name, s) in [("direct", direct), ("balanced", balanced)] {
+        println!(
+            "  {:<10} {:>12.0} {:>10} {:>10} {:>14.1}",
+            name,
+            s.rate(),
+            s.hist.value_at_quantile(0.5),
+            s.hist.value_at_quantile(0.99),
+            s.cpu_per_call_us()
+        );
+    }
 }
 
 /// Starts `rate` calls per second for `phase`, each on its own task (open

@@ -32,10 +32,12 @@ use std::{
 use http::HeaderMap;
 use pin_project_lite::pin_project;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 use tower::{BoxError, Service, load::Load};
 
-use super::body::TrackedBody;
+use super::{
+    body::TrackedBody,
+    connection::{self, ConnectSettings, Connection as H2Connection},
+};
 
 type Request = http::Request<tonic::body::Body>;
 
@@ -444,24 +446,37 @@ impl Drop for CallGuard {
 }
 
 struct Connection {
-    channel: Channel,
+    channel: H2Connection,
     inflight: Arc<AtomicUsize>,
 }
 
 /// The balancer's view of one instance: a `tower::Service` with a [`Load`].
 pub struct EndpointService {
     stats: Arc<EndpointStats>,
-    endpoint: Endpoint,
+    addr: String,
+    settings: ConnectSettings,
     connections: Vec<Connection>,
     ready: Option<usize>,
     eject_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl EndpointService {
-    pub(crate) fn new(endpoint: Endpoint, stats: Arc<EndpointStats>) -> Self {
-        let mut svc = Self { stats, endpoint, connections: Vec::new(), ready: None, eject_timer: None };
-        svc.open_connection();
-        svc
+    /// Fails when `addr` is not a `host:port` authority.
+    pub(crate) fn new(
+        addr: String,
+        settings: ConnectSettings,
+        stats: Arc<EndpointStats>,
+    ) -> Result<Self, http::uri::InvalidUri> {
+        let first = H2Connection::lazy(&addr, settings.clone())?;
+        let mut svc = Self { stats, addr, settings, connections: Vec::new(), ready: None, eject_timer: None };
+        svc.connections.push(Connection { channel: first, inflight: Arc::default() });
+        svc.stats.connections.store(1, Ordering::Relaxed);
+        Ok(svc)
+    }
+
+    fn new_connection(&self) -> H2Connection {
+        // The address parsed when the endpoint was made, so it parses again.
+        H2Connection::lazy(&self.addr, self.settings.clone()).unwrap_or_else(|_| unreachable!("address checked in new"))
     }
 
     pub fn stats(&self) -> &Arc<EndpointStats> {
@@ -469,7 +484,8 @@ impl EndpointService {
     }
 
     fn open_connection(&mut self) -> usize {
-        self.connections.push(Connection { channel: self.endpoint.connect_lazy(), inflight: Arc::default() });
+        let channel = self.new_connection();
+        self.connections.push(Connection { channel, inflight: Arc::default() });
         self.stats.connections.store(self.connections.len(), Ordering::Relaxed);
         self.connections.len() - 1
     }
@@ -527,8 +543,7 @@ impl Service<Request> for EndpointService {
                 // This connection's worker is gone; replace it rather than
                 // failing readiness, which would drop the endpoint for good.
                 tracing::debug!(endpoint = %self.stats.id, error = %e, "replacing a failed connection");
-                self.connections[index] =
-                    Connection { channel: self.endpoint.connect_lazy(), inflight: Arc::default() };
+                self.connections[index] = Connection { channel: self.new_connection(), inflight: Arc::default() };
                 self.ready = None;
                 cx.waker().wake_by_ref();
                 Poll::Pending
@@ -549,7 +564,7 @@ pin_project! {
     /// The future of one call to one endpoint.
     pub struct ResponseFuture {
         #[pin]
-        inner: <Channel as Service<Request>>::Future,
+        inner: connection::ResponseFuture,
         guard: Option<CallGuard>,
     }
 }
@@ -572,7 +587,7 @@ impl Future for ResponseFuture {
                 Poll::Ready(Ok(response.map(|body| TrackedBody::new(body, guard))))
             }
             Err(e) => {
-                let err: BoxError = e.into();
+                let err: BoxError = e;
                 if let Some(guard) = this.guard.take() {
                     guard.finish(Outcome::from_error(err.as_ref()));
                 }

@@ -20,6 +20,7 @@
 //! `balance_channel` reports none.
 
 pub mod body;
+mod connection;
 pub mod endpoint;
 pub mod retry;
 
@@ -40,7 +41,6 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Endpoint;
 use tower::{BoxError, Service, balance::p2c::Balance, buffer::Buffer, discover::Change};
 
 use self::{
@@ -55,7 +55,7 @@ pub use self::{
 use crate::{
     discovery::{self, ServiceWatch},
     methods::MethodTable,
-    registry::{Instance, service_prefix},
+    registry::service_prefix,
 };
 
 type Request = http::Request<tonic::body::Body>;
@@ -284,8 +284,8 @@ async fn forward(
                     view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     Some(Change::Remove(id))
                 }
-                Change::Insert(id, instance) => match transport_endpoint(&instance, &config) {
-                    Ok(ep) => {
+                Change::Insert(id, instance) => match instance.addr.parse::<http::uri::Authority>() {
+                    Ok(_) => {
                         let stats = Arc::new(EndpointStats::new(
                             id.clone(),
                             instance.addr.clone(),
@@ -293,8 +293,16 @@ async fn forward(
                             endpoint_config.clone(),
                             counts.clone(),
                         ));
-                        view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats.clone());
-                        Some(Change::Insert(id, EndpointService::new(ep, stats)))
+                        match EndpointService::new(instance.addr.clone(), connect_settings(&config), stats.clone()) {
+                            Ok(service) => {
+                                view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats);
+                                Some(Change::Insert(id, service))
+                            }
+                            Err(e) => {
+                                tracing::warn!(service = %view.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
+                                None
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(service = %view.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
@@ -315,13 +323,12 @@ async fn forward(
     }
 }
 
-fn transport_endpoint(instance: &Instance, config: &ChannelConfig) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{}", instance.addr))?
-        .connect_timeout(config.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(config.http2_keepalive)
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true))
+fn connect_settings(config: &ChannelConfig) -> connection::ConnectSettings {
+    connection::ConnectSettings {
+        connect_timeout: config.connect_timeout,
+        keepalive_interval: config.http2_keepalive,
+        keepalive_timeout: Duration::from_secs(2),
+    }
 }
 
 impl Service<Request> for BalancedChannel {

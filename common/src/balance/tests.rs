@@ -4,6 +4,7 @@ use tokio::sync::mpsc;
 use tower::ServiceExt;
 
 use super::*;
+use crate::registry::Instance;
 
 fn watch(synced: bool) -> (mpsc::Sender<Change<String, Instance>>, ServiceWatch) {
     let (tx, changes) = mpsc::channel(8);

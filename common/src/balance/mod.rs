@@ -10,7 +10,7 @@
 //!               └─ p2c balancer over the endpoints    (tower::balance::p2c)
 //!                   └─ endpoint: load, ejection,      (endpoint.rs)
 //!                      connections
-//!                       └─ transport: tonic Channel, HTTP/2 per connection
+//!                       └─ connection: HTTP/2 on hyper, no queue (connection.rs)
 //! ```
 //!
 //! Tracing and metrics wrap the channel from outside (outermost); circuit

@@ -11,13 +11,13 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tower::discover::Change;
 
 use crate::registry::{Backoff, Instance};
@@ -29,8 +29,8 @@ pub type Instances = HashMap<String, Instance>;
 pub struct ServiceWatch {
     /// Changes in the order they happened. Dropping it stops the watch.
     pub changes: mpsc::Receiver<Change<String, Instance>>,
-    /// Set once the first full read has been sent on `changes`.
-    pub synced: Arc<AtomicBool>,
+    /// Turns true once the first full read has been sent on `changes`.
+    pub synced: watch::Receiver<bool>,
     /// Full reads after the first: compactions, cancelled watches.
     pub resyncs: Arc<AtomicU64>,
 }
@@ -38,14 +38,14 @@ pub struct ServiceWatch {
 /// Starts watching `prefix` (as made by [`crate::registry::service_prefix`]).
 pub fn watch_prefix(client: Client, prefix: String) -> ServiceWatch {
     let (tx, changes) = mpsc::channel(256);
-    let synced = Arc::new(AtomicBool::new(false));
+    let (synced_tx, synced) = watch::channel(false);
     let resyncs = Arc::new(AtomicU64::new(0));
     let task = Watcher {
         client,
         prefix,
         known: Instances::new(),
         revision: 0,
-        synced: synced.clone(),
+        synced: synced_tx,
         resyncs: resyncs.clone(),
         tx,
     };
@@ -59,7 +59,7 @@ struct Watcher {
     known: Instances,
     /// The revision everything in `known` is current to.
     revision: i64,
-    synced: Arc<AtomicBool>,
+    synced: watch::Sender<bool>,
     resyncs: Arc<AtomicU64>,
     tx: mpsc::Sender<Change<String, Instance>>,
 }
@@ -140,7 +140,7 @@ impl Watcher {
                 return Ok(false);
             }
         }
-        self.synced.store(true, Ordering::Release);
+        self.synced.send_replace(true);
         Ok(true)
     }
 

@@ -253,10 +253,10 @@ impl Worker {
 
     async fn missing_keys(&mut self) -> Result<Vec<(String, String)>> {
         let mut missing = Vec::new();
-        for (key, value) in self.entries.clone() {
+        for (key, value) in &self.entries {
             let resp = self.client.get(key.as_str(), Some(GetOptions::new().with_count_only())).await?;
             if resp.count() == 0 {
-                missing.push((key, value));
+                missing.push((key.clone(), value.clone()));
             }
         }
         Ok(missing)

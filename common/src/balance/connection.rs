@@ -49,9 +49,9 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// A connection to `addr` (`host:port`) that connects on first use.
-    pub(crate) fn lazy(addr: &str, settings: ConnectSettings) -> Result<Self, http::uri::InvalidUri> {
-        Ok(Self { authority: addr.parse()?, settings, state: State::Idle })
+    /// A connection to `authority` (`host:port`) that connects on first use.
+    pub(crate) fn lazy(authority: Authority, settings: ConnectSettings) -> Self {
+        Self { authority, settings, state: State::Idle }
     }
 
     fn connect(&self) -> Connecting {

@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::HeaderMap;
+use http::{HeaderMap, uri::Authority};
 use pin_project_lite::pin_project;
 use serde::Serialize;
 use tower::{BoxError, Service, load::Load};
@@ -92,8 +92,7 @@ pub(crate) enum Outcome {
 impl Outcome {
     /// The outcome a `grpc-status` in headers or trailers means, if present.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        let code = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
-        Some(match tonic::Code::from(code) {
+        Some(match super::grpc_status(headers)? {
             tonic::Code::Unavailable | tonic::Code::ResourceExhausted => Outcome::Failure,
             _ => Outcome::Success,
         })
@@ -453,7 +452,7 @@ struct Connection {
 /// The balancer's view of one instance: a `tower::Service` with a [`Load`].
 pub struct EndpointService {
     stats: Arc<EndpointStats>,
-    addr: String,
+    authority: Authority,
     settings: ConnectSettings,
     connections: Vec<Connection>,
     ready: Option<usize>,
@@ -461,30 +460,14 @@ pub struct EndpointService {
 }
 
 impl EndpointService {
-    /// Fails when `addr` is not a `host:port` authority.
-    pub(crate) fn new(
-        addr: String,
-        settings: ConnectSettings,
-        stats: Arc<EndpointStats>,
-    ) -> Result<Self, http::uri::InvalidUri> {
-        let first = H2Connection::lazy(&addr, settings.clone())?;
-        let mut svc = Self { stats, addr, settings, connections: Vec::new(), ready: None, eject_timer: None };
-        svc.connections.push(Connection { channel: first, inflight: Arc::default() });
-        svc.stats.connections.store(1, Ordering::Relaxed);
-        Ok(svc)
-    }
-
-    fn new_connection(&self) -> H2Connection {
-        // The address parsed when the endpoint was made, so it parses again.
-        H2Connection::lazy(&self.addr, self.settings.clone()).unwrap_or_else(|_| unreachable!("address checked in new"))
-    }
-
-    pub fn stats(&self) -> &Arc<EndpointStats> {
-        &self.stats
+    pub(crate) fn new(authority: Authority, settings: ConnectSettings, stats: Arc<EndpointStats>) -> Self {
+        let mut svc = Self { stats, authority, settings, connections: Vec::new(), ready: None, eject_timer: None };
+        svc.open_connection();
+        svc
     }
 
     fn open_connection(&mut self) -> usize {
-        let channel = self.new_connection();
+        let channel = H2Connection::lazy(self.authority.clone(), self.settings.clone());
         self.connections.push(Connection { channel, inflight: Arc::default() });
         self.stats.connections.store(self.connections.len(), Ordering::Relaxed);
         self.connections.len() - 1
@@ -534,22 +517,11 @@ impl Service<Request> for EndpointService {
             Some(i) => i,
             None => self.pick_connection(),
         };
-        match self.connections[index].channel.poll_ready(cx) {
-            Poll::Ready(Ok(())) => {
-                self.ready = Some(index);
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => {
-                // This connection's worker is gone; replace it rather than
-                // failing readiness, which would drop the endpoint for good.
-                tracing::debug!(endpoint = %self.stats.id, error = %e, "replacing a failed connection");
-                self.connections[index] = Connection { channel: self.new_connection(), inflight: Arc::default() };
-                self.ready = None;
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        // A connection never fails readiness: connect errors and lost
+        // connections reach the next call, where the endpoint counts them.
+        ready!(self.connections[index].channel.poll_ready(cx))?;
+        self.ready = Some(index);
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {

@@ -266,58 +266,55 @@ async fn forward(
     counts: Arc<PoolCounts>,
     config: ChannelConfig,
 ) {
-    let ServiceWatch { mut changes, synced: source_synced, .. } = watch;
+    let ServiceWatch { mut changes, synced: mut source_synced, .. } = watch;
     let endpoint_config = Arc::new(config.endpoint.clone());
+    let settings = connect_settings(&config);
     loop {
         let change = tokio::select! {
             change = changes.recv() => match change {
                 Some(change) => Some(change),
                 None => return,
             },
-            // Until the first read is handed over, look at the flag now and then.
-            _ = tokio::time::sleep(Duration::from_millis(5)), if !synced.is_set() => None,
+            // Discovery has sent its first full read: hand it over below.
+            read = source_synced.wait_for(|done| *done), if !synced.is_set() => match read {
+                Ok(_) => None,
+                Err(_) => return,
+            },
             _ = tx.closed() => return,
         };
-        if let Some(change) = change {
-            let forwarded = match change {
-                Change::Remove(id) => {
-                    view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                    Some(Change::Remove(id))
+        let forwarded = match change {
+            None => None,
+            Some(Change::Remove(id)) => {
+                view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                Some(Change::Remove(id))
+            }
+            Some(Change::Insert(id, instance)) => match instance.addr.parse::<http::uri::Authority>() {
+                Ok(authority) => {
+                    let stats = Arc::new(EndpointStats::new(
+                        id.clone(),
+                        instance.addr.clone(),
+                        instance.weight,
+                        endpoint_config.clone(),
+                        counts.clone(),
+                    ));
+                    view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats.clone());
+                    Some(Change::Insert(id, EndpointService::new(authority, settings.clone(), stats)))
                 }
-                Change::Insert(id, instance) => match instance.addr.parse::<http::uri::Authority>() {
-                    Ok(_) => {
-                        let stats = Arc::new(EndpointStats::new(
-                            id.clone(),
-                            instance.addr.clone(),
-                            instance.weight,
-                            endpoint_config.clone(),
-                            counts.clone(),
-                        ));
-                        match EndpointService::new(instance.addr.clone(), connect_settings(&config), stats.clone()) {
-                            Ok(service) => {
-                                view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats);
-                                Some(Change::Insert(id, service))
-                            }
-                            Err(e) => {
-                                tracing::warn!(service = %view.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
-                                None
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(service = %view.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
-                        None
-                    }
-                },
-            };
-            if let Some(change) = forwarded {
-                view.bump();
-                if tx.send(change).is_err() {
-                    return;
+                Err(e) => {
+                    tracing::warn!(service = %view.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
+                    None
                 }
+            },
+        };
+        if let Some(change) = forwarded {
+            view.bump();
+            if tx.send(change).is_err() {
+                return;
             }
         }
-        if !synced.is_set() && source_synced.load(Ordering::Acquire) && changes.is_empty() {
+        // Discovery sets its flag after sending the first read, so once it is
+        // set and the queue is drained, the whole read is with the balancer.
+        if !synced.is_set() && *source_synced.borrow() && changes.is_empty() {
             synced.set();
         }
     }
@@ -439,6 +436,12 @@ impl From<NoLiveInstance> for tonic::Status {
         status.set_source(Arc::new(e));
         status
     }
+}
+
+/// The `grpc-status` a response's headers (trailers-only) or trailers carry.
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let code = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(tonic::Code::from(code))
 }
 
 /// Whether the error says the request never left this process or was

@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
-use super::{BoxFuture, Request, Response, connection_lost, never_sent};
+use super::{BoxFuture, Request, Response, connection_lost, grpc_status, never_sent};
 use crate::{
     deadline,
     methods::{MethodInfo, MethodTable},
@@ -140,18 +140,11 @@ async fn replayable(
                 ))
                 .into());
             }
-            // The attempt (not the call) timed out: an idempotent call may go elsewhere.
-            Err(timed_out) => Err(timed_out),
+            // Only the attempt timed out: an idempotent call may go elsewhere.
+            Err(attempt_timed_out) => Err(attempt_timed_out),
         };
         let retry = match &result {
-            Ok(resp) => {
-                info.idempotent
-                    && resp
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|v| v == (tonic::Code::Unavailable as i32).to_string())
-            }
+            Ok(resp) => info.idempotent && grpc_status(resp.headers()) == Some(tonic::Code::Unavailable),
             Err(e) => {
                 never_sent(e.as_ref()) || (info.idempotent && (connection_lost(e.as_ref()) || is_timeout(e.as_ref())))
             }

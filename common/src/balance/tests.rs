@@ -6,9 +6,11 @@ use tower::ServiceExt;
 use super::*;
 use crate::registry::Instance;
 
-fn watch(synced: bool) -> (mpsc::Sender<Change<String, Instance>>, ServiceWatch) {
+/// A hand-fed discovery source: its change sender and its "first read sent" flag.
+fn watch(synced: bool) -> (mpsc::Sender<Change<String, Instance>>, tokio::sync::watch::Sender<bool>, ServiceWatch) {
     let (tx, changes) = mpsc::channel(8);
-    (tx, ServiceWatch { changes, synced: Arc::new(AtomicBool::new(synced)), resyncs: Arc::default() })
+    let (synced_tx, synced) = tokio::sync::watch::channel(synced);
+    (tx, synced_tx, ServiceWatch { changes, synced, resyncs: Arc::default() })
 }
 
 fn request() -> Request {
@@ -24,7 +26,7 @@ fn status_of(err: BoxError) -> tonic::Status {
 
 #[tokio::test]
 async fn no_instance_fails_fast_with_unavailable() {
-    let (_tx, w) = watch(true);
+    let (_tx, _synced, w) = watch(true);
     let channel = BalancedChannel::from_watch("meshkit.test.v1.Empty", w, &ChannelConfig::default(), Arc::default());
     let err = tokio::time::timeout(Duration::from_secs(2), channel.oneshot(request()))
         .await
@@ -37,7 +39,7 @@ async fn no_instance_fails_fast_with_unavailable() {
 
 #[tokio::test]
 async fn unsynced_discovery_fails_after_the_wait() {
-    let (_tx, w) = watch(false);
+    let (_tx, _synced, w) = watch(false);
     let config = ChannelConfig::default().discovery_wait(Duration::from_millis(100));
     let channel = BalancedChannel::from_watch("meshkit.test.v1.Empty", w, &config, Arc::default());
     let started = std::time::Instant::now();
@@ -51,7 +53,7 @@ async fn unsynced_discovery_fails_after_the_wait() {
 
 #[tokio::test]
 async fn bad_address_is_skipped_not_fatal() {
-    let (tx, w) = watch(false);
+    let (tx, synced, w) = watch(false);
     let channel = BalancedChannel::from_watch("meshkit.test.v1.Bad", w, &ChannelConfig::default(), Arc::default());
     let bad = Instance {
         addr: "not an address".into(),
@@ -61,10 +63,10 @@ async fn bad_address_is_skipped_not_fatal() {
         metadata: Default::default(),
     };
     tx.send(Change::Insert("i-1".into(), bad)).await.expect("open");
-    let (_tx2, _) = mpsc::channel::<()>(1);
-    // Mark synced only after the bad insert is queued, as discovery does.
-    drop(tx);
-    let err = tokio::time::timeout(Duration::from_secs(5), channel.oneshot(request()))
+    // Marked synced only after the insert is queued, as discovery does.
+    synced.send_replace(true);
+    // Well inside the 3 s discovery wait: the answer comes from the sync.
+    let err = tokio::time::timeout(Duration::from_secs(1), channel.oneshot(request()))
         .await
         .expect("bounded")
         .expect_err("no usable instance");

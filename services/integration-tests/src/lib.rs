@@ -57,6 +57,21 @@ pub fn bin_dir() -> PathBuf {
     if dir.ends_with("deps") { dir.parent().unwrap_or(dir).to_path_buf() } else { dir.to_path_buf() }
 }
 
+/// Creates a user through `users` (a balanced channel to user-service),
+/// failing the test if that fails.
+pub async fn create_user(
+    users: &meshkit_common::BalancedChannel,
+    name: &str,
+    email: &str,
+) -> meshkit_proto::user::User {
+    let mut client = meshkit_proto::user::user_service_client::UserServiceClient::new(users.clone());
+    let request = meshkit_proto::user::CreateUserRequest { name: name.into(), email: email.into() };
+    match client.create_user(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => panic!("creating user {email}: {status:?}"),
+    }
+}
+
 /// Logs for tests: `RUST_LOG=debug cargo test` shows them.
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()

@@ -11,10 +11,12 @@ use std::{
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use meshkit_common::{BalancedChannel, ChannelBuilder, admin::fetch_pools, server::INSTANCE_HEADER};
-use meshkit_integration_tests::{Etcd, LoadGen, ServiceProcess, eventually, free_port, init_logs, sqlite_url};
+use meshkit_integration_tests::{
+    Etcd, LoadGen, ServiceProcess, create_user, eventually, free_port, init_logs, sqlite_url,
+};
 use meshkit_proto::{
     order::{CreateOrderRequest, OrderItem, order_service_client::OrderServiceClient},
-    user::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient},
+    user::{GetUserRequest, user_service_client::UserServiceClient},
 };
 
 const USER: &str = "meshkit.user.v1.UserService";
@@ -68,11 +70,6 @@ async fn user_pool_of(admin: &str) -> Vec<String> {
         Ok(report) => report.get(USER).map(|p| p.endpoints.keys().cloned().collect()).unwrap_or_default(),
         Err(_) => Vec::new(),
     }
-}
-
-async fn create_user(users: &BalancedChannel, email: &str) -> String {
-    let mut client = UserServiceClient::new(users.clone());
-    client.create_user(CreateUserRequest { name: "Load".into(), email: email.into() }).await.unwrap().into_inner().id
 }
 
 /// CreateOrder through order-service (which calls GetUser on the pool under test).
@@ -147,7 +144,7 @@ async fn cluster_with(user_instances: usize, user_env: &[(&'static str, String)]
 #[tokio::test]
 async fn kill_9_of_one_user_instance_fails_no_call_and_leaves_every_pool() {
     let mut c = cluster_with(3, &[("MESHKIT_REGISTRY_TTL_SECS", "5".into())]).await;
-    let user_id = create_user(&c.channels.balanced(USER), "kill9@example.com").await;
+    let user_id = create_user(&c.channels.balanced(USER), "Load", "kill9@example.com").await.id;
     let own_pool = c.channels.balanced(USER);
     let load = order_load(c.channels.balanced(ORDER), user_id);
     eventually("traffic", Duration::from_secs(5), || async { (load.ok_so_far() > 50).then_some(()) }).await;
@@ -181,7 +178,7 @@ async fn kill_9_of_one_user_instance_fails_no_call_and_leaves_every_pool() {
 #[tokio::test]
 async fn a_frozen_instance_is_ejected_and_comes_back_after_sigcont() {
     let c = cluster(3).await;
-    let user_id = create_user(&c.channels.balanced(USER), "stop@example.com").await;
+    let user_id = create_user(&c.channels.balanced(USER), "Load", "stop@example.com").await.id;
     let users = c.channels.balanced(USER);
     let load = user_load(users.clone(), user_id.clone(), Duration::from_millis(5));
     let orders = order_load(c.channels.balanced(ORDER), user_id.clone());
@@ -213,7 +210,7 @@ async fn a_frozen_instance_is_ejected_and_comes_back_after_sigcont() {
 #[tokio::test]
 async fn etcd_down_for_30_s_fails_no_call_and_everyone_is_registered_again() {
     let mut c = cluster(2).await;
-    let user_id = create_user(&c.channels.balanced(USER), "etcd@example.com").await;
+    let user_id = create_user(&c.channels.balanced(USER), "Load", "etcd@example.com").await.id;
     let load = order_load(c.channels.balanced(ORDER), user_id.clone());
     let direct = user_load(c.channels.balanced(USER), user_id, Duration::from_millis(10));
     eventually("traffic", Duration::from_secs(5), || async { (load.ok_so_far() > 50).then_some(()) }).await;
@@ -255,7 +252,7 @@ fn print_logs(dir: &Path, prefix: &str) {
 #[tokio::test]
 async fn rolling_restart_of_every_user_instance_fails_no_call() {
     let mut c = cluster(3).await;
-    let user_id = create_user(&c.channels.balanced(USER), "roll@example.com").await;
+    let user_id = create_user(&c.channels.balanced(USER), "Load", "roll@example.com").await.id;
     let load = order_load(c.channels.balanced(ORDER), user_id.clone());
     let direct = user_load(c.channels.balanced(USER), user_id, Duration::from_millis(5));
     eventually("traffic", Duration::from_secs(5), || async { (load.ok_so_far() > 50).then_some(()) }).await;
@@ -279,7 +276,7 @@ async fn rolling_restart_of_every_user_instance_fails_no_call() {
 #[tokio::test]
 async fn a_new_instance_gets_traffic_right_after_it_registers() {
     let c = cluster(2).await;
-    let user_id = create_user(&c.channels.balanced(USER), "new@example.com").await;
+    let user_id = create_user(&c.channels.balanced(USER), "Load", "new@example.com").await.id;
     let mut client = c.etcd.client().await;
     let mut watch = client.watch(format!("/meshkit/services/{USER}/user-9"), Some(WatchOptions::new())).await.unwrap();
     let load = user_load(c.channels.balanced(USER), user_id, Duration::from_millis(1));
@@ -316,7 +313,7 @@ async fn an_instance_50_ms_slower_gets_under_a_tenth_of_the_calls() {
     wait_registered(&etcd, USER, &["user-1", "user-2", "user-slow"]).await;
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let users = channels.balanced(USER);
-    let user_id = create_user(&users, "slow@example.com").await;
+    let user_id = create_user(&users, "Load", "slow@example.com").await.id;
     let load = user_load(users, user_id, Duration::from_millis(2));
     tokio::time::sleep(Duration::from_secs(4)).await;
     let tally = load.stop().await;

@@ -4,8 +4,7 @@
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use meshkit_common::ChannelBuilder;
-use meshkit_integration_tests::{Etcd, bin_dir, init_logs, mesh_config, sqlite_url};
-use meshkit_proto::user::{CreateUserRequest, user_service_client::UserServiceClient};
+use meshkit_integration_tests::{Etcd, bin_dir, create_user, init_logs, mesh_config, sqlite_url};
 
 /// Runs meshctl without blocking the runtime that serves the in-process admin endpoints.
 async fn meshctl(etcd: &Etcd, args: &[&str]) -> (i32, String, String) {
@@ -32,8 +31,7 @@ async fn lists_services_instances_leases_and_pools() {
     let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
     // Traffic through order-service's pool, so it has something to show.
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
-    let mut users = UserServiceClient::new(channels.balanced("meshkit.user.v1.UserService"));
-    users.create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() }).await.unwrap();
+    create_user(&channels.balanced("meshkit.user.v1.UserService"), "Ada", "ada@example.com").await;
 
     let (code, out, err) = meshctl(&etcd, &["services"]).await;
     assert_eq!(code, 0, "{err}");

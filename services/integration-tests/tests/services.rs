@@ -6,7 +6,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use meshkit_common::{ChannelBuilder, server::INSTANCE_HEADER};
-use meshkit_integration_tests::{Etcd, init_logs, mesh_config, sqlite_url};
+use meshkit_integration_tests::{Etcd, create_user, init_logs, mesh_config, sqlite_url};
 use meshkit_proto::{
     order::{CreateOrderRequest, GetOrderRequest, OrderItem, order_service_client::OrderServiceClient},
     user::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient},
@@ -30,11 +30,7 @@ async fn calls_spread_over_two_instances() {
     let b = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let mut users = UserServiceClient::new(channels.balanced(USER));
-    let created = users
-        .create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let created = create_user(&channels.balanced(USER), "Ada", "ada@example.com").await;
 
     let mut served: HashMap<String, usize> = HashMap::new();
     // Sequential and concurrent calls alike.
@@ -71,14 +67,9 @@ async fn create_order_checks_the_user_through_the_mesh() {
     let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
     let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
-    let mut users = UserServiceClient::new(channels.balanced(USER));
     let mut orders = OrderServiceClient::new(channels.balanced(ORDER));
 
-    let ada = users
-        .create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let ada = create_user(&channels.balanced(USER), "Ada", "ada@example.com").await;
     assert!(!ada.id.is_empty());
     let placed = orders
         .create_order(CreateOrderRequest { user_id: ada.id.clone(), items: vec![item("book-1", 2)] })
@@ -130,11 +121,7 @@ async fn every_validation_rule_names_its_field() {
         assert_eq!(err.code(), Code::InvalidArgument, "{name:?}/{email:?}");
         assert!(err.message().starts_with(field), "{field}: {}", err.message());
     }
-    let ada = users
-        .create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let ada = create_user(&channels.balanced(USER), "Ada", "ada@example.com").await;
     let dup = users.create_user(CreateUserRequest { name: "Eve".into(), email: "ADA@example.com".into() }).await;
     assert_eq!(dup.unwrap_err().code(), Code::AlreadyExists);
 
@@ -166,12 +153,7 @@ async fn a_callers_deadline_bounds_the_calls_made_for_it() {
     // Create the user on a prompt instance, then serve reads from a slow one.
     let prompt = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
-    let mut users = UserServiceClient::new(channels.balanced(USER));
-    let ada = users
-        .create_user(CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let ada = create_user(&channels.balanced(USER), "Ada", "ada@example.com").await;
     let mut slow_config = mesh_config(&etcd, &url);
     slow_config.server.fault_delay_ms = 1_500;
     let slow = meshkit_user::start(slow_config).await.unwrap();

@@ -1,6 +1,8 @@
 //! The admin endpoint every meshkit process serves beside its gRPC port:
 //! `/healthz`, and `/pools` (the state of each balanced channel's pool:
-//! endpoints, ready or ejected, load, calls in flight), read by `meshctl`.
+//! endpoints, ready or ejected, load, calls in flight), read by `meshctl`, and
+//! `/reports` (what the process's components add: consumer partitions and lag,
+//! the outbox relay).
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -11,6 +13,7 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use crate::{
     balance::{ChannelBuilder, PoolSnapshot},
     error::{Error, Result},
+    server::Report,
 };
 
 /// The JSON `/pools` answers: service → pool.
@@ -25,6 +28,7 @@ pub struct PoolReport {
 #[derive(Clone, Default)]
 struct AdminState {
     channels: Vec<ChannelBuilder>,
+    reports: Vec<Report>,
 }
 
 /// A running admin endpoint.
@@ -36,13 +40,14 @@ pub struct AdminServer {
 
 impl AdminServer {
     /// Binds `listen` and serves the pools of `channels`.
-    pub async fn start(listen: SocketAddr, channels: Vec<ChannelBuilder>) -> Result<Self> {
+    pub async fn start(listen: SocketAddr, channels: Vec<ChannelBuilder>, reports: Vec<Report>) -> Result<Self> {
         let listener = TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen, source })?;
         let addr = listener.local_addr()?;
         let app = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/pools", get(pools))
-            .with_state(AdminState { channels });
+            .route("/reports", get(reports_json))
+            .with_state(AdminState { channels, reports });
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async {
@@ -71,6 +76,10 @@ impl Drop for AdminServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+async fn reports_json(State(state): State<AdminState>) -> Json<BTreeMap<String, serde_json::Value>> {
+    Json(state.reports.iter().map(|(name, report)| (name.clone(), report())).collect())
 }
 
 async fn pools(State(state): State<AdminState>) -> Json<PoolsReport> {

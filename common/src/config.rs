@@ -45,6 +45,7 @@ pub struct MeshConfig {
     pub database: DatabaseSettings,
     pub log: LogSettings,
     pub admin: AdminSettings,
+    pub events: EventSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +114,37 @@ pub struct LogSettings {
     pub filter: String,
     /// `text` or `json`.
     pub format: String,
+}
+
+/// Kafka and the event pipeline: the outbox relay and the consumers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Partitions of the topics this process creates when they are missing.
+    pub partitions: i32,
+    /// Replication factor of the topics this process creates.
+    pub replication_factor: i16,
+    /// Upper bound on one broker request, retries included; the relay and the
+    /// consumers then back off and try again.
+    pub request_timeout_ms: u64,
+    /// Outbox rows published per round.
+    pub relay_batch: u32,
+    /// How often the relay looks for rows written by other instances.
+    pub relay_poll_ms: u64,
+    /// How long published outbox rows are kept before they are pruned.
+    pub outbox_retention_secs: u64,
+    /// Attempts of a failing handler before the event goes to the dead-letter topic.
+    pub max_attempts: u32,
+    /// Upper bound on the bytes of one fetch.
+    pub fetch_max_bytes: i32,
+    /// How long a fetch waits on the broker for new records. Kafka answers
+    /// as soon as records arrive; Tansu only at the end of the wait, so this
+    /// is also the delivery latency on a Tansu broker.
+    pub fetch_max_wait_ms: i32,
+    /// The dead-letter topic of topic `t` is `t` followed by this.
+    pub dead_letter_suffix: String,
 }
 
 /// Loads `T` from its defaults, then `file` (if any), then the environment.
@@ -251,6 +283,40 @@ impl MeshConfig {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("{:?} is neither text nor json", self.log.format));
         }
+        let events = &self.events;
+        if events.brokers.is_empty() {
+            return bad("events.brokers", "at least one broker is required".into());
+        }
+        if let Some(b) = events.brokers.iter().find(|b| !b.contains(':') || b.contains(' ') || b.contains("://")) {
+            return bad("events.brokers", format!("{b:?} is not host:port"));
+        }
+        if !(1..=10_000).contains(&events.partitions) {
+            return bad("events.partitions", format!("{} is outside 1..=10000", events.partitions));
+        }
+        if events.replication_factor < 1 {
+            return bad("events.replication_factor", "must be at least 1".into());
+        }
+        if events.request_timeout_ms < 100 {
+            return bad("events.request_timeout_ms", format!("{} is below 100", events.request_timeout_ms));
+        }
+        if !(1..=10_000).contains(&events.relay_batch) {
+            return bad("events.relay_batch", format!("{} is outside 1..=10000", events.relay_batch));
+        }
+        if events.relay_poll_ms == 0 {
+            return bad("events.relay_poll_ms", "must be at least 1".into());
+        }
+        if events.max_attempts == 0 {
+            return bad("events.max_attempts", "must be at least 1".into());
+        }
+        if events.fetch_max_bytes < 1024 {
+            return bad("events.fetch_max_bytes", format!("{} is below 1024", events.fetch_max_bytes));
+        }
+        if !(0..=30_000).contains(&events.fetch_max_wait_ms) {
+            return bad("events.fetch_max_wait_ms", format!("{} is outside 0..=30000", events.fetch_max_wait_ms));
+        }
+        if events.dead_letter_suffix.is_empty() {
+            return bad("events.dead_letter_suffix", "must not be empty".into());
+        }
         Ok(())
     }
 }
@@ -300,6 +366,24 @@ impl Default for RegistrySettings {
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self { url: String::new(), max_connections: 8 }
+    }
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            brokers: vec!["127.0.0.1:9092".into()],
+            partitions: 6,
+            replication_factor: 1,
+            request_timeout_ms: 5_000,
+            relay_batch: 500,
+            relay_poll_ms: 100,
+            outbox_retention_secs: 3_600,
+            max_attempts: 3,
+            fetch_max_bytes: 1 << 20,
+            fetch_max_wait_ms: 100,
+            dead_letter_suffix: ".dlq".into(),
+        }
     }
 }
 

@@ -29,6 +29,10 @@ pub enum Error {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 
+    /// The Kafka broker refused or could not be reached.
+    #[error("kafka: {0}")]
+    Kafka(String),
+
     /// The gRPC server stopped with an error.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -40,7 +44,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Whether trying the same operation again may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Etcd(_) | Error::Db(_) | Error::Io(_) | Error::Transport(_))
+        matches!(self, Error::Etcd(_) | Error::Db(_) | Error::Io(_) | Error::Transport(_) | Error::Kafka(_))
     }
 }
 
@@ -48,7 +52,7 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {
             Error::Config(_) | Error::ConfigFile { .. } => tonic::Status::failed_precondition(err.to_string()),
-            Error::Etcd(_) | Error::Transport(_) | Error::Io(_) | Error::Bind { .. } => {
+            Error::Etcd(_) | Error::Kafka(_) | Error::Transport(_) | Error::Io(_) | Error::Bind { .. } => {
                 tonic::Status::unavailable(err.to_string())
             }
             Error::Db(e) => crate::status::db_error(e),

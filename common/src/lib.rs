@@ -9,6 +9,8 @@
 //!   service name into a load-balanced, tonic-compatible channel.
 //! - [`server`]: the server builder: health, reflection, registration, drain.
 //! - [`db`]: sea-orm connections and forward-only migrations.
+//! - [`ownership`]: numbered slots shared out among live members by etcd leases, with fences.
+//! - [`events`]: the transactional outbox and idempotent, fenced Kafka consumers.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -19,7 +21,9 @@ pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod etcd;
+pub mod events;
 pub mod methods;
+pub mod ownership;
 pub mod registry;
 pub mod server;
 pub mod shutdown;

@@ -11,7 +11,10 @@
 use std::{
     collections::BTreeMap,
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -49,7 +52,14 @@ pub struct MeshServer {
     metadata: BTreeMap<String, String>,
     etcd: Option<Client>,
     channels: Vec<ChannelBuilder>,
+    reports: Vec<Report>,
+    on_shutdown: Vec<ShutdownHook>,
 }
+
+/// A section of the admin endpoint's `/reports`: a name and what to show.
+pub type Report = (String, Arc<dyn Fn() -> serde_json::Value + Send + Sync>);
+
+type ShutdownHook = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl MeshServer {
     pub fn new(config: MeshConfig) -> Self {
@@ -60,7 +70,26 @@ impl MeshServer {
             metadata: BTreeMap::new(),
             etcd: None,
             channels: Vec::new(),
+            reports: Vec::new(),
+            on_shutdown: Vec::new(),
         }
+    }
+
+    /// Shows `report()` under `name` in the admin endpoint's `/reports`.
+    pub fn report(
+        mut self,
+        name: impl Into<String>,
+        report: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.reports.push((name.into(), Arc::new(report)));
+        self
+    }
+
+    /// Runs `hook` at shutdown, after in-flight calls finished (bounded by
+    /// the drain timeout): stop background workers here.
+    pub fn on_shutdown(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.on_shutdown.push(Box::pin(hook));
+        self
     }
 
     /// Uses an existing etcd client instead of connecting a new one.
@@ -101,7 +130,7 @@ impl MeshServer {
     /// Returns once the instance is registered and answering.
     pub async fn start(self) -> Result<RunningServer> {
         let started = Instant::now();
-        let MeshServer { config, mut routes, services, mut metadata, etcd, channels } = self;
+        let MeshServer { config, mut routes, services, mut metadata, etcd, channels, reports, on_shutdown } = self;
         let listen: SocketAddr = config
             .server
             .listen
@@ -144,7 +173,7 @@ impl MeshServer {
                 .listen
                 .parse()
                 .map_err(|_| Error::Config(format!("admin.listen: {:?} is not an address", config.admin.listen)))?;
-            let admin = AdminServer::start(listen, channels).await?;
+            let admin = AdminServer::start(listen, channels, reports).await?;
             metadata.insert("admin".into(), admin.local_addr().to_string());
             Some(admin)
         } else {
@@ -203,6 +232,9 @@ impl MeshServer {
                 Ok(session) => Some(session),
                 Err(e) => {
                     let _ = stop_tx.send(());
+                    for hook in on_shutdown {
+                        hook.await;
+                    }
                     return Err(e);
                 }
             }
@@ -225,6 +257,7 @@ impl MeshServer {
             registry,
             stop: Some(stop_tx),
             task,
+            on_shutdown,
             drain_delay: Duration::from_millis(config.server.drain_delay_ms),
             drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
         })
@@ -252,6 +285,7 @@ pub struct RunningServer {
     registry: Option<RegistrySession>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
+    on_shutdown: Vec<ShutdownHook>,
     drain_delay: Duration,
     drain_timeout: Duration,
 }
@@ -286,6 +320,7 @@ impl RunningServer {
                 if let Some(registry) = self.registry.take() {
                     registry.close().await;
                 }
+                self.run_shutdown_hooks().await;
                 result.map_err(|e| Error::Io(std::io::Error::other(e)))?
             }
         }
@@ -319,11 +354,24 @@ impl RunningServer {
                 Ok(())
             }
         };
+        self.run_shutdown_hooks().await;
         if let Some(admin) = self.admin.take() {
             admin.stop().await;
         }
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
         outcome
+    }
+}
+
+impl RunningServer {
+    async fn run_shutdown_hooks(&mut self) {
+        let hooks = std::mem::take(&mut self.on_shutdown);
+        if hooks.is_empty() {
+            return;
+        }
+        if tokio::time::timeout(self.drain_timeout, futures::future::join_all(hooks)).await.is_err() {
+            tracing::warn!("background workers outlived the drain timeout");
+        }
     }
 }
 

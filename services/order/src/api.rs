@@ -4,10 +4,12 @@ use std::collections::HashMap;
 
 use meshkit_common::{
     BalancedChannel,
+    events::{OutboxEvent, Relay, headers, outbox},
     status::{db_error, finish_page, invalid_argument, page_size},
     time::{now_us, timestamp},
 };
 use meshkit_proto::{
+    notification::OrderCreated,
     order::{
         CreateOrderRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse, Order, OrderItem, OrderStatus,
         order_service_server::OrderService,
@@ -28,16 +30,22 @@ use crate::{
 const DEFAULT_PAGE: u64 = 50;
 const MAX_PAGE: u64 = 1000;
 
+/// The topic `OrderCreated` events go to, keyed by order id.
+pub const ORDER_EVENTS: &str = "order-events";
+
 /// The handlers; cheap to clone.
 #[derive(Clone)]
 pub struct OrderApi {
     db: DatabaseConnection,
     users: UserServiceClient<BalancedChannel>,
+    relay: Option<Relay>,
 }
 
 impl OrderApi {
-    pub fn new(db: DatabaseConnection, users: UserServiceClient<BalancedChannel>) -> Self {
-        Self { db, users }
+    /// `relay` is woken after each commit so this instance's relay (when it is
+    /// the elected one) publishes at once instead of at its next poll.
+    pub fn new(db: DatabaseConnection, users: UserServiceClient<BalancedChannel>, relay: Option<Relay>) -> Self {
+        Self { db, users, relay }
     }
 
     /// FAILED_PRECONDITION naming the user when it does not exist; the
@@ -77,6 +85,7 @@ impl OrderApi {
 #[tonic::async_trait]
 impl OrderService for OrderApi {
     async fn create_order(&self, request: Request<CreateOrderRequest>) -> Result<Response<Order>, Status> {
+        let trace = trace_headers(request.metadata());
         let req = request.into_inner();
         let user_id = validate::id("user_id", &req.user_id)?;
         validate::items(&req.items)?;
@@ -105,7 +114,32 @@ impl OrderService for OrderApi {
         .exec_without_returning(&txn)
         .await
         .map_err(db_error)?;
+        // The event commits with the order, or neither does.
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let event = OrderCreated {
+            event_id: event_id.clone(),
+            order_id: id.clone(),
+            user_id: user_id.clone(),
+            total_quantity: items.iter().map(|i| i.quantity).sum(),
+            create_time: Some(timestamp(create_time_us)),
+        };
+        outbox::enqueue(
+            &txn,
+            OutboxEvent {
+                event_id,
+                topic: ORDER_EVENTS.into(),
+                key: id.clone(),
+                schema: ORDER_CREATED.into(),
+                payload: prost::Message::encode_to_vec(&event),
+                headers: trace,
+            },
+        )
+        .await
+        .map_err(Status::from)?;
         txn.commit().await.map_err(db_error)?;
+        if let Some(relay) = &self.relay {
+            relay.wake();
+        }
 
         Ok(Response::new(Order {
             id,
@@ -148,6 +182,20 @@ impl OrderService for OrderApi {
             .collect();
         Ok(Response::new(ListOrdersResponse { orders, next_page_token }))
     }
+}
+
+/// The schema name carried in the `schema` header of `OrderCreated` records.
+pub const ORDER_CREATED: &str = "meshkit.notification.v1.OrderCreated";
+
+/// The caller's W3C trace context, to travel with the event.
+fn trace_headers(metadata: &tonic::metadata::MetadataMap) -> std::collections::BTreeMap<String, String> {
+    [headers::TRACEPARENT, headers::TRACESTATE]
+        .into_iter()
+        .filter_map(|name| {
+            let value = metadata.get(name)?.to_str().ok()?;
+            (!value.is_empty()).then(|| (name.to_owned(), value.to_owned()))
+        })
+        .collect()
 }
 
 fn to_proto(model: order::Model, items: Vec<OrderItem>) -> Order {

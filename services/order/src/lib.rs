@@ -1,7 +1,9 @@
 //! meshkit's reference order-service: places orders for existing users.
 //!
 //! CreateOrder checks the user through a balanced channel to
-//! `meshkit.user.v1.UserService` discovered from etcd, never a fixed address.
+//! `meshkit.user.v1.UserService` discovered from etcd, never a fixed address,
+//! and writes the order and its `OrderCreated` event in one transaction; the
+//! outbox relay publishes the event to the `order-events` topic.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -9,7 +11,11 @@ pub mod entity;
 pub mod migrations;
 pub mod validate;
 
-use meshkit_common::{ChannelBuilder, MeshConfig, MeshServer, RunningServer, db, etcd};
+use meshkit_common::{
+    ChannelBuilder, MeshConfig, MeshServer, RunningServer, db, etcd,
+    events::{Kafka, Relay, outbox},
+    server::new_instance_id,
+};
 use meshkit_proto::{order::order_service_server::OrderServiceServer, user::user_service_client::UserServiceClient};
 
 pub use api::OrderApi;
@@ -21,17 +27,37 @@ pub const COMPONENT: &str = "order";
 pub const USER_SERVICE: &str = "meshkit.user.v1.UserService";
 
 /// Connects the database and etcd, applies migrations, serves and registers.
-pub async fn start(config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+    if config.registry.instance_id.is_empty() {
+        config.registry.instance_id = new_instance_id();
+    }
     let database = db::connect(&config.database).await?;
     db::migrate(&database, COMPONENT, migrations::MIGRATIONS).await?;
+    db::migrate(&database, outbox::COMPONENT, outbox::MIGRATIONS).await?;
     let client = etcd::connect(&config.etcd).await?;
     let channels = ChannelBuilder::new(client.clone(), config.etcd.prefix.clone());
     let users = UserServiceClient::new(channels.balanced(USER_SERVICE));
+
+    // One relay per service publishes the outbox; the instances elect it.
+    let instance = config.registry.instance_id.clone();
+    let kafka = Kafka::new(config.events.clone(), format!("order-service-{instance}"));
+    let relay = outbox::RelayHandle::spawn(
+        client.clone(),
+        Relay::new(database.clone(), kafka),
+        &config.etcd.prefix,
+        COMPONENT,
+        &instance,
+        config.registry.ttl_secs,
+    );
+    let relay_stats = relay.reporter();
+    let api = OrderApi::new(database, users, Some(relay.relay().clone()));
     MeshServer::new(config)
         .with_etcd(client)
         .with_channels(channels)
         .metadata("component", COMPONENT)
-        .add_service(OrderServiceServer::new(OrderApi::new(database, users)))
+        .add_service(OrderServiceServer::new(api))
+        .report("outbox_relay", move || serde_json::to_value(relay_stats()).unwrap_or_default())
+        .on_shutdown(relay.close())
         .start()
         .await
 }

@@ -1,0 +1,15 @@
+//! notification-service: settings from `MESHKIT_CONFIG` and `MESHKIT_*`, then
+//! serve and consume until SIGTERM/SIGINT, and drain.
+
+use meshkit_common::{MeshConfig, config::ProcessEnv, shutdown::Signals, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // First, so a SIGTERM during start-up still drains and revokes.
+    let signals = Signals::install()?;
+    let config = MeshConfig::load(meshkit_notification::COMPONENT, &ProcessEnv)?;
+    telemetry::init(&config.log);
+    let server = meshkit_notification::start(config).await?;
+    server.run_until(signals.recv()).await?;
+    Ok(())
+}

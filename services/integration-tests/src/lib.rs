@@ -1,9 +1,10 @@
 //! The harness for tests that span meshkit services: real etcd (Debian's
-//! `etcd-server`) and real PostgreSQL, each started on free loopback ports in
+//! `etcd-server`), a real Kafka-protocol broker (Tansu) and real PostgreSQL, each started on free loopback ports in
 //! a temp dir and stopped when dropped; service processes and in-process
 //! services wired to them.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod etcd;
 pub mod load;
 pub mod postgres;
@@ -18,6 +19,7 @@ use std::{
 
 use meshkit_common::MeshConfig;
 
+pub use broker::{Broker, Storage};
 pub use etcd::Etcd;
 pub use load::{LoadGen, Tally};
 pub use postgres::Postgres;

@@ -1,0 +1,609 @@
+//! Events end to end on a real broker (Tansu), real etcd and SQLite: the
+//! outbox, the relay, fenced partition ownership and idempotent consumers.
+
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use meshkit_common::{
+    ChannelBuilder, MeshConfig, RunningServer,
+    events::{Consumer, ConsumerSpec, Event, EventHandler, HandlerError, Kafka, consumer, headers},
+};
+use meshkit_integration_tests::{
+    Broker, Etcd, ServiceProcess, Storage, bin_dir, create_user, eventually, free_port, init_logs, mesh_config,
+    sqlite_url,
+};
+use meshkit_proto::{
+    notification::{ListNotificationsRequest, OrderCreated, notification_service_client::NotificationServiceClient},
+    order::{CreateOrderRequest, OrderItem, order_service_client::OrderServiceClient},
+};
+use rskafka::{
+    chrono::Utc,
+    client::partition::{Compression, UnknownTopicHandling},
+    record::Record,
+};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, Statement};
+use tempfile::TempDir;
+
+const USER: &str = "meshkit.user.v1.UserService";
+const ORDER: &str = "meshkit.order.v1.OrderService";
+const NOTIFICATION: &str = "meshkit.notification.v1.NotificationService";
+const TOPIC: &str = "order-events";
+const OWNERS: &str = "/meshkit/groups/consumers/notification/order-events/owners/";
+
+/// etcd, a broker, user-service and order-service in-process; notification
+/// instances are added by each test.
+struct Pipeline {
+    etcd: Etcd,
+    broker: Broker,
+    dir: TempDir,
+    servers: Vec<RunningServer>,
+    channels: ChannelBuilder,
+    user_id: String,
+}
+
+impl Pipeline {
+    async fn start(storage: Storage) -> Self {
+        init_logs();
+        let etcd = Etcd::start().await.unwrap();
+        let broker = Broker::start(storage).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
+        let mut pipeline = Pipeline { etcd, broker, dir, servers: Vec::new(), channels, user_id: String::new() };
+        let user = meshkit_user::start(pipeline.config("user")).await.unwrap();
+        let order = meshkit_order::start(pipeline.config("order")).await.unwrap();
+        pipeline.servers.extend([user, order]);
+        pipeline.user_id = create_user(&pipeline.channels.balanced(USER), "Ada", "ada@example.com").await.id;
+        pipeline
+    }
+
+    fn config(&self, db: &str) -> MeshConfig {
+        let mut config = mesh_config(&self.etcd, &sqlite_url(self.dir.path(), db));
+        config.events.brokers = vec![self.broker.endpoint()];
+        config.events.request_timeout_ms = 2_000;
+        config.events.relay_poll_ms = 20;
+        config.events.fetch_max_wait_ms = 100;
+        config
+    }
+
+    /// The environment for a notification-service process.
+    fn process_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("MESHKIT_ETCD_ENDPOINTS", self.etcd.endpoint()),
+            ("MESHKIT_EVENTS_BROKERS", self.broker.endpoint()),
+            ("MESHKIT_EVENTS_FETCH_MAX_WAIT_MS", "100".into()),
+            ("MESHKIT_REGISTRY_TTL_SECS", "2".into()),
+            ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{}", free_port())),
+            ("MESHKIT_DATABASE_URL", sqlite_url(self.dir.path(), "notification")),
+        ]
+    }
+
+    async fn notification(&self) -> RunningServer {
+        meshkit_notification::start(self.config("notification")).await.unwrap()
+    }
+
+    async fn notification_db(&self) -> DatabaseConnection {
+        Database::connect(sqlite_url(self.dir.path(), "notification")).await.unwrap()
+    }
+
+    fn orders(&self) -> OrderServiceClient<meshkit_common::BalancedChannel> {
+        OrderServiceClient::new(self.channels.balanced(ORDER))
+    }
+
+    /// Creates `n` orders, `parallel` at a time; returns their ids.
+    async fn create_orders(&self, n: usize, parallel: usize) -> Vec<String> {
+        let next = Arc::new(AtomicU32::new(0));
+        let tasks = (0..parallel).map(|_| {
+            let mut orders = self.orders();
+            let user_id = self.user_id.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                while (next.fetch_add(1, Ordering::Relaxed) as usize) < n {
+                    let request = CreateOrderRequest {
+                        user_id: user_id.clone(),
+                        items: vec![OrderItem { sku: "sku-1".into(), quantity: 2 }],
+                    };
+                    ids.push(orders.create_order(request).await.unwrap().into_inner().id);
+                }
+                ids
+            })
+        });
+        futures::future::join_all(tasks).await.into_iter().flat_map(|r| r.unwrap()).collect()
+    }
+
+    async fn shutdown(self) {
+        for server in self.servers {
+            server.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// One row per stored notification.
+#[derive(Debug, Clone)]
+struct Stored {
+    order_id: String,
+    event_id: String,
+    partition: i32,
+    offset: i64,
+    consumer: String,
+}
+
+async fn stored(db: &DatabaseConnection) -> Vec<Stored> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT order_id, event_id, source_partition, source_offset, consumer FROM notifications",
+        ))
+        .await
+        .unwrap_or_default();
+    rows.into_iter()
+        .map(|r| Stored {
+            order_id: r.try_get("", "order_id").unwrap(),
+            event_id: r.try_get("", "event_id").unwrap(),
+            partition: r.try_get("", "source_partition").unwrap(),
+            offset: r.try_get("", "source_offset").unwrap(),
+            consumer: r.try_get("", "consumer").unwrap(),
+        })
+        .collect()
+}
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db.query_one_raw(Statement::from_string(db.get_database_backend(), sql)).await.unwrap().unwrap();
+    row.try_get_by_index::<i64>(0).unwrap()
+}
+
+/// Every order has exactly one notification, made from exactly one applied
+/// event, and no source offset was applied twice.
+async fn assert_exactly_once(db: &DatabaseConnection, orders: &[String]) {
+    let rows = stored(db).await;
+    let mut by_order: HashMap<&str, usize> = HashMap::new();
+    for row in &rows {
+        *by_order.entry(row.order_id.as_str()).or_default() += 1;
+    }
+    let missing: Vec<&String> = orders.iter().filter(|o| !by_order.contains_key(o.as_str())).collect();
+    assert!(missing.is_empty(), "{} orders have no notification, e.g. {:?}", missing.len(), missing.first());
+    assert_eq!(rows.len(), orders.len(), "one notification per order");
+    let events: HashSet<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(events.len(), orders.len(), "one event per notification");
+    let offsets: HashSet<(i32, i64)> = rows.iter().map(|r| (r.partition, r.offset)).collect();
+    assert_eq!(offsets.len(), rows.len(), "no record applied twice");
+    let applied = count(db, "SELECT COUNT(*) FROM meshkit_consumed_events WHERE outcome = 'applied'").await;
+    assert_eq!(applied as usize, orders.len(), "the consumed-events log agrees");
+}
+
+async fn wait_for_notifications(db: &DatabaseConnection, n: usize, timeout: Duration) {
+    eventually(&format!("{n} notifications"), timeout, || async {
+        (count(db, "SELECT COUNT(*) FROM notifications").await as usize >= n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_thousand_orders_give_exactly_a_thousand_notifications() {
+    let mut p = Pipeline::start(Storage::Memory).await;
+    let a = p.notification().await;
+    let b = p.notification().await;
+    let orders = p.create_orders(1_000, 16).await;
+    assert_eq!(orders.len(), 1_000);
+    let db = p.notification_db().await;
+    wait_for_notifications(&db, 1_000, Duration::from_secs(60)).await;
+    // Nothing more arrives later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&db, &orders).await;
+    let consumers: HashSet<String> = stored(&db).await.into_iter().map(|r| r.consumer).collect();
+    assert_eq!(consumers.len(), 2, "both instances consumed: {consumers:?}");
+
+    // The user sees them through the API, page by page.
+    let mut client = NotificationServiceClient::new(p.channels.balanced(NOTIFICATION));
+    let (mut seen, mut token) = (0, String::new());
+    loop {
+        let request =
+            ListNotificationsRequest { user_id: p.user_id.clone(), page_size: 300, page_token: token.clone() };
+        let page = client.list_notifications(request).await.unwrap().into_inner();
+        seen += page.notifications.len();
+        assert!(page.notifications.iter().all(|n| n.user_id == p.user_id && n.message.contains("2 items")));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, 1_000);
+    let bad = client
+        .list_notifications(ListNotificationsRequest { user_id: "nope".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("user_id"), "{}", bad.message());
+
+    p.servers.extend([a, b]);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn orders_made_while_the_broker_is_down_are_delivered_once_it_is_back() {
+    let mut p = Pipeline::start(Storage::Sqlite).await;
+    let n = p.notification().await;
+    let db = p.notification_db().await;
+    let mut orders = p.create_orders(50, 4).await;
+    wait_for_notifications(&db, 50, Duration::from_secs(30)).await;
+
+    p.broker.kill();
+    // Orders keep being accepted: their events wait in the outbox.
+    orders.extend(p.create_orders(200, 8).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM notifications").await, 50, "nothing can arrive while it is down");
+    let order_db = Database::connect(sqlite_url(p.dir.path(), "order")).await.unwrap();
+    let backlog = count(&order_db, "SELECT COUNT(*) FROM meshkit_outbox WHERE sent_time_us IS NULL").await;
+    assert_eq!(backlog, 200, "the events wait in the outbox");
+
+    p.broker.restart().await.unwrap();
+    wait_for_notifications(&db, 250, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&db, &orders).await;
+    eventually("an empty outbox", Duration::from_secs(10), || async {
+        (count(&order_db, "SELECT COUNT(*) FROM meshkit_outbox WHERE sent_time_us IS NULL").await == 0).then_some(())
+    })
+    .await;
+
+    p.servers.push(n);
+    p.shutdown().await;
+}
+
+/// Owner keys as they change: slot → list of (member, create revision), and
+/// whether a key was ever created while it existed.
+#[derive(Default)]
+struct OwnerLog {
+    history: BTreeMap<u32, Vec<String>>,
+    overlaps: Vec<String>,
+}
+
+fn watch_owners(client: etcd_client::Client) -> (Arc<std::sync::Mutex<OwnerLog>>, tokio::task::JoinHandle<()>) {
+    let log = Arc::new(std::sync::Mutex::new(OwnerLog::default()));
+    let out = log.clone();
+    let task = tokio::spawn(async move {
+        let mut client = client;
+        let current = client.get(OWNERS, Some(GetOptions::new().with_prefix())).await.unwrap();
+        let mut present: HashMap<String, String> = HashMap::new();
+        for kv in current.kvs() {
+            let key = kv.key_str().unwrap().to_owned();
+            let member = kv.value_str().unwrap().to_owned();
+            let slot: u32 = key.rsplit('/').next().unwrap().parse().unwrap();
+            out.lock().unwrap().history.entry(slot).or_default().push(member.clone());
+            present.insert(key, member);
+        }
+        let rev = current.header().unwrap().revision() + 1;
+        let mut stream =
+            client.watch(OWNERS, Some(WatchOptions::new().with_prefix().with_start_revision(rev))).await.unwrap();
+        while let Ok(Some(resp)) = stream.message().await {
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = kv.key_str().unwrap().to_owned();
+                let slot: u32 = key.rsplit('/').next().unwrap().parse().unwrap();
+                let mut log = out.lock().unwrap();
+                match event.event_type() {
+                    EventType::Put => {
+                        let member = kv.value_str().unwrap().to_owned();
+                        if let Some(old) = present.insert(key.clone(), member.clone()) {
+                            log.overlaps.push(format!("slot {slot}: {member} while {old} owned it"));
+                        }
+                        log.history.entry(slot).or_default().push(member);
+                    }
+                    EventType::Delete => {
+                        present.remove(&key);
+                    }
+                }
+            }
+        }
+    });
+    (log, task)
+}
+
+/// Per partition, the consumers in offset order must follow the etcd owner
+/// history: a run of records by X, then by Y, only if X's ownership ended
+/// and Y's began after it.
+fn assert_consumption_follows_ownership(rows: &[Stored], log: &OwnerLog) {
+    assert!(log.overlaps.is_empty(), "two owners at once: {:?}", log.overlaps);
+    let mut by_partition: BTreeMap<i32, Vec<(i64, &str)>> = BTreeMap::new();
+    for row in rows {
+        by_partition.entry(row.partition).or_default().push((row.offset, row.consumer.as_str()));
+    }
+    for (partition, mut applied) in by_partition {
+        applied.sort();
+        let mut runs: Vec<&str> = Vec::new();
+        for (_, consumer) in applied {
+            if runs.last() != Some(&consumer) {
+                runs.push(consumer);
+            }
+        }
+        let owners = log.history.get(&(partition as u32)).cloned().unwrap_or_default();
+        // `runs` must be a subsequence of `owners`.
+        let mut it = owners.iter();
+        for run in &runs {
+            assert!(
+                it.any(|o| o == run),
+                "partition {partition}: consumers in offset order {runs:?} do not follow the owners {owners:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_killed_consumer_loses_its_partitions_and_nothing_is_lost_or_doubled() {
+    let p = Pipeline::start(Storage::Memory).await;
+    let (log, watcher) = watch_owners(p.etcd.client().await);
+    let mut a = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
+    let _b = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
+    let etcd = p.etcd.client().await;
+    eventually("6 partitions owned by 2 members", Duration::from_secs(20), || async {
+        let o = owners(&etcd).await;
+        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == 2).then_some(())
+    })
+    .await;
+    let db = p.notification_db().await;
+    // Orders stream in while one instance is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let mut orders = p.orders();
+        let user_id = p.user_id.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !stop.load(Ordering::Relaxed) && ids.len() < 5_000 {
+                let request = CreateOrderRequest {
+                    user_id: user_id.clone(),
+                    items: vec![OrderItem { sku: "s".into(), quantity: 2 }],
+                };
+                ids.push(orders.create_order(request).await.unwrap().into_inner().id);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ids
+        })
+    };
+    wait_for_notifications(&db, 100, Duration::from_secs(20)).await;
+    a.signal(9);
+    a.wait_exit(Duration::from_secs(5)).await.expect("killed");
+    // The survivor takes every partition once the lease (2 s) expires.
+    eventually("the survivor to own all 6 partitions", Duration::from_secs(15), || async {
+        let o = owners(&etcd).await;
+        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let orders = load.await.unwrap();
+    wait_for_notifications(&db, orders.len(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&db, &orders).await;
+    let rows = stored(&db).await;
+    assert_eq!(rows.iter().map(|r| r.consumer.as_str()).collect::<HashSet<_>>().len(), 2);
+    assert_consumption_follows_ownership(&rows, &log.lock().unwrap());
+    watcher.abort();
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn scaling_from_one_to_three_consumers_spreads_partitions_without_two_owners() {
+    let mut p = Pipeline::start(Storage::Memory).await;
+    let (log, watcher) = watch_owners(p.etcd.client().await);
+    let first = p.notification().await;
+    let db = p.notification_db().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let mut orders = p.orders();
+        let user_id = p.user_id.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !stop.load(Ordering::Relaxed) && ids.len() < 5_000 {
+                let request = CreateOrderRequest {
+                    user_id: user_id.clone(),
+                    items: vec![OrderItem { sku: "s".into(), quantity: 2 }],
+                };
+                ids.push(orders.create_order(request).await.unwrap().into_inner().id);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ids
+        })
+    };
+    wait_for_notifications(&db, 50, Duration::from_secs(20)).await;
+    let second = p.notification().await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let third = p.notification().await;
+    let etcd = p.etcd.client().await;
+    eventually("2 partitions per member", Duration::from_secs(20), || async {
+        let mut per: HashMap<String, usize> = HashMap::new();
+        for owner in owners(&etcd).await {
+            *per.entry(owner).or_default() += 1;
+        }
+        (per.len() == 3 && per.values().all(|n| *n == 2)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let orders = load.await.unwrap();
+    wait_for_notifications(&db, orders.len(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&db, &orders).await;
+    let rows = stored(&db).await;
+    let consumers: HashSet<&str> = rows.iter().map(|r| r.consumer.as_str()).collect();
+    assert_eq!(consumers.len(), 3, "every instance applied some: {consumers:?}");
+    assert_consumption_follows_ownership(&rows, &log.lock().unwrap());
+    watcher.abort();
+    p.servers.extend([first, second, third]);
+    p.shutdown().await;
+}
+
+/// The member owning each partition now.
+async fn owners(etcd: &etcd_client::Client) -> Vec<String> {
+    let resp = etcd.clone().get(OWNERS, Some(GetOptions::new().with_prefix())).await.unwrap();
+    resp.kvs().iter().map(|kv| kv.value_str().unwrap().to_owned()).collect()
+}
+
+/// Produces `record` to the partition its key maps to; returns (partition, offset).
+async fn produce(broker: &Broker, key: &str, value: Vec<u8>, headers: &[(&str, &str)]) -> (i32, i64) {
+    let client = rskafka::client::ClientBuilder::new(vec![broker.endpoint()]).build().await.unwrap();
+    let partitions =
+        client.list_topics().await.unwrap().into_iter().find(|t| t.name == TOPIC).unwrap().partitions.len();
+    let partition = meshkit_common::events::kafka::partition_for(key.as_bytes(), partitions as i32);
+    let pc = client.partition_client(TOPIC, partition, UnknownTopicHandling::Retry).await.unwrap();
+    let record = Record {
+        key: Some(key.as_bytes().to_vec()),
+        value: Some(value),
+        headers: headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+        timestamp: Utc::now(),
+    };
+    let offsets = pc.produce(vec![record], Compression::NoCompression).await.unwrap();
+    (partition, offsets[0])
+}
+
+/// Every record of the dead-letter topic.
+async fn dead_letters(broker: &Broker, topic: &str) -> Vec<Record> {
+    let client = rskafka::client::ClientBuilder::new(vec![broker.endpoint()]).build().await.unwrap();
+    let Some(t) = client.list_topics().await.unwrap().into_iter().find(|t| t.name == topic) else { return vec![] };
+    let mut out = Vec::new();
+    for partition in t.partitions {
+        let pc = client.partition_client(topic, partition, UnknownTopicHandling::Retry).await.unwrap();
+        let (records, _) = pc.fetch_records(0, 1..1_000_000, 100).await.unwrap();
+        out.extend(records.into_iter().map(|r| r.record));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
+    let mut p = Pipeline::start(Storage::Memory).await;
+    let n = p.notification().await;
+    let db = p.notification_db().await;
+    let first = p.create_orders(5, 1).await;
+    wait_for_notifications(&db, 5, Duration::from_secs(20)).await;
+
+    // Garbage on a partition, a wrong schema, then a good event with the same key.
+    let (partition, poison_offset) =
+        produce(&p.broker, "k-1", vec![0xff, 0xff, 0xff], &[("event-id", "poison-1")]).await;
+    produce(&p.broker, "k-1", vec![], &[("event-id", "poison-2"), ("schema", "acme.Other")]).await;
+    let good = OrderCreated {
+        event_id: "good-1".into(),
+        order_id: "0192f3a0-0000-7000-8000-000000000001".into(),
+        user_id: p.user_id.clone(),
+        total_quantity: 1,
+        create_time: None,
+    };
+    let (good_partition, _) =
+        produce(&p.broker, "k-1", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
+    assert_eq!(good_partition, partition);
+    // A duplicate of an event already applied is skipped.
+    produce(&p.broker, "k-2", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
+
+    eventually("the good event after the poison", Duration::from_secs(20), || async {
+        (count(&db, "SELECT COUNT(*) FROM notifications WHERE event_id = 'good-1'").await == 1).then_some(())
+    })
+    .await;
+    let dlq = eventually("two dead letters", Duration::from_secs(20), || async {
+        let d = dead_letters(&p.broker, "order-events.dlq").await;
+        (d.len() == 2).then_some(d)
+    })
+    .await;
+    let header = |r: &Record, h: &str| String::from_utf8(r.headers.get(h).cloned().unwrap_or_default()).unwrap();
+    let decode = dlq.iter().find(|r| header(r, "event-id") == "poison-1").expect("the undecodable record");
+    assert!(header(decode, headers::DLQ_ERROR).contains("cannot decode"), "{}", header(decode, headers::DLQ_ERROR));
+    assert_eq!(header(decode, headers::DLQ_PARTITION), partition.to_string());
+    assert_eq!(header(decode, headers::DLQ_OFFSET), poison_offset.to_string());
+    assert_eq!(decode.value.as_deref(), Some(&[0xff, 0xff, 0xff][..]), "the record is kept as it was");
+    let schema = dlq.iter().find(|r| header(r, "event-id") == "poison-2").expect("the wrong-schema record");
+    assert!(header(schema, headers::DLQ_ERROR).contains("acme.Other"));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM meshkit_consumed_events WHERE outcome = 'dead-lettered'").await, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM notifications").await as usize, first.len() + 1);
+
+    // meshctl shows the pipeline: one leading relay, six partitions, the dead letters.
+    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["--etcd", &p.etcd.endpoint(), "events"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let (relays, _) = text.split_once("consumed partitions").unwrap();
+    let leading = relays.lines().filter(|l| l.contains(" yes ")).count();
+    assert_eq!(leading, 1, "the order instance leads the relay: {text}");
+    let partitions: Vec<&str> = text.lines().filter(|l| l.contains(" order-events ")).collect();
+    assert_eq!(partitions.len(), 6, "{text}");
+    let dlq: i64 = partitions.iter().map(|l| l.split_whitespace().last().unwrap().parse::<i64>().unwrap()).sum();
+    assert_eq!(dlq, 2, "{text}");
+
+    p.servers.push(n);
+    p.shutdown().await;
+}
+
+/// Fails every attempt on a `fail` payload, counting them.
+struct Flaky {
+    attempts: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl EventHandler for Flaky {
+    async fn handle(&self, txn: &DatabaseTransaction, event: &Event) -> Result<(), HandlerError> {
+        if event.payload == b"fail" {
+            self.attempts.fetch_add(1, Ordering::Relaxed);
+            return Err(HandlerError::Failed("downstream said no".into()));
+        }
+        txn.execute_unprepared(&format!("INSERT INTO seen (event_id) VALUES ('{}')", event.event_id))
+            .await
+            .map_err(|e| HandlerError::Failed(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_handler_failing_every_attempt_dead_letters_after_max_attempts() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let broker = Broker::start(Storage::Memory).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "flaky"));
+    config.events.brokers = vec![broker.endpoint()];
+    config.events.partitions = 2;
+    config.events.max_attempts = 4;
+    config.events.fetch_max_wait_ms = 100;
+    let db = meshkit_common::db::connect(&config.database).await.unwrap();
+    meshkit_common::db::migrate(&db, consumer::COMPONENT, consumer::MIGRATIONS).await.unwrap();
+    db.execute_unprepared("CREATE TABLE seen (event_id TEXT PRIMARY KEY)").await.unwrap();
+    let kafka = Kafka::new(config.events.clone(), "test");
+    let attempts = Arc::new(AtomicU32::new(0));
+    let spec = ConsumerSpec {
+        group: "flaky".into(),
+        topic: TOPIC.into(),
+        member: "m1".into(),
+        prefix: "/meshkit".into(),
+        ttl_secs: 2,
+    };
+    let consumer =
+        Consumer::start(etcd.client().await, db.clone(), kafka, spec, Arc::new(Flaky { attempts: attempts.clone() }))
+            .await
+            .unwrap();
+    // Both on one partition (one key): the failing one first.
+    let (partition, _) = produce(&broker, "k", b"fail".to_vec(), &[("event-id", "e-fail")]).await;
+    produce(&broker, "k", b"ok".to_vec(), &[("event-id", "e-after")]).await;
+    eventually("the event after the failing one", Duration::from_secs(20), || async {
+        (count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-after'").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-fail'").await, 0);
+    assert_eq!(attempts.load(Ordering::Relaxed), 4, "events.max_attempts attempts, no more");
+    let dlq = dead_letters(&broker, "order-events.dlq").await;
+    assert_eq!(dlq.len(), 1);
+    let error = String::from_utf8(dlq[0].headers[headers::DLQ_ERROR].clone()).unwrap();
+    assert!(error.contains("downstream said no"), "{error}");
+    let offsets = consumer::offsets(&db, "flaky").await.unwrap();
+    assert_eq!(offsets[&(TOPIC.to_owned(), partition)].next_offset, 2, "the partition moved past both");
+    consumer.close().await;
+}

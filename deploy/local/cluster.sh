@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The local cluster behind `make up` / `make down` / `make status`: etcd plus
-# two instances each of user-service and order-service, as plain processes
+# The local cluster behind `make up` / `make down` / `make status`: etcd, a
+# Kafka-protocol broker (Tansu, durable on SQLite) and two instances each of
+# user-service, order-service and notification-service, as plain processes
 # with pid files and logs under one run directory.
 #
 #   MESHKIT_RUN_DIR         run directory (default: .run in the repository)
 #   MESHKIT_ETCD_ENDPOINTS  use this etcd instead of starting one on 127.0.0.1:2379
+#   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting Tansu on 127.0.0.1:9092
 #   MESHKIT_PROFILE         cargo profile of the binaries (default: release)
 set -euo pipefail
 
@@ -15,7 +17,9 @@ BIN_DIR="$ROOT/target/$PROFILE"
 [[ "$PROFILE" == "dev" ]] && BIN_DIR="$ROOT/target/debug"
 ETCD_CLIENT_PORT="${MESHKIT_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${MESHKIT_ETCD_PEER_PORT:-2380}"
-SERVICES=(user user order order)
+KAFKA_PORT="${MESHKIT_KAFKA_PORT:-9092}"
+SERVICES=(user user order order notification notification)
+TANSU="$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")"
 
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -26,6 +30,8 @@ free_port() {
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 etcd_endpoints() { echo "${MESHKIT_ETCD_ENDPOINTS:-127.0.0.1:$ETCD_CLIENT_PORT}"; }
+
+kafka_brokers() { echo "${MESHKIT_EVENTS_BROKERS:-127.0.0.1:$KAFKA_PORT}"; }
 
 registered_count() {
     # etcdctl 3.4 has no --count-only: count the keys.
@@ -73,10 +79,40 @@ start_etcd() {
     exit 1
 }
 
+start_broker() {
+    if [[ -n "${MESHKIT_EVENTS_BROKERS:-}" ]]; then
+        echo "kafka:     using $MESHKIT_EVENTS_BROKERS"
+        return
+    fi
+    if port_open "$KAFKA_PORT"; then
+        echo "port $KAFKA_PORT is taken by another process; stop it or set MESHKIT_EVENTS_BROKERS" >&2
+        exit 1
+    fi
+    local url="tcp://127.0.0.1:$KAFKA_PORT"
+    mkdir -p "$RUN_DIR/kafka"
+    # Tansu takes the SQLite path relative to its working directory.
+    pushd "$RUN_DIR/kafka" >/dev/null
+    RUST_LOG=warn setsid "$TANSU" broker \
+        --listener-url "$url" --advertised-listener-url "$url" \
+        --storage-engine "sqlite://tansu.db" \
+        </dev/null >"$RUN_DIR/logs/kafka.log" 2>&1 &
+    echo $! >"$RUN_DIR/pids/kafka.pid"
+    popd >/dev/null
+    for _ in $(seq 1 100); do
+        port_open "$KAFKA_PORT" && { echo "kafka:     $url (Tansu, data in $RUN_DIR/kafka)"; return; }
+        pid_alive "$RUN_DIR/pids/kafka.pid" || break
+        sleep 0.1
+    done
+    echo "the broker did not start; see $RUN_DIR/logs/kafka.log" >&2
+    tail -5 "$RUN_DIR/logs/kafka.log" >&2 || true
+    exit 1
+}
+
 start_service() { # name slot
     local name="$1" slot="$2" port
     port="$(free_port)"
     MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
+    MESHKIT_EVENTS_BROKERS="$(kafka_brokers)" \
     MESHKIT_SERVER_LISTEN="127.0.0.1:$port" \
     MESHKIT_REGISTRY_INSTANCE_ID="$name-$slot" \
     MESHKIT_DATABASE_URL="${MESHKIT_DATABASE_URL:-sqlite://$RUN_DIR/data/$name.db?mode=rwc}" \
@@ -96,6 +132,7 @@ cmd_up() {
     local t0=$SECONDS start_ns
     start_ns=$(date +%s%N)
     start_etcd
+    start_broker
     # A user instance first: order-service's first calls find it registered.
     declare -A slot=()
     for name in "${SERVICES[@]}"; do
@@ -124,9 +161,10 @@ cmd_up() {
     local ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
     echo "cluster:   answering ${ms} ms after start ($(( SECONDS - t0 )) s)"
     cmd_status
-    local user_port order_port
+    local user_port order_port notification_port
     user_port="$(cat "$RUN_DIR/ports/user-1")"
     order_port="$(cat "$RUN_DIR/ports/order-1")"
+    notification_port="$(cat "$RUN_DIR/ports/notification-1")"
     cat <<TRY
 
 Try it (grpcurl is installed by \`make up\`):
@@ -134,23 +172,29 @@ Try it (grpcurl is installed by \`make up\`):
   grpcurl -plaintext -d '{"service":"meshkit.user.v1.UserService"}' 127.0.0.1:$user_port grpc.health.v1.Health/Check
   grpcurl -plaintext -d '{"name":"Ada","email":"ada@example.com"}' 127.0.0.1:$user_port meshkit.user.v1.UserService/CreateUser
   grpcurl -plaintext -d '{"userId":"<id from CreateUser>","items":[{"sku":"book-1","quantity":2}]}' 127.0.0.1:$order_port meshkit.order.v1.OrderService/CreateOrder
+  grpcurl -plaintext -d '{"userId":"<id from CreateUser>"}' 127.0.0.1:$notification_port meshkit.notification.v1.NotificationService/ListNotifications
   ETCDCTL_API=3 etcdctl --endpoints $(etcd_endpoints) get --prefix /meshkit/services/
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) instances
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) pools order-1
+  $BIN_DIR/meshctl --etcd $(etcd_endpoints) events
 
 Logs: $RUN_DIR/logs    Stop: make down
 TRY
 }
 
 cmd_status() {
-    printf '%-10s %-8s %-7s %s\n' PROCESS PID STATE ADDRESS
+    printf '%-15s %-8s %-7s %s\n' PROCESS PID STATE ADDRESS
     for f in "$RUN_DIR"/pids/*.pid; do
         [[ -e "$f" ]] || continue
         local n state addr
         n="$(basename "$f" .pid)"
         state=stopped; pid_alive "$f" && state=running
-        if [[ "$n" == etcd ]]; then addr="127.0.0.1:$ETCD_CLIENT_PORT"; else addr="127.0.0.1:$(cat "$RUN_DIR/ports/$n" 2>/dev/null)"; fi
-        printf '%-10s %-8s %-7s %s\n' "$n" "$(cat "$f")" "$state" "$addr"
+        case "$n" in
+            etcd) addr="127.0.0.1:$ETCD_CLIENT_PORT" ;;
+            kafka) addr="127.0.0.1:$KAFKA_PORT" ;;
+            *) addr="127.0.0.1:$(cat "$RUN_DIR/ports/$n" 2>/dev/null)" ;;
+        esac
+        printf '%-15s %-8s %-7s %s\n' "$n" "$(cat "$f")" "$state" "$addr"
     done
     echo "registered in etcd: $(registered_count) instance keys under /meshkit/services/"
 }
@@ -168,12 +212,14 @@ stop_pid_file() { # file timeout-seconds
 
 cmd_down() {
     [[ -d "$RUN_DIR/pids" ]] || { echo "meshkit is not running"; return 0; }
-    # Services first (they drain and revoke their leases), then etcd.
+    # Services first (they drain and revoke their leases), then the broker and etcd.
     local pids=()
     for f in "$RUN_DIR"/pids/*.pid; do
-        [[ -e "$f" && "$(basename "$f")" != etcd.pid ]] && { stop_pid_file "$f" 12 & pids+=($!); }
+        case "$(basename "$f")" in etcd.pid | kafka.pid) continue ;; esac
+        [[ -e "$f" ]] && { stop_pid_file "$f" 12 & pids+=($!); }
     done
     (( ${#pids[@]} )) && wait "${pids[@]}"
+    [[ -e "$RUN_DIR/pids/kafka.pid" ]] && stop_pid_file "$RUN_DIR/pids/kafka.pid" 10
     [[ -e "$RUN_DIR/pids/etcd.pid" ]] && stop_pid_file "$RUN_DIR/pids/etcd.pid" 10
     rm -f "$RUN_DIR"/ports/*
     echo "meshkit stopped (data kept in $RUN_DIR; \`make clean-run\` removes it)"

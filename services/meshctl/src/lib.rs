@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use anyhow::{Context, bail};
 use etcd_client::{Client, GetOptions, LeaseTimeToLiveOptions};
-use meshkit_common::{Instance, admin::fetch_pools};
+use meshkit_common::{
+    Instance,
+    admin::{fetch_pools, http_get},
+};
 
 pub const USAGE: &str = "\
 usage: meshctl [--etcd HOST:PORT[,…]] [--prefix /meshkit] COMMAND
@@ -16,6 +19,8 @@ commands:
   instances [SERVICE]            instances with address, zone, version, lease and TTL left
   leases                         leases held by instances, with TTL left and their keys
   pools INSTANCE_ID|ADMIN_ADDR   a process's balanced pools: endpoints, state, load, calls in flight
+  events                         outbox relays (who publishes, how much) and consumed partitions
+                                 (owner, fence, offset, lag, applied, duplicates, dead-lettered)
 
 The etcd endpoints default to MESHKIT_ETCD_ENDPOINTS, then 127.0.0.1:2379.";
 
@@ -159,6 +164,70 @@ pub async fn pools(client: &mut Client, prefix: &str, target: &str) -> anyhow::R
             );
         }
     }
+    Ok(out)
+}
+
+/// The relays and consumers of every registered process, from their `/reports`.
+pub async fn events(client: &mut Client, prefix: &str) -> anyhow::Result<String> {
+    let mut admins: BTreeMap<String, String> = BTreeMap::new();
+    for r in registrations(client, prefix, None).await? {
+        if let Some(admin) = r.instance.as_ref().and_then(|i| i.metadata.get("admin")) {
+            admins.insert(r.instance_id.clone(), admin.clone());
+        }
+    }
+    let mut relays = String::new();
+    let mut consumers = String::new();
+    for (id, admin) in &admins {
+        let report: serde_json::Value = match http_get(admin, "/reports").await {
+            Ok(body) => serde_json::from_str(&body).unwrap_or_default(),
+            Err(e) => {
+                let _ = writeln!(relays, "  {id:<22} unreachable: {e}");
+                continue;
+            }
+        };
+        if let Some(r) = report.get("outbox_relay") {
+            let _ = writeln!(
+                relays,
+                "  {:<22} {:<8} {:>10} {:>9} {:>12.1}",
+                id,
+                if r["leading"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+                r["published"].as_u64().unwrap_or(0),
+                r["failures"].as_u64().unwrap_or(0),
+                r["last_lag_ms"].as_f64().unwrap_or(0.0),
+            );
+        }
+        for p in report.get("consumer").and_then(|c| c.as_array()).into_iter().flatten() {
+            let n = |k: &str| p[k].as_i64().unwrap_or(0);
+            let _ = writeln!(
+                consumers,
+                "  {:<22} {:<16} {:>4} {:>7} {:>9} {:>9} {:>7} {:>9} {:>6} {:>5}",
+                id,
+                p["topic"].as_str().unwrap_or("-"),
+                n("partition"),
+                n("fence_revision"),
+                n("next_offset"),
+                n("high_watermark"),
+                n("lag"),
+                n("applied"),
+                n("duplicates"),
+                n("dead_lettered"),
+            );
+        }
+    }
+    let mut out = String::from("outbox relays\n");
+    let _ = writeln!(
+        out,
+        "  {:<22} {:<8} {:>10} {:>9} {:>12}",
+        "INSTANCE", "LEADING", "PUBLISHED", "FAILURES", "LAST_LAG_MS"
+    );
+    out.push_str(if relays.is_empty() { "  (none)\n" } else { &relays });
+    out.push_str("consumed partitions\n");
+    let _ = writeln!(
+        out,
+        "  {:<22} {:<16} {:>4} {:>7} {:>9} {:>9} {:>7} {:>9} {:>6} {:>5}",
+        "INSTANCE", "TOPIC", "PART", "FENCE", "NEXT", "HWM", "LAG", "APPLIED", "DUPS", "DLQ"
+    );
+    out.push_str(if consumers.is_empty() { "  (none)\n" } else { &consumers });
     Ok(out)
 }
 

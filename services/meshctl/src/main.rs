@@ -1,5 +1,5 @@
-//! meshctl: services, instances and leases from etcd, and the pools of a
-//! running process from its admin endpoint. See `meshctl --help`.
+//! meshctl: services, instances and leases from etcd, and the pools and
+//! event pipelines of running processes from their admin endpoints. See `meshctl --help`.
 
 use std::process::ExitCode;
 
@@ -30,7 +30,7 @@ async fn main() -> ExitCode {
         ..Default::default()
     };
     let command = args.first().map(String::as_str);
-    if !matches!(command, Some("services" | "instances" | "leases" | "pools")) {
+    if !matches!(command, Some("services" | "instances" | "leases" | "pools" | "events")) {
         return usage(&match command {
             Some(c) => format!("unknown command {c:?}"),
             None => "a command is required".into(),
@@ -50,6 +50,7 @@ async fn main() -> ExitCode {
         Some("services") => cmd::services(&mut client, &prefix).await,
         Some("instances") => cmd::instances(&mut client, &prefix, args.get(1).map(String::as_str)).await,
         Some("leases") => cmd::leases(&mut client, &prefix).await,
+        Some("events") => cmd::events(&mut client, &prefix).await,
         _ => cmd::pools(&mut client, &prefix, &args[1]).await,
     };
     match result {

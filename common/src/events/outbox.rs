@@ -174,7 +174,13 @@ impl Relay {
             if cancel.is_cancelled() {
                 break;
             }
-            match self.round(settings.relay_batch).await {
+            // Stopping mid-round is safe: rows not yet marked are published again
+            // by the next relay, and consumers skip what they already applied.
+            let round = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.round(settings.relay_batch) => r,
+            };
+            match round {
                 Ok(0) => {
                     if last_prune.elapsed() > Duration::from_secs(60) {
                         last_prune = tokio::time::Instant::now();

@@ -43,6 +43,8 @@ pub fn mesh_config(etcd: &Etcd, database_url: &str) -> MeshConfig {
     config.server.drain_delay_ms = 100;
     config.server.drain_timeout_ms = 5_000;
     config.database.url = database_url.to_owned();
+    // No broker unless a test starts one: never a broker a local cluster runs.
+    config.events.brokers = vec![format!("127.0.0.1:{}", free_port())];
     config
 }
 

@@ -24,6 +24,8 @@ impl ServiceProcess {
         let log = tempfile::Builder::new().prefix(&format!("{binary}-")).suffix(".log").tempfile_in(log_dir)?.keep()?.0;
         let mut command = Command::new(&path);
         command.env("RUST_LOG", "warn").env("RUST_BACKTRACE", "0").env_remove("MESHKIT_CONFIG");
+        // No broker unless the test names one: never a broker a local cluster runs.
+        command.env("MESHKIT_EVENTS_BROKERS", format!("127.0.0.1:{}", crate::free_port()));
         for (key, value) in env {
             command.env(key, value);
         }

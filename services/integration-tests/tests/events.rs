@@ -465,8 +465,8 @@ async fn produce(broker: &Broker, key: &str, value: Vec<u8>, headers: &[(&str, &
     (partition, offsets[0])
 }
 
-/// Every record of the dead-letter topic.
-async fn dead_letters(broker: &Broker, topic: &str) -> Vec<Record> {
+/// Every record of `topic`.
+async fn read_all(broker: &Broker, topic: &str) -> Vec<Record> {
     let client = rskafka::client::ClientBuilder::new(vec![broker.endpoint()]).build().await.unwrap();
     let Some(t) = client.list_topics().await.unwrap().into_iter().find(|t| t.name == topic) else { return vec![] };
     let mut out = Vec::new();
@@ -508,7 +508,7 @@ async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
     })
     .await;
     let dlq = eventually("two dead letters", Duration::from_secs(20), || async {
-        let d = dead_letters(&p.broker, "order-events.dlq").await;
+        let d = read_all(&p.broker, "order-events.dlq").await;
         (d.len() == 2).then_some(d)
     })
     .await;
@@ -599,11 +599,41 @@ async fn a_handler_failing_every_attempt_dead_letters_after_max_attempts() {
     .await;
     assert_eq!(count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-fail'").await, 0);
     assert_eq!(attempts.load(Ordering::Relaxed), 4, "events.max_attempts attempts, no more");
-    let dlq = dead_letters(&broker, "order-events.dlq").await;
+    let dlq = read_all(&broker, "order-events.dlq").await;
     assert_eq!(dlq.len(), 1);
     let error = String::from_utf8(dlq[0].headers[headers::DLQ_ERROR].clone()).unwrap();
     assert!(error.contains("downstream said no"), "{error}");
     let offsets = consumer::offsets(&db, "flaky").await.unwrap();
     assert_eq!(offsets[&(TOPIC.to_owned(), partition)].next_offset, 2, "the partition moved past both");
     consumer.close().await;
+}
+
+#[tokio::test]
+async fn records_carry_the_event_id_schema_and_trace_context() {
+    let p = Pipeline::start(Storage::Memory).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut request = tonic::Request::new(CreateOrderRequest {
+        user_id: p.user_id.clone(),
+        items: vec![OrderItem { sku: "traced".into(), quantity: 3 }],
+    });
+    request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    request.metadata_mut().insert("tracestate", "meshkit=1".parse().unwrap());
+    let order = p.orders().create_order(request).await.unwrap().into_inner();
+    let record = eventually("the OrderCreated record", Duration::from_secs(20), || async {
+        read_all(&p.broker, TOPIC).await.into_iter().find(|r| r.key.as_deref() == Some(order.id.as_bytes()))
+    })
+    .await;
+    let header = |h: &str| String::from_utf8(record.headers.get(h).cloned().unwrap_or_default()).unwrap();
+    assert_eq!(header(headers::TRACEPARENT), traceparent);
+    assert_eq!(header(headers::TRACESTATE), "meshkit=1");
+    assert_eq!(header(headers::SCHEMA), "meshkit.notification.v1.OrderCreated");
+    assert_eq!(header(headers::CONTENT_TYPE), "application/x-protobuf");
+    let event: OrderCreated = prost::Message::decode(record.value.as_deref().unwrap()).unwrap();
+    assert_eq!(header(headers::EVENT_ID), event.event_id);
+    assert_eq!(
+        (event.order_id.as_str(), event.user_id.as_str(), event.total_quantity),
+        (order.id.as_str(), p.user_id.as_str(), 3)
+    );
+    assert_eq!(event.create_time, order.create_time, "the event carries the order's time");
+    p.shutdown().await;
 }

@@ -18,8 +18,8 @@ use meshkit_common::{
     events::{Consumer, ConsumerSpec, Event, EventHandler, HandlerError, Kafka, consumer, headers},
 };
 use meshkit_integration_tests::{
-    Broker, Etcd, ServiceProcess, Storage, bin_dir, create_user, eventually, free_port, init_logs, mesh_config,
-    sqlite_url,
+    Broker, Etcd, Postgres, ServiceProcess, Storage, bin_dir, create_user, eventually, free_port, init_logs,
+    mesh_config, sqlite_url,
 };
 use meshkit_proto::{
     notification::{ListNotificationsRequest, OrderCreated, notification_service_client::NotificationServiceClient},
@@ -45,6 +45,8 @@ struct Pipeline {
     etcd: Etcd,
     broker: Broker,
     dir: TempDir,
+    /// Every service's database when set (PostgreSQL); else one SQLite file each.
+    database: Option<String>,
     servers: Vec<RunningServer>,
     channels: ChannelBuilder,
     user_id: String,
@@ -52,12 +54,17 @@ struct Pipeline {
 
 impl Pipeline {
     async fn start(storage: Storage) -> Self {
+        Self::start_on(storage, None).await
+    }
+
+    async fn start_on(storage: Storage, database: Option<String>) -> Self {
         init_logs();
         let etcd = Etcd::start().await.unwrap();
         let broker = Broker::start(storage).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
-        let mut pipeline = Pipeline { etcd, broker, dir, servers: Vec::new(), channels, user_id: String::new() };
+        let mut pipeline =
+            Pipeline { etcd, broker, dir, database, servers: Vec::new(), channels, user_id: String::new() };
         let user = meshkit_user::start(pipeline.config("user")).await.unwrap();
         let order = meshkit_order::start(pipeline.config("order")).await.unwrap();
         pipeline.servers.extend([user, order]);
@@ -65,8 +72,12 @@ impl Pipeline {
         pipeline
     }
 
+    fn db_url(&self, name: &str) -> String {
+        self.database.clone().unwrap_or_else(|| sqlite_url(self.dir.path(), name))
+    }
+
     fn config(&self, db: &str) -> MeshConfig {
-        let mut config = mesh_config(&self.etcd, &sqlite_url(self.dir.path(), db));
+        let mut config = mesh_config(&self.etcd, &self.db_url(db));
         config.events.brokers = vec![self.broker.endpoint()];
         config.events.request_timeout_ms = 2_000;
         config.events.relay_poll_ms = 20;
@@ -82,7 +93,7 @@ impl Pipeline {
             ("MESHKIT_EVENTS_FETCH_MAX_WAIT_MS", "100".into()),
             ("MESHKIT_REGISTRY_TTL_SECS", "2".into()),
             ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{}", free_port())),
-            ("MESHKIT_DATABASE_URL", sqlite_url(self.dir.path(), "notification")),
+            ("MESHKIT_DATABASE_URL", self.db_url("notification")),
         ]
     }
 
@@ -91,7 +102,7 @@ impl Pipeline {
     }
 
     async fn notification_db(&self) -> DatabaseConnection {
-        Database::connect(sqlite_url(self.dir.path(), "notification")).await.unwrap()
+        Database::connect(self.db_url("notification")).await.unwrap()
     }
 
     fn orders(&self) -> OrderServiceClient<meshkit_common::BalancedChannel> {
@@ -224,6 +235,23 @@ async fn a_thousand_orders_give_exactly_a_thousand_notifications() {
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(bad.message().contains("user_id"), "{}", bad.message());
 
+    p.servers.extend([a, b]);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_pipeline_is_exactly_once_on_postgres_too() {
+    let pg = Postgres::start().unwrap();
+    let mut p = Pipeline::start_on(Storage::Memory, Some(pg.url())).await;
+    let a = p.notification().await;
+    let b = p.notification().await;
+    let orders = p.create_orders(300, 8).await;
+    let db = p.notification_db().await;
+    wait_for_notifications(&db, 300, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&db, &orders).await;
+    let fenced = count(&db, "SELECT COUNT(*) FROM meshkit_consumer_offsets WHERE fence_revision > 0").await;
+    assert_eq!(fenced, 6, "every partition's row carries its owner's fence");
     p.servers.extend([a, b]);
     p.shutdown().await;
 }

@@ -6,7 +6,14 @@
 //! 2. Balanced channel vs direct tonic channels to the same two instances,
 //!    side by side in one run: throughput, p50/p99 latency, client CPU per call.
 //!
+//! 3. Pool changes: registration, SIGTERM and kill -9 to the pool's reaction.
+//! 4. Events: outbox relay throughput, and order → notification latency and
+//!    consumer lag at a steady 500 orders/s (see `bench/events.rs`).
+//!
 //! `MESHKIT_BENCH_SECS` (default 5) sets the length of each load phase.
+
+#[path = "../bench/events.rs"]
+mod events;
 
 use std::{
     sync::Arc,
@@ -33,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
     println!("meshkit bench ({} cores, {secs} s per load phase, concurrency {CONCURRENCY})", num_cpus());
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
-    let phases = std::env::var("MESHKIT_BENCH_PHASES").unwrap_or_else(|_| "startup,compare,pool".into());
+    let phases = std::env::var("MESHKIT_BENCH_PHASES").unwrap_or_else(|_| "startup,compare,pool,events".into());
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -49,6 +56,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("pool") {
         pool_changes(&etcd, &db, dir.path()).await?;
+    }
+    if run("events") {
+        events::run(&etcd, secs).await?;
     }
     Ok(())
 }

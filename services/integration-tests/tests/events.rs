@@ -665,3 +665,68 @@ async fn records_carry_the_event_id_schema_and_trace_context() {
     assert_eq!(event.create_time, order.create_time, "the event carries the order's time");
     p.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_paused_consumer_that_lost_its_lease_cannot_commit_when_it_wakes() {
+    let p = Pipeline::start(Storage::Memory).await;
+    let (log, watcher) = watch_owners(p.etcd.client().await);
+    let a = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
+    let _b = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
+    let etcd = p.etcd.client().await;
+    eventually("6 partitions owned by 2 members", Duration::from_secs(20), || async {
+        let o = owners(&etcd).await;
+        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == 2).then_some(())
+    })
+    .await;
+    let db = p.notification_db().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let mut orders = p.orders();
+        let user_id = p.user_id.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !stop.load(Ordering::Relaxed) && ids.len() < 5_000 {
+                let items = vec![OrderItem { sku: "s".into(), quantity: 2 }];
+                let request = CreateOrderRequest { user_id: user_id.clone(), items };
+                ids.push(orders.create_order(request).await.unwrap().into_inner().id);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ids
+        })
+    };
+    wait_for_notifications(&db, 100, Duration::from_secs(20)).await;
+    // Frozen mid-stream, it keeps whatever it fetched; its lease (2 s) runs out.
+    a.signal(19); // SIGSTOP
+    eventually("the other member to own all 6 partitions", Duration::from_secs(15), || async {
+        let o = owners(&etcd).await;
+        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.signal(18); // SIGCONT: it wakes believing it owns its partitions
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let orders = load.await.unwrap();
+    wait_for_notifications(&db, orders.len(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&db, &orders).await;
+    assert_consumption_follows_ownership(&stored(&db).await, &log.lock().unwrap());
+    // The woken member noticed: fenced in the database, or its lease replaced.
+    let logs: String = std::fs::read_dir(p.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("notification-service-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    let noticed: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            ["fenced", "newer owner", "lease replaced", "slot lost", "slot worker ended"].iter().any(|m| l.contains(m))
+        })
+        .collect();
+    eprintln!("{}", noticed.join("\n"));
+    assert!(!noticed.is_empty(), "the paused member never noticed it lost its partitions:\n{logs}");
+    watcher.abort();
+    p.shutdown().await;
+}

@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-up: deps build-release ## install what is missing, build, start etcd + 2 user + 2 order instances
+up: deps build-release ## install what is missing, build, start etcd, a Kafka broker and 2 instances of each service
 	@deploy/local/cluster.sh up
 
 down: ## stop the local cluster; no process is left behind
@@ -18,7 +18,7 @@ down: ## stop the local cluster; no process is left behind
 status: ## show the local cluster's processes and registrations
 	@deploy/local/cluster.sh status
 
-deps: ## install missing system packages (etcd, protoc, grpcurl)
+deps: ## install what is missing (etcd, protoc, grpcurl, the Tansu broker)
 	@deploy/local/install-deps.sh
 
 build: ## debug build of every crate and binary
@@ -27,7 +27,7 @@ build: ## debug build of every crate and binary
 build-release: ## release build of every binary (services, bench)
 	$(CARGO) build --release --workspace --bins
 
-test: ## the whole suite: unit tests, then integration tests on real etcd and PostgreSQL
+test: ## the whole suite: unit tests, then integration tests on real etcd, Tansu and PostgreSQL
 	@deploy/local/install-deps.sh --test
 	$(CARGO) build --workspace --bins
 	@mkdir -p target

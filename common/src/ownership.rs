@@ -83,7 +83,7 @@ pub struct GroupSpec {
 }
 
 /// A member of a slot group. Dropping it without [`close`](Self::close)
-/// aborts the workers and leaves the slots to expire with the lease.
+/// cancels the workers and leaves the slots to expire with the lease.
 pub struct SlotGroup {
     owned: watch::Receiver<BTreeSet<u32>>,
     cancel: CancellationToken,
@@ -102,6 +102,7 @@ impl SlotGroup {
         let (ended_tx, ended) = mpsc::unbounded_channel();
         let coordinator = Coordinator {
             client,
+            root: cancel.clone(),
             group_prefix: format!("{}/groups/{}/", spec.prefix, spec.group),
             spec,
             session,
@@ -132,6 +133,8 @@ impl SlotGroup {
 
 impl Drop for SlotGroup {
     fn drop(&mut self) {
+        // Every worker's token is a child of this one.
+        self.cancel.cancel();
         if let Some(task) = self.task.take() {
             task.abort();
         }
@@ -146,6 +149,8 @@ struct Running {
 
 struct Coordinator {
     client: Client,
+    /// The group's token: every worker's token is a child of it.
+    root: CancellationToken,
     spec: GroupSpec,
     group_prefix: String,
     session: RegistrySession,
@@ -237,22 +242,18 @@ impl Coordinator {
     }
 
     async fn reconcile(&mut self) -> Result<()> {
-        let lease = match *self.session.state().borrow() {
-            SessionState::Registered { lease_id } => Some(lease_id),
-            _ => None,
+        let SessionState::Registered { lease_id: lease } = *self.session.state().borrow() else {
+            // etcd unreachable: keep working; the fence guards the writes.
+            return Ok(());
         };
-        if lease != self.lease && lease.is_some() {
+        if self.lease != Some(lease) {
             // A new lease: every owner key of the old one is gone with it.
             if !self.running.is_empty() {
                 tracing::warn!(group = self.spec.group, "lease replaced; stopping the workers of the old one");
                 self.stop_all().await;
             }
-            self.lease = lease;
+            self.lease = Some(lease);
         }
-        let Some(lease) = self.lease.filter(|_| lease.is_some()) else {
-            // etcd unreachable: keep working; the fence guards the writes.
-            return Ok(());
-        };
         let view = self.read().await?;
         let desired = self.desired(&view);
 
@@ -311,7 +312,7 @@ impl Coordinator {
     }
 
     fn start(&mut self, slot: u32, fence: Fence) {
-        let cancel = CancellationToken::new();
+        let cancel = self.root.child_token();
         let work = (self.worker)(Slot { index: slot, fence, cancel: cancel.clone() });
         let ended = self.ended_tx.clone();
         let task = tokio::spawn(async move {
@@ -361,8 +362,8 @@ impl Coordinator {
 
     /// A worker returned by itself.
     async fn ended(&mut self, slot: u32, fence: Fence) {
-        let Some(running) = self.running.get(&slot) else { return };
-        if running.fence != fence {
+        // A worker stopped on purpose was removed already, or replaced by a newer one.
+        if self.running.get(&slot).is_none_or(|r| r.fence != fence) {
             return;
         }
         let Some(running) = self.running.remove(&slot) else { return };
@@ -394,11 +395,13 @@ async fn next_event(stream: &mut Option<etcd_client::WatchStream>) -> bool {
     }
 }
 
-/// A group member that keeps trying to join while etcd is away.
+/// A group member that keeps trying to join while etcd is away. Dropping it
+/// without [`close`](Self::close) cancels the workers and leaves the slots to
+/// expire with the lease.
 pub struct GroupHandle {
     owned: watch::Receiver<BTreeSet<u32>>,
     cancel: CancellationToken,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl GroupHandle {
@@ -408,32 +411,56 @@ impl GroupHandle {
     }
 
     /// Stops every worker, releases the slots and leaves the group.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for GroupHandle {
+    fn drop(&mut self) {
+        // Aborting drops the joined SlotGroup, which cancels its workers.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
 impl SlotGroup {
     /// Joins in the background, retrying with backoff until etcd answers.
     pub fn spawn(client: Client, spec: GroupSpec, worker: SlotWorker) -> GroupHandle {
+        let worker = std::sync::Arc::new(worker);
+        let name = spec.group.clone();
+        Self::spawn_joining(name, move || {
+            let w = worker.clone();
+            SlotGroup::join(client.clone(), spec.clone(), Box::new(move |slot| w(slot)))
+        })
+    }
+
+    /// Runs `join` in the background until it succeeds (with backoff), then
+    /// follows the group's slots until the handle is closed. `join` may do
+    /// more than [`join`](Self::join), e.g. wait for a broker first.
+    pub fn spawn_joining<F, Fut>(name: String, join: F) -> GroupHandle
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<SlotGroup>> + Send + 'static,
+    {
         let cancel = CancellationToken::new();
         let (owned_tx, owned) = watch::channel(BTreeSet::new());
         let stop = cancel.clone();
-        let worker = std::sync::Arc::new(worker);
         let task = tokio::spawn(async move {
             let mut backoff = crate::registry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             let group = loop {
-                let w = worker.clone();
-                let attempt = SlotGroup::join(client.clone(), spec.clone(), Box::new(move |slot| w(slot)));
                 let result = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = attempt => r,
+                    r = join() => r,
                 };
                 match result {
                     Ok(group) => break group,
                     Err(e) => {
-                        tracing::warn!(group = spec.group, error = %e, "cannot join the group yet; retrying");
+                        tracing::warn!(group = name, error = %e, "cannot join the group yet; retrying");
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -452,6 +479,6 @@ impl SlotGroup {
             group.close().await;
             owned_tx.send_replace(BTreeSet::new());
         });
-        GroupHandle { owned, cancel, task }
+        GroupHandle { owned, cancel, task: Some(task) }
     }
 }

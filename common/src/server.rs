@@ -361,9 +361,7 @@ impl RunningServer {
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
         outcome
     }
-}
 
-impl RunningServer {
     async fn run_shutdown_hooks(&mut self) {
         let hooks = std::mem::take(&mut self.on_shutdown);
         if hooks.is_empty() {

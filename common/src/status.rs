@@ -9,6 +9,17 @@ pub fn invalid_argument(field: &str, problem: impl std::fmt::Display) -> Status 
     Status::invalid_argument(format!("{field}: {problem}"))
 }
 
+/// Checks an id argument (a UUID; surrounding blanks ignored) and returns it
+/// normalised; INVALID_ARGUMENT naming the field otherwise.
+pub fn id(field: &str, raw: &str) -> Result<String, Status> {
+    if raw.trim().is_empty() {
+        return Err(invalid_argument(field, "must not be empty"));
+    }
+    uuid::Uuid::parse_str(raw.trim())
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| invalid_argument(field, format!("{raw:?} is not a valid id")))
+}
+
 /// Maps a database error to a status: unique violations are ALREADY_EXISTS,
 /// connection trouble UNAVAILABLE, anything else INTERNAL with a generic message.
 pub fn db_error(err: DbErr) -> Status {

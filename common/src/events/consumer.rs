@@ -591,11 +591,10 @@ pub async fn offsets(db: &DatabaseConnection, group: &str) -> Result<HashMap<(St
 }
 
 /// A consumer that keeps trying to join while the broker or etcd is away.
+/// Dropping it without [`close`](Self::close) cancels its workers.
 pub struct ConsumerHandle {
     stats: ConsumerStats,
-    owned: tokio::sync::watch::Receiver<std::collections::BTreeSet<u32>>,
-    cancel: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    group: crate::ownership::GroupHandle,
 }
 
 impl ConsumerHandle {
@@ -605,13 +604,12 @@ impl ConsumerHandle {
 
     /// The partitions this member consumes now.
     pub fn owned(&self) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<u32>> {
-        self.owned.clone()
+        self.group.owned()
     }
 
     /// Finishes the current batches, gives the partitions back and leaves.
     pub async fn close(self) {
-        self.cancel.cancel();
-        let _ = self.task.await;
+        self.group.close().await;
     }
 }
 
@@ -625,49 +623,14 @@ impl Consumer {
         spec: ConsumerSpec,
         handler: Arc<dyn EventHandler>,
     ) -> ConsumerHandle {
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let (owned_tx, owned) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
-        let stats_slot = ConsumerStats::default();
-        let stats = stats_slot.clone();
-        let stop = cancel.clone();
-        let task = tokio::spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-            let spec = spec;
-            let consumer = loop {
-                let attempt = Consumer::start_with_stats(
-                    etcd.clone(),
-                    db.clone(),
-                    kafka.clone(),
-                    &spec,
-                    handler.clone(),
-                    stats_slot.clone(),
-                );
-                let result = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = attempt => r,
-                };
-                match result {
-                    Ok(c) => break c,
-                    Err(e) => {
-                        tracing::warn!(group = spec.group, topic = spec.topic, error = %e, "consumer cannot start yet; retrying");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        }
-                    }
-                }
-            };
-            let mut inner = consumer.owned();
-            loop {
-                owned_tx.send_replace(inner.borrow_and_update().clone());
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    changed = inner.changed() => if changed.is_err() { break },
-                }
-            }
-            consumer.close().await;
-            owned_tx.send_replace(Default::default());
+        let stats = ConsumerStats::default();
+        let shared = stats.clone();
+        let name = format!("consumers/{}/{}", spec.group, spec.topic);
+        let group = SlotGroup::spawn_joining(name, move || {
+            let (etcd, db, kafka, spec, handler, stats) =
+                (etcd.clone(), db.clone(), kafka.clone(), spec.clone(), handler.clone(), shared.clone());
+            async move { Ok(Consumer::start_with_stats(etcd, db, kafka, &spec, handler, stats).await?.group) }
         });
-        ConsumerHandle { stats, owned, cancel, task }
+        ConsumerHandle { stats, group }
     }
 }

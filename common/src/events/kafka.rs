@@ -86,7 +86,7 @@ impl Kafka {
 
     /// Forgets the client and every partition client after a failure, so the
     /// next request connects afresh.
-    pub async fn reset(&self) {
+    async fn reset(&self) {
         self.inner.client.lock().await.take();
         self.inner.partitions.lock().await.clear();
     }

@@ -146,7 +146,7 @@ impl Relay {
         Self { db, kafka, wake: Arc::new(Notify::new()), stats: Arc::default() }
     }
 
-    /// Counters of this instance's relay (`leading` is filled in by [`RelayHandle`]).
+    /// Counters of this instance's relay (`leading` is filled in by [`RelayHandle::reporter`]).
     pub fn stats(&self) -> RelayStats {
         RelayStats {
             leading: false,
@@ -327,20 +327,12 @@ impl RelayHandle {
         &self.relay
     }
 
-    pub fn stats(&self) -> RelayStats {
-        RelayStats { leading: self.leading(), ..self.relay.stats() }
-    }
-
-    /// A function giving [`stats`](Self::stats), for the admin endpoint.
+    /// A function giving the relay's counters and whether this instance
+    /// leads, for the admin endpoint.
     pub fn reporter(&self) -> impl Fn() -> RelayStats + Send + Sync + 'static {
         let relay = self.relay.clone();
         let owned = self.group.owned();
         move || RelayStats { leading: !owned.borrow().is_empty(), ..relay.stats() }
-    }
-
-    /// Whether this instance runs the relay now.
-    pub fn leading(&self) -> bool {
-        !self.group.owned().borrow().is_empty()
     }
 
     /// Stops publishing (the rows stay for the next relay) and leaves the election.

@@ -131,11 +131,50 @@ impl Pipeline {
         futures::future::join_all(tasks).await.into_iter().flat_map(|r| r.unwrap()).collect()
     }
 
+    /// Orders one at a time (about 150/s) until [`SteadyOrders::finish`].
+    fn steady_orders(&self) -> SteadyOrders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, mut orders, user_id) = (stop.clone(), self.orders(), self.user_id.clone());
+        let task = tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !flag.load(Ordering::Relaxed) && ids.len() < 5_000 {
+                let items = vec![OrderItem { sku: "s".into(), quantity: 2 }];
+                let request = CreateOrderRequest { user_id: user_id.clone(), items };
+                ids.push(orders.create_order(request).await.unwrap().into_inner().id);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ids
+        });
+        SteadyOrders { stop, task }
+    }
+
     async fn shutdown(self) {
         for server in self.servers {
             server.shutdown().await.unwrap();
         }
     }
+}
+
+struct SteadyOrders {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl SteadyOrders {
+    /// Stops and returns the ids of the orders created.
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// Waits until all 6 partitions have owners, `members` distinct ones.
+async fn all_partitions_owned_by(etcd: &etcd_client::Client, members: usize) {
+    eventually(&format!("6 partitions owned by {members} member(s)"), Duration::from_secs(20), || async {
+        let o = owners(etcd).await;
+        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == members).then_some(())
+    })
+    .await;
 }
 
 /// One row per stored notification.
@@ -371,43 +410,17 @@ async fn a_killed_consumer_loses_its_partitions_and_nothing_is_lost_or_doubled()
     let mut a = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
     let _b = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
     let etcd = p.etcd.client().await;
-    eventually("6 partitions owned by 2 members", Duration::from_secs(20), || async {
-        let o = owners(&etcd).await;
-        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == 2).then_some(())
-    })
-    .await;
+    all_partitions_owned_by(&etcd, 2).await;
     let db = p.notification_db().await;
     // Orders stream in while one instance is killed.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let mut orders = p.orders();
-        let user_id = p.user_id.clone();
-        tokio::spawn(async move {
-            let mut ids = Vec::new();
-            while !stop.load(Ordering::Relaxed) && ids.len() < 5_000 {
-                let request = CreateOrderRequest {
-                    user_id: user_id.clone(),
-                    items: vec![OrderItem { sku: "s".into(), quantity: 2 }],
-                };
-                ids.push(orders.create_order(request).await.unwrap().into_inner().id);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            ids
-        })
-    };
+    let load = p.steady_orders();
     wait_for_notifications(&db, 100, Duration::from_secs(20)).await;
     a.signal(9);
     a.wait_exit(Duration::from_secs(5)).await.expect("killed");
     // The survivor takes every partition once the lease (2 s) expires.
-    eventually("the survivor to own all 6 partitions", Duration::from_secs(15), || async {
-        let o = owners(&etcd).await;
-        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == 1).then_some(())
-    })
-    .await;
+    all_partitions_owned_by(&etcd, 1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let orders = load.await.unwrap();
+    let orders = load.finish().await;
     wait_for_notifications(&db, orders.len(), Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly_once(&db, &orders).await;
@@ -424,24 +437,7 @@ async fn scaling_from_one_to_three_consumers_spreads_partitions_without_two_owne
     let (log, watcher) = watch_owners(p.etcd.client().await);
     let first = p.notification().await;
     let db = p.notification_db().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let mut orders = p.orders();
-        let user_id = p.user_id.clone();
-        tokio::spawn(async move {
-            let mut ids = Vec::new();
-            while !stop.load(Ordering::Relaxed) && ids.len() < 5_000 {
-                let request = CreateOrderRequest {
-                    user_id: user_id.clone(),
-                    items: vec![OrderItem { sku: "s".into(), quantity: 2 }],
-                };
-                ids.push(orders.create_order(request).await.unwrap().into_inner().id);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            ids
-        })
-    };
+    let load = p.steady_orders();
     wait_for_notifications(&db, 50, Duration::from_secs(20)).await;
     let second = p.notification().await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -456,8 +452,7 @@ async fn scaling_from_one_to_three_consumers_spreads_partitions_without_two_owne
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let orders = load.await.unwrap();
+    let orders = load.finish().await;
     wait_for_notifications(&db, orders.len(), Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly_once(&db, &orders).await;
@@ -673,41 +668,17 @@ async fn a_paused_consumer_that_lost_its_lease_cannot_commit_when_it_wakes() {
     let a = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
     let _b = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
     let etcd = p.etcd.client().await;
-    eventually("6 partitions owned by 2 members", Duration::from_secs(20), || async {
-        let o = owners(&etcd).await;
-        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == 2).then_some(())
-    })
-    .await;
+    all_partitions_owned_by(&etcd, 2).await;
     let db = p.notification_db().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let mut orders = p.orders();
-        let user_id = p.user_id.clone();
-        tokio::spawn(async move {
-            let mut ids = Vec::new();
-            while !stop.load(Ordering::Relaxed) && ids.len() < 5_000 {
-                let items = vec![OrderItem { sku: "s".into(), quantity: 2 }];
-                let request = CreateOrderRequest { user_id: user_id.clone(), items };
-                ids.push(orders.create_order(request).await.unwrap().into_inner().id);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            ids
-        })
-    };
+    let load = p.steady_orders();
     wait_for_notifications(&db, 100, Duration::from_secs(20)).await;
     // Frozen mid-stream, it keeps whatever it fetched; its lease (2 s) runs out.
     a.signal(19); // SIGSTOP
-    eventually("the other member to own all 6 partitions", Duration::from_secs(15), || async {
-        let o = owners(&etcd).await;
-        (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == 1).then_some(())
-    })
-    .await;
+    all_partitions_owned_by(&etcd, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.signal(18); // SIGCONT: it wakes believing it owns its partitions
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let orders = load.await.unwrap();
+    let orders = load.finish().await;
     wait_for_notifications(&db, orders.len(), Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly_once(&db, &orders).await;

@@ -1,7 +1,7 @@
 //! `meshkit.notification.v1.NotificationService` over sea-orm.
 
 use meshkit_common::{
-    status::{db_error, finish_page, invalid_argument, page_size},
+    status::{db_error, finish_page, id, invalid_argument, page_size},
     time::timestamp,
 };
 use meshkit_proto::notification::{
@@ -25,16 +25,6 @@ impl NotificationApi {
     pub fn new(db: DatabaseConnection) -> Self {
         Self { db }
     }
-}
-
-/// Checks an id argument (a UUID) and returns it normalised.
-fn id(field: &str, raw: &str) -> Result<String, Status> {
-    if raw.trim().is_empty() {
-        return Err(invalid_argument(field, "must not be empty"));
-    }
-    uuid::Uuid::parse_str(raw.trim())
-        .map(|u| u.hyphenated().to_string())
-        .map_err(|_| invalid_argument(field, format!("{raw:?} is not a valid id")))
 }
 
 #[tonic::async_trait]

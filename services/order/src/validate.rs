@@ -1,5 +1,6 @@
 //! Validation rules of `meshkit.order.v1`, as documented in order.proto.
 
+pub use meshkit_common::status::id;
 use meshkit_common::status::invalid_argument;
 use meshkit_proto::order::OrderItem;
 use tonic::Status;
@@ -7,16 +8,6 @@ use tonic::Status;
 pub const MAX_ITEMS: usize = 100;
 pub const MAX_SKU_LEN: usize = 64;
 pub const MAX_QUANTITY: i32 = 10_000;
-
-/// Checks a non-empty id argument (a UUID) and returns it normalised.
-pub fn id(field: &str, raw: &str) -> Result<String, Status> {
-    if raw.trim().is_empty() {
-        return Err(invalid_argument(field, "must not be empty"));
-    }
-    uuid::Uuid::parse_str(raw.trim())
-        .map(|u| u.hyphenated().to_string())
-        .map_err(|_| invalid_argument(field, format!("{raw:?} is not a valid id")))
-}
 
 /// Checks the items of a new order; the message names the item's field,
 /// e.g. `items[1].quantity: must be at least 1`.

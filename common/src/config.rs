@@ -46,6 +46,7 @@ pub struct MeshConfig {
     pub log: LogSettings,
     pub admin: AdminSettings,
     pub events: EventSettings,
+    pub gateway: GatewaySettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +146,85 @@ pub struct EventSettings {
     pub fetch_max_wait_ms: i32,
     /// The dead-letter topic of topic `t` is `t` followed by this.
     pub dead_letter_suffix: String,
+}
+
+/// The edge gateway: one listener for REST/JSON, grpc-web and gRPC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Address of the gateway's listener (HTTP/1.1 and HTTP/2 cleartext).
+    pub listen: String,
+    /// Extra encoded `FileDescriptorSet` files (`protoc --include_imports
+    /// --descriptor_set_out`) for services beyond meshkit's own, so the gateway
+    /// routes, transcodes and reflects them too.
+    pub descriptor_sets: Vec<String>,
+    /// Largest request body (REST) or request message (gRPC, grpc-web) accepted.
+    pub max_body_bytes: u64,
+    /// Largest request header block accepted.
+    pub max_header_bytes: u64,
+    /// Upstream deadline of a call whose client sets none, and the upper bound
+    /// on one a client sets (`grpc-timeout`).
+    pub request_timeout_ms: u64,
+    /// Requests per second allowed per client address; 0 turns the limit off.
+    pub rate_limit_per_sec: u32,
+    /// Requests a client may send at once above its rate.
+    pub rate_limit_burst: u32,
+    /// Origins allowed to call from a browser (CORS); `*` allows any.
+    pub cors_origins: Vec<String>,
+    pub jwt: JwtSettings,
+}
+
+/// JWT bearer authentication at the gateway, with a policy per method.
+/// `Debug` leaves the secret out.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSettings {
+    /// HS256 shared secret; empty means HS256 tokens are not accepted.
+    pub hs256_secret: String,
+    /// A JWKS file of RSA public keys (RS256), chosen by the token's `kid`.
+    pub jwks_file: String,
+    /// Required `iss`, if not empty.
+    pub issuer: String,
+    /// Required `aud`, if not empty.
+    pub audience: String,
+    /// The claim holding a token's roles (a string or a list of strings).
+    pub roles_claim: String,
+    /// Policy of every method no rule names: `public` or `authenticated`.
+    pub default_policy: String,
+    /// Per-method rules, first match wins.
+    pub rules: Vec<AuthRule>,
+}
+
+/// Who may call the methods a rule names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRule {
+    /// `package.Service/Method`, `package.Service/*` or `*`.
+    pub methods: Vec<String>,
+    /// `public` (no token needed), or `authenticated` (a valid token needed).
+    #[serde(default = "default_rule_policy")]
+    pub policy: String,
+    /// The token must carry at least one of these roles (403 otherwise).
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl std::fmt::Debug for JwtSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSettings")
+            .field("hs256_secret", &if self.hs256_secret.is_empty() { "" } else { "<redacted>" })
+            .field("jwks_file", &self.jwks_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("roles_claim", &self.roles_claim)
+            .field("default_policy", &self.default_policy)
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+fn default_rule_policy() -> String {
+    "authenticated".into()
 }
 
 /// Loads `T` from its defaults, then `file` (if any), then the environment.
@@ -317,6 +397,55 @@ impl MeshConfig {
         if events.dead_letter_suffix.is_empty() {
             return bad("events.dead_letter_suffix", "must not be empty".into());
         }
+        let gateway = &self.gateway;
+        if gateway.listen.parse::<SocketAddr>().is_err() {
+            return bad("gateway.listen", format!("{:?} is not an address like 127.0.0.1:8080", gateway.listen));
+        }
+        if gateway.max_body_bytes < 1024 {
+            return bad("gateway.max_body_bytes", format!("{} is below 1024", gateway.max_body_bytes));
+        }
+        if !(8192..=1 << 20).contains(&gateway.max_header_bytes) {
+            return bad("gateway.max_header_bytes", format!("{} is outside 8192..=1048576", gateway.max_header_bytes));
+        }
+        if gateway.request_timeout_ms == 0 {
+            return bad("gateway.request_timeout_ms", "must be at least 1".into());
+        }
+        if gateway.rate_limit_per_sec > 0 && gateway.rate_limit_burst == 0 {
+            return bad("gateway.rate_limit_burst", "must be at least 1 when a rate limit is set".into());
+        }
+        let jwt = &gateway.jwt;
+        let policy_ok = |p: &str| matches!(p, "public" | "authenticated");
+        if !policy_ok(&jwt.default_policy) {
+            return bad(
+                "gateway.jwt.default_policy",
+                format!("{:?} is neither public nor authenticated", jwt.default_policy),
+            );
+        }
+        for (i, rule) in jwt.rules.iter().enumerate() {
+            if !policy_ok(&rule.policy) {
+                return bad(
+                    &format!("gateway.jwt.rules[{i}].policy"),
+                    format!("{:?} is neither public nor authenticated", rule.policy),
+                );
+            }
+            if rule.methods.is_empty() {
+                return bad(&format!("gateway.jwt.rules[{i}].methods"), "must name at least one method".into());
+            }
+            if let Some(m) = rule.methods.iter().find(|m| m.as_str() != "*" && !m.contains('/')) {
+                return bad(
+                    &format!("gateway.jwt.rules[{i}].methods"),
+                    format!("{m:?} is not package.Service/Method, package.Service/* or *"),
+                );
+            }
+            if rule.policy == "public" && !rule.roles.is_empty() {
+                return bad(&format!("gateway.jwt.rules[{i}].roles"), "a public rule cannot require roles".into());
+            }
+        }
+        let needs_tokens =
+            jwt.default_policy == "authenticated" || jwt.rules.iter().any(|r| r.policy == "authenticated");
+        if needs_tokens && jwt.hs256_secret.is_empty() && jwt.jwks_file.is_empty() {
+            return bad("gateway.jwt", "a policy requires tokens but neither hs256_secret nor jwks_file is set".into());
+        }
         Ok(())
     }
 }
@@ -383,6 +512,36 @@ impl Default for EventSettings {
             fetch_max_bytes: 1 << 20,
             fetch_max_wait_ms: 100,
             dead_letter_suffix: ".dlq".into(),
+        }
+    }
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            descriptor_sets: Vec::new(),
+            max_body_bytes: 4 << 20,
+            max_header_bytes: 16 << 10,
+            request_timeout_ms: 15_000,
+            rate_limit_per_sec: 0,
+            rate_limit_burst: 100,
+            cors_origins: Vec::new(),
+            jwt: JwtSettings::default(),
+        }
+    }
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            hs256_secret: String::new(),
+            jwks_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            roles_claim: "roles".into(),
+            default_policy: "public".into(),
+            rules: Vec::new(),
         }
     }
 }

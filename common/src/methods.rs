@@ -51,6 +51,11 @@ impl MethodTable {
         table
     }
 
+    /// Adds every method of `other`, replacing entries of the same path.
+    pub fn extend(&mut self, other: MethodTable) {
+        self.methods.extend(other.methods);
+    }
+
     pub fn insert(&mut self, path: &str, info: MethodInfo) {
         self.methods.insert(path.to_owned(), info);
     }

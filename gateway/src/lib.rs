@@ -3,5 +3,17 @@
 //!
 //! The gateway is built on the same `meshkit-common` discovery and balanced
 //! channels the services use; its routes come from
-//! `meshkit_proto::FILE_DESCRIPTOR_SET`, so it needs no routing table.
+//! `meshkit_proto::FILE_DESCRIPTOR_SET` (plus any descriptor sets named in
+//! its settings), so it needs no routing table.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod contracts;
+pub mod errors;
+pub mod openapi;
+pub mod routes;
+pub mod server;
+pub mod template;
+pub mod transcode;
+
+pub use server::{Gateway, RunningGateway, StartError, start};

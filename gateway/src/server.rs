@@ -1,0 +1,622 @@
+//! The gateway's listener and its dispatch.
+//!
+//! One listener speaks HTTP/1.1 and HTTP/2 cleartext. By content type:
+//!
+//! - `application/grpc-web*` → grpc-web translation (tonic-web), then as gRPC;
+//! - `application/grpc*` → reflection and health answered here, every other
+//!   `/package.Service/Method` passed through, bytes unchanged, to that
+//!   service's balanced channel;
+//! - anything else → `/openapi.json`, `/healthz`, or a REST route from the
+//!   `google.api.http` annotations, transcoded to a unary gRPC call.
+//!
+//! Every call, whatever its protocol, passes the same per-client rate limit
+//! and JWT policy, and gets an upstream deadline (`gateway.request_timeout_ms`,
+//! or the client's own `grpc-timeout` if sooner).
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
+use meshkit_common::{
+    BalancedChannel, ChannelBuilder, MeshConfig, admin::AdminServer, config::GatewaySettings, deadline,
+};
+use serde_json::json;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::body::Body;
+use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    auth::Auth,
+    contracts::Contracts,
+    errors::{json_response, status_response},
+    openapi,
+    routes::{RouteMatch, Router},
+    transcode,
+};
+
+type LocalService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// Largest upstream response the gateway transcodes to JSON.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// Metadata passed from a REST request to the upstream call.
+const FORWARDED_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"];
+
+/// What every connection shares.
+pub struct Gateway {
+    contracts: Contracts,
+    router: Router,
+    channels: HashMap<String, BalancedChannel>,
+    auth: Auth,
+    limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    settings: GatewaySettings,
+    openapi: Bytes,
+    reflection_v1: LocalService,
+    reflection_v1alpha: LocalService,
+    health: LocalService,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Contracts(#[from] crate::contracts::ContractsError),
+    #[error("a google.api.http annotation is wrong: {0}")]
+    Route(#[from] crate::routes::RouteError),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Mesh(#[from] meshkit_common::Error),
+}
+
+impl Gateway {
+    /// Reads the contracts and builds the routes, the auth policy and a
+    /// balanced channel for every service the contracts define.
+    pub fn new(
+        settings: &GatewaySettings,
+        channels: &ChannelBuilder,
+        contracts: Contracts,
+    ) -> Result<Self, StartError> {
+        let router = Router::from_contracts(&contracts)?;
+        let auth = Auth::from_settings(&settings.jwt).map_err(StartError::Config)?;
+        let limiter = NonZeroU32::new(settings.rate_limit_per_sec).map(|rate| {
+            let burst = NonZeroU32::new(settings.rate_limit_burst).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure();
+            for set in contracts.encoded() {
+                builder = builder.register_encoded_file_descriptor_set(set);
+            }
+            builder
+        };
+        let config_error = |e: tonic_reflection::server::Error| StartError::Config(format!("reflection: {e}"));
+        let reflection_v1 = BoxCloneSyncService::new(reflection().build_v1().map_err(config_error)?);
+        let reflection_v1alpha = BoxCloneSyncService::new(reflection().build_v1alpha().map_err(config_error)?);
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let upstreams =
+            contracts.services().map(|s| (s.full_name().to_owned(), channels.balanced(s.full_name()))).collect();
+        let openapi =
+            Bytes::from(serde_json::to_vec_pretty(&openapi::document(&contracts, &router)).unwrap_or_default());
+        Ok(Self {
+            contracts,
+            router,
+            channels: upstreams,
+            auth,
+            limiter,
+            settings: settings.clone(),
+            openapi,
+            reflection_v1,
+            reflection_v1alpha,
+            health: BoxCloneSyncService::new(health),
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.request_timeout_ms)
+    }
+
+    /// Takes one request from `peer`'s allowance, or says how long to wait.
+    fn admit(&self, peer: IpAddr) -> Result<(), Duration> {
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        limiter
+            .check_key(&peer)
+            .map_err(|not_until| not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
+    }
+
+    /// The upstream deadline: the client's `grpc-timeout` if sooner than the
+    /// configured one.
+    fn set_deadline(&self, headers: &mut HeaderMap) {
+        let own = headers.get("grpc-timeout").and_then(deadline::parse_grpc_timeout);
+        let timeout = own.map_or(self.timeout(), |t| t.min(self.timeout()));
+        headers.insert("grpc-timeout", deadline::format_grpc_timeout(timeout));
+    }
+}
+
+// === dispatch ===
+
+/// The tower service of one connection.
+#[derive(Clone)]
+pub struct Dispatch {
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl Service<Request<Incoming>> for Dispatch {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let grpc = GrpcCall { gateway: self.gateway.clone(), peer: self.peer };
+        if content_type.starts_with("application/grpc-web") {
+            let mut web = tonic_web::GrpcWebLayer::new().layer(grpc);
+            return Box::pin(async move { web.call(req).await });
+        }
+        if content_type.starts_with("application/grpc") {
+            let mut grpc = grpc;
+            return Box::pin(async move { grpc.call(req.map(Body::new)).await });
+        }
+        let gateway = self.gateway.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(rest(gateway, peer, req).await) })
+    }
+}
+
+/// A gRPC call (native, or translated from grpc-web).
+#[derive(Clone)]
+struct GrpcCall {
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+}
+
+impl Service<Request<Body>> for GrpcCall {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let gateway = self.gateway.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(grpc(gateway, peer, req).await) })
+    }
+}
+
+async fn grpc(gateway: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let local = if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
+        Some(&gateway.reflection_v1)
+    } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
+        Some(&gateway.reflection_v1alpha)
+    } else if path.starts_with("/grpc.health.v1.Health/") {
+        Some(&gateway.health)
+    } else {
+        None
+    };
+    if let Some(service) = local {
+        return match service.clone().oneshot(req).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        };
+    }
+    let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+    let Some(channel) = gateway.channels.get(service) else {
+        return tonic::Status::unimplemented(format!(
+            "unknown service {service:?}: the gateway fronts {}",
+            gateway.channels.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))
+        .into_http();
+    };
+    if let Err(wait) = gateway.admit(peer.ip()) {
+        return rate_limited_status(&gateway, peer, wait).into_http();
+    }
+    if let Err(status) = gateway.auth.authorize(&path, req.headers_mut()) {
+        return status.into_http();
+    }
+    gateway.set_deadline(req.headers_mut());
+    forwarded_for(req.headers_mut(), peer);
+    // A unary request is read here, bounded, so an oversized one is refused
+    // with a clear status instead of a reset mid-stream.
+    let client_streaming = gateway.contracts.method(&path).is_none_or(|m| m.is_client_streaming());
+    if !client_streaming {
+        let (parts, body) = req.into_parts();
+        let limit = gateway.settings.max_body_bytes as usize + 5;
+        let bytes = match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return tonic::Status::resource_exhausted(format!(
+                    "request message larger than gateway.max_body_bytes ({} bytes)",
+                    gateway.settings.max_body_bytes
+                ))
+                .into_http();
+            }
+            Err(e) => return tonic::Status::cancelled(format!("reading the request failed: {e}")).into_http(),
+        };
+        req = Request::from_parts(parts, Body::new(Full::new(bytes)));
+    }
+    match channel.clone().oneshot(req).await {
+        Ok(res) => res.map(Body::new),
+        Err(e) => tonic::Status::from_error(e).into_http(),
+    }
+}
+
+fn rate_limited_status(gateway: &Gateway, peer: SocketAddr, wait: Duration) -> tonic::Status {
+    tonic::Status::resource_exhausted(format!(
+        "rate limit of {} requests/s for {} exceeded; retry in {} ms",
+        gateway.settings.rate_limit_per_sec,
+        peer.ip(),
+        wait.as_millis().max(1)
+    ))
+}
+
+fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+// === REST ===
+
+async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let pool = gateway.contracts.pool();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    if method == Method::GET && path == "/openapi.json" {
+        let mut res = Response::new(Body::new(Full::new(gateway.openapi.clone())));
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return res;
+    }
+    if method == Method::GET && path == "/healthz" {
+        return json_response(StatusCode::OK, &json!({"status": "ok"}));
+    }
+    if let Err(wait) = gateway.admit(peer.ip()) {
+        let mut res = status_response(&rate_limited_status(&gateway, peer, wait), None);
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return res;
+    }
+    if percent_encoding::percent_decode_str(&path).decode_utf8().is_err() {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"code": tonic::Code::InvalidArgument as i32, "message": format!("the path {path} is not valid UTF-8 once percent-decoded"), "details": []}),
+        );
+    }
+    let (route, captures) = match gateway.router.find(&method, &path) {
+        RouteMatch::Found(route, captures) => (route, captures),
+        RouteMatch::MethodNotAllowed(allowed) => {
+            let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+            let mut res = json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"code": tonic::Code::Unimplemented as i32, "message": format!("{method} is not allowed on {path}; allowed: {}", names.join(", ")), "details": []}),
+            );
+            if let Ok(v) = HeaderValue::from_str(&names.join(", ")) {
+                res.headers_mut().insert(header::ALLOW, v);
+            }
+            return res;
+        }
+        RouteMatch::NotFound => {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"code": tonic::Code::NotFound as i32, "message": format!("no route for {method} {path}"), "details": []}),
+            );
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    let limit = gateway.settings.max_body_bytes as usize;
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return json_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &json!({"code": tonic::Code::ResourceExhausted as i32, "message": format!("request body larger than gateway.max_body_bytes ({limit} bytes)"), "details": []}),
+            );
+        }
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"code": tonic::Code::Cancelled as i32, "message": format!("reading the request body failed: {e}"), "details": []}),
+            );
+        }
+    };
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if !(essence.is_empty() || essence == "application/json" || essence.ends_with("+json")) {
+            return json_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                &json!({"code": tonic::Code::InvalidArgument as i32, "message": format!("content type {content_type:?} is not accepted; send application/json"), "details": []}),
+            );
+        }
+    }
+    if let Err(status) = gateway.auth.authorize(&route.grpc_path, &mut parts.headers) {
+        let mut res = status_response(&status, None);
+        if status.code() == tonic::Code::Unauthenticated {
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        return res;
+    }
+    let message = match transcode::request_message(route, captures, parts.uri.query(), &body) {
+        Ok(m) => m,
+        Err(bad) => return status_response(&tonic::Status::invalid_argument(bad.0), None),
+    };
+    let Some(channel) = gateway.channels.get(route.method.parent_service().full_name()) else {
+        return status_response(&tonic::Status::unimplemented("no channel for the route's service"), None);
+    };
+    let mut upstream = Request::new(Body::new(Full::new(transcode::frame(&message))));
+    *upstream.method_mut() = Method::POST;
+    *upstream.uri_mut() = match route.grpc_path.parse() {
+        Ok(uri) => uri,
+        Err(_) => return status_response(&tonic::Status::internal("unroutable method path"), None),
+    };
+    *upstream.version_mut() = http::Version::HTTP_2;
+    let headers = upstream.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    for name in
+        FORWARDED_HEADERS.iter().chain(&[crate::auth::SUBJECT_HEADER, crate::auth::CLAIMS_HEADER, "grpc-timeout"])
+    {
+        if let Some(v) = parts.headers.get(*name) {
+            headers.insert(*name, v.clone());
+        }
+    }
+    // `Grpc-Metadata-X: v` from a REST client becomes metadata `x: v`.
+    for (name, value) in &parts.headers {
+        if let Some(key) = name.as_str().strip_prefix("grpc-metadata-") {
+            if let Ok(key) = http::HeaderName::from_bytes(key.as_bytes()) {
+                headers.append(key, value.clone());
+            }
+        }
+    }
+    gateway.set_deadline(headers);
+    forwarded_for(headers, peer);
+    let guard = gateway.timeout() + Duration::from_secs(1);
+    let response = match tokio::time::timeout(guard, channel.clone().oneshot(upstream)).await {
+        Ok(Ok(res)) => res,
+        Ok(Err(e)) => return status_response(&tonic::Status::from_error(e), Some(pool)),
+        Err(_) => {
+            return status_response(
+                &tonic::Status::deadline_exceeded(format!("{} did not answer in time", route.grpc_path)),
+                None,
+            );
+        }
+    };
+    let (head, body) = response.into_parts();
+    if let Some(status) = tonic::Status::from_header_map(&head.headers) {
+        if status.code() != tonic::Code::Ok {
+            return status_response(&status, Some(pool));
+        }
+    }
+    let collected = match tokio::time::timeout(guard, Limited::new(body, MAX_RESPONSE_BYTES).collect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return status_response(
+                &tonic::Status::unavailable(format!("reading the upstream response failed: {e}")),
+                None,
+            );
+        }
+        Err(_) => {
+            return status_response(
+                &tonic::Status::deadline_exceeded("the upstream response did not finish in time"),
+                None,
+            );
+        }
+    };
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let status = tonic::Status::from_header_map(&trailers)
+        .unwrap_or_else(|| tonic::Status::internal("the upstream ended the call without a grpc-status"));
+    if status.code() != tonic::Code::Ok {
+        return status_response(&status, Some(pool));
+    }
+    let rendered = transcode::split_frames(collected.to_bytes()).and_then(|frames| transcode::render(route, &frames));
+    match rendered {
+        Ok(json) => {
+            let mut res = Response::new(Body::new(Full::new(Bytes::from(json))));
+            res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Some(instance) = head.headers.get(meshkit_common::server::INSTANCE_HEADER) {
+                res.headers_mut().insert(meshkit_common::server::INSTANCE_HEADER, instance.clone());
+            }
+            res
+        }
+        Err(problem) => status_response(&tonic::Status::internal(problem), None),
+    }
+}
+
+// === the listener ===
+
+/// A started gateway.
+pub struct RunningGateway {
+    addr: SocketAddr,
+    admin: Option<AdminServer>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RunningGateway {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    /// Serves until `stop` resolves, then shuts down.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) {
+        stop.await;
+        self.shutdown().await;
+    }
+
+    /// Stops accepting, lets open requests finish (bounded by
+    /// `server.drain_timeout_ms`), closes the connections.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+        if let Some(admin) = self.admin.take() {
+            admin.stop().await;
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Connects etcd, reads the contracts, binds `gateway.listen` and serves.
+pub async fn start(config: MeshConfig) -> Result<RunningGateway, StartError> {
+    let contracts = Contracts::load(&config.gateway.descriptor_sets)?;
+    let etcd = meshkit_common::etcd::connect(&config.etcd).await?;
+    let channels = ChannelBuilder::new(etcd, config.etcd.prefix.clone()).with_methods(contracts.method_table());
+    let gateway = Arc::new(Gateway::new(&config.gateway, &channels, contracts)?);
+    let listener = TcpListener::bind(&config.gateway.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.gateway.listen.clone(), source })?;
+    let addr =
+        listener.local_addr().map_err(|source| StartError::Listen { addr: config.gateway.listen.clone(), source })?;
+    let admin = if config.admin.enabled {
+        let listen = config.admin.listen.parse().map_err(|_| StartError::Config("admin.listen".into()))?;
+        Some(AdminServer::start(listen, vec![channels.clone()], Vec::new()).await?)
+    } else {
+        None
+    };
+    if let Some(limiter) = &gateway.limiter {
+        // Forget idle clients now and then so the limiter's memory stays bounded.
+        let weak = Arc::downgrade(&gateway);
+        let _ = limiter;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(gateway) = weak.upgrade() else { return };
+                if let Some(limiter) = &gateway.limiter {
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                }
+            }
+        });
+    }
+    let cors = cors_layer(&config.gateway.cors_origins).map_err(StartError::Config)?;
+    let drain = Duration::from_millis(config.server.drain_timeout_ms);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let header_limit = config.gateway.max_header_bytes as usize;
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(header_limit.max(8192));
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(header_limit as u32);
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let task = tokio::spawn(serve(listener, builder, gateway, cors, stop_rx, drain));
+    tracing::info!(%addr, admin = ?admin.as_ref().map(AdminServer::local_addr), "gateway listening");
+    Ok(RunningGateway { addr, admin, stop: Some(stop_tx), task })
+}
+
+fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, String> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let values = origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).map_err(|_| format!("gateway.cors_origins: {o:?} is not an origin")))
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(values)
+    };
+    let header = |names: &[&'static str]| names.iter().map(|n| http::HeaderName::from_static(n)).collect::<Vec<_>>();
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS])
+            .allow_headers(header(&[
+                "content-type",
+                "authorization",
+                "x-grpc-web",
+                "x-user-agent",
+                "grpc-timeout",
+                "x-request-id",
+                "traceparent",
+                "tracestate",
+            ]))
+            .expose_headers(header(&["grpc-status", "grpc-message", "grpc-status-details-bin", "x-meshkit-instance"]))
+            .max_age(Duration::from_secs(86_400)),
+    ))
+}
+
+async fn serve(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    gateway: Arc<Gateway>,
+    cors: Option<CorsLayer>,
+    mut stop: oneshot::Receiver<()>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let dispatch = Dispatch { gateway: gateway.clone(), peer };
+        let service = tower::util::option_layer(cors.clone()).layer(dispatch);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?drain, "connections still open after the drain timeout; closing them");
+    }
+}

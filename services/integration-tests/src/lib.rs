@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod echo;
 pub mod etcd;
+pub mod http;
 pub mod load;
 pub mod postgres;
 pub mod process;

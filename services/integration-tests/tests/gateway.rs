@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
-use std::{collections::HashSet, net::SocketAddr, path::PathBuf};
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
 
 use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -13,8 +13,9 @@ use http_body_util::Full;
 use meshkit_common::{MeshConfig, RunningServer, config::GatewaySettings, server::INSTANCE_HEADER};
 use meshkit_gateway::RunningGateway;
 use meshkit_integration_tests::{
-    Etcd,
+    Etcd, ServiceProcess,
     echo::{self, ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient, ExpandRequest, FailRequest},
+    eventually,
     http::{Reply, json_request, send, send_h2},
     init_logs, mesh_config, sqlite_url,
 };
@@ -507,6 +508,88 @@ async fn per_client_rate_limit_refuses_the_excess() {
     let err = EchoServiceClient::new(channel).echo(EchoRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     let _ = &c.dir;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn python_grpcio_and_grpc_web_clients_work_through_the_gateway() {
+    let c = Cluster::start(|_| {}).await;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let proto_dir = root.join("../../proto");
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("clients/python/client.py"))
+        .args(["--target", &c.addr.to_string(), "--proto-dir"])
+        .arg(&proto_dir)
+        .args(["--email", "py@example.com"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "python client: {}", String::from_utf8_lossy(&out.stderr));
+    let py: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(py["order_status"], "ORDER_STATUS_PENDING");
+    assert_eq!(py["listed"], json!([py["order_id"]]));
+    assert_eq!(py["missing_user"], "NOT_FOUND");
+
+    let web_dir = root.join("clients/grpc-web");
+    assert!(
+        web_dir.join("node_modules").exists(),
+        "the grpc-web client's packages are missing: run deploy/local/install-deps.sh --test"
+    );
+    let descriptors = c.dir.path().join("meshkit.binpb");
+    std::fs::write(&descriptors, meshkit_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let out = tokio::process::Command::new("node")
+        .arg(web_dir.join("client.mjs"))
+        .args(["--base-url", &format!("http://{}", c.addr), "--descriptors"])
+        .arg(&descriptors)
+        .args(["--email", "web@example.com"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "grpc-web client: {}", String::from_utf8_lossy(&out.stderr));
+    let web: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(web["quantity"], 3);
+    assert_eq!(web["missing_user"], "NOT_FOUND");
+    // Both clients' users exist, seen over REST.
+    let listed = c.rest("GET", "/v1/users?page_size=10", "").await.json();
+    let emails: HashSet<&str> =
+        listed["users"].as_array().unwrap().iter().map(|u| u["email"].as_str().unwrap()).collect();
+    assert_eq!(emails, HashSet::from(["py@example.com", "web@example.com"]));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn the_gateway_binary_serves_and_drains_on_sigterm() {
+    let c = Cluster::start(|_| {}).await;
+    let port = meshkit_integration_tests::free_port();
+    let etcd = c._etcd.endpoint();
+    let env = [("MESHKIT_ETCD_ENDPOINTS", etcd.clone()), ("MESHKIT_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))];
+    let mut gateway = ServiceProcess::spawn("meshkit-gateway", &env, c.dir.path()).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let created = eventually("the gateway process answers", Duration::from_secs(10), || async {
+        let r = send(addr, json_request("POST", addr, "/v1/users", r#"{"name":"P","email":"p@example.com"}"#))
+            .await
+            .ok()?;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert!(created.json()["id"].is_string());
+    gateway.signal(15);
+    let status = gateway.wait_exit(Duration::from_secs(5)).await.expect("the gateway exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "nothing listens after the drain");
+
+    // A bad setting stops it at once, naming the setting.
+    let bad = [("MESHKIT_ETCD_ENDPOINTS", etcd), ("MESHKIT_GATEWAY_LISTEN", "nowhere".into())];
+    let mut gateway = ServiceProcess::spawn("meshkit-gateway", &bad, c.dir.path()).unwrap();
+    let status = gateway.wait_exit(Duration::from_secs(5)).await.expect("a bad setting stops the gateway");
+    assert!(!status.success());
+    let logs: String = std::fs::read_dir(c.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("meshkit-gateway-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(logs.contains("gateway.listen"), "{logs}");
     c.stop().await;
 }
 

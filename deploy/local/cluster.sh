@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The local cluster behind `make up` / `make down` / `make status`: etcd, a
-# Kafka-protocol broker (Tansu, durable on SQLite) and two instances each of
-# user-service, order-service and notification-service, as plain processes
-# with pid files and logs under one run directory.
+# Kafka-protocol broker (Tansu, durable on SQLite), two instances each of
+# user-service, order-service and notification-service, and the gateway on
+# 127.0.0.1:8080, as plain processes with pid files and logs under one run
+# directory.
 #
 #   MESHKIT_RUN_DIR         run directory (default: .run in the repository)
 #   MESHKIT_ETCD_ENDPOINTS  use this etcd instead of starting one on 127.0.0.1:2379
 #   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting Tansu on 127.0.0.1:9092
+#   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
 #   MESHKIT_PROFILE         cargo profile of the binaries (default: release)
 set -euo pipefail
 
@@ -18,6 +20,7 @@ BIN_DIR="$ROOT/target/$PROFILE"
 ETCD_CLIENT_PORT="${MESHKIT_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${MESHKIT_ETCD_PEER_PORT:-2380}"
 KAFKA_PORT="${MESHKIT_KAFKA_PORT:-9092}"
+GATEWAY_PORT="${MESHKIT_GATEWAY_PORT:-8080}"
 SERVICES=(user user order order notification notification)
 TANSU="$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")"
 
@@ -121,6 +124,29 @@ start_service() { # name slot
     echo "$port" >"$RUN_DIR/ports/$name-$slot"
 }
 
+start_gateway() {
+    if port_open "$GATEWAY_PORT"; then
+        echo "port $GATEWAY_PORT is taken by another process; stop it or set MESHKIT_GATEWAY_PORT" >&2
+        cmd_down >/dev/null
+        exit 1
+    fi
+    MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
+    MESHKIT_GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" \
+    MESHKIT_GATEWAY_CORS_ORIGINS="${MESHKIT_GATEWAY_CORS_ORIGINS:-*}" \
+        setsid "$BIN_DIR/meshkit-gateway" </dev/null >"$RUN_DIR/logs/gateway.log" 2>&1 &
+    echo $! >"$RUN_DIR/pids/gateway.pid"
+    echo "$GATEWAY_PORT" >"$RUN_DIR/ports/gateway"
+    for _ in $(seq 1 100); do
+        port_open "$GATEWAY_PORT" && { echo "gateway:   http://127.0.0.1:$GATEWAY_PORT (REST, grpc-web, gRPC)"; return; }
+        pid_alive "$RUN_DIR/pids/gateway.pid" || break
+        sleep 0.1
+    done
+    echo "the gateway did not start; its log:" >&2
+    tail -20 "$RUN_DIR/logs/gateway.log" >&2 || true
+    cmd_down >/dev/null
+    exit 1
+}
+
 cmd_up() {
     if running; then
         echo "meshkit is already running (run dir $RUN_DIR); \`make down\` stops it."
@@ -158,21 +184,24 @@ cmd_up() {
         cmd_down >/dev/null
         exit 1
     fi
+    start_gateway
     local ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
     echo "cluster:   answering ${ms} ms after start ($(( SECONDS - t0 )) s)"
     cmd_status
-    local user_port order_port notification_port
+    local gw="127.0.0.1:$GATEWAY_PORT" user_port
     user_port="$(cat "$RUN_DIR/ports/user-1")"
-    order_port="$(cat "$RUN_DIR/ports/order-1")"
-    notification_port="$(cat "$RUN_DIR/ports/notification-1")"
     cat <<TRY
 
-Try it (grpcurl is installed by \`make up\`):
-  grpcurl -plaintext 127.0.0.1:$user_port list
+Try it through the gateway (grpcurl is installed by \`make up\`):
+  grpcurl -plaintext $gw list
+  grpcurl -plaintext -d '{"name":"Ada","email":"ada@example.com"}' $gw meshkit.user.v1.UserService/CreateUser
+  grpcurl -plaintext -d '{"userId":"<id from CreateUser>","items":[{"sku":"book-1","quantity":2}]}' $gw meshkit.order.v1.OrderService/CreateOrder
+  grpcurl -plaintext -d '{"userId":"<id from CreateUser>"}' $gw meshkit.notification.v1.NotificationService/ListNotifications
+  curl -s -X POST http://$gw/v1/users -H 'content-type: application/json' -d '{"name":"Bo","email":"bo@example.com"}'
+  curl -s http://$gw/v1/users/<id>/orders?page_size=10
+  curl -s http://$gw/openapi.json
+or a service directly:
   grpcurl -plaintext -d '{"service":"meshkit.user.v1.UserService"}' 127.0.0.1:$user_port grpc.health.v1.Health/Check
-  grpcurl -plaintext -d '{"name":"Ada","email":"ada@example.com"}' 127.0.0.1:$user_port meshkit.user.v1.UserService/CreateUser
-  grpcurl -plaintext -d '{"userId":"<id from CreateUser>","items":[{"sku":"book-1","quantity":2}]}' 127.0.0.1:$order_port meshkit.order.v1.OrderService/CreateOrder
-  grpcurl -plaintext -d '{"userId":"<id from CreateUser>"}' 127.0.0.1:$notification_port meshkit.notification.v1.NotificationService/ListNotifications
   ETCDCTL_API=3 etcdctl --endpoints $(etcd_endpoints) get --prefix /meshkit/services/
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) instances
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) pools order-1
@@ -192,6 +221,7 @@ cmd_status() {
         case "$n" in
             etcd) addr="127.0.0.1:$ETCD_CLIENT_PORT" ;;
             kafka) addr="127.0.0.1:$KAFKA_PORT" ;;
+            gateway) addr="127.0.0.1:$GATEWAY_PORT" ;;
             *) addr="127.0.0.1:$(cat "$RUN_DIR/ports/$n" 2>/dev/null)" ;;
         esac
         printf '%-15s %-8s %-7s %s\n' "$n" "$(cat "$f")" "$state" "$addr"

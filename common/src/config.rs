@@ -154,6 +154,9 @@ pub struct EventSettings {
 pub struct GatewaySettings {
     /// Address of the gateway's listener (HTTP/1.1 and HTTP/2 cleartext).
     pub listen: String,
+    /// Worker threads, each with its own listener (SO_REUSEPORT), etcd client
+    /// and upstream connections; 0 means one per core.
+    pub workers: u32,
     /// Extra encoded `FileDescriptorSet` files (`protoc --include_imports
     /// --descriptor_set_out`) for services beyond meshkit's own, so the gateway
     /// routes, transcodes and reflects them too.
@@ -401,6 +404,9 @@ impl MeshConfig {
         if gateway.listen.parse::<SocketAddr>().is_err() {
             return bad("gateway.listen", format!("{:?} is not an address like 127.0.0.1:8080", gateway.listen));
         }
+        if gateway.workers > 256 {
+            return bad("gateway.workers", format!("{} is above 256", gateway.workers));
+        }
         if gateway.max_body_bytes < 1024 {
             return bad("gateway.max_body_bytes", format!("{} is below 1024", gateway.max_body_bytes));
         }
@@ -520,6 +526,7 @@ impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            workers: 0,
             descriptor_sets: Vec::new(),
             max_body_bytes: 4 << 20,
             max_header_bytes: 16 << 10,

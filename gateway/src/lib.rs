@@ -15,5 +15,6 @@ pub mod routes;
 pub mod server;
 pub mod template;
 pub mod transcode;
+pub mod workers;
 
 pub use server::{Gateway, RunningGateway, StartError, start};

@@ -61,13 +61,24 @@ const MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// Metadata passed from a REST request to the upstream call.
 const FORWARDED_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"];
 
-/// What every connection shares.
+/// The per-client rate limiter, shared by every worker of a process.
+pub type Limiter = DefaultKeyedRateLimiter<IpAddr>;
+
+/// The limiter `settings` ask for, if any.
+pub fn limiter(settings: &GatewaySettings) -> Option<Arc<Limiter>> {
+    NonZeroU32::new(settings.rate_limit_per_sec).map(|rate| {
+        let burst = NonZeroU32::new(settings.rate_limit_burst).unwrap_or(rate);
+        Arc::new(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
+    })
+}
+
+/// What every connection of a worker shares.
 pub struct Gateway {
     contracts: Contracts,
     router: Router,
     channels: HashMap<String, BalancedChannel>,
     auth: Auth,
-    limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    limiter: Option<Arc<Limiter>>,
     settings: GatewaySettings,
     openapi: Bytes,
     reflection_v1: LocalService,
@@ -97,13 +108,10 @@ impl Gateway {
         settings: &GatewaySettings,
         channels: &ChannelBuilder,
         contracts: Contracts,
+        limiter: Option<Arc<Limiter>>,
     ) -> Result<Self, StartError> {
         let router = Router::from_contracts(&contracts)?;
         let auth = Auth::from_settings(&settings.jwt).map_err(StartError::Config)?;
-        let limiter = NonZeroU32::new(settings.rate_limit_per_sec).map(|rate| {
-            let burst = NonZeroU32::new(settings.rate_limit_burst).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
         let reflection = || {
             let mut builder = tonic_reflection::server::Builder::configure();
             for set in contracts.encoded() {
@@ -501,27 +509,41 @@ impl Drop for RunningGateway {
     }
 }
 
-/// Connects etcd, reads the contracts, binds `gateway.listen` and serves.
+/// Connects etcd, reads the contracts, binds `gateway.listen` and serves on
+/// the current runtime. The binary runs one of these per core instead (see
+/// [`crate::workers`]).
 pub async fn start(config: MeshConfig) -> Result<RunningGateway, StartError> {
+    let listen = config.gateway.listen.clone();
+    let limiter = limiter(&config.gateway);
+    start_worker(config, &listen, false, true, limiter).await
+}
+
+/// One worker: its own etcd client, balanced channels and listener on
+/// `listen` (shared with the other workers through SO_REUSEPORT when
+/// `reuse_port`), so a connection and its upstream calls stay on one thread.
+pub(crate) async fn start_worker(
+    config: MeshConfig,
+    listen: &str,
+    reuse_port: bool,
+    with_admin: bool,
+    limiter: Option<Arc<Limiter>>,
+) -> Result<RunningGateway, StartError> {
     let contracts = Contracts::load(&config.gateway.descriptor_sets)?;
     let etcd = meshkit_common::etcd::connect(&config.etcd).await?;
     let channels = ChannelBuilder::new(etcd, config.etcd.prefix.clone()).with_methods(contracts.method_table());
-    let gateway = Arc::new(Gateway::new(&config.gateway, &channels, contracts)?);
-    let listener = TcpListener::bind(&config.gateway.listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.gateway.listen.clone(), source })?;
-    let addr =
-        listener.local_addr().map_err(|source| StartError::Listen { addr: config.gateway.listen.clone(), source })?;
-    let admin = if config.admin.enabled {
+    let gateway = Arc::new(Gateway::new(&config.gateway, &channels, contracts, limiter)?);
+    let listen_error = |source| StartError::Listen { addr: listen.to_owned(), source };
+    let listener = bind(listen, reuse_port).map_err(listen_error)?;
+    let addr = listener.local_addr().map_err(listen_error)?;
+    let admin = if config.admin.enabled && with_admin {
         let listen = config.admin.listen.parse().map_err(|_| StartError::Config("admin.listen".into()))?;
         Some(AdminServer::start(listen, vec![channels.clone()], Vec::new()).await?)
     } else {
         None
     };
-    if let Some(limiter) = &gateway.limiter {
+    if gateway.limiter.is_some() && with_admin {
         // Forget idle clients now and then so the limiter's memory stays bounded.
         let weak = Arc::downgrade(&gateway);
-        let _ = limiter;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
@@ -546,8 +568,22 @@ pub async fn start(config: MeshConfig) -> Result<RunningGateway, StartError> {
     builder.http2().timer(TokioTimer::new()).max_header_list_size(header_limit as u32);
     let (stop_tx, stop_rx) = oneshot::channel();
     let task = tokio::spawn(serve(listener, builder, gateway, cors, stop_rx, drain));
-    tracing::info!(%addr, admin = ?admin.as_ref().map(AdminServer::local_addr), "gateway listening");
+    tracing::debug!(%addr, admin = ?admin.as_ref().map(AdminServer::local_addr), "gateway worker listening");
     Ok(RunningGateway { addr, admin, stop: Some(stop_tx), task })
+}
+
+fn bind(listen: &str, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let addr: SocketAddr =
+        listen.parse().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an address"))?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, String> {

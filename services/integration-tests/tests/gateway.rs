@@ -578,6 +578,40 @@ async fn the_gateway_binary_serves_and_drains_on_sigterm() {
     assert!(status.success(), "{status:?}");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "nothing listens after the drain");
 
+    // Two workers share one listener and one per-client allowance.
+    let port = meshkit_integration_tests::free_port();
+    let limited = [
+        ("MESHKIT_ETCD_ENDPOINTS", etcd.clone()),
+        ("MESHKIT_GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
+        ("MESHKIT_GATEWAY_WORKERS", "2".into()),
+        ("MESHKIT_GATEWAY_RATE_LIMIT_PER_SEC", "5".into()),
+        ("MESHKIT_GATEWAY_RATE_LIMIT_BURST", "5".into()),
+    ];
+    let mut gateway = ServiceProcess::spawn("meshkit-gateway", &limited, c.dir.path()).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually("the limited gateway listens", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(addr).await.ok()
+    })
+    .await;
+    let mut ok = 0;
+    for _ in 0..20 {
+        // Each request on a new connection, so both workers take some.
+        if send(addr, json_request("GET", addr, "/openapi.json", "")).await.unwrap().status == 200 {
+            ok += 1;
+        }
+    }
+    let mut admitted = 0;
+    for _ in 0..20 {
+        let r = send(addr, json_request("GET", addr, "/v1/users?page_size=1", "")).await.unwrap();
+        if r.status != 429 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(ok, 20, "the document is not rate limited");
+    assert!((5..=8).contains(&admitted), "{admitted} of 20 admitted: the allowance is per client, not per worker");
+    gateway.signal(15);
+    assert!(gateway.wait_exit(Duration::from_secs(5)).await.expect("exits").success());
+
     // A bad setting stops it at once, naming the setting.
     let bad = [("MESHKIT_ETCD_ENDPOINTS", etcd), ("MESHKIT_GATEWAY_LISTEN", "nowhere".into())];
     let mut gateway = ServiceProcess::spawn("meshkit-gateway", &bad, c.dir.path()).unwrap();

@@ -45,7 +45,9 @@ lint: ## rustfmt check and clippy with warnings as errors
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-bench: deps build-release ## benchmarks (release build); figures go in docs/BENCHMARKS.md
+bench: ## benchmarks (release build, nginx as a yardstick); figures go in docs/BENCHMARKS.md
+	@deploy/local/install-deps.sh --bench
+	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -p meshkit-integration-tests --bin mesh-bench
 
 clean-run: down ## remove the local cluster's data and logs

@@ -9,11 +9,15 @@
 //! 3. Pool changes: registration, SIGTERM and kill -9 to the pool's reaction.
 //! 4. Events: outbox relay throughput, and order → notification latency and
 //!    consumer lag at a steady 500 orders/s (see `bench/events.rs`).
+//! 5. Gateway: gRPC passthrough vs nginx `grpc_pass`, and REST/JSON
+//!    transcoding vs passthrough (see `bench/gateway.rs`).
 //!
 //! `MESHKIT_BENCH_SECS` (default 5) sets the length of each load phase.
 
 #[path = "../bench/events.rs"]
 mod events;
+#[path = "../bench/gateway.rs"]
+mod gateway;
 
 use std::{
     sync::Arc,
@@ -40,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     println!("meshkit bench ({} cores, {secs} s per load phase, concurrency {CONCURRENCY})", num_cpus());
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
-    let phases = std::env::var("MESHKIT_BENCH_PHASES").unwrap_or_else(|_| "startup,compare,pool,events".into());
+    let phases = std::env::var("MESHKIT_BENCH_PHASES").unwrap_or_else(|_| "startup,compare,pool,events,gateway".into());
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -59,6 +63,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("events") {
         events::run(&etcd, secs).await?;
+    }
+    if run("gateway") {
+        gateway::run(&etcd, dir.path(), secs).await?;
     }
     Ok(())
 }

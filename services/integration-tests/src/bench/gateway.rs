@@ -1,0 +1,293 @@
+//! The gateway's benchmarks, side by side in one run:
+//!
+//! 1. gRPC passthrough vs nginx 1.22 `grpc_pass` (Debian) in front of the
+//!    same echo backend, and the backend called directly: throughput at
+//!    saturation (closed loop), latency at a steady rate below saturation
+//!    (added latency = proxy − direct), and the proxy process's CPU per
+//!    request at that rate (nginx: master and workers together).
+//! 2. REST/JSON transcoding vs passthrough through the same gateway, to the
+//!    same method: CPU per request and throughput.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use meshkit_integration_tests::{
+    Etcd, ServiceProcess,
+    echo::{ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient, start_echo},
+    free_port, mesh_config,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use super::{CONCURRENCY, Stats, load, paced};
+
+/// The steady rate of the latency and CPU phases, well below saturation.
+const RATE: u64 = 2_000;
+
+pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
+    let phase = Duration::from_secs(secs);
+    let backend = start_echo(mesh_config(etcd, "sqlite::memory:")).await?;
+    let backend_addr = backend.local_addr();
+    let descriptors = logs.join("echo.binpb");
+    std::fs::write(&descriptors, ECHO_DESCRIPTOR_SET)?;
+
+    let gateway_port = free_port();
+    let mut env = vec![
+        ("MESHKIT_ETCD_ENDPOINTS", etcd.endpoint()),
+        ("MESHKIT_GATEWAY_LISTEN", format!("127.0.0.1:{gateway_port}")),
+        ("MESHKIT_GATEWAY_DESCRIPTOR_SETS", descriptors.display().to_string()),
+        ("MESHKIT_ADMIN_ENABLED", "false".into()),
+    ];
+    // `MESHKIT_BENCH_GATEWAY_THREADS=N` runs the gateway on N runtime threads.
+    if let Ok(n) = std::env::var("MESHKIT_BENCH_GATEWAY_THREADS") {
+        env.push(("TOKIO_WORKER_THREADS", n));
+    }
+    let gateway = ServiceProcess::spawn("meshkit-gateway", &env, logs)?;
+    let nginx = Nginx::start(logs, backend_addr.port())?;
+
+    let direct = channel(backend_addr.port()).await?;
+    let via_nginx = channel(nginx.port).await?;
+    let via_gateway = channel(gateway_port).await?;
+    // The first call through the gateway waits for its pool's first etcd read.
+    for c in [&direct, &via_nginx, &via_gateway] {
+        echo_once(c.clone()).await.context("warm-up call")?;
+    }
+
+    // Saturation: closed loop, alternating so drift hits every path alike.
+    let mut sat = [Stats::default(), Stats::default(), Stats::default()];
+    for _ in 0..2 {
+        for (i, c) in [&direct, &via_nginx, &via_gateway].into_iter().enumerate() {
+            let c = c.clone();
+            sat[i].merge(load(phase / 2, move || echo_once(c.clone())).await?);
+        }
+    }
+    // A steady rate: latency, and the proxy's CPU per request.
+    let mut steady = [Stats::default(), Stats::default(), Stats::default()];
+    let mut proxy_cpu = [Duration::ZERO; 3];
+    let pids = [None, Some(nginx.pid()), Some(gateway.pid())];
+    for _ in 0..2 {
+        for (i, c) in [&direct, &via_nginx, &via_gateway].into_iter().enumerate() {
+            let c = c.clone();
+            let before = pids[i].map(tree_cpu).unwrap_or_default();
+            steady[i].merge(paced(RATE, phase / 2, move || echo_once(c.clone())).await?);
+            proxy_cpu[i] += pids[i].map(tree_cpu).unwrap_or_default().saturating_sub(before);
+        }
+    }
+    let per_call = |i: usize| proxy_cpu[i].as_secs_f64() * 1e6 / steady[i].calls.max(1) as f64;
+    let p = |s: &Stats, q: f64| s.hist.value_at_quantile(q) as i64;
+    println!(
+        "\n== gateway gRPC passthrough vs nginx 1.22 grpc_pass (unary Echo, one backend, concurrency {CONCURRENCY})"
+    );
+    println!(
+        "  {:<9} {:>14} {:>10} {:>10} {:>10} {:>10} {:>16}",
+        "", "sat. calls/s", "p50 µs", "p99 µs", "+p50 µs", "+p99 µs", "proxy CPU µs/req"
+    );
+    for (i, name) in ["direct", "nginx", "gateway"].into_iter().enumerate() {
+        println!(
+            "  {:<9} {:>14.0} {:>10} {:>10} {:>10} {:>10} {:>16}",
+            name,
+            sat[i].rate(),
+            p(&steady[i], 0.5),
+            p(&steady[i], 0.99),
+            if i == 0 { "-".into() } else { format!("{:+}", p(&steady[i], 0.5) - p(&steady[0], 0.5)) },
+            if i == 0 { "-".into() } else { format!("{:+}", p(&steady[i], 0.99) - p(&steady[0], 0.99)) },
+            if i == 0 { "-".into() } else { format!("{:.1}", per_call(i)) },
+        );
+    }
+    let added = |i: usize| (p(&steady[i], 0.5) - p(&steady[0], 0.5)).max(1) as f64;
+    println!(
+        "  gateway/nginx: CPU per request x{:.2} (goal <= 0.33)   added p50 x{:.2} (goal <= 0.5)   throughput x{:.2}   (latency and CPU at a steady {RATE}/s)",
+        per_call(2) / per_call(1),
+        added(2) / added(1),
+        sat[2].rate() / sat[1].rate(),
+    );
+
+    // REST/JSON vs passthrough, same gateway, same method.
+    let rest_client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = format!("http://127.0.0.1:{gateway_port}/v1/echo/bench").parse()?;
+    let rest_call = {
+        let client = rest_client.clone();
+        let uri = uri.clone();
+        move || {
+            let client = client.clone();
+            let uri = uri.clone();
+            async move {
+                let res = client.get(uri).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let status = res.status();
+                let body = res.into_body().collect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                if status != 200 {
+                    return Err(tonic::Status::unknown(format!("{status}: {:?}", body.to_bytes())));
+                }
+                Ok(())
+            }
+        }
+    };
+    rest_call().await.context("warm-up REST call")?;
+    let mut rest_sat = Stats::default();
+    let mut grpc_sat = Stats::default();
+    let mut rest_steady = Stats::default();
+    let mut grpc_steady = Stats::default();
+    let (mut rest_cpu, mut grpc_cpu) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..2 {
+        rest_sat.merge(load(phase / 2, rest_call.clone()).await?);
+        let c = via_gateway.clone();
+        grpc_sat.merge(load(phase / 2, move || echo_once(c.clone())).await?);
+        let before = tree_cpu(gateway.pid());
+        rest_steady.merge(paced(RATE, phase / 2, rest_call.clone()).await?);
+        rest_cpu += tree_cpu(gateway.pid()).saturating_sub(before);
+        let c = via_gateway.clone();
+        let before = tree_cpu(gateway.pid());
+        grpc_steady.merge(paced(RATE, phase / 2, move || echo_once(c.clone())).await?);
+        grpc_cpu += tree_cpu(gateway.pid()).saturating_sub(before);
+    }
+    let rest_per = rest_cpu.as_secs_f64() * 1e6 / rest_steady.calls.max(1) as f64;
+    let grpc_per = grpc_cpu.as_secs_f64() * 1e6 / grpc_steady.calls.max(1) as f64;
+    println!(
+        "\n== gateway REST/JSON transcoding vs gRPC passthrough (GET /v1/echo/bench vs Echo, HTTP/1.1 keep-alive)"
+    );
+    println!("  {:<12} {:>14} {:>10} {:>10} {:>18}", "", "sat. calls/s", "p50 µs", "p99 µs", "gateway CPU µs/req");
+    for (name, sat, steady, per) in
+        [("passthrough", &grpc_sat, &grpc_steady, grpc_per), ("REST/JSON", &rest_sat, &rest_steady, rest_per)]
+    {
+        println!("  {:<12} {:>14.0} {:>10} {:>10} {:>18.1}", name, sat.rate(), p(steady, 0.5), p(steady, 0.99), per);
+    }
+    println!(
+        "  REST/passthrough: CPU per request x{:.2}   throughput x{:.2}",
+        rest_per / grpc_per,
+        rest_sat.rate() / grpc_sat.rate()
+    );
+    drop(nginx);
+    drop(gateway);
+    backend.shutdown().await?;
+    Ok(())
+}
+
+async fn channel(port: u16) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?.tcp_nodelay(true).connect().await?)
+}
+
+async fn echo_once(channel: Channel) -> Result<(), tonic::Status> {
+    EchoServiceClient::new(channel).echo(EchoRequest { text: "bench".into(), ..Default::default() }).await.map(|_| ())
+}
+
+/// utime + stime of `pid` and its direct children (nginx's workers).
+fn tree_cpu(pid: i32) -> Duration {
+    let mut total = stat_cpu(pid).map(|(_, cpu)| cpu).unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if let Some((ppid, cpu)) = stat_cpu(child) {
+                if ppid == pid {
+                    total += cpu;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// (parent pid, utime + stime) from /proc/PID/stat.
+fn stat_cpu(pid: i32) -> Option<(i32, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((ppid, Duration::from_secs_f64(ticks as f64 / 100.0)))
+}
+
+/// nginx with `grpc_pass` to one backend, keepalive to it, on its own port
+/// and prefix directory; stopped when dropped.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(dir: &Path, backend_port: u16) -> anyhow::Result<Self> {
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("nginx is missing: run deploy/local/install-deps.sh --bench")?;
+        let prefix = dir.join("nginx");
+        std::fs::create_dir_all(prefix.join("tmp"))?;
+        let port = free_port();
+        let p = prefix.display();
+        let user = if std::env::var("USER").as_deref() == Ok("root") || is_root() { "user root;" } else { "" };
+        let conf = format!(
+            "{user}
+worker_processes 2;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    keepalive_requests 100000000;
+    upstream backend {{
+        server 127.0.0.1:{backend_port};
+        keepalive 64;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location / {{ grpc_pass grpc://backend; }}
+    }}
+}}
+"
+        );
+        let conf_path = prefix.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = std::process::Command::new(nginx)
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["-g", "daemon off;"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("starting nginx")?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "nginx did not listen; see {p}/error.log");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { child, port })
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: nginx's graceful stop; then make sure.
+        let _ = std::process::Command::new("kill").arg("-QUIT").arg(self.child.id().to_string()).status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

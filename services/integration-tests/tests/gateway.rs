@@ -13,7 +13,7 @@ use http_body_util::Full;
 use meshkit_common::{MeshConfig, RunningServer, config::GatewaySettings, server::INSTANCE_HEADER};
 use meshkit_gateway::RunningGateway;
 use meshkit_integration_tests::{
-    Etcd, ServiceProcess,
+    Broker, Etcd, ServiceProcess, Storage,
     echo::{self, ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient, ExpandRequest, FailRequest},
     eventually,
     http::{Reply, json_request, send, send_h2},
@@ -26,6 +26,7 @@ use tonic::Code;
 
 struct Cluster {
     addr: SocketAddr,
+    _broker: Option<Broker>,
     gateway: Option<RunningGateway>,
     servers: Vec<RunningServer>,
     _etcd: Etcd,
@@ -36,16 +37,27 @@ impl Cluster {
     /// etcd, two instances each of user, order and echo, and a gateway
     /// with `tweak` applied to its settings.
     async fn start(tweak: impl FnOnce(&mut GatewaySettings)) -> Self {
+        Self::start_with(false, tweak).await
+    }
+
+    /// With `events`, also a Kafka broker and two notification instances.
+    async fn start_with(events: bool, tweak: impl FnOnce(&mut GatewaySettings)) -> Self {
         init_logs();
         let etcd = Etcd::start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
+        let broker = if events { Some(Broker::start(Storage::Memory).await.unwrap()) } else { None };
         let mut servers = Vec::new();
-        for (name, n) in [("user", 2), ("order", 2), ("echo", 2)] {
-            let config = mesh_config(&etcd, &sqlite_url(dir.path(), name));
+        let notifications = if events { 2 } else { 0 };
+        for (name, n) in [("user", 2), ("order", 2), ("echo", 2), ("notification", notifications)] {
+            let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), name));
+            if let Some(b) = &broker {
+                config.events.brokers = vec![b.endpoint()];
+            }
             for _ in 0..n {
                 let server = match name {
                     "user" => meshkit_user::start(config.clone()).await.unwrap(),
                     "order" => meshkit_order::start(config.clone()).await.unwrap(),
+                    "notification" => meshkit_notification::start(config.clone()).await.unwrap(),
                     _ => echo::start_echo(config.clone()).await.unwrap(),
                 };
                 servers.push(server);
@@ -58,7 +70,7 @@ impl Cluster {
         config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
         tweak(&mut config.gateway);
         let gateway = meshkit_gateway::start(config).await.unwrap();
-        Self { addr: gateway.local_addr(), gateway: Some(gateway), servers, _etcd: etcd, dir }
+        Self { addr: gateway.local_addr(), _broker: broker, gateway: Some(gateway), servers, _etcd: etcd, dir }
     }
 
     async fn rest(&self, method: &str, path: &str, body: &str) -> Reply {
@@ -135,6 +147,40 @@ async fn rest_creates_gets_and_pages_through_two_instances_each() {
     }
     let users = c.rest("GET", "/v1/users?page_size=1", "").await.json();
     assert_eq!(users["users"].as_array().unwrap().len(), 1);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_order_placed_over_rest_reaches_the_users_notifications() {
+    let c = Cluster::start_with(true, |_| {}).await;
+    let user = c.rest("POST", "/v1/users", r#"{"name":"N","email":"n@example.com"}"#).await.json();
+    let uid = user["id"].as_str().unwrap().to_owned();
+    let mut orders = Vec::new();
+    for i in 0..4 {
+        let body = json!({"userId": uid, "items": [{"sku": format!("n-{i}"), "quantity": 1}]}).to_string();
+        orders.push(c.rest("POST", "/v1/orders", &body).await.json()["id"].as_str().unwrap().to_owned());
+    }
+    // Through Kafka to notification-service, then read back over REST, two per page.
+    let path = format!("/v1/users/{uid}/notifications?page_size=2");
+    let first = eventually("four notifications", Duration::from_secs(20), || async {
+        let page = c.rest("GET", &path, "").await.json();
+        (page["nextPageToken"].as_str().is_some_and(|t| !t.is_empty())).then_some(page)
+    })
+    .await;
+    let token = first["nextPageToken"].as_str().unwrap();
+    let second = c.rest("GET", &format!("{path}&pageToken={token}"), "").await.json();
+    let mut messages: Vec<String> = first["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["notifications"].as_array().unwrap())
+        .map(|n| n["message"].as_str().unwrap().to_owned())
+        .collect();
+    messages.sort();
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    for order in &orders {
+        assert!(messages.iter().any(|m| m.contains(order.as_str())), "{order} not in {messages:?}");
+    }
     c.stop().await;
 }
 
@@ -379,6 +425,24 @@ async fn grpc_web_binary_and_text_with_cors() {
         let user = meshkit_proto::user::User::decode(messages[0].as_slice()).unwrap();
         assert_eq!(user.email, request.email);
     }
+    // Server streaming over grpc-web: every message, then the trailers.
+    let request = ExpandRequest { text: "web".into(), times: 50 };
+    let mut framed = BytesMut::new();
+    framed.put_u8(0);
+    framed.put_u32(request.encoded_len() as u32);
+    request.encode(&mut framed).unwrap();
+    let req = Request::post(format!("http://{}/meshkit.echo.v1.EchoService/Expand", c.addr))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(Full::new(framed.freeze()))
+        .unwrap();
+    let reply = send(c.addr, req).await.unwrap();
+    let (messages, trailers) = grpc_web_frames(&reply.body);
+    assert_eq!(messages.len(), 50);
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let last = echo::EchoReply::decode(messages[49].as_slice()).unwrap();
+    assert_eq!(last.request.unwrap().text, "web-49");
+
     // Preflight.
     let preflight = Request::builder()
         .method("OPTIONS")

@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help up down status deps build build-release test test-fast lint fmt bench clean-run
+.PHONY: help up down status deps build build-release test test-fast interop lint fmt bench clean-run
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -27,13 +27,17 @@ build: ## debug build of every crate and binary
 build-release: ## release build of every binary (services, bench)
 	$(CARGO) build --release --workspace --bins
 
-test: ## the whole suite: unit tests, then integration tests on real etcd, Tansu and PostgreSQL
+test: ## the whole suite: unit and integration tests on real etcd, Tansu and PostgreSQL, then interop
 	@deploy/local/install-deps.sh --test
 	$(CARGO) build --workspace --bins
 	@mkdir -p target
 	@set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; status=$$?; \
 	  awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log; \
+	  deploy/local/interop.sh --own-cluster || status=1; \
 	  exit $$status
+
+interop: ## grpcurl, Python, grpc-web and Java clients and a Python instance against the `make up` cluster
+	@deploy/local/interop.sh
 
 test-fast: ## inner loop: unit tests only, no etcd or database
 	$(CARGO) test --workspace --exclude meshkit-integration-tests

@@ -2,8 +2,8 @@
 # Installs what meshkit needs on Debian/Ubuntu, and nothing that is already
 # there: quick and quiet on a machine that has everything.
 #   install-deps.sh          what `make up` needs (etcd, protoc, grpcurl, the Tansu broker)
-#   install-deps.sh --test   plus what `make test` needs (PostgreSQL, the Python
-#                            grpcio and Node.js grpc-web test clients)
+#   install-deps.sh --test   plus what `make test` needs (PostgreSQL, and the
+#                            Python, Node.js grpc-web and Java test clients)
 #   install-deps.sh --bench  plus what `make bench` compares against (nginx)
 set -euo pipefail
 
@@ -30,6 +30,13 @@ if (( want_test )); then
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
+    command -v curl >/dev/null || missing+=(curl)
+    # The Java client: plain javac against Debian's grpc-java, protobuf and netty jars.
+    command -v javac >/dev/null || missing+=(default-jdk-headless)
+    [[ -x /usr/bin/grpc_java_plugin ]] || missing+=(protobuf-compiler-grpc-java-plugin)
+    for pkg in libgrpc-java libprotobuf-java libnetty-java libperfmark-java; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
 fi
 if (( want_bench )); then
     command -v nginx >/dev/null || missing+=(nginx)

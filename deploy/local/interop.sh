@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# `make interop`: meshkit from the outside, against a running cluster.
+#
+#   1. the grpcurl and curl lines `make up` prints (and the README shows);
+#   2. a Python grpcio client generated from proto/;
+#   3. a grpc-web client (Connect's grpc-web transport on Node.js);
+#   4. a Java client generated from proto/ and built with plain javac
+#      against Debian's jars;
+#   5. a Python server joining the mesh by the registry contract: the gateway's
+#      balanced channel sends it calls, and it leaves cleanly on SIGTERM.
+#
+#   interop.sh                against the `make up` cluster (ports from the
+#                             MESHKIT_* variables cluster.sh reads)
+#   interop.sh --own-cluster  start a cluster of debug binaries on free ports
+#                             in a temp dir, run, stop it (what `make test` does)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+CLIENTS="$ROOT/services/integration-tests/clients"
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+OWN_CLUSTER=0
+PY_SERVER_PID=""
+WORK="$(mktemp -d /tmp/meshkit-interop-work.XXXXXX)"
+cleanup() {
+    [[ -n "$PY_SERVER_PID" ]] && kill "$PY_SERVER_PID" 2>/dev/null || true
+    rm -rf "$WORK"
+    if (( OWN_CLUSTER )); then
+        "$ROOT/deploy/local/cluster.sh" down >/dev/null 2>&1 || true
+        rm -rf "$MESHKIT_RUN_DIR"
+    fi
+}
+trap cleanup EXIT
+
+if [[ "${1:-}" == "--own-cluster" ]]; then
+    OWN_CLUSTER=1
+    MESHKIT_RUN_DIR="$(mktemp -d /tmp/meshkit-interop.XXXXXX)"
+    export MESHKIT_RUN_DIR MESHKIT_PROFILE="${MESHKIT_PROFILE:-dev}"
+    export MESHKIT_ETCD_PORT="$(free_port)" MESHKIT_ETCD_PEER_PORT="$(free_port)"
+    export MESHKIT_KAFKA_PORT="$(free_port)" MESHKIT_GATEWAY_PORT="$(free_port)"
+    unset MESHKIT_ETCD_ENDPOINTS MESHKIT_EVENTS_BROKERS
+    "$ROOT/deploy/local/cluster.sh" up >"$WORK/cluster.log" 2>&1 \
+        || { echo "interop: the cluster did not start:" >&2; tail -20 "$WORK/cluster.log" >&2; exit 1; }
+fi
+
+GW="127.0.0.1:${MESHKIT_GATEWAY_PORT:-8080}"
+ETCD="${MESHKIT_ETCD_ENDPOINTS:-127.0.0.1:${MESHKIT_ETCD_PORT:-2379}}"
+ETCD="${ETCD%%,*}"
+
+passed=0
+failed=0
+ok() { echo "ok   $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+json() { python3 -c "import sys, json; d = json.load(sys.stdin); print($1)"; }
+run_id="$(date +%s%N)"
+
+# 1. The lines `make up` prints.
+if out="$(grpcurl -plaintext "$GW" list 2>&1)" \
+    && grep -q meshkit.user.v1.UserService <<<"$out" && grep -q meshkit.order.v1.OrderService <<<"$out" \
+    && grep -q meshkit.notification.v1.NotificationService <<<"$out"; then
+    ok "grpcurl list through the gateway"
+else
+    fail "grpcurl list through the gateway" "$out"
+fi
+user_id=""
+if out="$(grpcurl -plaintext -d "{\"name\":\"Ada\",\"email\":\"ada-$run_id@example.com\"}" "$GW" meshkit.user.v1.UserService/CreateUser 2>&1)" \
+    && user_id="$(json 'd["id"]' <<<"$out")"; then
+    ok "grpcurl CreateUser"
+else
+    fail "grpcurl CreateUser" "$out"
+fi
+if out="$(grpcurl -plaintext -d "{\"userId\":\"$user_id\",\"items\":[{\"sku\":\"book-1\",\"quantity\":2}]}" "$GW" meshkit.order.v1.OrderService/CreateOrder 2>&1)" \
+    && [[ "$(json 'd["status"]' <<<"$out")" == ORDER_STATUS_PENDING ]]; then
+    ok "grpcurl CreateOrder"
+else
+    fail "grpcurl CreateOrder" "$out"
+fi
+seen=0
+for _ in $(seq 1 50); do
+    out="$(grpcurl -plaintext -d "{\"userId\":\"$user_id\"}" "$GW" meshkit.notification.v1.NotificationService/ListNotifications 2>&1 || true)"
+    if grep -q '"message"' <<<"$out"; then seen=1; break; fi
+    sleep 0.2
+done
+(( seen )) && ok "grpcurl ListNotifications (the order's event arrived)" || fail "grpcurl ListNotifications" "$out"
+if out="$(curl -sf -X POST "http://$GW/v1/users" -H 'content-type: application/json' -d "{\"name\":\"Bo\",\"email\":\"bo-$run_id@example.com\"}")" \
+    && bo="$(json 'd["id"]' <<<"$out")" \
+    && curl -sf "http://$GW/v1/users/$bo/orders?page_size=10" >/dev/null \
+    && curl -sf "http://$GW/openapi.json" | json 'd["openapi"]' | grep -q '^3\.1'; then
+    ok "curl REST and /openapi.json"
+else
+    fail "curl REST and /openapi.json" "${out:-no answer}"
+fi
+
+# 2. Python grpcio.
+if out="$(python3 "$CLIENTS/python/client.py" --target "$GW" --proto-dir "$ROOT/proto" --email "py-$run_id@example.com" 2>&1)" \
+    && [[ "$(json 'd["missing_user"]' <<<"$out")" == NOT_FOUND ]]; then
+    ok "Python grpcio client"
+else
+    fail "Python grpcio client" "$out"
+fi
+
+# 3. grpc-web from Node.js.
+if out="$(protoc --include_imports --descriptor_set_out="$WORK/meshkit.binpb" -I "$ROOT/proto" \
+        meshkit/user/v1/user.proto meshkit/order/v1/order.proto 2>&1)" \
+    && out="$(node "$CLIENTS/grpc-web/client.mjs" --base-url "http://$GW" --descriptors "$WORK/meshkit.binpb" --email "web-$run_id@example.com" 2>&1)" \
+    && [[ "$(json 'd["missing_user"]' <<<"$out")" == NOT_FOUND ]]; then
+    ok "grpc-web client (Node.js)"
+else
+    fail "grpc-web client (Node.js)" "$out"
+fi
+
+# 4. Java, built with javac against Debian's jars.
+if out="$("$CLIENTS/java/build.sh" "$WORK/java" 2>&1)" \
+    && out="$(java -cp "$(cat "$WORK/java/classpath")" io.meshkit.interop.Client "$GW" "java-$run_id@example.com" 2>&1 | tail -1)" \
+    && [[ "$(json 'd["order_status"]' <<<"$out")" == ORDER_STATUS_PENDING ]]; then
+    ok "Java client (grpc-java, javac)"
+else
+    fail "Java client (grpc-java, javac)" "$out"
+fi
+
+# 5. A Python instance joins the user pool, is called, and leaves.
+instance="py-interop-$run_id"
+python3 "$CLIENTS/python/server.py" --etcd "$ETCD" --instance "$instance" --proto-dir "$ROOT/proto" >"$WORK/py-server.log" 2>&1 &
+PY_SERVER_PID=$!
+served=0
+for _ in $(seq 1 100); do
+    if grpcurl -plaintext -v -d '{"page_size":1}' "$GW" meshkit.user.v1.UserService/ListUsers 2>/dev/null \
+        | grep -qi "^x-meshkit-instance: $instance"; then served=1; break; fi
+    sleep 0.1
+done
+key="/meshkit/services/meshkit.user.v1.UserService/$instance"
+kill -TERM "$PY_SERVER_PID"
+wait "$PY_SERVER_PID" 2>/dev/null || true
+PY_SERVER_PID=""
+gone=0
+for _ in $(seq 1 40); do
+    [[ -z "$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD" get "$key" --keys-only 2>/dev/null)" ]] && { gone=1; break; }
+    sleep 0.05
+done
+if (( served && gone )); then
+    ok "a Python instance joins the mesh by the registry contract and leaves on SIGTERM"
+else
+    fail "a Python instance joins the mesh" "served=$served deregistered=$gone; $(tail -5 "$WORK/py-server.log")"
+fi
+
+echo "interop: $passed passed, $failed failed"
+(( failed == 0 ))

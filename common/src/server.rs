@@ -212,7 +212,7 @@ impl MeshServer {
                 None => crate::etcd::connect(&config.etcd).await?,
             };
             let addr = if config.server.advertise.is_empty() {
-                local_addr.to_string()
+                advertised(local_addr, &config.etcd.endpoints)
             } else {
                 config.server.advertise.clone()
             };
@@ -269,6 +269,28 @@ fn routes_of(builder: RoutesBuilder) -> Routes {
 }
 
 /// `{pid}-{random}`: unique per process, readable in logs.
+/// The address to register when none is configured: the bound one, or, when
+/// bound to every interface (`0.0.0.0`, `::`, as in a container), the
+/// interface address that routes to etcd, which is the one the rest of the
+/// mesh can reach (a UDP `connect` picks the route without sending anything).
+fn advertised(local: SocketAddr, etcd_endpoints: &[String]) -> String {
+    if !local.ip().is_unspecified() {
+        return local.to_string();
+    }
+    use std::net::ToSocketAddrs;
+    for endpoint in etcd_endpoints {
+        let hostport = endpoint.trim_start_matches("http://").trim_start_matches("https://");
+        let Ok(mut addrs) = hostport.to_socket_addrs() else { continue };
+        let Some(target) = addrs.next() else { continue };
+        let bind: SocketAddr =
+            if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+        if let Ok(ip) = std::net::UdpSocket::bind(bind).and_then(|s| s.connect(target).and_then(|()| s.local_addr())) {
+            return SocketAddr::new(ip.ip(), local.port()).to_string();
+        }
+    }
+    local.to_string()
+}
+
 pub fn new_instance_id() -> String {
     let random = uuid::Uuid::now_v7().simple().to_string();
     format!("{}-{}", std::process::id(), &random[random.len() - 10..])
@@ -424,5 +446,20 @@ where
             tokio::time::sleep(delay).await;
             fut.await
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_bind_advertises_the_address_that_reaches_etcd() {
+        let any: SocketAddr = "0.0.0.0:50051".parse().expect("an address");
+        assert_eq!(advertised(any, &["127.0.0.1:2379".into()]), "127.0.0.1:50051");
+        let via_url = advertised(any, &["http://127.0.0.2:2379".into()]);
+        assert!(via_url.starts_with("127.") && via_url.ends_with(":50051"), "{via_url}");
+        let bound: SocketAddr = "127.0.0.1:7000".parse().expect("an address");
+        assert_eq!(advertised(bound, &["10.0.0.1:2379".into()]), "127.0.0.1:7000");
     }
 }

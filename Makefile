@@ -9,8 +9,12 @@ export CARGO_TERM_COLOR ?= never
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-up: deps build-release ## install what is missing, build, start etcd, a Kafka broker and 2 instances of each service
-	@deploy/local/cluster.sh up
+up: ## install what is missing, build, start etcd, a Kafka broker, 2 instances of each service and the gateway
+	@if deploy/local/cluster.sh docker-ok; then \
+	  deploy/local/cluster.sh compose-up; \
+	else \
+	  $(MAKE) --no-print-directory deps build-release && deploy/local/cluster.sh up; \
+	fi
 
 down: ## stop the local cluster; no process is left behind
 	@deploy/local/cluster.sh down
@@ -34,6 +38,7 @@ test: ## the whole suite: unit and integration tests on real etcd, Tansu and Pos
 	@set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; status=$$?; \
 	  awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log; \
 	  deploy/local/interop.sh --own-cluster || status=1; \
+	  deploy/check-manifests.sh || status=1; \
 	  exit $$status
 
 interop: ## grpcurl, Python, grpc-web and Java clients and a Python instance against the `make up` cluster

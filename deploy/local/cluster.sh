@@ -255,9 +255,29 @@ cmd_down() {
     echo "meshkit stopped (data kept in $RUN_DIR; \`make clean-run\` removes it)"
 }
 
+# Docker: `make up` runs deploy/docker-compose.yml instead when an engine
+# answers and MESHKIT_LOCAL is not 1.
+COMPOSE_FILE="$ROOT/deploy/docker-compose.yml"
+compose() {
+    if docker compose version >/dev/null 2>&1; then docker compose -f "$COMPOSE_FILE" "$@"
+    else docker-compose -f "$COMPOSE_FILE" "$@"; fi
+}
+docker_ok() {
+    [[ "${MESHKIT_LOCAL:-0}" != 1 ]] && command -v docker >/dev/null && docker info >/dev/null 2>&1 \
+        && { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; }
+}
+
 case "${1:-}" in
+    docker-ok) docker_ok ;;
+    compose-up)
+        mkdir -p "$RUN_DIR" && touch "$RUN_DIR/compose"
+        compose up -d --build
+        compose ps
+        echo "gateway: http://127.0.0.1:8080  (Jaeger http://127.0.0.1:16686, Prometheus http://127.0.0.1:9091, Grafana http://127.0.0.1:3000)"
+        ;;
     up) cmd_up ;;
-    down) cmd_down ;;
+    down)
+        if [[ -e "$RUN_DIR/compose" ]]; then compose down && rm -f "$RUN_DIR/compose"; else cmd_down; fi ;;
     status) [[ -d "$RUN_DIR/pids" ]] && cmd_status || echo "meshkit is not running" ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|compose-up|docker-ok" >&2; exit 2 ;;
 esac

@@ -34,6 +34,8 @@ if (( want_test )); then
     # The Java client: plain javac against Debian's grpc-java, protobuf and netty jars.
     command -v javac >/dev/null || missing+=(default-jdk-headless)
     [[ -x /usr/bin/grpc_java_plugin ]] || missing+=(protobuf-compiler-grpc-java-plugin)
+    # docker-compose (v1, Debian) parses the compose file; no engine is needed.
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
     for pkg in libgrpc-java libprotobuf-java libnetty-java libperfmark-java; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
@@ -77,6 +79,11 @@ if (( want_test )); then
     if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
         echo "install-deps: installing grpcio and grpcio-tools from PyPI"
         pip_install "grpcio==1.76.0" "grpcio-tools==1.76.0" || { echo "install-deps: pip failed" >&2; exit 1; }
+    fi
+    # The Kubernetes manifests are checked against the API schemas.
+    if ! command -v kubernetes-validate >/dev/null; then
+        echo "install-deps: installing kubernetes-validate from PyPI"
+        pip_install "kubernetes-validate==1.37.0" || { echo "install-deps: pip failed" >&2; exit 1; }
     fi
     # The grpc-web client's packages, from the npm registry, as locked.
     web="$root/services/integration-tests/clients/grpc-web"

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::{
+    balance::EndpointSnapshot,
     balance::{ChannelBuilder, PoolSnapshot},
     error::{Error, Result},
     server::Report,
@@ -46,6 +47,7 @@ impl AdminServer {
         let app = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/pools", get(pools))
+            .route("/metrics", get(metrics_text))
             .route("/reports", get(reports_json))
             .with_state(AdminState { channels, reports });
         let (stop, stopped) = oneshot::channel::<()>();
@@ -80,6 +82,53 @@ impl Drop for AdminServer {
 
 async fn reports_json(State(state): State<AdminState>) -> Json<BTreeMap<String, serde_json::Value>> {
     Json(state.reports.iter().map(|(name, report)| (name.clone(), report())).collect())
+}
+
+/// `/metrics`: the process's RED families, then each pool's endpoints.
+async fn metrics_text(
+    State(state): State<AdminState>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(16 << 10);
+    crate::metrics::encode(&mut out);
+    let gauges: [(&str, &str); 6] = [
+        ("meshkit_pool_endpoint_up", "1 when the endpoint takes calls (ready or probing), 0 when ejected."),
+        ("meshkit_pool_endpoint_in_flight", "Calls in flight on the endpoint."),
+        ("meshkit_pool_endpoint_connections", "HTTP/2 connections open to the endpoint."),
+        ("meshkit_pool_endpoint_load", "The load p2c compares (peak EWMA latency x in-flight, with failure penalty)."),
+        ("meshkit_pool_endpoint_rtt_seconds", "Peak EWMA of the endpoint's latency."),
+        ("meshkit_pool_endpoint_failures_total", "Failed calls on the endpoint."),
+    ];
+    let mut rows: Vec<(String, EndpointSnapshot)> = Vec::new();
+    for builder in &state.channels {
+        for view in builder.pools() {
+            for (_, e) in view.snapshot() {
+                rows.push((view.service().to_owned(), e));
+            }
+        }
+    }
+    rows.sort_by(|a, b| (&a.0, &a.1.id).cmp(&(&b.0, &b.1.id)));
+    for (name, help) in gauges {
+        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (service, e) in &rows {
+            let value = match name {
+                "meshkit_pool_endpoint_up" => f64::from(u8::from(e.state != "ejected")),
+                "meshkit_pool_endpoint_in_flight" => e.inflight as f64,
+                "meshkit_pool_endpoint_connections" => e.connections as f64,
+                "meshkit_pool_endpoint_load" => e.load,
+                "meshkit_pool_endpoint_rtt_seconds" => e.rtt_ms / 1000.0,
+                _ => e.failures as f64,
+            };
+            let values = [service.clone(), e.id.clone(), e.addr.clone()];
+            let _ = writeln!(
+                out,
+                "{name}{} {value}",
+                crate::metrics::labels(&["service", "endpoint", "addr"], &values, None)
+            );
+        }
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
 async fn pools(State(state): State<AdminState>) -> Json<PoolsReport> {

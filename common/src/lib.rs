@@ -23,6 +23,7 @@ pub mod error;
 pub mod etcd;
 pub mod events;
 pub mod methods;
+pub mod metrics;
 pub mod ownership;
 pub mod registry;
 pub mod server;

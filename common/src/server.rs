@@ -190,6 +190,7 @@ impl MeshServer {
                 }
                 res
             }))
+            .layer(MetricsLayer)
             .layer(DeadlineLayer)
             .layer(FaultDelayLayer(fault_delay))
             .add_routes(routes_of(routes));
@@ -269,6 +270,48 @@ fn routes_of(builder: RoutesBuilder) -> Routes {
 }
 
 /// `{pid}-{random}`: unique per process, readable in logs.
+/// Server layer: every call's status and latency into `meshkit_server_*`.
+#[derive(Debug, Clone, Copy)]
+struct MetricsLayer;
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct MetricsService<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for MetricsService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let record = crate::metrics::CallRecord::server(req.uri().path());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await?;
+            let (parts, body) = res.into_parts();
+            let body = Body::new(crate::metrics::ObservedBody::new(body, record, &parts.headers));
+            Ok(http::Response::from_parts(parts, body))
+        })
+    }
+}
+
 /// The address to register when none is configured: the bound one, or, when
 /// bound to every interface (`0.0.0.0`, `::`, as in a container), the
 /// interface address that routes to etcd, which is the one the rest of the

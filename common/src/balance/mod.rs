@@ -60,8 +60,11 @@ use crate::{
 
 type Request = http::Request<tonic::body::Body>;
 /// The body of a balanced channel's responses.
-pub type ResponseBody = TrackedBody<tonic::body::Body>;
-type Response = http::Response<ResponseBody>;
+pub type ResponseBody = crate::metrics::ObservedBody<TrackedBody<tonic::body::Body>>;
+/// What the layers under the channel answer: the body without the call's metrics.
+type InnerBody = TrackedBody<tonic::body::Body>;
+type Response = http::Response<InnerBody>;
+type ChannelFuture = Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, BoxError>> + Send>>;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 type PoolFuture = futures::future::Either<
     <Balance<EndpointStream, Request> as Service<Request>>::Future,
@@ -329,16 +332,31 @@ fn connect_settings(config: &ChannelConfig) -> connection::ConnectSettings {
 }
 
 impl Service<Request> for BalancedChannel {
-    type Response = Response;
+    type Response = http::Response<ResponseBody>;
     type Error = BoxError;
-    type Future = BoxFuture;
+    type Future = ChannelFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        self.inner.call(req)
+        let record = crate::metrics::CallRecord::client(self.view.service(), req.uri().path());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(res) => {
+                    let (parts, body) = res.into_parts();
+                    let body = crate::metrics::ObservedBody::new(body, record, &parts.headers);
+                    Ok(http::Response::from_parts(parts, body))
+                }
+                Err(e) => {
+                    let status = tonic::Status::from_error(e);
+                    record.finish(status.code());
+                    Err(status.into())
+                }
+            }
+        })
     }
 }
 

@@ -26,155 +26,122 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 /// Latency buckets in seconds, from 250 µs to 10 s.
-const BUCKETS: &[f64] =
-    &[0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: [f64; 15] =
+    [0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// A counter family with fixed label names.
-pub struct CounterVec {
-    name: &'static str,
-    help: &'static str,
-    labels: &'static [&'static str],
-    values: RwLock<HashMap<Vec<String>, Arc<AtomicU64>>>,
-}
+/// Distinct methods kept per side before further ones are counted as
+/// `other`: a client sending made-up paths cannot grow the registry.
+const MAX_METHODS: usize = 1_000;
 
-/// A histogram family with fixed label names and [`BUCKETS`].
-pub struct HistogramVec {
-    name: &'static str,
-    help: &'static str,
-    labels: &'static [&'static str],
-    values: RwLock<HashMap<Vec<String>, Arc<Histogram>>>,
-}
-
+/// What is counted for one method: calls by status code, and latency.
 #[derive(Default)]
-pub struct Histogram {
+pub struct MethodMetrics {
+    codes: [AtomicU64; 17],
     buckets: [AtomicU64; 15],
     count: AtomicU64,
     sum_nanos: AtomicU64,
 }
 
-pub static SERVER_REQUESTS: LazyLock<CounterVec> = LazyLock::new(|| {
-    CounterVec::new(
-        "meshkit_server_requests_total",
-        "Calls served, by method and gRPC status code.",
-        &["method", "code"],
-    )
-});
-pub static SERVER_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
-    HistogramVec::new(
-        "meshkit_server_request_duration_seconds",
-        "Time from a call's headers to its trailers, on the server.",
-        &["method"],
-    )
-});
-pub static CLIENT_REQUESTS: LazyLock<CounterVec> = LazyLock::new(|| {
-    CounterVec::new(
-        "meshkit_client_requests_total",
-        "Calls made through balanced channels (retries included in one call), by service, method and gRPC status code.",
-        &["service", "method", "code"],
-    )
-});
-pub static CLIENT_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
-    HistogramVec::new(
-        "meshkit_client_request_duration_seconds",
-        "Time from a call through a balanced channel to its trailers.",
-        &["service", "method"],
-    )
-});
-
-impl CounterVec {
-    pub fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
-        Self { name, help, labels, values: RwLock::new(HashMap::new()) }
-    }
-
-    /// The counter for `values` (one per label name).
-    pub fn with(&self, values: &[&str]) -> Arc<AtomicU64> {
-        get_or_insert(&self.values, values)
-    }
-
-    pub fn inc(&self, values: &[&str]) {
-        self.with(values).fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The current value for `values`, 0 if never counted.
-    pub fn get(&self, values: &[&str]) -> u64 {
-        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-        self.values.read().unwrap_or_else(|p| p.into_inner()).get(&key).map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-
-    fn encode(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", self.name, self.help, self.name);
-        for (values, counter) in sorted(&self.values) {
-            let _ = writeln!(
-                out,
-                "{}{} {}",
-                self.name,
-                labels(self.labels, &values, None),
-                counter.load(Ordering::Relaxed)
-            );
-        }
-    }
-}
-
-impl HistogramVec {
-    pub fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
-        Self { name, help, labels, values: RwLock::new(HashMap::new()) }
-    }
-
-    pub fn with(&self, values: &[&str]) -> Arc<Histogram> {
-        get_or_insert(&self.values, values)
-    }
-
-    fn encode(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} histogram", self.name, self.help, self.name);
-        for (values, h) in sorted(&self.values) {
-            let mut cumulative = 0;
-            for (i, le) in BUCKETS.iter().enumerate() {
-                cumulative += h.buckets[i].load(Ordering::Relaxed);
-                let le = format!("{le}");
-                let _ = writeln!(out, "{}_bucket{} {cumulative}", self.name, labels(self.labels, &values, Some(&le)));
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{}_bucket{} {count}", self.name, labels(self.labels, &values, Some("+Inf")));
-            let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-            let _ = writeln!(out, "{}_sum{} {sum}", self.name, labels(self.labels, &values, None));
-            let _ = writeln!(out, "{}_count{} {count}", self.name, labels(self.labels, &values, None));
-        }
-    }
-}
-
-impl Histogram {
-    pub fn observe(&self, seconds: f64) {
+impl MethodMetrics {
+    fn observe(&self, seconds: f64, code: tonic::Code) {
         if let Some(i) = BUCKETS.iter().position(|le| seconds <= *le) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+        self.codes[(code as usize).min(16)].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+    /// Calls that ended with `code`.
+    pub fn calls(&self, code: tonic::Code) -> u64 {
+        self.codes[(code as usize).min(16)].load(Ordering::Relaxed)
     }
 }
 
-fn get_or_insert<T: Default>(map: &RwLock<HashMap<Vec<String>, Arc<T>>>, values: &[&str]) -> Arc<T> {
-    {
-        let read = map.read().unwrap_or_else(|p| p.into_inner());
-        // Look up without allocating a key on the hot path.
-        if let Some((_, v)) =
-            read.iter().find(|(k, _)| k.len() == values.len() && k.iter().zip(values).all(|(a, b)| a == b))
-        {
-            return v.clone();
+type Methods = HashMap<String, Arc<MethodMetrics>>;
+
+static SERVER: LazyLock<RwLock<Methods>> = LazyLock::new(RwLock::default);
+static CLIENT: LazyLock<RwLock<HashMap<String, Methods>>> = LazyLock::new(RwLock::default);
+
+/// The server-side metrics of `method`.
+pub fn server_method(method: &str) -> Arc<MethodMetrics> {
+    if let Some(m) = SERVER.read().unwrap_or_else(|p| p.into_inner()).get(method) {
+        return m.clone();
+    }
+    let mut map = SERVER.write().unwrap_or_else(|p| p.into_inner());
+    let key = if map.len() >= MAX_METHODS { "other" } else { method };
+    map.entry(key.to_owned()).or_default().clone()
+}
+
+/// The client-side metrics of `method` on `service`.
+pub fn client_method(service: &str, method: &str) -> Arc<MethodMetrics> {
+    if let Some(m) = CLIENT.read().unwrap_or_else(|p| p.into_inner()).get(service).and_then(|s| s.get(method)) {
+        return m.clone();
+    }
+    let mut map = CLIENT.write().unwrap_or_else(|p| p.into_inner());
+    let total: usize = map.values().map(HashMap::len).sum();
+    let key = if total >= MAX_METHODS { "other" } else { method };
+    map.entry(service.to_owned()).or_default().entry(key.to_owned()).or_default().clone()
+}
+
+const CODES: [tonic::Code; 17] = [
+    tonic::Code::Ok,
+    tonic::Code::Cancelled,
+    tonic::Code::Unknown,
+    tonic::Code::InvalidArgument,
+    tonic::Code::DeadlineExceeded,
+    tonic::Code::NotFound,
+    tonic::Code::AlreadyExists,
+    tonic::Code::PermissionDenied,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::FailedPrecondition,
+    tonic::Code::Aborted,
+    tonic::Code::OutOfRange,
+    tonic::Code::Unimplemented,
+    tonic::Code::Internal,
+    tonic::Code::Unavailable,
+    tonic::Code::DataLoss,
+    tonic::Code::Unauthenticated,
+];
+
+/// One side's families: `{prefix}_requests_total` and
+/// `{prefix}_request_duration_seconds`, one row per (labels, method).
+fn encode_side(
+    out: &mut String,
+    prefix: &str,
+    help: [&str; 2],
+    rows: &[(Vec<String>, Arc<MethodMetrics>)],
+    names: &[&str],
+) {
+    let total = format!("{prefix}_requests_total");
+    let _ = writeln!(out, "# HELP {total} {}\n# TYPE {total} counter", help[0]);
+    let mut with_code: Vec<&str> = names.to_vec();
+    with_code.push("code");
+    for (values, m) in rows {
+        for code in CODES {
+            let n = m.calls(code);
+            if n > 0 {
+                let mut v = values.clone();
+                v.push(code_name(code).to_owned());
+                let _ = writeln!(out, "{total}{} {n}", labels(&with_code, &v, None));
+            }
         }
     }
-    let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-    map.write().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone()
-}
-
-fn sorted<T>(map: &RwLock<HashMap<Vec<String>, Arc<T>>>) -> Vec<(Vec<String>, Arc<T>)> {
-    let mut entries: Vec<_> =
-        map.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    entries
+    let hist = format!("{prefix}_request_duration_seconds");
+    let _ = writeln!(out, "# HELP {hist} {}\n# TYPE {hist} histogram", help[1]);
+    for (values, m) in rows {
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += m.buckets[i].load(Ordering::Relaxed);
+            let le = format!("{le}");
+            let _ = writeln!(out, "{hist}_bucket{} {cumulative}", labels(names, values, Some(&le)));
+        }
+        let count = m.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{hist}_bucket{} {count}", labels(names, values, Some("+Inf")));
+        let sum = m.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{hist}_sum{} {sum}", labels(names, values, None));
+        let _ = writeln!(out, "{hist}_count{} {count}", labels(names, values, None));
+    }
 }
 
 /// `{a="x",b="y"}` with Prometheus escaping, plus `le` for buckets.
@@ -194,10 +161,33 @@ pub fn labels(names: &[&str], values: &[String], le: Option<&str>) -> String {
 
 /// Every family of this process, as Prometheus text.
 pub fn encode(out: &mut String) {
-    SERVER_REQUESTS.encode(out);
-    SERVER_LATENCY.encode(out);
-    CLIENT_REQUESTS.encode(out);
-    CLIENT_LATENCY.encode(out);
+    let mut server: Vec<(Vec<String>, Arc<MethodMetrics>)> =
+        SERVER.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (vec![k.clone()], v.clone())).collect();
+    server.sort_by(|a, b| a.0.cmp(&b.0));
+    encode_side(
+        out,
+        "meshkit_server",
+        ["Calls served, by method and gRPC status code.", "Time from a call's headers to its trailers, on the server."],
+        &server,
+        &["method"],
+    );
+    let mut client: Vec<(Vec<String>, Arc<MethodMetrics>)> = CLIENT
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .flat_map(|(service, methods)| methods.iter().map(move |(m, v)| (vec![service.clone(), m.clone()], v.clone())))
+        .collect();
+    client.sort_by(|a, b| a.0.cmp(&b.0));
+    encode_side(
+        out,
+        "meshkit_client",
+        [
+            "Calls made through balanced channels (retries included in one call), by service, method and gRPC status code.",
+            "Time from a call through a balanced channel to its trailers.",
+        ],
+        &client,
+        &["service", "method"],
+    );
 }
 
 /// The name of a gRPC status code as metrics label it.
@@ -234,43 +224,22 @@ pub fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
 /// Where one call's outcome is recorded, once.
 pub struct CallRecord {
     started: Instant,
-    requests: Arc<MethodCounters>,
-    latency: Arc<Histogram>,
-}
-
-/// The counters of one method, one per code, looked up once per call.
-pub struct MethodCounters {
-    family: &'static CounterVec,
-    prefix: Vec<String>,
+    metrics: Arc<MethodMetrics>,
 }
 
 impl CallRecord {
     /// A server-side call of `method` (`/package.Service/Method`).
     pub fn server(method: &str) -> Self {
-        Self {
-            started: Instant::now(),
-            requests: Arc::new(MethodCounters { family: &SERVER_REQUESTS, prefix: vec![method.to_owned()] }),
-            latency: SERVER_LATENCY.with(&[method]),
-        }
+        Self { started: Instant::now(), metrics: server_method(method) }
     }
 
     /// A call of `method` through a balanced channel to `service`.
     pub fn client(service: &str, method: &str) -> Self {
-        Self {
-            started: Instant::now(),
-            requests: Arc::new(MethodCounters {
-                family: &CLIENT_REQUESTS,
-                prefix: vec![service.to_owned(), method.to_owned()],
-            }),
-            latency: CLIENT_LATENCY.with(&[service, method]),
-        }
+        Self { started: Instant::now(), metrics: client_method(service, method) }
     }
 
     pub fn finish(self, code: tonic::Code) {
-        self.latency.observe(self.started.elapsed().as_secs_f64());
-        let mut values: Vec<&str> = self.requests.prefix.iter().map(String::as_str).collect();
-        values.push(code_name(code));
-        self.requests.family.inc(&values);
+        self.metrics.observe(self.started.elapsed().as_secs_f64(), code);
     }
 }
 
@@ -347,24 +316,28 @@ mod tests {
 
     #[test]
     fn text_format() {
-        let c = CounterVec::new("t_total", "help", &["method", "code"]);
-        c.inc(&["/a.B/C", "OK"]);
-        c.inc(&["/a.B/C", "OK"]);
-        c.inc(&["/a.B/\"x\"", "NOT_FOUND"]);
+        let m = MethodMetrics::default();
+        m.observe(0.003, tonic::Code::Ok);
+        m.observe(20.0, tonic::Code::NotFound);
+        let rows = vec![(vec!["/a.B/\"x\"".to_owned()], Arc::new(m))];
         let mut out = String::new();
-        c.encode(&mut out);
-        assert!(out.contains("# TYPE t_total counter"), "{out}");
-        assert!(out.contains("t_total{method=\"/a.B/C\",code=\"OK\"} 2"), "{out}");
-        assert!(out.contains("method=\"/a.B/\\\"x\\\"\""), "{out}");
-        let h = HistogramVec::new("t_seconds", "help", &["method"]);
-        h.with(&["m"]).observe(0.003);
-        h.with(&["m"]).observe(20.0);
-        let mut out = String::new();
-        h.encode(&mut out);
-        assert!(out.contains("t_seconds_bucket{method=\"m\",le=\"0.0025\"} 0"), "{out}");
-        assert!(out.contains("t_seconds_bucket{method=\"m\",le=\"0.005\"} 1"), "{out}");
-        assert!(out.contains("t_seconds_bucket{method=\"m\",le=\"10\"} 1"), "{out}");
-        assert!(out.contains("t_seconds_bucket{method=\"m\",le=\"+Inf\"} 2"), "{out}");
-        assert!(out.contains("t_seconds_count{method=\"m\"} 2"), "{out}");
+        encode_side(&mut out, "t", ["calls", "latency"], &rows, &["method"]);
+        assert!(out.contains("# TYPE t_requests_total counter"), "{out}");
+        assert!(out.contains("t_requests_total{method=\"/a.B/\\\"x\\\"\",code=\"OK\"} 1"), "{out}");
+        assert!(out.contains("code=\"NOT_FOUND\"} 1"), "{out}");
+        assert!(!out.contains("code=\"INTERNAL\""), "codes never seen are left out: {out}");
+        assert!(out.contains("t_request_duration_seconds_bucket{method=\"/a.B/\\\"x\\\"\",le=\"0.0025\"} 0"), "{out}");
+        assert!(out.contains("le=\"0.005\"} 1"), "{out}");
+        assert!(out.contains("le=\"10\"} 1"), "{out}");
+        assert!(out.contains("le=\"+Inf\"} 2"), "{out}");
+        assert!(out.contains("t_request_duration_seconds_count{method=\"/a.B/\\\"x\\\"\"} 2"), "{out}");
+    }
+
+    #[test]
+    fn made_up_methods_cannot_grow_the_registry() {
+        for i in 0..MAX_METHODS + 50 {
+            server_method(&format!("/x.Y/M{i}"));
+        }
+        assert!(SERVER.read().unwrap_or_else(|p| p.into_inner()).len() <= MAX_METHODS + 1);
     }
 }

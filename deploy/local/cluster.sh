@@ -82,6 +82,18 @@ start_etcd() {
     exit 1
 }
 
+wait_listening() { # name port: until the process listens (10 s), or fail showing its log
+    local name="$1" port="$2"
+    for _ in $(seq 1 100); do
+        port_open "$port" && return 0
+        pid_alive "$RUN_DIR/pids/$name.pid" || break
+        sleep 0.1
+    done
+    echo "$name did not start; the end of $RUN_DIR/logs/$name.log:" >&2
+    tail -20 "$RUN_DIR/logs/$name.log" >&2 || true
+    return 1
+}
+
 start_broker() {
     if [[ -n "${MESHKIT_EVENTS_BROKERS:-}" ]]; then
         echo "kafka:     using $MESHKIT_EVENTS_BROKERS"
@@ -101,14 +113,8 @@ start_broker() {
         </dev/null >"$RUN_DIR/logs/kafka.log" 2>&1 &
     echo $! >"$RUN_DIR/pids/kafka.pid"
     popd >/dev/null
-    for _ in $(seq 1 100); do
-        port_open "$KAFKA_PORT" && { echo "kafka:     $url (Tansu, data in $RUN_DIR/kafka)"; return; }
-        pid_alive "$RUN_DIR/pids/kafka.pid" || break
-        sleep 0.1
-    done
-    echo "the broker did not start; see $RUN_DIR/logs/kafka.log" >&2
-    tail -5 "$RUN_DIR/logs/kafka.log" >&2 || true
-    exit 1
+    wait_listening kafka "$KAFKA_PORT" || exit 1
+    echo "kafka:     $url (Tansu, data in $RUN_DIR/kafka)"
 }
 
 start_service() { # name slot
@@ -136,15 +142,8 @@ start_gateway() {
         setsid "$BIN_DIR/meshkit-gateway" </dev/null >"$RUN_DIR/logs/gateway.log" 2>&1 &
     echo $! >"$RUN_DIR/pids/gateway.pid"
     echo "$GATEWAY_PORT" >"$RUN_DIR/ports/gateway"
-    for _ in $(seq 1 100); do
-        port_open "$GATEWAY_PORT" && { echo "gateway:   http://127.0.0.1:$GATEWAY_PORT (REST, grpc-web, gRPC)"; return; }
-        pid_alive "$RUN_DIR/pids/gateway.pid" || break
-        sleep 0.1
-    done
-    echo "the gateway did not start; its log:" >&2
-    tail -20 "$RUN_DIR/logs/gateway.log" >&2 || true
-    cmd_down >/dev/null
-    exit 1
+    wait_listening gateway "$GATEWAY_PORT" || { cmd_down >/dev/null; exit 1; }
+    echo "gateway:   http://127.0.0.1:$GATEWAY_PORT (REST, grpc-web, gRPC)"
 }
 
 cmd_up() {

@@ -77,6 +77,13 @@ pub fn json_response(status: StatusCode, body: &Json) -> http::Response<tonic::b
     res
 }
 
+/// A refusal by the gateway itself: `http` with the JSON body of a status
+/// `code` and `message` (for refusals whose HTTP status is not the code's own,
+/// such as 405, 413 or 415).
+pub fn refusal(http: StatusCode, code: Code, message: impl Into<String>) -> http::Response<tonic::body::Body> {
+    json_response(http, &error_body(&tonic::Status::new(code, message), None))
+}
+
 /// The HTTP response for a failed call.
 pub fn status_response(status: &tonic::Status, pool: Option<&DescriptorPool>) -> http::Response<tonic::body::Body> {
     json_response(http_status(status.code()), &error_body(status, pool))

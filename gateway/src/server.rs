@@ -47,7 +47,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::{
     auth::Auth,
     contracts::Contracts,
-    errors::{json_response, status_response},
+    errors::{json_response, refusal, status_response},
     openapi,
     routes::{RouteMatch, Router},
     transcode,
@@ -320,18 +320,20 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
         return res;
     }
     if percent_encoding::percent_decode_str(&path).decode_utf8().is_err() {
-        return json_response(
+        return refusal(
             StatusCode::BAD_REQUEST,
-            &json!({"code": tonic::Code::InvalidArgument as i32, "message": format!("the path {path} is not valid UTF-8 once percent-decoded"), "details": []}),
+            tonic::Code::InvalidArgument,
+            format!("the path {path} is not valid UTF-8 once percent-decoded"),
         );
     }
     let (route, captures) = match gateway.router.find(&method, &path) {
         RouteMatch::Found(route, captures) => (route, captures),
         RouteMatch::MethodNotAllowed(allowed) => {
             let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-            let mut res = json_response(
+            let mut res = refusal(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &json!({"code": tonic::Code::Unimplemented as i32, "message": format!("{method} is not allowed on {path}; allowed: {}", names.join(", ")), "details": []}),
+                tonic::Code::Unimplemented,
+                format!("{method} is not allowed on {path}; allowed: {}", names.join(", ")),
             );
             if let Ok(v) = HeaderValue::from_str(&names.join(", ")) {
                 res.headers_mut().insert(header::ALLOW, v);
@@ -339,10 +341,7 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
             return res;
         }
         RouteMatch::NotFound => {
-            return json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"code": tonic::Code::NotFound as i32, "message": format!("no route for {method} {path}"), "details": []}),
-            );
+            return refusal(StatusCode::NOT_FOUND, tonic::Code::NotFound, format!("no route for {method} {path}"));
         }
     };
     let (mut parts, body) = req.into_parts();
@@ -350,15 +349,17 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
     let body = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return json_response(
+            return refusal(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &json!({"code": tonic::Code::ResourceExhausted as i32, "message": format!("request body larger than gateway.max_body_bytes ({limit} bytes)"), "details": []}),
+                tonic::Code::ResourceExhausted,
+                format!("request body larger than gateway.max_body_bytes ({limit} bytes)"),
             );
         }
         Err(e) => {
-            return json_response(
+            return refusal(
                 StatusCode::BAD_REQUEST,
-                &json!({"code": tonic::Code::Cancelled as i32, "message": format!("reading the request body failed: {e}"), "details": []}),
+                tonic::Code::Cancelled,
+                format!("reading the request body failed: {e}"),
             );
         }
     };
@@ -366,9 +367,10 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
         let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         if !(essence.is_empty() || essence == "application/json" || essence.ends_with("+json")) {
-            return json_response(
+            return refusal(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                &json!({"code": tonic::Code::InvalidArgument as i32, "message": format!("content type {content_type:?} is not accepted; send application/json"), "details": []}),
+                tonic::Code::InvalidArgument,
+                format!("content type {content_type:?} is not accepted; send application/json"),
             );
         }
     }

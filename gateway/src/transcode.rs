@@ -231,7 +231,7 @@ pub fn render(route: &Route, messages: &[Bytes]) -> Result<Vec<u8>, String> {
     for bytes in messages {
         let message = DynamicMessage::decode(output.clone(), bytes.as_ref())
             .map_err(|e| format!("the upstream's response is not a valid {}: {e}", output.full_name()))?;
-        rendered.push(to_json(route, &message)?);
+        rendered.push(to_json(route, &message));
     }
     if route.method.is_server_streaming() {
         return serde_json::to_vec(&Json::Array(rendered)).map_err(|e| e.to_string());
@@ -242,17 +242,12 @@ pub fn render(route: &Route, messages: &[Bytes]) -> Result<Vec<u8>, String> {
     }
 }
 
-fn to_json(route: &Route, message: &DynamicMessage) -> Result<Json, String> {
-    let json = message
-        .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
-        .map_err(|e| e.to_string())?;
-    Ok(match &route.response_body {
-        Some(field) => match json {
-            Json::Object(mut map) => map.remove(field.json_name()).unwrap_or(Json::Null),
-            other => other,
-        },
-        None => json,
-    })
+fn to_json(route: &Route, message: &DynamicMessage) -> Json {
+    let json = message_json(message);
+    match (&route.response_body, json) {
+        (Some(field), Json::Object(mut map)) => map.remove(field.json_name()).unwrap_or(Json::Null),
+        (_, json) => json,
+    }
 }
 
 /// Renders any message as proto3 JSON.

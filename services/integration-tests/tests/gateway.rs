@@ -29,7 +29,7 @@ struct Cluster {
     _broker: Option<Broker>,
     gateway: Option<RunningGateway>,
     servers: Vec<RunningServer>,
-    _etcd: Etcd,
+    etcd: Etcd,
     dir: tempfile::TempDir,
 }
 
@@ -70,7 +70,7 @@ impl Cluster {
         config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
         tweak(&mut config.gateway);
         let gateway = meshkit_gateway::start(config).await.unwrap();
-        Self { addr: gateway.local_addr(), _broker: broker, gateway: Some(gateway), servers, _etcd: etcd, dir }
+        Self { addr: gateway.local_addr(), _broker: broker, gateway: Some(gateway), servers, etcd, dir }
     }
 
     async fn rest(&self, method: &str, path: &str, body: &str) -> Reply {
@@ -629,7 +629,7 @@ async fn python_grpcio_and_grpc_web_clients_work_through_the_gateway() {
 async fn the_gateway_binary_serves_and_drains_on_sigterm() {
     let c = Cluster::start(|_| {}).await;
     let port = meshkit_integration_tests::free_port();
-    let etcd = c._etcd.endpoint();
+    let etcd = c.etcd.endpoint();
     let env = [("MESHKIT_ETCD_ENDPOINTS", etcd.clone()), ("MESHKIT_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))];
     let mut gateway = ServiceProcess::spawn("meshkit-gateway", &env, c.dir.path()).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -13,28 +13,10 @@ import argparse
 import importlib
 import json
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
-import importlib.resources
 
-PROTOS = [
-    "google/api/http.proto",
-    "google/api/annotations.proto",
-    "meshkit/user/v1/user.proto",
-    "meshkit/order/v1/order.proto",
-]
-
-
-def generate(proto_dir: str, out: str) -> None:
-    well_known = str(importlib.resources.files("grpc_tools") / "_proto")
-    for proto in PROTOS:
-        code = protoc.main(
-            ["protoc", f"-I{proto_dir}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}", proto]
-        )
-        if code != 0:
-            raise SystemExit(f"protoc failed on {proto}")
+import stubs
 
 
 def main() -> int:
@@ -44,9 +26,7 @@ def main() -> int:
     parser.add_argument("--email", default="py@example.com")
     args = parser.parse_args()
 
-    out = tempfile.mkdtemp(prefix="meshkit-py-")
-    generate(args.proto_dir, out)
-    sys.path.insert(0, out)
+    stubs.load(args.proto_dir, ["meshkit/user/v1/user.proto", "meshkit/order/v1/order.proto"])
     user_pb2 = importlib.import_module("meshkit.user.v1.user_pb2")
     user_grpc = importlib.import_module("meshkit.user.v1.user_pb2_grpc")
     order_pb2 = importlib.import_module("meshkit.order.v1.order_pb2")

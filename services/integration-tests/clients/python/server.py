@@ -22,11 +22,9 @@ Users live in memory; every answer carries `x-meshkit-instance`.
 import argparse
 import base64
 import importlib
-import importlib.resources
 import json
 import signal
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -34,17 +32,10 @@ import uuid
 from concurrent import futures
 
 import grpc
-from grpc_tools import protoc
+
+import stubs
 
 SERVICE = "meshkit.user.v1.UserService"
-
-
-def generate(proto_dir, out):
-    well_known = str(importlib.resources.files("grpc_tools") / "_proto")
-    for proto in ["google/api/http.proto", "google/api/annotations.proto", "meshkit/user/v1/user.proto"]:
-        if protoc.main(["protoc", f"-I{proto_dir}", f"-I{well_known}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", proto]) != 0:
-            raise SystemExit(f"protoc failed on {proto}")
 
 
 class Etcd:
@@ -119,9 +110,7 @@ def main():
     parser.add_argument("--proto-dir", required=True)
     args = parser.parse_args()
 
-    out = tempfile.mkdtemp(prefix="meshkit-pyserver-")
-    generate(args.proto_dir, out)
-    sys.path.insert(0, out)
+    stubs.load(args.proto_dir, ["meshkit/user/v1/user.proto"])
     pb = importlib.import_module("meshkit.user.v1.user_pb2")
     pb_grpc = importlib.import_module("meshkit.user.v1.user_pb2_grpc")
     instance = args.instance

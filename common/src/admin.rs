@@ -4,7 +4,11 @@
 //! `/reports` (what the process's components add: consumer partitions and lag,
 //! the outbox relay).
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
 
 use axum::{Json, Router, extract::State, routing::get};
 use serde::Serialize;
@@ -14,6 +18,7 @@ use crate::{
     balance::EndpointSnapshot,
     balance::{ChannelBuilder, PoolSnapshot},
     error::{Error, Result},
+    metrics::Source,
     server::Report,
 };
 
@@ -30,26 +35,34 @@ pub struct PoolReport {
 struct AdminState {
     channels: Vec<ChannelBuilder>,
     reports: Vec<Report>,
+    sources: Arc<RwLock<Vec<Source>>>,
 }
 
 /// A running admin endpoint.
 pub struct AdminServer {
     addr: SocketAddr,
+    sources: Arc<RwLock<Vec<Source>>>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl AdminServer {
     /// Binds `listen` and serves the pools of `channels`.
-    pub async fn start(listen: SocketAddr, channels: Vec<ChannelBuilder>, reports: Vec<Report>) -> Result<Self> {
+    pub async fn start(
+        listen: SocketAddr,
+        channels: Vec<ChannelBuilder>,
+        reports: Vec<Report>,
+        sources: Vec<Source>,
+    ) -> Result<Self> {
         let listener = TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen, source })?;
         let addr = listener.local_addr()?;
+        let sources = Arc::new(RwLock::new(sources));
         let app = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/pools", get(pools))
             .route("/metrics", get(metrics_text))
             .route("/reports", get(reports_json))
-            .with_state(AdminState { channels, reports });
+            .with_state(AdminState { channels, reports, sources: sources.clone() });
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async {
@@ -59,7 +72,12 @@ impl AdminServer {
                 tracing::warn!(error = %e, "admin endpoint stopped");
             }
         });
-        Ok(Self { addr, stop: Some(stop), task })
+        Ok(Self { addr, sources, stop: Some(stop), task })
+    }
+
+    /// Adds families to `/metrics` (a component started after the endpoint).
+    pub fn add_source(&self, source: Source) {
+        self.sources.write().unwrap_or_else(|p| p.into_inner()).push(source);
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -84,7 +102,8 @@ async fn reports_json(State(state): State<AdminState>) -> Json<BTreeMap<String, 
     Json(state.reports.iter().map(|(name, report)| (name.clone(), report())).collect())
 }
 
-/// `/metrics`: the process's RED families, then each pool's endpoints.
+/// `/metrics`: the process's RED families and counters, each pool's
+/// endpoints, then what the components' sources add.
 async fn metrics_text(
     State(state): State<AdminState>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
@@ -127,6 +146,10 @@ async fn metrics_text(
                 crate::metrics::labels(&["service", "endpoint", "addr"], &values, None)
             );
         }
+    }
+    let sources: Vec<Source> = state.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
+    for source in sources {
+        out.push_str(&source().await);
     }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

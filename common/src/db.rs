@@ -143,3 +143,46 @@ fn lock_key(component: &str) -> i64 {
     }
     hash as i64
 }
+
+/// The connection pool's `/metrics` families: connections open, idle and in
+/// use, and the configured maximum, labelled with `component`.
+pub fn metrics_source(db: &DatabaseConnection, component: &str) -> crate::metrics::Source {
+    use crate::metrics::{family, labels};
+    let db = db.clone();
+    let component = component.to_owned();
+    crate::metrics::source(move || {
+        let (open, idle, max) = pool_use(&db);
+        let state = |s: &str| labels(&["component", "state"], &[component.clone(), s.to_owned()], None);
+        let mut out = String::new();
+        family(
+            &mut out,
+            "meshkit_db_pool_connections",
+            "gauge",
+            "Database connections open, by state (idle or in use).",
+            &[(state("idle"), f64::from(idle)), (state("in_use"), f64::from(open.saturating_sub(idle)))],
+        );
+        family(
+            &mut out,
+            "meshkit_db_pool_max_connections",
+            "gauge",
+            "The pool's maximum number of connections.",
+            &[(labels(&["component"], std::slice::from_ref(&component), None), f64::from(max))],
+        );
+        std::future::ready(out)
+    })
+}
+
+/// (open, idle, max) connections of the pool behind `db`.
+fn pool_use(db: &DatabaseConnection) -> (u32, u32, u32) {
+    match db.get_database_backend() {
+        DbBackend::Postgres => {
+            let pool = db.get_postgres_connection_pool();
+            (pool.size(), pool.num_idle() as u32, pool.options().get_max_connections())
+        }
+        DbBackend::Sqlite => {
+            let pool = db.get_sqlite_connection_pool();
+            (pool.size(), pool.num_idle() as u32, pool.options().get_max_connections())
+        }
+        _ => (0, 0, 0),
+    }
+}

@@ -31,6 +31,7 @@ pub mod shutdown;
 pub mod status;
 pub mod telemetry;
 pub mod time;
+pub mod trace;
 
 pub use balance::{BalancedChannel, ChannelBuilder, ChannelConfig};
 pub use config::MeshConfig;

@@ -188,6 +188,57 @@ pub fn encode(out: &mut String) {
         &client,
         &["service", "method"],
     );
+    encode_counters(out);
+}
+
+/// Process-wide labelled counters (rejections, retries, re-registrations):
+/// name → labels → value. Callers keep the `Arc` and add to it.
+type Counters =
+    std::collections::BTreeMap<&'static str, (&'static str, std::collections::BTreeMap<String, Arc<AtomicU64>>)>;
+
+static COUNTERS: LazyLock<RwLock<Counters>> = LazyLock::new(RwLock::default);
+
+/// The counter `name{labels}` (created at 0 on first use), with `help`.
+pub fn counter(name: &'static str, help: &'static str, label_pairs: &[(&str, &str)]) -> Arc<AtomicU64> {
+    let names: Vec<&str> = label_pairs.iter().map(|(n, _)| *n).collect();
+    let values: Vec<String> = label_pairs.iter().map(|(_, v)| (*v).to_owned()).collect();
+    let key = labels(&names, &values, None);
+    if let Some(c) = COUNTERS.read().unwrap_or_else(|p| p.into_inner()).get(name).and_then(|(_, s)| s.get(&key)) {
+        return c.clone();
+    }
+    let mut map = COUNTERS.write().unwrap_or_else(|p| p.into_inner());
+    map.entry(name).or_insert_with(|| (help, Default::default())).1.entry(key).or_default().clone()
+}
+
+fn encode_counters(out: &mut String) {
+    let map = COUNTERS.read().unwrap_or_else(|p| p.into_inner());
+    for (name, (help, series)) in map.iter() {
+        let samples: Vec<(String, f64)> =
+            series.iter().map(|(l, v)| (l.clone(), v.load(Ordering::Relaxed) as f64)).collect();
+        family(out, name, "counter", help, &samples);
+    }
+}
+
+/// Writes one family: `# HELP`, `# TYPE`, then `name{labels} value` per
+/// sample (labels as [`labels`] renders them).
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+/// Families a component computes when scraped (a queue's depth, a pool's
+/// use): called for every `/metrics`, it returns Prometheus text.
+pub type Source = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// A [`Source`] from an async closure.
+pub fn source<F, Fut>(f: F) -> Source
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send + 'static,
+{
+    Arc::new(move || Box::pin(f()))
 }
 
 /// The name of a gRPC status code as metrics label it.
@@ -221,25 +272,37 @@ pub fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
     })
 }
 
-/// Where one call's outcome is recorded, once.
+/// Where one call's outcome is recorded, once: its metrics and its span.
 pub struct CallRecord {
     started: Instant,
     metrics: Arc<MethodMetrics>,
+    span: tracing::Span,
+    server: bool,
 }
 
 impl CallRecord {
-    /// A server-side call of `method` (`/package.Service/Method`).
-    pub fn server(method: &str) -> Self {
-        Self { started: Instant::now(), metrics: server_method(method) }
+    /// A server-side call of `method` (`/package.Service/Method`), continuing
+    /// the trace of the caller named in `headers`.
+    pub fn server(method: &str, headers: &http::HeaderMap) -> Self {
+        let span = crate::trace::server_span(method, headers);
+        Self { started: Instant::now(), metrics: server_method(method), span, server: true }
     }
 
-    /// A call of `method` through a balanced channel to `service`.
+    /// A call of `method` through a balanced channel to `service`, a child
+    /// of the current span.
     pub fn client(service: &str, method: &str) -> Self {
-        Self { started: Instant::now(), metrics: client_method(service, method) }
+        let span = crate::trace::client_span(method);
+        Self { started: Instant::now(), metrics: client_method(service, method), span, server: false }
+    }
+
+    /// The call's span: enter it while serving, inject it into the request.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     pub fn finish(self, code: tonic::Code) {
         self.metrics.observe(self.started.elapsed().as_secs_f64(), code);
+        crate::trace::record_status(&self.span, code, self.server);
     }
 }
 

@@ -6,7 +6,14 @@
 //! its pool without a routing table. Java and Go services join by writing the
 //! same keys (see docs/REGISTRY.md).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use etcd_client::{Client, GetOptions, PutOptions};
 use rand::Rng;
@@ -70,6 +77,8 @@ pub enum SessionState {
 /// revokes the lease, which removes the keys at once.
 pub struct RegistrySession {
     state: watch::Receiver<SessionState>,
+    /// Leases granted after the first: each one a re-registration.
+    reregistrations: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -78,12 +87,49 @@ impl RegistrySession {
     /// Grants a lease and writes `entries` under it before returning, so the
     /// caller is registered when this succeeds; then keeps it alive.
     pub async fn start(client: Client, ttl_secs: i64, entries: Vec<(String, String)>) -> Result<Self> {
-        let mut worker = Worker { client, ttl_secs, entries, lease_id: 0 };
+        let reregistrations = Arc::new(AtomicU64::new(0));
+        let mut worker = Worker { client, ttl_secs, entries, lease_id: 0, reregistrations: reregistrations.clone() };
         worker.register().await?;
         let (state_tx, state) = watch::channel(SessionState::Registered { lease_id: worker.lease_id });
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(worker.run(state_tx, stop_rx));
-        Ok(Self { state, stop: Some(stop_tx), task: Some(task) })
+        Ok(Self { state, reregistrations, stop: Some(stop_tx), task: Some(task) })
+    }
+
+    /// How many times keys were written again: under a new lease, or one
+    /// key put back after it was deleted from outside.
+    pub fn reregistrations(&self) -> u64 {
+        self.reregistrations.load(Ordering::Relaxed)
+    }
+
+    /// The session's `/metrics` families, labelled with `instance`.
+    pub fn metrics_source(&self, instance: &str) -> crate::metrics::Source {
+        let state = self.state.clone();
+        let reregistrations = self.reregistrations.clone();
+        let labels = crate::metrics::labels(&["instance"], &[instance.to_owned()], None);
+        crate::metrics::source(move || {
+            let up = matches!(*state.borrow(), SessionState::Registered { .. });
+            let count = reregistrations.load(Ordering::Relaxed);
+            let labels = labels.clone();
+            async move {
+                let mut out = String::new();
+                crate::metrics::family(
+                    &mut out,
+                    "meshkit_registry_session_up",
+                    "gauge",
+                    "1 while the instance's keys are in etcd under a live lease, 0 while re-registering.",
+                    &[(labels.clone(), f64::from(u8::from(up)))],
+                );
+                crate::metrics::family(
+                    &mut out,
+                    "meshkit_registry_reregistrations_total",
+                    "counter",
+                    "Times the instance wrote its keys again: a new lease after losing one, or a key deleted from outside.",
+                    &[(labels, count as f64)],
+                );
+                out
+            }
+        })
     }
 
     /// The current state; `changed()` on the receiver wakes on every change.
@@ -124,6 +170,7 @@ struct Worker {
     ttl_secs: i64,
     entries: Vec<(String, String)>,
     lease_id: i64,
+    reregistrations: Arc<AtomicU64>,
 }
 
 enum Outcome {
@@ -190,6 +237,7 @@ impl Worker {
                 match attempt {
                     Ok(()) => {
                         backoff.reset();
+                        self.reregistrations.fetch_add(1, Ordering::Relaxed);
                         state.send_replace(SessionState::Registered { lease_id: self.lease_id });
                         break;
                     }
@@ -242,6 +290,7 @@ impl Worker {
                         if put.await.is_err() {
                             return Outcome::Broken;
                         }
+                        self.reregistrations.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Ok(_) => {}

@@ -31,6 +31,7 @@ use tonic::{
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{Service, util::MapResponseLayer};
+use tracing::Instrument;
 
 use crate::{
     admin::AdminServer,
@@ -53,6 +54,7 @@ pub struct MeshServer {
     etcd: Option<Client>,
     channels: Vec<ChannelBuilder>,
     reports: Vec<Report>,
+    sources: Vec<crate::metrics::Source>,
     on_shutdown: Vec<ShutdownHook>,
 }
 
@@ -71,6 +73,7 @@ impl MeshServer {
             etcd: None,
             channels: Vec::new(),
             reports: Vec::new(),
+            sources: Vec::new(),
             on_shutdown: Vec::new(),
         }
     }
@@ -82,6 +85,12 @@ impl MeshServer {
         report: impl Fn() -> serde_json::Value + Send + Sync + 'static,
     ) -> Self {
         self.reports.push((name.into(), Arc::new(report)));
+        self
+    }
+
+    /// Adds the families `source` computes to the admin endpoint's `/metrics`.
+    pub fn metrics(mut self, source: crate::metrics::Source) -> Self {
+        self.sources.push(source);
         self
     }
 
@@ -130,7 +139,8 @@ impl MeshServer {
     /// Returns once the instance is registered and answering.
     pub async fn start(self) -> Result<RunningServer> {
         let started = Instant::now();
-        let MeshServer { config, mut routes, services, mut metadata, etcd, channels, reports, on_shutdown } = self;
+        let MeshServer { config, mut routes, services, mut metadata, etcd, channels, reports, sources, on_shutdown } =
+            self;
         let listen: SocketAddr = config
             .server
             .listen
@@ -173,7 +183,7 @@ impl MeshServer {
                 .listen
                 .parse()
                 .map_err(|_| Error::Config(format!("admin.listen: {:?} is not an address", config.admin.listen)))?;
-            let admin = AdminServer::start(listen, channels, reports).await?;
+            let admin = AdminServer::start(listen, channels, reports, sources).await?;
             metadata.insert("admin".into(), admin.local_addr().to_string());
             Some(admin)
         } else {
@@ -230,7 +240,12 @@ impl MeshServer {
                 .map(|name| (instance_key(&config.etcd.prefix, name, &instance_id), value.clone()))
                 .collect();
             match RegistrySession::start(client, config.registry.ttl_secs, entries).await {
-                Ok(session) => Some(session),
+                Ok(session) => {
+                    if let Some(admin) = &admin {
+                        admin.add_source(session.metrics_source(&instance_id));
+                    }
+                    Some(session)
+                }
                 Err(e) => {
                     let _ = stop_tx.send(());
                     for hook in on_shutdown {
@@ -270,7 +285,8 @@ fn routes_of(builder: RoutesBuilder) -> Routes {
 }
 
 /// `{pid}-{random}`: unique per process, readable in logs.
-/// Server layer: every call's status and latency into `meshkit_server_*`.
+/// Server layer: every call's status and latency into `meshkit_server_*`,
+/// and its span, the child of the caller's.
 #[derive(Debug, Clone, Copy)]
 struct MetricsLayer;
 
@@ -301,8 +317,8 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let record = crate::metrics::CallRecord::server(req.uri().path());
-        let fut = self.inner.call(req);
+        let record = crate::metrics::CallRecord::server(req.uri().path(), req.headers());
+        let fut = self.inner.call(req).instrument(record.span().clone());
         Box::pin(async move {
             let res = fut.await?;
             let (parts, body) = res.into_parts();

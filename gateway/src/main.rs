@@ -14,7 +14,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let signals = Signals::install()?;
     let config = MeshConfig::load("gateway", &ProcessEnv)?;
-    telemetry::init(&config.log);
+    let telemetry = telemetry::init(&config.log, "meshkit-gateway");
     meshkit_gateway::workers::run(config, signals.recv()).await?;
+    telemetry.shutdown();
     Ok(())
 }

@@ -36,13 +36,18 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use meshkit_common::{
-    BalancedChannel, ChannelBuilder, MeshConfig, admin::AdminServer, config::GatewaySettings, deadline,
+    BalancedChannel, ChannelBuilder, MeshConfig,
+    admin::AdminServer,
+    config::GatewaySettings,
+    deadline,
+    metrics::{CallRecord, ObservedBody},
 };
 use serde_json::json;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::Instrument;
 
 use crate::{
     auth::Auth,
@@ -60,6 +65,19 @@ const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 /// Metadata passed from a REST request to the upstream call.
 const FORWARDED_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"];
+
+/// Counts a request the gateway refused before any upstream call, by reason:
+/// `rate_limited`, `unauthenticated`, `permission_denied`, `too_large`.
+fn rejected(reason: &str) {
+    const HELP: &str = "Requests the gateway refused before calling upstream, by reason.";
+    let counter = meshkit_common::metrics::counter("meshkit_gateway_rejections_total", HELP, &[("reason", reason)]);
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Counts an authorization refusal by its status.
+fn auth_refused(status: &tonic::Status) {
+    rejected(if status.code() == tonic::Code::Unauthenticated { "unauthenticated" } else { "permission_denied" });
+}
 
 /// The per-client rate limiter, shared by every worker of a process.
 pub type Limiter = DefaultKeyedRateLimiter<IpAddr>;
@@ -148,9 +166,10 @@ impl Gateway {
     /// Takes one request from `peer`'s allowance, or says how long to wait.
     fn admit(&self, peer: IpAddr) -> Result<(), Duration> {
         let Some(limiter) = &self.limiter else { return Ok(()) };
-        limiter
-            .check_key(&peer)
-            .map_err(|not_until| not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
+        limiter.check_key(&peer).map_err(|not_until| {
+            rejected("rate_limited");
+            not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+        })
     }
 
     /// The upstream deadline: the client's `grpc-timeout` if sooner than the
@@ -195,7 +214,12 @@ impl Service<Request<Incoming>> for Dispatch {
         }
         let gateway = self.gateway.clone();
         let peer = self.peer;
-        Box::pin(async move { Ok(rest(gateway, peer, req).await) })
+        let span = meshkit_common::trace::http_server_span(req.method(), req.uri().path(), req.headers());
+        Box::pin(async move {
+            let res = rest(gateway, peer, req).instrument(span.clone()).await;
+            meshkit_common::trace::record_http_status(&span, res.status());
+            Ok(res)
+        })
     }
 }
 
@@ -218,7 +242,16 @@ impl Service<Request<Body>> for GrpcCall {
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let gateway = self.gateway.clone();
         let peer = self.peer;
-        Box::pin(async move { Ok(grpc(gateway, peer, req).await) })
+        // The gateway's own hop: RED metrics and a server span whose child
+        // is the upstream call.
+        let record = CallRecord::server(req.uri().path(), req.headers());
+        let span = record.span().clone();
+        Box::pin(async move {
+            let res = grpc(gateway, peer, req).instrument(span).await;
+            let (parts, body) = res.into_parts();
+            let body = Body::new(ObservedBody::new(body, record, &parts.headers));
+            Ok(Response::from_parts(parts, body))
+        })
     }
 }
 
@@ -251,6 +284,7 @@ async fn grpc(gateway: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) -
         return rate_limited_status(&gateway, peer, wait).into_http();
     }
     if let Err(status) = gateway.auth.authorize(&path, req.headers_mut()) {
+        auth_refused(&status);
         return status.into_http();
     }
     gateway.set_deadline(req.headers_mut());
@@ -264,6 +298,7 @@ async fn grpc(gateway: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) -
         let bytes = match Limited::new(body, limit).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                rejected("too_large");
                 return tonic::Status::resource_exhausted(format!(
                     "request message larger than gateway.max_body_bytes ({} bytes)",
                     gateway.settings.max_body_bytes
@@ -327,7 +362,10 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
         );
     }
     let (route, captures) = match gateway.router.find(&method, &path) {
-        RouteMatch::Found(route, captures) => (route, captures),
+        RouteMatch::Found(route, captures) => {
+            meshkit_common::trace::record_route(&tracing::Span::current(), &method, &route.template);
+            (route, captures)
+        }
         RouteMatch::MethodNotAllowed(allowed) => {
             let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
             let mut res = refusal(
@@ -349,6 +387,7 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
     let body = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            rejected("too_large");
             return refusal(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 tonic::Code::ResourceExhausted,
@@ -375,6 +414,7 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
         }
     }
     if let Err(status) = gateway.auth.authorize(&route.grpc_path, &mut parts.headers) {
+        auth_refused(&status);
         let mut res = status_response(&status, None);
         if status.code() == tonic::Code::Unauthenticated {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -539,7 +579,7 @@ pub(crate) async fn start_worker(
     let addr = listener.local_addr().map_err(listen_error)?;
     let admin = if config.admin.enabled && with_admin {
         let listen = config.admin.listen.parse().map_err(|_| StartError::Config("admin.listen".into()))?;
-        Some(AdminServer::start(listen, vec![channels.clone()], Vec::new()).await?)
+        Some(AdminServer::start(listen, vec![channels.clone()], Vec::new(), Vec::new()).await?)
     } else {
         None
     };

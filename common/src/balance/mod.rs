@@ -249,7 +249,7 @@ impl BalancedChannel {
             service: Arc::from(service),
         };
         let buffered = Buffer::new(pool, config.buffer);
-        Self { inner: Retry::new(buffered, methods, config.retry.clone()), view }
+        Self { inner: Retry::new(buffered, methods, config.retry.clone(), service), view }
     }
 
     /// The pool behind this channel.
@@ -340,9 +340,10 @@ impl Service<Request> for BalancedChannel {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
+    fn call(&mut self, mut req: Request) -> Self::Future {
         let record = crate::metrics::CallRecord::client(self.view.service(), req.uri().path());
-        let fut = self.inner.call(req);
+        crate::trace::inject(record.span(), req.headers_mut());
+        let fut = tracing::Instrument::instrument(self.inner.call(req), record.span().clone());
         Box::pin(async move {
             match fut.await {
                 Ok(res) => {

@@ -60,12 +60,30 @@ pub(crate) struct Retry<S> {
     methods: Arc<MethodTable>,
     budget: Arc<RetryBudget>,
     config: Arc<RetryConfig>,
+    counters: Arc<RetryCounters>,
+}
+
+/// `meshkit_client_retries_total{service, outcome}`: retries made, and
+/// retries the budget refused.
+struct RetryCounters {
+    retried: Arc<std::sync::atomic::AtomicU64>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RetryCounters {
+    fn new(service: &str) -> Self {
+        const NAME: &str = "meshkit_client_retries_total";
+        const HELP: &str = "Retries through balanced channels: made (retried), or not made because the retry budget was spent (budget_exhausted).";
+        let counter = |outcome| crate::metrics::counter(NAME, HELP, &[("service", service), ("outcome", outcome)]);
+        Self { retried: counter("retried"), refused: counter("budget_exhausted") }
+    }
 }
 
 impl<S> Retry<S> {
-    pub(crate) fn new(inner: S, methods: Arc<MethodTable>, config: RetryConfig) -> Self {
+    pub(crate) fn new(inner: S, methods: Arc<MethodTable>, config: RetryConfig, service: &str) -> Self {
         let budget = RetryBudget::new(config.budget_min_per_sec, config.budget_percent);
-        Self { inner, methods, budget: Arc::new(budget), config: Arc::new(config) }
+        let counters = Arc::new(RetryCounters::new(service));
+        Self { inner, methods, budget: Arc::new(budget), config: Arc::new(config), counters }
     }
 }
 
@@ -90,13 +108,16 @@ where
         let methods = self.methods.clone();
         let budget = self.budget.clone();
         let config = self.config.clone();
+        let counters = self.counters.clone();
         Box::pin(async move {
             let started = Instant::now();
             let deadline = deadline::for_request(&req, started);
             let method = methods.get(req.uri().path());
             budget.deposit();
             match method {
-                Some(info) if !info.client_streaming => replayable(inner, req, info, deadline, &budget, &config).await,
+                Some(info) if !info.client_streaming => {
+                    replayable(inner, req, info, deadline, (&budget, &counters), &config).await
+                }
                 // Unknown or streaming requests cannot be replayed: one attempt.
                 _ => {
                     let path = req.uri().path().to_owned();
@@ -115,7 +136,7 @@ async fn replayable(
     req: Request,
     info: MethodInfo,
     deadline: Option<Instant>,
-    budget: &RetryBudget,
+    (budget, counters): (&RetryBudget, &RetryCounters),
     config: &RetryConfig,
 ) -> Result<Response, BoxError> {
     let path = req.uri().path().to_owned();
@@ -153,9 +174,14 @@ async fn replayable(
             return result;
         }
         let pause = config.backoff * 2u32.pow(attempts - 1);
-        if deadline.is_some_and(|d| Instant::now() + pause >= d) || !budget.withdraw() {
+        if deadline.is_some_and(|d| Instant::now() + pause >= d) {
             return result;
         }
+        if !budget.withdraw() {
+            counters.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return result;
+        }
+        counters.retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(path, attempts, "retrying");
         tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.0))).await;
     }

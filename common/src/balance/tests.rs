@@ -208,7 +208,7 @@ mod retries {
     /// returns how many attempts reached the inner service and whether the call succeeded.
     async fn run(path: &str, errors: Vec<ErrorKind>, config: RetryConfig) -> (usize, bool) {
         let (svc, mut handle) = mock::pair::<Request, Response>();
-        let mut retry = Retry::new(svc, table(), config);
+        let mut retry = Retry::new(svc, table(), config, "test.Retry");
         retry.ready().await.expect("ready");
         let call = tokio::spawn(retry.call(req(path)));
         let mut attempts = 0;
@@ -272,7 +272,7 @@ mod retries {
     #[tokio::test]
     async fn no_retry_outlives_the_deadline() {
         let (svc, mut handle) = mock::pair::<Request, Response>();
-        let mut retry = Retry::new(svc, table(), RetryConfig::default());
+        let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");
         let mut request = req(IDEMPOTENT);
         request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static("100m"));
         let started = std::time::Instant::now();
@@ -289,7 +289,7 @@ mod retries {
     #[tokio::test]
     async fn an_inherited_deadline_travels_as_grpc_timeout() {
         let (svc, mut handle) = mock::pair::<Request, Response>();
-        let mut retry = Retry::new(svc, table(), RetryConfig::default());
+        let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");
         let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
         retry.ready().await.expect("ready");
         let call = tokio::spawn(crate::deadline::with_deadline(deadline, retry.call(req(IDEMPOTENT))));

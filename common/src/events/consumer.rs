@@ -33,6 +33,7 @@ use sea_orm::{
     sea_query::{Expr, OnConflict},
 };
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::{Kafka, headers};
 use crate::{
@@ -177,6 +178,58 @@ pub struct ConsumerStats {
 impl ConsumerStats {
     pub fn snapshot(&self) -> Vec<PartitionStats> {
         self.inner.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The consumer's `/metrics` families, one series per partition this
+    /// member owns: lag behind the high watermark, position, and events by
+    /// outcome (a partition's counters restart when it changes owner).
+    pub fn metrics_source(&self, group: &str) -> crate::metrics::Source {
+        let stats = self.clone();
+        let group = group.to_owned();
+        crate::metrics::source(move || {
+            let partitions = stats.snapshot();
+            let group = group.clone();
+            async move {
+                use crate::metrics::{family, labels};
+                let names = ["group", "topic", "partition"];
+                let label = |p: &PartitionStats| {
+                    labels(&names, &[group.clone(), p.topic.clone(), p.partition.to_string()], None)
+                };
+                let mut out = String::new();
+                let gauge = |p: &PartitionStats, v: i64| (label(p), v as f64);
+                family(
+                    &mut out,
+                    "meshkit_consumer_lag",
+                    "gauge",
+                    "Records behind the partition's high watermark, as of the last fetch.",
+                    &partitions.iter().map(|p| gauge(p, p.lag)).collect::<Vec<_>>(),
+                );
+                family(
+                    &mut out,
+                    "meshkit_consumer_next_offset",
+                    "gauge",
+                    "The next offset this member applies on the partition.",
+                    &partitions.iter().map(|p| gauge(p, p.next_offset)).collect::<Vec<_>>(),
+                );
+                let mut events = Vec::new();
+                for p in &partitions {
+                    for (outcome, n) in
+                        [("applied", p.applied), ("duplicate", p.duplicates), ("dead_lettered", p.dead_lettered)]
+                    {
+                        let values = [group.clone(), p.topic.clone(), p.partition.to_string(), outcome.to_owned()];
+                        events.push((labels(&["group", "topic", "partition", "outcome"], &values, None), n as f64));
+                    }
+                }
+                family(
+                    &mut out,
+                    "meshkit_consumer_events_total",
+                    "counter",
+                    "Events this member processed on the partition, by outcome.",
+                    &events,
+                );
+                out
+            }
+        })
     }
 
     fn update(&self, partition: i32, f: impl FnOnce(&mut PartitionStats)) {
@@ -482,16 +535,39 @@ impl Shared {
 
     async fn apply_one(&self, txn: &DatabaseTransaction, partition: i32, record: &RecordAndOffset) -> Result<Outcome> {
         let event = to_event(&self.topic, partition, record);
+        let span = crate::trace::consumer_span(crate::trace::Delivery {
+            topic: &event.topic,
+            partition,
+            offset: event.offset,
+            group: &self.group,
+            event_id: &event.event_id,
+            headers: &event.headers,
+        });
+        let outcome = self.attempt(txn, &event).instrument(span.clone()).await;
+        match &outcome {
+            Ok(Outcome::Applied) => span.record("meshkit.outcome", "applied"),
+            Ok(Outcome::Duplicate) => span.record("meshkit.outcome", "duplicate"),
+            Ok(Outcome::DeadLettered) => {
+                span.record("meshkit.outcome", "dead-lettered").record("otel.status_code", "ERROR")
+            }
+            Err(_) => span.record("otel.status_code", "ERROR"),
+        };
+        outcome
+    }
+
+    /// Applies `event` in a savepoint, retrying per `events.max_attempts`,
+    /// then dead-letters it.
+    async fn attempt(&self, txn: &DatabaseTransaction, event: &Event) -> Result<Outcome> {
         let attempts = self.kafka.settings().max_attempts.max(1);
         let mut last_error = HandlerError::Failed("not attempted".into());
         for attempt in 1..=attempts {
             let savepoint = txn.begin().await?;
-            if !self.record_consumed(&savepoint, &event, "applied").await? {
+            if !self.record_consumed(&savepoint, event, "applied").await? {
                 savepoint.commit().await?;
                 tracing::debug!(event_id = event.event_id, "duplicate event skipped");
                 return Ok(Outcome::Duplicate);
             }
-            match self.handler.handle(&savepoint, &event).await {
+            match self.handler.handle(&savepoint, event).await {
                 Ok(()) => {
                     savepoint.commit().await?;
                     return Ok(Outcome::Applied);
@@ -510,8 +586,8 @@ impl Shared {
                 }
             }
         }
-        self.dead_letter(&event, &last_error).await?;
-        self.record_consumed(txn, &event, "dead-lettered").await?;
+        self.dead_letter(event, &last_error).await?;
+        self.record_consumed(txn, event, "dead-lettered").await?;
         Ok(Outcome::DeadLettered)
     }
 

@@ -115,6 +115,20 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<u64> {
     Ok(entity::Entity::find().filter(entity::Column::SentTimeUs.is_null()).count(db).await?)
 }
 
+/// When the oldest row not yet published was written (first in publication
+/// order, read through the unsent index), if any.
+pub async fn oldest_unsent_us(db: &DatabaseConnection) -> Result<Option<i64>> {
+    use sea_orm::{QueryOrder, QuerySelect};
+    Ok(entity::Entity::find()
+        .select_only()
+        .column(entity::Column::CreateTimeUs)
+        .filter(entity::Column::SentTimeUs.is_null())
+        .order_by_asc(entity::Column::Seq)
+        .into_tuple::<i64>()
+        .one(db)
+        .await?)
+}
+
 /// Publishes outbox rows; run by the elected instance of a service.
 #[derive(Clone)]
 pub struct Relay {
@@ -333,6 +347,68 @@ impl RelayHandle {
         let relay = self.relay.clone();
         let owned = self.group.owned();
         move || RelayStats { leading: !owned.borrow().is_empty(), ..relay.stats() }
+    }
+
+    /// The relay's `/metrics` families: the outbox backlog (rows not yet
+    /// published, read from the table, so every instance reports it) and the
+    /// age of the oldest, this instance's relay lag, publications and failures.
+    pub fn metrics_source(&self) -> crate::metrics::Source {
+        let report = self.reporter();
+        let db = self.relay.db.clone();
+        crate::metrics::source(move || {
+            let stats = report();
+            let db = db.clone();
+            async move {
+                use crate::metrics::family;
+                let mut out = String::new();
+                if let (Ok(backlog), Ok(oldest)) = (backlog(&db).await, oldest_unsent_us(&db).await) {
+                    family(
+                        &mut out,
+                        "meshkit_outbox_backlog",
+                        "gauge",
+                        "Events committed to the outbox and not yet published.",
+                        &[(String::new(), backlog as f64)],
+                    );
+                    let age = oldest.map_or(0.0, |t| (now_us() - t).max(0) as f64 / 1e6);
+                    family(
+                        &mut out,
+                        "meshkit_outbox_oldest_unsent_age_seconds",
+                        "gauge",
+                        "Age of the oldest event not yet published (0 when none waits).",
+                        &[(String::new(), age)],
+                    );
+                }
+                family(
+                    &mut out,
+                    "meshkit_outbox_relay_leading",
+                    "gauge",
+                    "1 when this instance's relay holds the outbox (one relay per service publishes).",
+                    &[(String::new(), f64::from(u8::from(stats.leading)))],
+                );
+                family(
+                    &mut out,
+                    "meshkit_outbox_relay_lag_seconds",
+                    "gauge",
+                    "Time from commit to the broker's acknowledgement, of the last batch this relay published.",
+                    &[(String::new(), stats.last_lag_ms / 1000.0)],
+                );
+                family(
+                    &mut out,
+                    "meshkit_outbox_published_total",
+                    "counter",
+                    "Events this instance's relay published.",
+                    &[(String::new(), stats.published as f64)],
+                );
+                family(
+                    &mut out,
+                    "meshkit_outbox_publish_failures_total",
+                    "counter",
+                    "Publish attempts of this instance's relay that failed (and were retried).",
+                    &[(String::new(), stats.failures as f64)],
+                );
+                out
+            }
+        })
     }
 
     /// Stops publishing (the rows stay for the next relay) and leaves the election.

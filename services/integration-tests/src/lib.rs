@@ -9,8 +9,10 @@ pub mod echo;
 pub mod etcd;
 pub mod http;
 pub mod load;
+pub mod otlp;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 
 use std::{

@@ -4,36 +4,10 @@
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
-use std::collections::HashMap;
-
 use meshkit_common::{ChannelBuilder, admin::http_get};
-use meshkit_integration_tests::{Etcd, create_user, init_logs, mesh_config, sqlite_url};
+use meshkit_integration_tests::{Etcd, create_user, init_logs, mesh_config, prometheus::parse, sqlite_url};
 use meshkit_proto::order::{CreateOrderRequest, OrderItem, order_service_client::OrderServiceClient};
 use meshkit_proto::user::{GetUserRequest, user_service_client::UserServiceClient};
-
-/// Parses Prometheus text: every sample line is `name{labels} value`.
-fn parse(text: &str) -> HashMap<String, f64> {
-    let mut samples = HashMap::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.is_empty() {
-            assert!(line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE "), "{line}");
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
-        let name_end = series.find('{').unwrap_or(series.len());
-        let name = &series[..name_end];
-        assert!(
-            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name in {line}"
-        );
-        if name_end < series.len() {
-            assert!(series.ends_with('}'), "unclosed labels in {line}");
-        }
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
-        assert!(samples.insert(series.to_owned(), value).is_none(), "duplicate series {series}");
-    }
-    samples
-}
 
 #[tokio::test]
 async fn metrics_count_every_call_on_both_sides() {

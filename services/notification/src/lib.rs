@@ -51,11 +51,15 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
     let handler = Arc::new(handler::OrderCreatedHandler { consumer: instance });
     let consumer = Consumer::spawn(client.clone(), database.clone(), kafka, spec, handler);
     let stats = consumer.stats();
+    let consumer_metrics = stats.metrics_source(GROUP);
+    let pool_metrics = db::metrics_source(&database, COMPONENT);
     MeshServer::new(config)
         .with_etcd(client)
         .metadata("component", COMPONENT)
         .add_service(NotificationServiceServer::new(NotificationApi::new(database)))
         .report("consumer", move || serde_json::to_value(stats.snapshot()).unwrap_or_default())
+        .metrics(consumer_metrics)
+        .metrics(pool_metrics)
         .on_shutdown(consumer.close())
         .start()
         .await

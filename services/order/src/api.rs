@@ -85,7 +85,7 @@ impl OrderApi {
 #[tonic::async_trait]
 impl OrderService for OrderApi {
     async fn create_order(&self, request: Request<CreateOrderRequest>) -> Result<Response<Order>, Status> {
-        let trace = trace_headers(request.metadata());
+        let caller_trace = trace_headers(request.metadata());
         let req = request.into_inner();
         let user_id = validate::id("user_id", &req.user_id)?;
         validate::items(&req.items)?;
@@ -116,6 +116,15 @@ impl OrderService for OrderApi {
         .map_err(db_error)?;
         // The event commits with the order, or neither does.
         let event_id = uuid::Uuid::now_v7().to_string();
+        // The record carries the context of its own "create" span (a child
+        // of this call's), so notification's processing joins this trace;
+        // with tracing off, the caller's context travels unchanged.
+        let producer = meshkit_common::trace::producer_span(ORDER_EVENTS, &event_id);
+        let mut trace = meshkit_common::trace::context_headers(&producer);
+        if trace.is_empty() {
+            trace = caller_trace;
+        }
+        drop(producer);
         let event = OrderCreated {
             event_id: event_id.clone(),
             order_id: id.clone(),

@@ -50,6 +50,8 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
         config.registry.ttl_secs,
     );
     let relay_stats = relay.reporter();
+    let relay_metrics = relay.metrics_source();
+    let pool_metrics = db::metrics_source(&database, COMPONENT);
     let api = OrderApi::new(database, users, Some(relay.relay().clone()));
     MeshServer::new(config)
         .with_etcd(client)
@@ -57,6 +59,8 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
         .metadata("component", COMPONENT)
         .add_service(OrderServiceServer::new(api))
         .report("outbox_relay", move || serde_json::to_value(relay_stats()).unwrap_or_default())
+        .metrics(relay_metrics)
+        .metrics(pool_metrics)
         .on_shutdown(relay.close())
         .start()
         .await

@@ -8,8 +8,9 @@ async fn main() -> anyhow::Result<()> {
     // First, so a SIGTERM during start-up still drains and revokes.
     let signals = Signals::install()?;
     let config = MeshConfig::load(meshkit_order::COMPONENT, &ProcessEnv)?;
-    telemetry::init(&config.log);
+    let telemetry = telemetry::init(&config.log, "order-service");
     let server = meshkit_order::start(config).await?;
     server.run_until(signals.recv()).await?;
+    telemetry.shutdown();
     Ok(())
 }

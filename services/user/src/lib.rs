@@ -21,8 +21,10 @@ pub const COMPONENT: &str = "user";
 pub async fn start(config: MeshConfig) -> meshkit_common::Result<RunningServer> {
     let database = db::connect(&config.database).await?;
     db::migrate(&database, COMPONENT, migrations::MIGRATIONS).await?;
+    let pool_metrics = db::metrics_source(&database, COMPONENT);
     MeshServer::new(config)
         .metadata("component", COMPONENT)
+        .metrics(pool_metrics)
         .add_service(UserServiceServer::new(UserApi::new(database)))
         .start()
         .await

@@ -8,8 +8,9 @@ async fn main() -> anyhow::Result<()> {
     // First, so a SIGTERM during start-up still drains and revokes.
     let signals = Signals::install()?;
     let config = MeshConfig::load(meshkit_user::COMPONENT, &ProcessEnv)?;
-    telemetry::init(&config.log);
+    let telemetry = telemetry::init(&config.log, "user-service");
     let server = meshkit_user::start(config).await?;
     server.run_until(signals.recv()).await?;
+    telemetry.shutdown();
     Ok(())
 }

@@ -102,11 +102,11 @@ impl RegistrySession {
         self.reregistrations.load(Ordering::Relaxed)
     }
 
-    /// The session's `/metrics` families, labelled with `instance`.
+    /// The session's `/metrics` families, labelled with `instance_id`.
     pub fn metrics_source(&self, instance: &str) -> crate::metrics::Source {
         let state = self.state.clone();
         let reregistrations = self.reregistrations.clone();
-        let labels = crate::metrics::labels(&["instance"], &[instance.to_owned()], None);
+        let labels = crate::metrics::labels(&["instance_id"], &[instance.to_owned()], None);
         crate::metrics::source(move || {
             let up = matches!(*state.borrow(), SessionState::Registered { .. });
             let count = reregistrations.load(Ordering::Relaxed);

@@ -184,7 +184,8 @@ impl MeshServer {
                 .parse()
                 .map_err(|_| Error::Config(format!("admin.listen: {:?} is not an address", config.admin.listen)))?;
             let admin = AdminServer::start(listen, channels, reports, sources).await?;
-            metadata.insert("admin".into(), admin.local_addr().to_string());
+            // Scrapers and meshctl read it from the registry: an address they can reach.
+            metadata.insert("admin".into(), advertised(admin.local_addr(), &config.etcd.endpoints));
             Some(admin)
         } else {
             None
@@ -332,7 +333,7 @@ where
 /// bound to every interface (`0.0.0.0`, `::`, as in a container), the
 /// interface address that routes to etcd, which is the one the rest of the
 /// mesh can reach (a UDP `connect` picks the route without sending anything).
-fn advertised(local: SocketAddr, etcd_endpoints: &[String]) -> String {
+pub fn advertised(local: SocketAddr, etcd_endpoints: &[String]) -> String {
     if !local.ip().is_unspecified() {
         return local.to_string();
     }

@@ -9,6 +9,7 @@
 #   MESHKIT_ETCD_ENDPOINTS  use this etcd instead of starting one on 127.0.0.1:2379
 #   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting Tansu on 127.0.0.1:9092
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
+#   MESHKIT_PROMETHEUS_PORT Prometheus's port (default: 9091; started when installed)
 #   MESHKIT_PROFILE         cargo profile of the binaries (default: release)
 set -euo pipefail
 
@@ -21,6 +22,7 @@ ETCD_CLIENT_PORT="${MESHKIT_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${MESHKIT_ETCD_PEER_PORT:-2380}"
 KAFKA_PORT="${MESHKIT_KAFKA_PORT:-9092}"
 GATEWAY_PORT="${MESHKIT_GATEWAY_PORT:-8080}"
+PROMETHEUS_PORT="${MESHKIT_PROMETHEUS_PORT:-9091}"
 SERVICES=(user user order order notification notification)
 TANSU="$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")"
 
@@ -138,12 +140,38 @@ start_gateway() {
     fi
     MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
     MESHKIT_GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" \
+    MESHKIT_REGISTRY_INSTANCE_ID=gateway-1 \
     MESHKIT_GATEWAY_CORS_ORIGINS="${MESHKIT_GATEWAY_CORS_ORIGINS:-*}" \
         setsid "$BIN_DIR/meshkit-gateway" </dev/null >"$RUN_DIR/logs/gateway.log" 2>&1 &
     echo $! >"$RUN_DIR/pids/gateway.pid"
     echo "$GATEWAY_PORT" >"$RUN_DIR/ports/gateway"
     wait_listening gateway "$GATEWAY_PORT" || { cmd_down >/dev/null; exit 1; }
     echo "gateway:   http://127.0.0.1:$GATEWAY_PORT (REST, grpc-web, gRPC)"
+}
+
+# Scrape targets from the registry (meshctl keeps the file current), and a
+# Prometheus that reads them, when Prometheus is installed and its port free.
+start_prometheus() {
+    mkdir -p "$RUN_DIR/prometheus/sd"
+    cp "$ROOT/deploy/prometheus/prometheus.yml" "$RUN_DIR/prometheus/prometheus.yml"
+    setsid "$BIN_DIR/meshctl" --etcd "$(etcd_endpoints)" prometheus-sd --watch \
+        --out "$RUN_DIR/prometheus/sd/targets.json" </dev/null >"$RUN_DIR/logs/prometheus-sd.log" 2>&1 &
+    echo $! >"$RUN_DIR/pids/prometheus-sd.pid"
+    if ! command -v prometheus >/dev/null; then
+        echo "metrics:   targets in $RUN_DIR/prometheus/sd/targets.json (install prometheus to scrape them)"
+        return
+    fi
+    if port_open "$PROMETHEUS_PORT"; then
+        echo "metrics:   port $PROMETHEUS_PORT is taken; Prometheus not started (set MESHKIT_PROMETHEUS_PORT)"
+        return
+    fi
+    setsid prometheus --config.file="$RUN_DIR/prometheus/prometheus.yml" \
+        --storage.tsdb.path="$RUN_DIR/prometheus/data" --storage.tsdb.retention.time=2d \
+        --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" --log.level=warn \
+        </dev/null >"$RUN_DIR/logs/prometheus.log" 2>&1 &
+    echo $! >"$RUN_DIR/pids/prometheus.pid"
+    wait_listening prometheus "$PROMETHEUS_PORT" || return 0
+    echo "metrics:   Prometheus http://127.0.0.1:$PROMETHEUS_PORT (every process, found through the registry)"
 }
 
 cmd_up() {
@@ -184,6 +212,7 @@ cmd_up() {
         exit 1
     fi
     start_gateway
+    start_prometheus
     local ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
     echo "cluster:   answering ${ms} ms after start ($(( SECONDS - t0 )) s)"
     cmd_status
@@ -205,6 +234,7 @@ or a service directly:
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) instances
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) pools order-1
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) events
+  curl -s http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query --data-urlencode 'query=sum by (method) (meshkit_server_requests_total)'
 
 Logs: $RUN_DIR/logs    Stop: make down
 TRY
@@ -221,6 +251,8 @@ cmd_status() {
             etcd) addr="127.0.0.1:$ETCD_CLIENT_PORT" ;;
             kafka) addr="127.0.0.1:$KAFKA_PORT" ;;
             gateway) addr="127.0.0.1:$GATEWAY_PORT" ;;
+            prometheus) addr="127.0.0.1:$PROMETHEUS_PORT" ;;
+            prometheus-sd) addr="$RUN_DIR/prometheus/sd/targets.json" ;;
             *) addr="127.0.0.1:$(cat "$RUN_DIR/ports/$n" 2>/dev/null)" ;;
         esac
         printf '%-15s %-8s %-7s %s\n' "$n" "$(cat "$f")" "$state" "$addr"

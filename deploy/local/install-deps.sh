@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what meshkit needs on Debian/Ubuntu, and nothing that is already
 # there: quick and quiet on a machine that has everything.
-#   install-deps.sh          what `make up` needs (etcd, protoc, grpcurl, the Tansu broker)
+#   install-deps.sh          what `make up` needs (etcd, protoc, Prometheus, grpcurl, the Tansu broker)
 #   install-deps.sh --test   plus what `make test` needs (PostgreSQL, and the
 #                            Python, Node.js grpc-web and Java test clients)
 #   install-deps.sh --bench  plus what `make bench` compares against (nginx)
@@ -25,6 +25,8 @@ missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+# Prometheus scrapes the local cluster (targets from the registry, see deploy/prometheus).
+command -v prometheus >/dev/null || missing+=(prometheus)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 if (( want_test )); then
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
@@ -50,7 +52,7 @@ if (( ${#missing[@]} )); then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # Debian starts packaged servers; the cluster scripts and tests start their own.
-    for svc in etcd postgresql nginx; do
+    for svc in etcd postgresql nginx prometheus; do
         $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
     done
 fi

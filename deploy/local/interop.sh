@@ -41,6 +41,7 @@ if [[ "${1:-}" == "--own-cluster" ]]; then
     export MESHKIT_RUN_DIR MESHKIT_PROFILE="${MESHKIT_PROFILE:-dev}"
     export MESHKIT_ETCD_PORT="$(free_port)" MESHKIT_ETCD_PEER_PORT="$(free_port)"
     export MESHKIT_KAFKA_PORT="$(free_port)" MESHKIT_GATEWAY_PORT="$(free_port)"
+    export MESHKIT_PROMETHEUS_PORT="$(free_port)"
     unset MESHKIT_ETCD_ENDPOINTS MESHKIT_EVENTS_BROKERS
     "$ROOT/deploy/local/cluster.sh" up >"$WORK/cluster.log" 2>&1 \
         || { echo "interop: the cluster did not start:" >&2; tail -20 "$WORK/cluster.log" >&2; exit 1; }
@@ -144,6 +145,25 @@ if (( served && gone )); then
     ok "a Python instance joins the mesh by the registry contract and leaves on SIGTERM"
 else
     fail "a Python instance joins the mesh" "served=$served deregistered=$gone; $(tail -5 "$WORK/py-server.log")"
+fi
+
+# 6. Prometheus (started by the cluster when installed) scrapes every
+# process it found through the registry, and sees the calls made above.
+PROM="127.0.0.1:${MESHKIT_PROMETHEUS_PORT:-9091}"
+if command -v prometheus >/dev/null; then
+    want="$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD" get --prefix /meshkit/services/ --keys-only 2>/dev/null | grep -c . || true)"
+    up="" calls=""
+    for _ in $(seq 1 100); do
+        up="$(curl -sf "http://$PROM/api/v1/query" --data-urlencode 'query=count(up{job="meshkit"} == 1)' | json 'd["data"]["result"][0]["value"][1]' 2>/dev/null || true)"
+        calls="$(curl -sf "http://$PROM/api/v1/query" --data-urlencode 'query=sum(meshkit_server_requests_total{method="/meshkit.order.v1.OrderService/CreateOrder"})' | json 'd["data"]["result"][0]["value"][1]' 2>/dev/null || true)"
+        [[ "$up" == "$want" && -n "$calls" && "$calls" != 0 ]] && break
+        sleep 0.2
+    done
+    if [[ "$up" == "$want" && -n "$calls" && "$calls" != 0 ]]; then
+        ok "Prometheus scrapes all $want registered processes (targets from the registry)"
+    else
+        fail "Prometheus scrapes every process" "up=$up of $want, CreateOrder calls=$calls"
+    fi
 fi
 
 echo "interop: $passed passed, $failed failed"

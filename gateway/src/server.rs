@@ -36,7 +36,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use meshkit_common::{
-    BalancedChannel, ChannelBuilder, MeshConfig,
+    BalancedChannel, ChannelBuilder, Instance, MeshConfig, RegistrySession,
     admin::AdminServer,
     config::GatewaySettings,
     deadline,
@@ -513,6 +513,7 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
 pub struct RunningGateway {
     addr: SocketAddr,
     admin: Option<AdminServer>,
+    registry: Option<RegistrySession>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -535,6 +536,9 @@ impl RunningGateway {
     /// Stops accepting, lets open requests finish (bounded by
     /// `server.drain_timeout_ms`), closes the connections.
     pub async fn shutdown(mut self) {
+        if let Some(session) = self.registry.take() {
+            session.close().await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -572,7 +576,7 @@ pub(crate) async fn start_worker(
 ) -> Result<RunningGateway, StartError> {
     let contracts = Contracts::load(&config.gateway.descriptor_sets)?;
     let etcd = meshkit_common::etcd::connect(&config.etcd).await?;
-    let channels = ChannelBuilder::new(etcd, config.etcd.prefix.clone()).with_methods(contracts.method_table());
+    let channels = ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone()).with_methods(contracts.method_table());
     let gateway = Arc::new(Gateway::new(&config.gateway, &channels, contracts, limiter)?);
     let listen_error = |source| StartError::Listen { addr: listen.to_owned(), source };
     let listener = bind(listen, reuse_port).map_err(listen_error)?;
@@ -598,6 +602,17 @@ pub(crate) async fn start_worker(
             }
         });
     }
+    // One registration per process (the worker with the admin endpoint), so
+    // the gateway shows in `meshctl instances` and scrape-target discovery.
+    let registry = if with_admin && config.registry.enabled {
+        let session = register(&config, etcd, addr, admin.as_ref().map(AdminServer::local_addr)).await?;
+        if let (Some(admin), Some((session, id))) = (&admin, &session) {
+            admin.add_source(session.metrics_source(id));
+        }
+        session.map(|(session, _)| session)
+    } else {
+        None
+    };
     let cors = cors_layer(&config.gateway.cors_origins).map_err(StartError::Config)?;
     let drain = Duration::from_millis(config.server.drain_timeout_ms);
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -611,7 +626,39 @@ pub(crate) async fn start_worker(
     let (stop_tx, stop_rx) = oneshot::channel();
     let task = tokio::spawn(serve(listener, builder, gateway, cors, stop_rx, drain));
     tracing::debug!(%addr, admin = ?admin.as_ref().map(AdminServer::local_addr), "gateway worker listening");
-    Ok(RunningGateway { addr, admin, stop: Some(stop_tx), task })
+    Ok(RunningGateway { addr, admin, registry, stop: Some(stop_tx), task })
+}
+
+/// The service name the gateway registers under.
+pub const GATEWAY_SERVICE: &str = "meshkit.gateway";
+
+/// Registers the gateway's address (and admin endpoint) in etcd.
+async fn register(
+    config: &MeshConfig,
+    etcd: etcd_client::Client,
+    addr: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> Result<Option<(RegistrySession, String)>, StartError> {
+    let id = if config.registry.instance_id.is_empty() {
+        meshkit_common::server::new_instance_id()
+    } else {
+        config.registry.instance_id.clone()
+    };
+    let mut metadata = std::collections::BTreeMap::from([("component".to_owned(), "gateway".to_owned())]);
+    if let Some(admin) = admin {
+        metadata.insert("admin".into(), meshkit_common::server::advertised(admin, &config.etcd.endpoints));
+    }
+    let instance = Instance {
+        addr: meshkit_common::server::advertised(addr, &config.etcd.endpoints),
+        zone: config.registry.zone.clone(),
+        weight: config.registry.weight,
+        version: config.registry.version.clone(),
+        metadata,
+    };
+    let value = serde_json::to_string(&instance).map_err(|e| StartError::Config(e.to_string()))?;
+    let key = meshkit_common::registry::instance_key(&config.etcd.prefix, GATEWAY_SERVICE, &id);
+    let session = RegistrySession::start(etcd, config.registry.ttl_secs, vec![(key, value)]).await?;
+    Ok(Some((session, id)))
 }
 
 fn bind(listen: &str, reuse_port: bool) -> std::io::Result<TcpListener> {

@@ -95,7 +95,7 @@ async fn components_report_their_state_after_an_order_flow() {
     // user-service: registered; a lease revoked from outside is counted
     // once the instance has registered again.
     let user_admin = user.admin_addr().unwrap();
-    let instance = format!("instance=\"{}\"", user.instance_id());
+    let instance = format!("instance_id=\"{}\"", user.instance_id());
     let m = scrape(user_admin).await;
     assert_eq!(sum(&m, "meshkit_registry_session_up", &[&instance]), Some(1.0));
     assert_eq!(sum(&m, "meshkit_registry_reregistrations_total", &[&instance]), Some(0.0));

@@ -30,7 +30,7 @@ async fn main() -> ExitCode {
         ..Default::default()
     };
     let command = args.first().map(String::as_str);
-    if !matches!(command, Some("services" | "instances" | "leases" | "pools" | "events")) {
+    if !matches!(command, Some("services" | "instances" | "leases" | "pools" | "events" | "prometheus-sd")) {
         return usage(&match command {
             Some(c) => format!("unknown command {c:?}"),
             None => "a command is required".into(),
@@ -46,6 +46,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if command == Some("prometheus-sd") {
+        return prometheus_sd(&mut client, &prefix, &args[1..]).await;
+    }
     let result = match command {
         Some("services") => cmd::services(&mut client, &prefix).await,
         Some("instances") => cmd::instances(&mut client, &prefix, args.get(1).map(String::as_str)).await,
@@ -58,6 +61,37 @@ async fn main() -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("meshctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `prometheus-sd [--out FILE] [--watch]`.
+async fn prometheus_sd(client: &mut etcd_client::Client, prefix: &str, args: &[String]) -> ExitCode {
+    let (mut out, mut watch) = (None, false);
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--out" => match rest.next() {
+                Some(path) => out = Some(std::path::PathBuf::from(path)),
+                None => return usage("--out needs a FILE"),
+            },
+            "--watch" => watch = true,
+            other => return usage(&format!("prometheus-sd: unknown argument {other:?}")),
+        }
+    }
+    let result = match (&out, watch) {
+        (None, true) => return usage("--watch needs --out FILE"),
+        (None, false) => cmd::prometheus_targets(client, prefix).await.map(|text| print!("{text}")),
+        (Some(path), false) => cmd::write_prometheus_targets(client, prefix, path).await.map(|_| ()),
+        (Some(path), true) => {
+            cmd::watch_prometheus_targets(client, prefix, path, std::time::Duration::from_secs(30)).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshctl: {e:#}");
             ExitCode::FAILURE

@@ -278,6 +278,7 @@ pub struct CallRecord {
     metrics: Arc<MethodMetrics>,
     span: tracing::Span,
     server: bool,
+    on_finish: Option<Box<dyn FnOnce(tonic::Code) + Send>>,
 }
 
 impl CallRecord {
@@ -285,14 +286,14 @@ impl CallRecord {
     /// the trace of the caller named in `headers`.
     pub fn server(method: &str, headers: &http::HeaderMap) -> Self {
         let span = crate::trace::server_span(method, headers);
-        Self { started: Instant::now(), metrics: server_method(method), span, server: true }
+        Self { started: Instant::now(), metrics: server_method(method), span, server: true, on_finish: None }
     }
 
     /// A call of `method` through a balanced channel to `service`, a child
     /// of the current span.
     pub fn client(service: &str, method: &str) -> Self {
         let span = crate::trace::client_span(method);
-        Self { started: Instant::now(), metrics: client_method(service, method), span, server: false }
+        Self { started: Instant::now(), metrics: client_method(service, method), span, server: false, on_finish: None }
     }
 
     /// The call's span: enter it while serving, inject it into the request.
@@ -300,9 +301,17 @@ impl CallRecord {
         &self.span
     }
 
+    /// Also runs `f` with the call's status when it ends (a breaker's report).
+    pub fn on_finish(&mut self, f: impl FnOnce(tonic::Code) + Send + 'static) {
+        self.on_finish = Some(Box::new(f));
+    }
+
     pub fn finish(self, code: tonic::Code) {
         self.metrics.observe(self.started.elapsed().as_secs_f64(), code);
         crate::trace::record_status(&self.span, code, self.server);
+        if let Some(f) = self.on_finish {
+            f(code);
+        }
     }
 }
 

@@ -37,10 +37,49 @@ use crate::{
     admin::AdminServer,
     balance::ChannelBuilder,
     config::MeshConfig,
+    config_center::ConfigCenter,
     deadline::DeadlineLayer,
     error::{Error, Result},
+    governance::{Governance, GovernanceLayer},
     registry::{Instance, RegistrySession, instance_key},
 };
+
+/// What a service process shares: its etcd client, the config center
+/// (etcd settings over its own, watched), governance following the center's
+/// `governance` section, and a channel builder that applies it.
+pub struct Mesh {
+    pub etcd: Client,
+    pub center: Arc<ConfigCenter>,
+    pub governance: Arc<Governance>,
+    pub channels: ChannelBuilder,
+}
+
+impl Mesh {
+    /// Connects etcd and starts the config center for `component`.
+    pub async fn connect(config: &MeshConfig, component: &str) -> Result<Self> {
+        let etcd = crate::etcd::connect(&config.etcd).await?;
+        let center = Arc::new(ConfigCenter::start(etcd.clone(), config.clone(), component).await?);
+        let governance = Governance::watching(center.section(|c| c.governance.clone()));
+        let mut filter = center.section(|c| c.log.filter.clone());
+        tokio::spawn(async move {
+            while filter.changed().await.is_ok() {
+                let directives = filter.borrow_and_update().clone();
+                match crate::telemetry::set_filter(&directives) {
+                    Ok(()) => tracing::info!(filter = directives, "log filter changed"),
+                    Err(e) => tracing::warn!(filter = directives, error = e, "log filter refused"),
+                }
+            }
+        });
+        let channels =
+            ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone()).with_governance(governance.clone());
+        Ok(Self { etcd, center, governance, channels })
+    }
+
+    /// The settings in force: the process's own with etcd's over them.
+    pub fn config(&self) -> MeshConfig {
+        (*self.center.current()).clone()
+    }
+}
 
 /// The response header that names the instance that served a call.
 pub const INSTANCE_HEADER: &str = "x-meshkit-instance";
@@ -55,6 +94,7 @@ pub struct MeshServer {
     channels: Vec<ChannelBuilder>,
     reports: Vec<Report>,
     sources: Vec<crate::metrics::Source>,
+    governance: Option<Arc<Governance>>,
     on_shutdown: Vec<ShutdownHook>,
 }
 
@@ -74,6 +114,7 @@ impl MeshServer {
             channels: Vec::new(),
             reports: Vec::new(),
             sources: Vec::new(),
+            governance: None,
             on_shutdown: Vec::new(),
         }
     }
@@ -85,6 +126,22 @@ impl MeshServer {
         report: impl Fn() -> serde_json::Value + Send + Sync + 'static,
     ) -> Self {
         self.reports.push((name.into(), Arc::new(report)));
+        self
+    }
+
+    /// Everything a [`Mesh`] holds: its etcd client, channels, governance
+    /// (hot-reloaded) and the config center's report.
+    pub fn with_mesh(mut self, mesh: &Mesh) -> Self {
+        self.etcd = Some(mesh.etcd.clone());
+        self.channels.push(mesh.channels.clone());
+        self.governance = Some(mesh.governance.clone());
+        let center = mesh.center.clone();
+        self.report("config", move || serde_json::to_value(center.status()).unwrap_or_default())
+    }
+
+    /// Serving-side governance; without it, the rules in the config's `governance` section.
+    pub fn with_governance(mut self, governance: Arc<Governance>) -> Self {
+        self.governance = Some(governance);
         self
     }
 
@@ -139,8 +196,22 @@ impl MeshServer {
     /// Returns once the instance is registered and answering.
     pub async fn start(self) -> Result<RunningServer> {
         let started = Instant::now();
-        let MeshServer { config, mut routes, services, mut metadata, etcd, channels, reports, sources, on_shutdown } =
-            self;
+        let MeshServer {
+            config,
+            mut routes,
+            services,
+            mut metadata,
+            etcd,
+            channels,
+            mut reports,
+            sources,
+            governance,
+            on_shutdown,
+        } = self;
+        let governance = governance.unwrap_or_else(|| Governance::new(config.governance.clone()));
+        let report = governance.clone();
+        reports
+            .push(("governance".into(), Arc::new(move || serde_json::to_value(report.report()).unwrap_or_default())));
         let listen: SocketAddr = config
             .server
             .listen
@@ -202,6 +273,7 @@ impl MeshServer {
                 res
             }))
             .layer(MetricsLayer)
+            .layer(GovernanceLayer(governance))
             .layer(DeadlineLayer)
             .layer(FaultDelayLayer(fault_delay))
             .add_routes(routes_of(routes));

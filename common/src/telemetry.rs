@@ -97,6 +97,7 @@ pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let json = settings.format == "json";
     let dispatch = Arc::new(OnceLock::new());
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
     let fmt_layer = fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .event_format(TraceIds { json, dispatch: dispatch.clone() })
@@ -139,11 +140,31 @@ pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
     };
     if tracing_subscriber::registry().with(fmt_layer).with(otel_layer).try_init().is_ok() {
         tracing::dispatcher::get_default(|installed| dispatch.set(installed.downgrade()).ok());
+        let _ = FILTER.set(Box::new(move |directives: &str| {
+            let filter = EnvFilter::try_new(directives).map_err(|e| e.to_string())?;
+            reload.reload(filter).map_err(|e| e.to_string())
+        }));
     } else {
         // Already installed (tests start several services in one process).
         telemetry.stop();
     }
     telemetry
+}
+
+type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+static FILTER: OnceLock<SetFilter> = OnceLock::new();
+
+/// Changes the log filter of the running process (`log.filter` from the
+/// config center). `RUST_LOG`, when set, stays in force.
+pub fn set_filter(directives: &str) -> Result<(), String> {
+    if std::env::var("RUST_LOG").is_ok_and(|v| !v.is_empty()) {
+        return Ok(());
+    }
+    match FILTER.get() {
+        Some(set) => set(directives),
+        None => Ok(()),
+    }
 }
 
 fn exporter() -> Result<(tokio::runtime::Runtime, opentelemetry_otlp::SpanExporter), String> {

@@ -129,6 +129,7 @@ pub struct ChannelBuilder {
     prefix: String,
     config: ChannelConfig,
     methods: Arc<MethodTable>,
+    governance: Option<Arc<crate::governance::Governance>>,
     pools: Arc<Mutex<HashMap<String, BalancedChannel>>>,
 }
 
@@ -140,8 +141,21 @@ impl ChannelBuilder {
             prefix: prefix.into(),
             config: ChannelConfig::default(),
             methods: Arc::new(MethodTable::meshkit()),
+            governance: None,
             pools: Arc::default(),
         }
+    }
+
+    /// Calling-side governance (breakers, throttling, per-method timeouts,
+    /// retry policy per service) for every channel built after this.
+    pub fn with_governance(mut self, governance: Arc<crate::governance::Governance>) -> Self {
+        self.governance = Some(governance);
+        self
+    }
+
+    /// The governance channels of this builder consult, if any.
+    pub fn governance(&self) -> Option<&Arc<crate::governance::Governance>> {
+        self.governance.as_ref()
     }
 
     pub fn with_config(mut self, config: ChannelConfig) -> Self {
@@ -166,7 +180,14 @@ impl ChannelBuilder {
             return channel.clone();
         }
         let watch = discovery::watch_prefix(self.client.clone(), service_prefix(&self.prefix, service));
-        let channel = BalancedChannel::from_watch(service, watch, &self.config, self.methods.clone());
+        let mut config = self.config.clone();
+        if let Some(retry) = self.governance.as_ref().and_then(|g| g.settings().retry.get(service).cloned()) {
+            config.retry.max_attempts = retry.max_attempts;
+            config.retry.budget_percent = retry.budget_percent as f32;
+            config.retry.budget_min_per_sec = retry.budget_min_per_sec;
+        }
+        let mut channel = BalancedChannel::from_watch(service, watch, &config, self.methods.clone());
+        channel.governance = self.governance.clone();
         pools.insert(service.to_owned(), channel.clone());
         channel
     }
@@ -227,6 +248,7 @@ impl PoolView {
 pub struct BalancedChannel {
     inner: Retry<Buffer<Request, PoolFuture>>,
     view: Arc<PoolView>,
+    governance: Option<Arc<crate::governance::Governance>>,
 }
 
 impl BalancedChannel {
@@ -249,7 +271,7 @@ impl BalancedChannel {
             service: Arc::from(service),
         };
         let buffered = Buffer::new(pool, config.buffer);
-        Self { inner: Retry::new(buffered, methods, config.retry.clone(), service), view }
+        Self { inner: Retry::new(buffered, methods, config.retry.clone(), service), view, governance: None }
     }
 
     /// The pool behind this channel.
@@ -341,7 +363,21 @@ impl Service<Request> for BalancedChannel {
     }
 
     fn call(&mut self, mut req: Request) -> Self::Future {
-        let record = crate::metrics::CallRecord::client(self.view.service(), req.uri().path());
+        let mut record = crate::metrics::CallRecord::client(self.view.service(), req.uri().path());
+        if let Some(governance) = &self.governance {
+            let path = req.uri().path().to_owned();
+            match governance.before_call(self.view.service(), &path, req.headers_mut()) {
+                Ok(Some(guard)) => record.on_finish(move |code| guard.finish(code)),
+                Ok(None) => {}
+                Err(status) => {
+                    // Refused locally: the reserved pool slot goes back unused.
+                    let clone = self.inner.clone();
+                    drop(std::mem::replace(&mut self.inner, clone));
+                    record.finish(status.code());
+                    return Box::pin(async move { Err(status.into()) });
+                }
+            }
+        }
         crate::trace::inject(record.span(), req.headers_mut());
         let fut = tracing::Instrument::instrument(self.inner.call(req), record.span().clone());
         Box::pin(async move {

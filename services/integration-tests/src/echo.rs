@@ -4,7 +4,12 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use meshkit_common::{MeshConfig, MeshServer, RunningServer};
+use std::sync::{
+    Arc,
+    atomic::{AtomicI32, Ordering},
+};
+
+use meshkit_common::{Mesh, MeshConfig, MeshServer, RunningServer};
 use tonic::{Request, Response, Status, Streaming};
 
 pub mod pb {
@@ -25,6 +30,30 @@ pub const ECHO: &str = "meshkit.echo.v1.EchoService";
 
 struct Echo {
     instance: String,
+    faults: Faults,
+}
+
+/// Faults a test sets while an echo instance runs (in-process).
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// A gRPC code `Echo` answers with instead of echoing (0: none).
+    pub fail_with: Arc<AtomicI32>,
+    /// A bottleneck every `Echo` call passes through: `permits` at a time,
+    /// each holding one for `service_ms` (a pool of connections to a slow
+    /// database, say): beyond it, calls queue and latency grows.
+    pub bottleneck: Option<(Arc<tokio::sync::Semaphore>, std::time::Duration)>,
+}
+
+impl Faults {
+    pub fn with_bottleneck(permits: usize, service_ms: u64) -> Self {
+        Self {
+            bottleneck: Some((
+                Arc::new(tokio::sync::Semaphore::new(permits)),
+                std::time::Duration::from_millis(service_ms),
+            )),
+            ..Self::default()
+        }
+    }
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
@@ -32,6 +61,14 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>
 #[tonic::async_trait]
 impl EchoService for Echo {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let code = self.faults.fail_with.load(Ordering::Relaxed);
+        if code != 0 {
+            return Err(Status::new(tonic::Code::from_i32(code), "failing on purpose"));
+        }
+        if let Some((permits, service)) = &self.faults.bottleneck {
+            let _permit = permits.acquire().await.map_err(|_| Status::internal("closed"))?;
+            tokio::time::sleep(*service).await;
+        }
         let mut reply =
             EchoReply { request: Some(request.get_ref().clone()), served_by: self.instance.clone(), count: 1 };
         // Identity metadata the gateway adds comes back in the reply's text.
@@ -98,6 +135,15 @@ impl EchoService for Echo {
 
 /// Starts an echo instance registered in etcd.
 pub async fn start_echo(config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+    start_echo_with(config, Faults::default()).await
+}
+
+/// The component name echo instances read their settings under.
+pub const COMPONENT: &str = "echo";
+
+/// Starts an echo instance with `faults`, under the config center
+/// (component `echo`): its governance follows etcd.
+pub async fn start_echo_with(config: MeshConfig, faults: Faults) -> meshkit_common::Result<RunningServer> {
     let instance = if config.registry.instance_id.is_empty() {
         meshkit_common::server::new_instance_id()
     } else {
@@ -105,5 +151,10 @@ pub async fn start_echo(config: MeshConfig) -> meshkit_common::Result<RunningSer
     };
     let mut config = config;
     config.registry.instance_id = instance.clone();
-    MeshServer::new(config).add_service(EchoServiceServer::new(Echo { instance })).start().await
+    let mesh = Mesh::connect(&config, COMPONENT).await?;
+    MeshServer::new(mesh.config())
+        .with_mesh(&mesh)
+        .add_service(EchoServiceServer::new(Echo { instance, faults }))
+        .start()
+        .await
 }

@@ -21,6 +21,13 @@ commands:
   pools INSTANCE_ID|ADMIN_ADDR   a process's balanced pools: endpoints, state, load, calls in flight
   events                         outbox relays (who publishes, how much) and consumed partitions
                                  (owner, fence, offset, lag, applied, duplicates, dead-lettered)
+  config get COMPONENT           settings from etcd in force for a component (_global and its own)
+  config set COMPONENT PATH JSON validate, then write a setting (`_global` for every process)
+  config delete COMPONENT PATH   remove a setting
+  config history COMPONENT PATH  earlier values of a setting, newest first (until etcd compacts them)
+  config watch COMPONENT         print changes as they happen
+  governance INSTANCE_ID|ADMIN_ADDR
+                                 a process's rules, breakers, shedding and refusals by rule
   prometheus-sd [--out FILE] [--watch]
                                  Prometheus file_sd targets: every process's admin endpoint from the
                                  registry; to stdout, or to FILE (kept current with --watch)
@@ -121,20 +128,25 @@ pub async fn leases(client: &mut Client, prefix: &str) -> anyhow::Result<String>
     Ok(out)
 }
 
+/// The admin address of `target`: itself when it is `host:port`, else the
+/// `admin` metadata of the instance with that id.
+async fn admin_of(client: &mut Client, prefix: &str, target: &str) -> anyhow::Result<String> {
+    if target.contains(':') {
+        return Ok(target.to_owned());
+    }
+    let regs = registrations(client, prefix, None).await?;
+    let Some(r) = regs.iter().find(|r| r.instance_id == target) else {
+        bail!("no registered instance has the id {target:?}; `meshctl instances` lists them");
+    };
+    match r.instance.as_ref().and_then(|i| i.metadata.get("admin")) {
+        Some(a) => Ok(a.clone()),
+        None => bail!("instance {target:?} publishes no admin endpoint"),
+    }
+}
+
 /// `target` is an admin address (`host:port`) or an instance id to look up.
 pub async fn pools(client: &mut Client, prefix: &str, target: &str) -> anyhow::Result<String> {
-    let admin = if target.contains(':') {
-        target.to_owned()
-    } else {
-        let regs = registrations(client, prefix, None).await?;
-        let Some(r) = regs.iter().find(|r| r.instance_id == target) else {
-            bail!("no registered instance has the id {target:?}; `meshctl instances` lists them");
-        };
-        match r.instance.as_ref().and_then(|i| i.metadata.get("admin")) {
-            Some(a) => a.clone(),
-            None => bail!("instance {target:?} publishes no admin endpoint"),
-        }
-    };
+    let admin = admin_of(client, prefix, target).await?;
     let report = fetch_pools(&admin).await.with_context(|| format!("asking {admin} for its pools"))?;
     if report.is_empty() {
         return Ok(format!("{admin}: this process holds no balanced channel\n"));
@@ -330,4 +342,218 @@ pub async fn watch_prometheus_targets(
             }
         }
     }
+}
+
+// === config ===
+
+use meshkit_common::{
+    MeshConfig,
+    config_center::{self, Entry, GLOBAL},
+};
+
+fn check_component(component: &str) -> anyhow::Result<()> {
+    if component.is_empty() || component.contains('/') {
+        bail!("{component:?} is not a component name (user, order, gateway, … or {GLOBAL})");
+    }
+    Ok(())
+}
+
+/// The value as stored: JSON as given, or a bare word taken as a string.
+pub fn json_value(raw: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(_) => raw.trim().to_owned(),
+        Err(_) => serde_json::Value::String(raw.to_owned()).to_string(),
+    }
+}
+
+pub async fn config_get(client: &mut Client, prefix: &str, component: &str) -> anyhow::Result<String> {
+    check_component(component)?;
+    let (entries, revision) = config_center::read(client, prefix, component).await?;
+    let mut out =
+        format!("# {component}: settings from etcd at revision {revision} (the component's own win over {GLOBAL})\n");
+    let _ = writeln!(out, "{:<10} {:<40} {:>8}  VALUE", "SCOPE", "PATH", "REVISION");
+    for e in &entries {
+        let _ = writeln!(out, "{:<10} {:<40} {:>8}  {}", e.scope, e.path, e.mod_revision, e.value);
+    }
+    if entries.is_empty() {
+        let _ = writeln!(out, "(none: the processes run on their own file and environment settings)");
+    }
+    Ok(out)
+}
+
+/// Validates the change against the entries already there (over the
+/// defaults), then writes it. An invalid value is refused, naming the problem.
+pub async fn config_set(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    path: &str,
+    raw: &str,
+) -> anyhow::Result<String> {
+    check_component(component)?;
+    let value = json_value(raw);
+    let (mut entries, _) = config_center::read(client, prefix, component).await?;
+    entries.retain(|e| !(e.scope == component && e.path == path));
+    entries.push(Entry { scope: component.to_owned(), path: path.to_owned(), value: value.clone(), mod_revision: 0 });
+    if let Err(e) = config_center::overlay(&MeshConfig::default(), &entries) {
+        bail!("refused, nothing written: {e}");
+    }
+    let key = format!("{}{path}", config_center::config_prefix(prefix, component));
+    let resp = client.put(key.as_str(), value.as_str(), None).await.context("writing to etcd")?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    Ok(format!("{component}/{path} = {value} (revision {revision})\n"))
+}
+
+pub async fn config_delete(client: &mut Client, prefix: &str, component: &str, path: &str) -> anyhow::Result<String> {
+    check_component(component)?;
+    let key = format!("{}{path}", config_center::config_prefix(prefix, component));
+    let resp = client.delete(key.as_str(), None).await.context("deleting from etcd")?;
+    if resp.deleted() == 0 {
+        bail!("{component}/{path} is not set");
+    }
+    Ok(format!("{component}/{path} deleted\n"))
+}
+
+/// Walks the key's earlier revisions (etcd keeps them until compaction).
+pub async fn config_history(client: &mut Client, prefix: &str, component: &str, path: &str) -> anyhow::Result<String> {
+    check_component(component)?;
+    let key = format!("{}{path}", config_center::config_prefix(prefix, component));
+    let mut out = format!("{:>8}  VALUE\n", "REVISION");
+    let mut at: Option<i64> = None;
+    let mut found = 0;
+    loop {
+        let options = at.map(|r| GetOptions::new().with_revision(r));
+        let resp = match client.get(key.as_str(), options).await {
+            Ok(resp) => resp,
+            Err(e) if found > 0 => {
+                let _ = writeln!(out, "(older values compacted away: {e})");
+                break;
+            }
+            Err(e) => return Err(e).context("reading from etcd"),
+        };
+        let Some(kv) = resp.kvs().first() else { break };
+        found += 1;
+        let _ = writeln!(out, "{:>8}  {}", kv.mod_revision(), String::from_utf8_lossy(kv.value()));
+        if kv.version() <= 1 || found >= 100 {
+            break;
+        }
+        at = Some(kv.mod_revision() - 1);
+    }
+    if found == 0 {
+        bail!("{component}/{path} is not set");
+    }
+    Ok(out)
+}
+
+/// Prints each change to the component's or the global settings, up to
+/// `max` changes (forever without).
+pub async fn config_watch(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    max: Option<usize>,
+    mut print: impl FnMut(&str),
+) -> anyhow::Result<()> {
+    check_component(component)?;
+    let root = format!("{prefix}/config/");
+    let mut stream =
+        client.watch(root.as_str(), Some(etcd_client::WatchOptions::new().with_prefix())).await.context("watching")?;
+    let mut seen = 0;
+    while let Some(resp) = stream.message().await? {
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let key = kv.key_str().unwrap_or_default();
+            let Some((scope, path)) = key.strip_prefix(&root).and_then(|r| r.split_once('/')) else { continue };
+            if scope != component && scope != GLOBAL {
+                continue;
+            }
+            let line = match event.event_type() {
+                etcd_client::EventType::Put => {
+                    format!(
+                        "{:>8}  set     {scope}/{path} = {}",
+                        kv.mod_revision(),
+                        String::from_utf8_lossy(kv.value())
+                    )
+                }
+                etcd_client::EventType::Delete => format!("{:>8}  delete  {scope}/{path}", kv.mod_revision()),
+            };
+            print(&line);
+            seen += 1;
+            if max.is_some_and(|m| seen >= m) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+// === governance ===
+
+/// A process's governance, from its `/reports`.
+pub async fn governance(client: &mut Client, prefix: &str, target: &str) -> anyhow::Result<String> {
+    let admin = admin_of(client, prefix, target).await?;
+    let text = http_get(&admin, "/reports").await.with_context(|| format!("asking {admin} for its reports"))?;
+    let reports: serde_json::Value = serde_json::from_str(&text).context("reading /reports")?;
+    let g = &reports["governance"];
+    if g.is_null() {
+        bail!("{admin} reports no governance");
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "RULES");
+    let methods = g["rules"]["methods"].as_object().cloned().unwrap_or_default();
+    if methods.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for (pattern, rule) in methods {
+        let n = |k: &str| rule[k].as_f64().unwrap_or(0.0);
+        let breaker = if rule["breaker"]["enabled"].as_bool() == Some(true) {
+            format!(
+                "error_ratio={} slow_ratio={} min_requests={} open_ms={}",
+                rule["breaker"]["error_ratio"],
+                rule["breaker"]["slow_ratio"],
+                rule["breaker"]["min_requests"],
+                rule["breaker"]["open_ms"]
+            )
+        } else {
+            "off".into()
+        };
+        let _ = writeln!(
+            out,
+            "  {pattern}  qps={} burst={} concurrency={} caller_qps={} timeout_ms={} breaker: {breaker}",
+            n("qps"),
+            n("burst"),
+            n("concurrency"),
+            n("caller_qps"),
+            n("timeout_ms"),
+        );
+    }
+    match g["shedding"].as_object() {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "SHEDDING  on: in_flight={} capacity={} cpu={:.2} shed={}",
+                s["in_flight"],
+                s["capacity"],
+                s["cpu"].as_f64().unwrap_or(0.0),
+                s["shed"]
+            );
+        }
+        None => {
+            let _ = writeln!(out, "SHEDDING  off");
+        }
+    }
+    let breakers = g["breakers"].as_array().cloned().unwrap_or_default();
+    if !breakers.is_empty() {
+        let _ = writeln!(out, "BREAKERS\n  {:<40} {:<48} STATE", "SERVICE", "METHOD");
+        for b in breakers {
+            let s = |k: &str| b[k].as_str().unwrap_or("-").to_owned();
+            let _ = writeln!(out, "  {:<40} {:<48} {}", s("service"), s("method"), s("state"));
+        }
+    }
+    let _ = writeln!(out, "REJECTIONS\n  {:<7} {:<48} {:<12} {:>8}", "SIDE", "TARGET", "RULE", "COUNT");
+    for r in g["rejections"].as_array().cloned().unwrap_or_default() {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+        let _ = writeln!(out, "  {:<7} {:<48} {:<12} {:>8}", s("side"), s("target"), s("rule"), r["count"]);
+    }
+    Ok(out)
 }

@@ -30,14 +30,17 @@ async fn main() -> ExitCode {
         ..Default::default()
     };
     let command = args.first().map(String::as_str);
-    if !matches!(command, Some("services" | "instances" | "leases" | "pools" | "events" | "prometheus-sd")) {
+    if !matches!(
+        command,
+        Some("services" | "instances" | "leases" | "pools" | "events" | "prometheus-sd" | "config" | "governance")
+    ) {
         return usage(&match command {
             Some(c) => format!("unknown command {c:?}"),
             None => "a command is required".into(),
         });
     }
-    if command == Some("pools") && args.len() != 2 {
-        return usage("pools takes one INSTANCE_ID or ADMIN_ADDR");
+    if matches!(command, Some("pools" | "governance")) && args.len() != 2 {
+        return usage("pools and governance take one INSTANCE_ID or ADMIN_ADDR");
     }
     let mut client = match meshkit_common::etcd::connect(&settings).await {
         Ok(c) => c,
@@ -49,12 +52,45 @@ async fn main() -> ExitCode {
     if command == Some("prometheus-sd") {
         return prometheus_sd(&mut client, &prefix, &args[1..]).await;
     }
+    if command == Some("config") {
+        return config(&mut client, &prefix, &args[1..]).await;
+    }
     let result = match command {
         Some("services") => cmd::services(&mut client, &prefix).await,
         Some("instances") => cmd::instances(&mut client, &prefix, args.get(1).map(String::as_str)).await,
         Some("leases") => cmd::leases(&mut client, &prefix).await,
         Some("events") => cmd::events(&mut client, &prefix).await,
+        Some("governance") => cmd::governance(&mut client, &prefix, &args[1]).await,
         _ => cmd::pools(&mut client, &prefix, &args[1]).await,
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `config get|set|delete|history|watch COMPONENT [PATH [VALUE]]`.
+async fn config(client: &mut etcd_client::Client, prefix: &str, args: &[String]) -> ExitCode {
+    let arg = |i: usize| args.get(i).map(String::as_str);
+    let result = match (arg(0), args.len()) {
+        (Some("get"), 2) => cmd::config_get(client, prefix, &args[1]).await,
+        (Some("set"), 4) => cmd::config_set(client, prefix, &args[1], &args[2], &args[3]).await,
+        (Some("delete"), 3) => cmd::config_delete(client, prefix, &args[1], &args[2]).await,
+        (Some("history"), 3) => cmd::config_history(client, prefix, &args[1], &args[2]).await,
+        (Some("watch"), 2) => {
+            cmd::config_watch(client, prefix, &args[1], None, |line| println!("{line}")).await.map(|()| String::new())
+        }
+        _ => {
+            return usage(
+                "config get COMPONENT | set COMPONENT PATH VALUE | delete COMPONENT PATH | history COMPONENT PATH | watch COMPONENT",
+            );
+        }
     };
     match result {
         Ok(text) => {

@@ -14,7 +14,7 @@ pub mod migrations;
 use std::sync::Arc;
 
 use meshkit_common::{
-    MeshConfig, MeshServer, RunningServer, db, etcd,
+    Mesh, MeshConfig, MeshServer, RunningServer, db,
     events::{Consumer, ConsumerSpec, Kafka, consumer},
     server::new_instance_id,
 };
@@ -36,10 +36,12 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
         config.registry.instance_id = new_instance_id();
     }
     let instance = config.registry.instance_id.clone();
+    let mesh = Mesh::connect(&config, COMPONENT).await?;
+    let config = mesh.config();
     let database = db::connect(&config.database).await?;
     db::migrate(&database, COMPONENT, migrations::MIGRATIONS).await?;
     db::migrate(&database, consumer::COMPONENT, consumer::MIGRATIONS).await?;
-    let client = etcd::connect(&config.etcd).await?;
+    let client = mesh.etcd.clone();
     let kafka = Kafka::new(config.events.clone(), format!("notification-service-{instance}"));
     let spec = ConsumerSpec {
         group: GROUP.into(),
@@ -54,7 +56,7 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
     let consumer_metrics = stats.metrics_source(GROUP);
     let pool_metrics = db::metrics_source(&database, COMPONENT);
     MeshServer::new(config)
-        .with_etcd(client)
+        .with_mesh(&mesh)
         .metadata("component", COMPONENT)
         .add_service(NotificationServiceServer::new(NotificationApi::new(database)))
         .report("consumer", move || serde_json::to_value(stats.snapshot()).unwrap_or_default())

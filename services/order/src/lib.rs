@@ -12,7 +12,7 @@ pub mod migrations;
 pub mod validate;
 
 use meshkit_common::{
-    ChannelBuilder, MeshConfig, MeshServer, RunningServer, db, etcd,
+    Mesh, MeshConfig, MeshServer, RunningServer, db,
     events::{Kafka, Relay, outbox},
     server::new_instance_id,
 };
@@ -31,12 +31,13 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
     if config.registry.instance_id.is_empty() {
         config.registry.instance_id = new_instance_id();
     }
+    let mesh = Mesh::connect(&config, COMPONENT).await?;
+    let config = mesh.config();
     let database = db::connect(&config.database).await?;
     db::migrate(&database, COMPONENT, migrations::MIGRATIONS).await?;
     db::migrate(&database, outbox::COMPONENT, outbox::MIGRATIONS).await?;
-    let client = etcd::connect(&config.etcd).await?;
-    let channels = ChannelBuilder::new(client.clone(), config.etcd.prefix.clone());
-    let users = UserServiceClient::new(channels.balanced(USER_SERVICE));
+    let client = mesh.etcd.clone();
+    let users = UserServiceClient::new(mesh.channels.balanced(USER_SERVICE));
 
     // One relay per service publishes the outbox; the instances elect it.
     let instance = config.registry.instance_id.clone();
@@ -54,8 +55,7 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
     let pool_metrics = db::metrics_source(&database, COMPONENT);
     let api = OrderApi::new(database, users, Some(relay.relay().clone()));
     MeshServer::new(config)
-        .with_etcd(client)
-        .with_channels(channels)
+        .with_mesh(&mesh)
         .metadata("component", COMPONENT)
         .add_service(OrderServiceServer::new(api))
         .report("outbox_relay", move || serde_json::to_value(relay_stats()).unwrap_or_default())

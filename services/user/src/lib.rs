@@ -9,7 +9,7 @@ pub mod entity;
 pub mod migrations;
 pub mod validate;
 
-use meshkit_common::{MeshConfig, MeshServer, RunningServer, db};
+use meshkit_common::{Mesh, MeshConfig, MeshServer, RunningServer, db};
 use meshkit_proto::user::user_service_server::UserServiceServer;
 
 pub use api::UserApi;
@@ -19,10 +19,13 @@ pub const COMPONENT: &str = "user";
 
 /// Connects the database, applies migrations, serves and registers.
 pub async fn start(config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+    let mesh = Mesh::connect(&config, COMPONENT).await?;
+    let config = mesh.config();
     let database = db::connect(&config.database).await?;
     db::migrate(&database, COMPONENT, migrations::MIGRATIONS).await?;
     let pool_metrics = db::metrics_source(&database, COMPONENT);
     MeshServer::new(config)
+        .with_mesh(&mesh)
         .metadata("component", COMPONENT)
         .metrics(pool_metrics)
         .add_service(UserServiceServer::new(UserApi::new(database)))

@@ -95,6 +95,7 @@ pub struct MeshServer {
     reports: Vec<Report>,
     sources: Vec<crate::metrics::Source>,
     governance: Option<Arc<Governance>>,
+    center: Option<Arc<ConfigCenter>>,
     on_shutdown: Vec<ShutdownHook>,
 }
 
@@ -115,6 +116,7 @@ impl MeshServer {
             reports: Vec::new(),
             sources: Vec::new(),
             governance: None,
+            center: None,
             on_shutdown: Vec::new(),
         }
     }
@@ -135,6 +137,7 @@ impl MeshServer {
         self.etcd = Some(mesh.etcd.clone());
         self.channels.push(mesh.channels.clone());
         self.governance = Some(mesh.governance.clone());
+        self.center = Some(mesh.center.clone());
         let center = mesh.center.clone();
         self.report("config", move || serde_json::to_value(center.status()).unwrap_or_default())
     }
@@ -206,12 +209,15 @@ impl MeshServer {
             mut reports,
             sources,
             governance,
+            center,
             on_shutdown,
         } = self;
         let governance = governance.unwrap_or_else(|| Governance::new(config.governance.clone()));
         let report = governance.clone();
         reports
             .push(("governance".into(), Arc::new(move || serde_json::to_value(report.report()).unwrap_or_default())));
+        let mut sources = sources;
+        sources.push(governance.metrics_source());
         let listen: SocketAddr = config
             .server
             .listen
@@ -339,6 +345,7 @@ impl MeshServer {
         );
         Ok(RunningServer {
             admin,
+            _center: center,
             local_addr,
             instance_id,
             services,
@@ -432,6 +439,8 @@ pub fn new_instance_id() -> String {
 /// serving abruptly and leaves the lease to expire by TTL.
 pub struct RunningServer {
     admin: Option<AdminServer>,
+    /// Kept so settings keep following etcd while the server runs.
+    _center: Option<Arc<ConfigCenter>>,
     local_addr: SocketAddr,
     instance_id: String,
     services: Vec<&'static str>,

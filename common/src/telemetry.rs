@@ -4,14 +4,13 @@
 //! `log.filter`; each line inside a traced call carries `trace_id` and
 //! `span_id`.
 //!
-//! Traces: meshkit's spans (see [`crate::trace`]) go to OpenTelemetry. They
+//! Traces: meshkit's spans (see [`crate::trace`]) go to OpenTelemetry and
 //! are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, configured by the standard
 //! variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 //! `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_*`).
-//! Without an endpoint nothing is exported, yet trace ids are still made,
-//! logged and propagated, so logs of one request correlate across services.
-//! `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turns it all off.
+//! Without an endpoint (or with `OTEL_SDK_DISABLED=true`,
+//! `OTEL_TRACES_EXPORTER=none`) no span is made and nothing complains.
 
 use std::fmt::Write as _;
 
@@ -22,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use tracing::{Event, Subscriber, dispatcher::WeakDispatch, field::Field, span};
 use tracing_subscriber::{
     EnvFilter, Layer,
-    filter::filter_fn,
+    filter::{FilterExt, filter_fn},
     fmt::{
         self, FmtContext, FormatEvent, FormatFields,
         format::Writer,
@@ -98,15 +97,22 @@ pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
     let json = settings.format == "json";
     let dispatch = Arc::new(OnceLock::new());
     let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    // RPC and event spans are for traces; logs get their ids instead. Left
+    // out here, they cost nothing when no trace is exported.
+    let not_trace_spans = filter_fn(|meta| {
+        !(meta.is_span() && (meta.target() == crate::trace::RPC_TARGET || meta.target() == crate::trace::EVENTS_TARGET))
+    });
     let fmt_layer = fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .event_format(TraceIds { json, dispatch: dispatch.clone() })
-        .with_filter(filter);
+        .with_filter(filter.and(not_trace_spans));
 
-    let disabled = env_true("OTEL_SDK_DISABLED")
-        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim().eq_ignore_ascii_case("none"));
+    let exporting = (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        && !env_true("OTEL_SDK_DISABLED")
+        && !std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim().eq_ignore_ascii_case("none"));
     let mut telemetry = Telemetry { provider: None, runtime: None };
-    let otel_layer = if disabled {
+    // Without an exporter no span is made at all: tracing costs a call nothing.
+    let otel_layer = if !exporting {
         None
     } else {
         let mut resource = Resource::builder();
@@ -118,14 +124,12 @@ pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
         resource = resource.with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
         let mut provider = SdkTracerProvider::builder().with_resource(resource.build());
         let mut export_error = None;
-        if env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-            match exporter() {
-                Ok((runtime, exporter)) => {
-                    provider = provider.with_batch_exporter(exporter);
-                    telemetry.runtime = Some(runtime);
-                }
-                Err(e) => export_error = Some(e),
+        match exporter() {
+            Ok((runtime, exporter)) => {
+                provider = provider.with_batch_exporter(exporter);
+                telemetry.runtime = Some(runtime);
             }
+            Err(e) => export_error = Some(e),
         }
         let provider = provider.build();
         let tracer = provider.tracer("meshkit");

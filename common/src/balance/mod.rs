@@ -365,8 +365,8 @@ impl Service<Request> for BalancedChannel {
     fn call(&mut self, mut req: Request) -> Self::Future {
         let mut record = crate::metrics::CallRecord::client(self.view.service(), req.uri().path());
         if let Some(governance) = &self.governance {
-            let path = req.uri().path().to_owned();
-            match governance.before_call(self.view.service(), &path, req.headers_mut()) {
+            let uri = req.uri().clone();
+            match governance.before_call(self.view.service(), uri.path(), req.headers_mut()) {
                 Ok(Some(guard)) => record.on_finish(move |code| guard.finish(code)),
                 Ok(None) => {}
                 Err(status) => {

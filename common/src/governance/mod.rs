@@ -86,8 +86,8 @@ struct Compiled {
     by_service: HashMap<String, Arc<ServerRule>>,
     any: Option<Arc<ServerRule>>,
     shedder: Option<Arc<Shedder>>,
-    /// Calling side, created on first use: (service, method) → breaker.
-    breakers: Mutex<HashMap<(String, String), Arc<Breaker>>>,
+    /// Calling side, created on first use: service → method → breaker.
+    breakers: Mutex<HashMap<String, HashMap<String, Arc<Breaker>>>>,
     throttles: Mutex<HashMap<String, Arc<Throttle>>>,
 }
 
@@ -119,19 +119,21 @@ impl Compiled {
 
     fn breaker(&self, service: &str, path: &str, rule: &MethodRule) -> Arc<Breaker> {
         let mut breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = breakers.get(&(service.to_owned(), path.to_owned())) {
+        if let Some(b) = breakers.get(service).and_then(|m| m.get(path)) {
             return b.clone();
         }
         // Bounded like the metrics: made-up paths share one breaker.
-        let key = if breakers.len() >= 1_000 { "other".to_owned() } else { path.to_owned() };
-        breakers
-            .entry((service.to_owned(), key))
-            .or_insert_with(|| Arc::new(Breaker::new(rule.breaker.clone())))
-            .clone()
+        let total: usize = breakers.values().map(HashMap::len).sum();
+        let key = if total >= 1_000 { "other" } else { path };
+        let methods = breakers.entry(service.to_owned()).or_default();
+        methods.entry(key.to_owned()).or_insert_with(|| Arc::new(Breaker::new(rule.breaker.clone()))).clone()
     }
 
     fn throttle(&self, service: &str) -> Arc<Throttle> {
         let mut throttles = self.throttles.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = throttles.get(service) {
+            return t.clone();
+        }
         throttles
             .entry(service.to_owned())
             .or_insert_with(|| Arc::new(Throttle::new(&self.settings.throttling)))
@@ -212,10 +214,12 @@ impl Governance {
             .lock()
             .map(|m| {
                 m.iter()
-                    .map(|((service, method), b)| BreakerReport {
-                        service: service.clone(),
-                        method: method.clone(),
-                        state: b.state().as_str(),
+                    .flat_map(|(service, methods)| {
+                        methods.iter().map(move |(method, b)| BreakerReport {
+                            service: service.clone(),
+                            method: method.clone(),
+                            state: b.state().as_str(),
+                        })
                     })
                     .collect()
             })
@@ -246,6 +250,76 @@ impl Governance {
             })
             .unwrap_or_default();
         Report { rules: compiled.settings.clone(), breakers, throttling, shedding, rejections }
+    }
+
+    /// The `/metrics` families of governance state: each breaker's state,
+    /// throttling probability per service, the shedder's in-flight calls and
+    /// capacity (refusals are the `meshkit_governance_rejections_total` counter).
+    pub fn metrics_source(self: &Arc<Self>) -> crate::metrics::Source {
+        let weak = Arc::downgrade(self);
+        crate::metrics::source(move || {
+            let report = weak.upgrade().map(|g| g.report());
+            async move {
+                use crate::metrics::{family, labels};
+                let mut out = String::new();
+                let Some(report) = report else { return out };
+                let breakers: Vec<(String, f64)> = report
+                    .breakers
+                    .iter()
+                    .map(|b| {
+                        let state = match b.state {
+                            "closed" => 0.0,
+                            "open" => 1.0,
+                            _ => 2.0,
+                        };
+                        (labels(&["service", "method"], &[b.service.clone(), b.method.clone()], None), state)
+                    })
+                    .collect();
+                family(
+                    &mut out,
+                    "meshkit_breaker_state",
+                    "gauge",
+                    "Circuit breaker per called (service, method): 0 closed, 1 open, 2 half-open.",
+                    &breakers,
+                );
+                let throttling: Vec<(String, f64)> = report
+                    .throttling
+                    .iter()
+                    .map(|(s, p)| (labels(&["service"], std::slice::from_ref(s), None), *p))
+                    .collect();
+                family(
+                    &mut out,
+                    "meshkit_throttling_reject_probability",
+                    "gauge",
+                    "Adaptive throttling: the probability a call to the service is refused locally now.",
+                    &throttling,
+                );
+                if let Some(s) = &report.shedding {
+                    family(
+                        &mut out,
+                        "meshkit_shedding_in_flight",
+                        "gauge",
+                        "Calls in flight, as load shedding counts them.",
+                        &[(String::new(), s.in_flight as f64)],
+                    );
+                    family(
+                        &mut out,
+                        "meshkit_shedding_capacity",
+                        "gauge",
+                        "Calls the process can have in flight at its current latency (max completions x min latency).",
+                        &[(String::new(), s.capacity.unwrap_or(0) as f64)],
+                    );
+                    family(
+                        &mut out,
+                        "meshkit_process_cpu_usage",
+                        "gauge",
+                        "The process's CPU use as a share of its cores (load shedding's input).",
+                        &[(String::new(), s.cpu)],
+                    );
+                }
+                out
+            }
+        })
     }
 
     // === the calling side ===
@@ -489,8 +563,8 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let path = req.uri().path().to_owned();
-        match self.governance.admit(&path, req.headers_mut()) {
+        let uri = req.uri().clone();
+        match self.governance.admit(uri.path(), req.headers_mut()) {
             Err(refusal) => {
                 let mut res = refusal.status.into_http::<Body>();
                 let ms = refusal.pushback.as_millis().max(1).to_string();
@@ -506,7 +580,8 @@ where
                         Some(limit) => match tokio::time::timeout(limit, fut).await {
                             Ok(res) => res,
                             Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
-                                "{path} did not finish within its {} ms timeout",
+                                "{} did not finish within its {} ms timeout",
+                                uri.path(),
                                 limit.as_millis()
                             ))
                             .into_http()),

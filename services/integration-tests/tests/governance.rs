@@ -277,6 +277,12 @@ async fn a_rule_set_in_etcd_applies_within_a_second_and_a_bad_one_is_refused() {
     let lines: Vec<&str> = out.lines().skip(1).collect();
     assert_eq!(lines.len(), 2, "two values, newest first: {out}");
     assert!(lines[0].contains("fast") && lines[1].contains(r#""qps":1"#), "{out}");
+    let metrics = meshkit_integration_tests::prometheus::parse(
+        &meshkit_common::admin::http_get(&admin, "/metrics").await.unwrap(),
+    );
+    let series = format!(r#"meshkit_governance_rejections_total{{side="server",target="{ECHO_PATH}",rule="qps"}}"#);
+    assert!(metrics.get(&series).is_some_and(|n| *n >= 1.0), "{series} in /metrics");
+    assert!(metrics.get("meshkit_config_rejections_total").is_some_and(|n| *n >= 1.0));
     let (ok, out, _) = meshctl(&etcd, &["governance", &admin]).await;
     assert!(ok && out.contains(ECHO_PATH) && out.contains("qps=1"), "{out}");
     assert!(out.lines().any(|l| l.contains("server") && l.contains("qps")), "refusals by rule: {out}");

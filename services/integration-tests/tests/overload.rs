@@ -103,6 +103,19 @@ async fn at_three_times_capacity_admitted_calls_keep_their_latency() {
     assert!(refused.value_at_quantile(0.99) < 5_000, "refusals are fast: p99 {} µs", refused.value_at_quantile(0.99));
     assert!(admitted.len() as f64 >= 0.7 * unloaded.len() as f64 * 2.0, "throughput holds at capacity");
 
+    let admin = server.admin_addr().unwrap().to_string();
+    let metrics = meshkit_integration_tests::prometheus::parse(
+        &meshkit_common::admin::http_get(&admin, "/metrics").await.unwrap(),
+    );
+    let capacity = metrics.get("meshkit_shedding_capacity").copied().unwrap_or(0.0);
+    assert!((2.0..=8.0).contains(&capacity), "the estimate is near the 4 calls the bottleneck serves: {capacity}");
+    let shed = metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with("meshkit_governance_rejections_total{side=\"server\"") && k.contains("shedding"))
+        .map(|(_, v)| *v)
+        .sum::<f64>();
+    assert!(shed >= refused.len() as f64, "every refusal is counted: {shed} vs {}", refused.len());
+
     // The process is up, and serves everyone again once the load is gone.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (after, refused) = drive(&client, 2, Duration::from_millis(300)).await;

@@ -111,11 +111,16 @@ async fn prometheus_finds_every_process_and_the_dashboard_queries_return_data() 
     }
     let missing = send(addr, json_request("GET", addr, "/v1/users/0193f0f6-0000-7000-8000-000000000000", "")).await;
     assert_eq!(missing.unwrap().status, 404);
+    // A governance rule from the config center: ListUsers at 1/s on user-service.
+    let mut etcd_client = etcd.client().await;
+    let rule = r#"{"/meshkit.user.v1.UserService/ListUsers":{"qps":1,"burst":1}}"#;
+    etcd_client.put("/meshkit/config/user/governance.methods", rule, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut limited = 0;
     for _ in 0..40 {
         limited += u32::from(send(addr, json_request("GET", addr, "/v1/users", "")).await.unwrap().status == 429);
     }
-    assert!(limited > 0, "the burst went over the gateway's limit");
+    assert!(limited > 0, "the burst went over the limits");
 
     // Every query of the dashboard is valid PromQL over series that exist.
     let dashboard: serde_json::Value =
@@ -152,8 +157,18 @@ async fn prometheus_finds_every_process_and_the_dashboard_queries_return_data() 
     let published = prometheus.query("sum(meshkit_outbox_published_total)").await.unwrap();
     assert_eq!(published[0]["value"][1], "5");
     // (Process-wide counters: every in-process admin endpoint reports the same.)
-    let rejected = prometheus.query("max(meshkit_gateway_rejections_total{reason=\"rate_limited\"})").await.unwrap();
-    assert_eq!(rejected[0]["value"][1], limited.to_string());
+    let gateway_refused =
+        prometheus.query("max(meshkit_gateway_rejections_total{reason=\"rate_limited\"})").await.unwrap();
+    let governance_refused =
+        prometheus.query("max(meshkit_governance_rejections_total{side=\"server\",rule=\"qps\"})").await.unwrap();
+    let count =
+        |v: &[serde_json::Value]| v.first().map_or(0, |r| r["value"][1].as_str().unwrap().parse::<u32>().unwrap());
+    assert_eq!(
+        count(&gateway_refused) + count(&governance_refused),
+        limited,
+        "every 429 is counted where it was refused"
+    );
+    assert!(count(&governance_refused) > 0, "user-service refused some by its rule");
     let sessions = prometheus.query("sum(meshkit_registry_session_up)").await.unwrap();
     assert_eq!(sessions[0]["value"][1], "5", "four service instances and the gateway are registered");
 

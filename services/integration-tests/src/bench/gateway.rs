@@ -192,7 +192,7 @@ fn tree_cpu(pid: i32) -> Duration {
 }
 
 /// (parent pid, utime + stime) from /proc/PID/stat.
-fn stat_cpu(pid: i32) -> Option<(i32, Duration)> {
+pub(crate) fn stat_cpu(pid: i32) -> Option<(i32, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ppid = fields.get(1)?.parse().ok()?;

@@ -44,7 +44,8 @@ async fn main() -> anyhow::Result<()> {
     println!("meshkit bench ({} cores, {secs} s per load phase, concurrency {CONCURRENCY})", num_cpus());
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
-    let phases = std::env::var("MESHKIT_BENCH_PHASES").unwrap_or_else(|_| "startup,compare,pool,events,gateway".into());
+    let phases = std::env::var("MESHKIT_BENCH_PHASES")
+        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance".into());
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -66,6 +67,108 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("gateway") {
         gateway::run(&etcd, dir.path(), secs).await?;
+    }
+    if run("governance") {
+        governance_overhead(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+    }
+    Ok(())
+}
+
+/// What every governance layer costs when it refuses nothing: the same two
+/// user-service processes and the same load, with every rule on (serving
+/// side switched through the config center, calling side on the channel)
+/// and with none, alternated so drift hits both alike. CPU is counted on
+/// both sides: this process (the caller) and the two servers.
+async fn governance_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phase: Duration) -> anyhow::Result<()> {
+    use meshkit_common::{
+        config::{BreakerRule, GovernanceSettings, MethodRule},
+        governance::Governance,
+    };
+    let servers: Vec<ServiceProcess> = (0..2)
+        .map(|_| ServiceProcess::spawn("user-service", &service_env(etcd, db, free_port()), logs))
+        .collect::<Result<_, _>>()?;
+    let mut client = etcd.client().await;
+    for _ in 0..200 {
+        let prefix = format!("/meshkit/services/{USER}/");
+        if client.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await?.count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Every rule, set so that none refuses: the cost of checking, not of refusing.
+    let rule = MethodRule {
+        qps: 1e6,
+        burst: 1_000_000,
+        concurrency: 100_000,
+        caller_qps: 1e6,
+        caller_burst: 1_000_000,
+        timeout_ms: 10_000,
+        breaker: BreakerRule { enabled: true, ..BreakerRule::default() },
+        ..MethodRule::default()
+    };
+    let mut all = GovernanceSettings::default();
+    all.methods.insert("/grpc.health.v1.Health/Check".into(), rule);
+    all.shedding.enabled = true;
+    all.shedding.cpu_threshold = 0.0;
+    all.shedding.min_in_flight = 100_000;
+    all.throttling.enabled = true;
+    let key = "/meshkit/config/user/governance";
+    let plain = ChannelBuilder::new(etcd.client().await, "/meshkit").balanced(USER);
+    let governed = ChannelBuilder::new(etcd.client().await, "/meshkit")
+        .with_governance(Governance::new(all.clone()))
+        .balanced(USER);
+    let server_cpu =
+        || servers.iter().map(|s| gateway::stat_cpu(s.pid()).map(|(_, cpu)| cpu).unwrap_or_default()).sum::<Duration>();
+    run_balanced(&plain, Duration::from_millis(500)).await?;
+    run_balanced(&governed, Duration::from_millis(500)).await?;
+    let (mut off, mut on) = (Stats::default(), Stats::default());
+    let (mut off_server, mut on_server) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..2 {
+        client.delete(key, None).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = server_cpu();
+        off.merge(run_balanced(&plain, phase / 2).await?);
+        off_server += server_cpu() - before;
+
+        client.put(key, serde_json::to_string(&all)?, None).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = server_cpu();
+        on.merge(run_balanced(&governed, phase / 2).await?);
+        on_server += server_cpu() - before;
+    }
+    client.delete(key, None).await?;
+    let per_call = |cpu: Duration, s: &Stats| cpu.as_secs_f64() * 1e6 / s.calls.max(1) as f64;
+    println!(
+        "\n== governance: every rule on (none refusing) vs none (health Check on 2 instances, concurrency {CONCURRENCY})"
+    );
+    println!(
+        "  {:<10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12}",
+        "", "calls/s", "p50 µs", "p99 µs", "caller µs", "servers µs", "total µs"
+    );
+    for (name, s, server) in [("none", &off, off_server), ("all rules", &on, on_server)] {
+        println!(
+            "  {:<10} {:>10.0} {:>8} {:>8} {:>12.1} {:>12.1} {:>12.1}",
+            name,
+            s.rate(),
+            s.hist.value_at_quantile(0.5),
+            s.hist.value_at_quantile(0.99),
+            s.cpu_per_call_us(),
+            per_call(server, s),
+            s.cpu_per_call_us() + per_call(server, s),
+        );
+    }
+    let total_off = off.cpu_per_call_us() + per_call(off_server, &off);
+    let total_on = on.cpu_per_call_us() + per_call(on_server, &on);
+    println!(
+        "  ratio      CPU/call x{:.3} ({:+.1} µs per call), throughput x{:.3}, errors {} / {}",
+        total_on / total_off,
+        total_on - total_off,
+        on.rate() / off.rate(),
+        off.errors,
+        on.errors
+    );
+    for s in servers {
+        stop(s).await;
     }
     Ok(())
 }

@@ -20,8 +20,7 @@ use std::sync::{Arc, OnceLock};
 
 use tracing::{Event, Subscriber, dispatcher::WeakDispatch, field::Field, span};
 use tracing_subscriber::{
-    EnvFilter, Layer,
-    filter::{FilterExt, filter_fn},
+    EnvFilter,
     fmt::{
         self, FmtContext, FormatEvent, FormatFields,
         format::Writer,
@@ -91,25 +90,30 @@ fn env_set(name: &str) -> bool {
 /// Installs the global subscriber for `service` (the default
 /// `service.name`). Safe to call twice: the second call changes nothing.
 pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = settings.format == "json";
-    let dispatch = Arc::new(OnceLock::new());
-    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
-    // RPC and event spans are for traces; logs get their ids instead. Left
-    // out here, they cost nothing when no trace is exported.
-    let not_trace_spans = filter_fn(|meta| {
-        !(meta.is_span() && (meta.target() == crate::trace::RPC_TARGET || meta.target() == crate::trace::EVENTS_TARGET))
-    });
-    let fmt_layer = fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .event_format(TraceIds { json, dispatch: dispatch.clone() })
-        .with_filter(filter.and(not_trace_spans));
-
     let exporting = (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
         && !env_true("OTEL_SDK_DISABLED")
         && !std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim().eq_ignore_ascii_case("none"));
+    // One filter for the whole subscriber (not per layer): a callsite it
+    // disables (h2's and hyper's spans, say) is never visited again, which
+    // per-layer filters cannot promise. Exporting traces adds meshkit's
+    // span targets to whatever the logs show.
+    let traces = if exporting {
+        format!(",{}=info,{}=info", crate::trace::RPC_TARGET, crate::trace::EVENTS_TARGET)
+    } else {
+        String::new()
+    };
+    let directives =
+        std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| settings.filter.clone());
+    let filter = EnvFilter::try_new(format!("{directives}{traces}"))
+        .or_else(|_| EnvFilter::try_new(format!("info{traces}")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    let json = settings.format == "json";
+    let dispatch = Arc::new(OnceLock::new());
+    let fmt_layer = fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .event_format(TraceIds { json, dispatch: dispatch.clone() });
+
     let mut telemetry = Telemetry { provider: None, runtime: None };
     // Without an exporter no span is made at all: tracing costs a call nothing.
     let otel_layer = if !exporting {
@@ -123,29 +127,22 @@ pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
         }
         resource = resource.with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
         let mut provider = SdkTracerProvider::builder().with_resource(resource.build());
-        let mut export_error = None;
         match exporter() {
             Ok((runtime, exporter)) => {
                 provider = provider.with_batch_exporter(exporter);
                 telemetry.runtime = Some(runtime);
             }
-            Err(e) => export_error = Some(e),
+            Err(e) => eprintln!("OTLP trace export is off: {e}"),
         }
         let provider = provider.build();
         let tracer = provider.tracer("meshkit");
         telemetry.provider = Some(provider);
-        // meshkit's own spans only: a dependency's spans and events would
-        // bloat every trace without telling the reader more.
-        let ours = filter_fn(|meta| meta.target().starts_with("meshkit") && *meta.level() <= tracing::Level::INFO);
-        if let Some(e) = export_error {
-            eprintln!("OTLP trace export is off: {e}");
-        }
-        Some(tracing_opentelemetry::layer().with_tracer(tracer).with_threads(false).with_filter(ours))
+        Some(tracing_opentelemetry::layer().with_tracer(tracer).with_threads(false))
     };
-    if tracing_subscriber::registry().with(fmt_layer).with(otel_layer).try_init().is_ok() {
+    if tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init().is_ok() {
         tracing::dispatcher::get_default(|installed| dispatch.set(installed.downgrade()).ok());
         let _ = FILTER.set(Box::new(move |directives: &str| {
-            let filter = EnvFilter::try_new(directives).map_err(|e| e.to_string())?;
+            let filter = EnvFilter::try_new(format!("{directives}{traces}")).map_err(|e| e.to_string())?;
             reload.reload(filter).map_err(|e| e.to_string())
         }));
     } else {

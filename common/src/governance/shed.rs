@@ -114,8 +114,9 @@ impl Shedder {
             return None;
         }
         let bucket_us = self.bucket_len.as_micros().max(1) as u64;
-        // Little's law: completions per bucket × latency in buckets.
-        Some((max_pass * min_rt_us.max(1)).div_ceil(bucket_us))
+        // Little's law: completions per bucket × latency in buckets, rounded
+        // down: admitting one call more than fits makes the others queue.
+        Some(((max_pass * min_rt_us.max(1)) / bucket_us).max(1))
     }
 
     /// Admits a call, or sheds it.

@@ -53,7 +53,13 @@ async fn drive(
                     Err(s) if s.code() == Code::ResourceExhausted => {
                         refused.record(t.elapsed().as_micros() as u64).unwrap();
                         // A refused caller backs off as the pushback says.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        let pushback = s
+                            .metadata()
+                            .get(meshkit_common::governance::PUSHBACK_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(5);
+                        tokio::time::sleep(Duration::from_millis(pushback.min(200))).await;
                     }
                     Err(s) => panic!("unexpected {s:?}"),
                 }
@@ -100,7 +106,9 @@ async fn at_three_times_capacity_admitted_calls_keep_their_latency() {
     );
     assert!(p99 <= 2 * base_p99, "admitted p99 {p99} µs vs {base_p99} µs unloaded");
     assert!(refused.len() > admitted.len() / 4, "the excess is refused: {} of {}", refused.len(), admitted.len());
-    assert!(refused.value_at_quantile(0.99) < 5_000, "refusals are fast: p99 {} µs", refused.value_at_quantile(0.99));
+    // Refused at once: faster than half an admitted call, whatever the machine's load.
+    let refused_p99 = refused.value_at_quantile(0.99);
+    assert!(refused_p99 < admitted.value_at_quantile(0.5) / 2, "refusals are fast: p99 {refused_p99} µs");
     assert!(admitted.len() as f64 >= 0.7 * unloaded.len() as f64 * 2.0, "throughput holds at capacity");
 
     let admin = server.admin_addr().unwrap().to_string();

@@ -102,7 +102,8 @@ async fn a_lease_revoked_from_outside_is_registered_again() {
     let mut state = server.registry().unwrap().state();
     let old = server.registry().and_then(|r| r.lease_id()).unwrap();
     etcd.client().await.lease_revoke(old).await.unwrap();
-    assert!(registered(&etcd).await.is_empty());
+    // The revoke deleted the key with its lease; what is found from here on
+    // was written again (possibly already, if a keepalive fell in between).
 
     let entries = eventually("re-registration", Duration::from_secs(3), || async {
         let e = registered(&etcd).await;

@@ -75,6 +75,16 @@ fn remote_parent(cx: Context) -> Option<Context> {
     cx.span().span_context().is_valid().then_some(cx)
 }
 
+/// Makes `span` the child of the context `carrier` holds, if any.
+fn continue_from(span: Span, carrier: &dyn Extractor) -> Span {
+    if !span.is_disabled() {
+        if let Some(parent) = remote_parent(propagator().extract(carrier)) {
+            let _ = span.set_parent(parent);
+        }
+    }
+    span
+}
+
 /// Writes `span`'s context into `headers` (`traceparent`, `tracestate`),
 /// replacing any the caller sent: the callee's parent is this hop.
 pub fn inject(span: &Span, headers: &mut HeaderMap) {
@@ -116,12 +126,7 @@ pub fn server_span(path: &str, headers: &HeaderMap) -> Span {
         rpc.method = method,
         rpc.grpc.status_code = Empty,
     );
-    if !span.is_disabled() {
-        if let Some(parent) = remote_parent(propagator().extract(&HeaderExtractor(headers))) {
-            let _ = span.set_parent(parent);
-        }
-    }
-    span
+    continue_from(span, &HeaderExtractor(headers))
 }
 
 /// The span of one HTTP request served (the gateway's REST side), named
@@ -139,12 +144,7 @@ pub fn http_server_span(method: &http::Method, path: &str, headers: &HeaderMap) 
         http.route = Empty,
         http.response.status_code = Empty,
     );
-    if !span.is_disabled() {
-        if let Some(parent) = remote_parent(propagator().extract(&HeaderExtractor(headers))) {
-            let _ = span.set_parent(parent);
-        }
-    }
-    span
+    continue_from(span, &HeaderExtractor(headers))
 }
 
 /// Names an HTTP server span after its matched route template.
@@ -252,12 +252,7 @@ pub fn consumer_span(delivery: Delivery<'_>) -> Span {
         messaging.message.id = delivery.event_id,
         meshkit.outcome = Empty,
     );
-    if !span.is_disabled() {
-        if let Some(parent) = remote_parent(propagator().extract(&BytesExtractor(delivery.headers))) {
-            let _ = span.set_parent(parent);
-        }
-    }
-    span
+    continue_from(span, &BytesExtractor(delivery.headers))
 }
 
 #[cfg(test)]

@@ -158,3 +158,21 @@ pub async fn start_echo_with(config: MeshConfig, faults: Faults) -> meshkit_comm
         .start()
         .await
 }
+
+/// An echo instance on `etcd` with these governance rules and faults.
+pub async fn start_governed(
+    etcd: &crate::Etcd,
+    governance: meshkit_common::config::GovernanceSettings,
+    faults: Faults,
+) -> meshkit_common::Result<RunningServer> {
+    let mut config = crate::mesh_config(etcd, "sqlite::memory:");
+    config.governance = governance;
+    start_echo_with(config, faults).await
+}
+
+/// A client on one plain tonic channel straight to `server` (no balancer,
+/// no calling-side governance).
+pub async fn direct_client(server: &RunningServer) -> anyhow::Result<EchoServiceClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.local_addr()))?.connect().await?;
+    Ok(EchoServiceClient::new(channel))
+}

@@ -105,3 +105,21 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Runs the workspace's `meshctl` against `etcd` (as a child process, so the
+/// runtime serving in-process admin endpoints is not blocked): exit code,
+/// stdout, stderr.
+pub async fn meshctl(etcd: &Etcd, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .arg("--etcd")
+        .arg(etcd.endpoint())
+        .args(args)
+        .output()
+        .await
+        .expect("meshctl runs: cargo build --workspace --bins first");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

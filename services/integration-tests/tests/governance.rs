@@ -10,32 +10,29 @@ use std::{
 };
 
 use meshkit_common::{
-    ChannelBuilder, MeshConfig, RunningServer,
+    ChannelBuilder, RunningServer,
     config::{BreakerRule, GovernanceSettings, MethodRule},
     governance::{Governance, PUSHBACK_HEADER},
 };
 use meshkit_integration_tests::{
     Etcd, bin_dir,
-    echo::{COMPONENT, ECHO, EchoRequest, EchoServiceClient, Faults, start_echo_with},
-    eventually, init_logs, mesh_config,
+    echo::{COMPONENT, ECHO, EchoRequest, EchoServiceClient, Faults, direct_client, start_governed},
+    eventually, init_logs,
 };
 use tonic::{Code, transport::Channel};
 
 const ECHO_PATH: &str = "/meshkit.echo.v1.EchoService/Echo";
-
-async fn direct(server: &RunningServer) -> EchoServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", server.local_addr())).unwrap().connect().await.unwrap();
-    EchoServiceClient::new(channel)
-}
 
 fn rules(pattern: &str, rule: MethodRule) -> GovernanceSettings {
     GovernanceSettings { methods: [(pattern.to_owned(), rule)].into(), ..GovernanceSettings::default() }
 }
 
 async fn echo_server(etcd: &Etcd, governance: GovernanceSettings, faults: Faults) -> RunningServer {
-    let mut config: MeshConfig = mesh_config(etcd, "sqlite::memory:");
-    config.governance = governance;
-    start_echo_with(config, faults).await.unwrap()
+    start_governed(etcd, governance, faults).await.unwrap()
+}
+
+async fn direct(server: &RunningServer) -> EchoServiceClient<Channel> {
+    direct_client(server).await.unwrap()
 }
 
 async fn call(client: &mut EchoServiceClient<Channel>, caller: Option<&str>) -> Result<(), tonic::Status> {
@@ -201,19 +198,10 @@ async fn adaptive_throttling_sheds_calls_locally_while_the_backend_refuses_them(
     server.shutdown().await.unwrap();
 }
 
+/// meshctl's outcome as (succeeded, stdout, stderr).
 async fn meshctl(etcd: &Etcd, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
-        .arg("--etcd")
-        .arg(etcd.endpoint())
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, out, err) = meshkit_integration_tests::meshctl(etcd, args).await;
+    (code == 0, out, err)
 }
 
 #[tokio::test]

@@ -4,23 +4,7 @@
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use meshkit_common::ChannelBuilder;
-use meshkit_integration_tests::{Etcd, bin_dir, create_user, init_logs, mesh_config, sqlite_url};
-
-/// Runs meshctl without blocking the runtime that serves the in-process admin endpoints.
-async fn meshctl(etcd: &Etcd, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
-        .arg("--etcd")
-        .arg(etcd.endpoint())
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use meshkit_integration_tests::{Etcd, create_user, init_logs, mesh_config, meshctl, sqlite_url};
 
 #[tokio::test]
 async fn lists_services_instances_leases_and_pools() {

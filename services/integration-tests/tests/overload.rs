@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use meshkit_common::{MeshConfig, RunningServer, config::GovernanceSettings};
+use meshkit_common::{RunningServer, config::GovernanceSettings};
 use meshkit_integration_tests::{
     Etcd,
-    echo::{EchoRequest, EchoServiceClient, Faults, start_echo_with},
-    init_logs, mesh_config,
+    echo::{EchoRequest, EchoServiceClient, Faults, direct_client, start_governed},
+    init_logs,
 };
 use tonic::{Code, transport::Channel};
 
@@ -20,14 +20,11 @@ use tonic::{Code, transport::Channel};
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn echo_server(etcd: &Etcd, governance: GovernanceSettings, faults: Faults) -> RunningServer {
-    let mut config: MeshConfig = mesh_config(etcd, "sqlite::memory:");
-    config.governance = governance;
-    start_echo_with(config, faults).await.unwrap()
+    start_governed(etcd, governance, faults).await.unwrap()
 }
 
 async fn direct(server: &RunningServer) -> EchoServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", server.local_addr())).unwrap().connect().await.unwrap();
-    EchoServiceClient::new(channel)
+    direct_client(server).await.unwrap()
 }
 
 async fn call(client: &mut EchoServiceClient<Channel>) -> Result<(), tonic::Status> {

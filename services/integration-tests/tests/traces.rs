@@ -5,6 +5,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use etcd_client::GetOptions;
 use meshkit_integration_tests::{
     Broker, Etcd, ServiceProcess, Storage, eventually, free_port,
     http::{json_request, send},
@@ -51,6 +52,17 @@ async fn start(collector: &Collector) -> Flow {
         ServiceProcess::spawn("meshkit-gateway", &gateway_env, dir.path()).unwrap(),
     ];
     let gateway: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Every process registered (the gateway last), so no call finds a service missing.
+    let client = etcd.client().await;
+    eventually("every process registers", Duration::from_secs(20), || {
+        let mut client = client.clone();
+        async move {
+            let keys =
+                client.get("/meshkit/services/", Some(GetOptions::new().with_prefix().with_keys_only())).await.ok()?;
+            (keys.kvs().len() == 4).then_some(())
+        }
+    })
+    .await;
     Flow { _etcd: etcd, _broker: broker, dir, _processes: processes, gateway }
 }
 

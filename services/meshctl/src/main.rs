@@ -63,16 +63,7 @@ async fn main() -> ExitCode {
         Some("governance") => cmd::governance(&mut client, &prefix, &args[1]).await,
         _ => cmd::pools(&mut client, &prefix, &args[1]).await,
     };
-    match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("meshctl: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(result)
 }
 
 /// `config get|set|delete|history|watch COMPONENT [PATH [VALUE]]`.
@@ -92,16 +83,7 @@ async fn config(client: &mut etcd_client::Client, prefix: &str, args: &[String])
             );
         }
     };
-    match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("meshctl: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(result)
 }
 
 /// `prometheus-sd [--out FILE] [--watch]`.
@@ -120,14 +102,22 @@ async fn prometheus_sd(client: &mut etcd_client::Client, prefix: &str, args: &[S
     }
     let result = match (&out, watch) {
         (None, true) => return usage("--watch needs --out FILE"),
-        (None, false) => cmd::prometheus_targets(client, prefix).await.map(|text| print!("{text}")),
-        (Some(path), false) => cmd::write_prometheus_targets(client, prefix, path).await.map(|_| ()),
-        (Some(path), true) => {
-            cmd::watch_prometheus_targets(client, prefix, path, std::time::Duration::from_secs(30)).await
-        }
+        (None, false) => cmd::prometheus_targets(client, prefix).await,
+        (Some(path), false) => cmd::write_prometheus_targets(client, prefix, path).await.map(|_| String::new()),
+        (Some(path), true) => cmd::watch_prometheus_targets(client, prefix, path, std::time::Duration::from_secs(30))
+            .await
+            .map(|()| String::new()),
     };
+    finish(result)
+}
+
+/// Prints a command's text, or its error, and the exit code that goes with it.
+fn finish(result: anyhow::Result<String>) -> ExitCode {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("meshctl: {e:#}");
             ExitCode::FAILURE

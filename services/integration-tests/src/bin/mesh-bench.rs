@@ -88,13 +88,7 @@ async fn governance_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phas
         .map(|_| ServiceProcess::spawn("user-service", &service_env(etcd, db, free_port()), logs))
         .collect::<Result<_, _>>()?;
     let mut client = etcd.client().await;
-    for _ in 0..200 {
-        let prefix = format!("/meshkit/services/{USER}/");
-        if client.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await?.count() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_users(&mut client, 2).await?;
     // Every rule, set so that none refuses: the cost of checking, not of refusing.
     let rule = MethodRule {
         qps: 1e6,
@@ -280,6 +274,18 @@ fn service_env(etcd: &Etcd, db: &str, port: u16) -> Vec<(&'static str, String)> 
     ]
 }
 
+/// Until `n` user-service instances are registered (5 s at most).
+async fn wait_users(client: &mut etcd_client::Client, n: i64) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        let prefix = format!("/meshkit/services/{USER}/");
+        if client.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await?.count() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
 /// Spawn → the instance's key appears in etcd, watched (not polled).
 async fn startup(etcd: &Etcd, db: &str, logs: &std::path::Path) -> anyhow::Result<()> {
     let mut client = etcd.client().await;
@@ -346,16 +352,7 @@ async fn balanced_vs_direct(etcd: &Etcd, db: &str, logs: &std::path::Path, phase
         .map(|p| ServiceProcess::spawn("user-service", &service_env(etcd, db, *p), logs))
         .collect::<Result<_, _>>()?;
     let mut client = etcd.client().await;
-    for _ in 0..200 {
-        let n = client
-            .get(format!("/meshkit/services/{USER}/"), Some(GetOptions::new().with_prefix().with_count_only()))
-            .await?
-            .count();
-        if n == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_users(&mut client, 2).await?;
 
     let direct: Vec<Channel> = ports
         .iter()

@@ -7,8 +7,12 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] =
-    &["meshkit/user/v1/user.proto", "meshkit/order/v1/order.proto", "meshkit/notification/v1/notification.proto"];
+const PROTOS: &[&str] = &[
+    "meshkit/user/v1/user.proto",
+    "meshkit/order/v1/order.proto",
+    "meshkit/notification/v1/notification.proto",
+    "meshkit/scheduler/v1/scheduler.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);

@@ -32,6 +32,11 @@ pub mod meshkit {
             tonic::include_proto!("meshkit.notification.v1");
         }
     }
+    pub mod scheduler {
+        pub mod v1 {
+            tonic::include_proto!("meshkit.scheduler.v1");
+        }
+    }
 }
 
-pub use meshkit::{notification::v1 as notification, order::v1 as order, user::v1 as user};
+pub use meshkit::{notification::v1 as notification, order::v1 as order, scheduler::v1 as scheduler, user::v1 as user};

@@ -48,6 +48,137 @@ pub struct MeshConfig {
     pub events: EventSettings,
     pub gateway: GatewaySettings,
     pub governance: GovernanceSettings,
+    pub scheduler: SchedulerSettings,
+}
+
+/// The scheduler's jobs and how it fires them: hot-reloadable from the config
+/// center (`scheduler.jobs.NAME`). See `docs/SCHEDULER.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSettings {
+    pub jobs: std::collections::BTreeMap<String, JobSpec>,
+    /// Slots missed by less than this (a leader change, a slow tick) still
+    /// fire, late; older ones follow the job's misfire policy.
+    pub misfire_threshold_ms: u64,
+    /// Pause between retries of a failed run.
+    pub retry_backoff_ms: u64,
+}
+
+/// One job: when it fires, where it runs and what happens when it fails.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobSpec {
+    /// Cron with seconds: `sec min hour day-of-month month day-of-week [year]`
+    /// (Quartz style: `0/5 * * * * *`, `0 0 2 * * MON-FRI`). Or set `every_ms`.
+    pub cron: String,
+    /// IANA time zone the cron expression is read in (`Asia/Shanghai`).
+    pub time_zone: String,
+    /// Fixed rate: slots at every multiple of this many milliseconds.
+    pub every_ms: u64,
+    /// The executors: processes registering the `JobExecutor` service with
+    /// this `component` metadata (`order`).
+    pub target: String,
+    /// The handler the executor runs.
+    pub handler: String,
+    /// Text passed to the handler.
+    pub param: String,
+    /// round_robin, random, first, last, consistent_hash, failover or sharding_broadcast.
+    pub route: String,
+    /// Shards of a sharding broadcast; 0 gives one per live executor.
+    pub shards: u32,
+    /// How long one run may take; the executor is told by the call's deadline.
+    pub timeout_ms: u64,
+    /// Further attempts after a failed one, on another executor when there is one.
+    pub retries: u32,
+    /// What happens to slots missed by more than the threshold: `skip` (none
+    /// of them fires) or `fire_once` (the newest fires once, now).
+    pub misfire: String,
+    /// When a slot comes while the previous run still goes: `serial` (it
+    /// waits for that run to end, then runs; at most 10 wait), `skip` it
+    /// (logged as skipped) or `allow` both at once.
+    pub overlap: String,
+    /// Paused jobs do not fire on schedule; manual triggers still run.
+    pub paused: bool,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self { jobs: Default::default(), misfire_threshold_ms: 5_000, retry_backoff_ms: 500 }
+    }
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        Self {
+            cron: String::new(),
+            time_zone: "UTC".into(),
+            every_ms: 0,
+            target: String::new(),
+            handler: String::new(),
+            param: String::new(),
+            route: "round_robin".into(),
+            shards: 0,
+            timeout_ms: 60_000,
+            retries: 0,
+            misfire: "skip".into(),
+            overlap: "serial".into(),
+            paused: false,
+        }
+    }
+}
+
+/// The route strategies a job may name.
+pub const JOB_ROUTES: &[&str] =
+    &["round_robin", "random", "first", "last", "consistent_hash", "failover", "sharding_broadcast"];
+
+impl SchedulerSettings {
+    /// Checks every job; the error names it (`scheduler.jobs.NAME.cron`).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |setting: String, problem: String| Err(Error::Config(format!("{setting}: {problem}")));
+        if self.misfire_threshold_ms > 86_400_000 {
+            return bad("scheduler.misfire_threshold_ms".into(), "is above one day".into());
+        }
+        for (name, job) in &self.jobs {
+            let at = |key: &str| format!("scheduler.jobs.{name}.{key}");
+            if name.is_empty()
+                || name.len() > 100
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+            {
+                return bad(format!("scheduler.jobs.{name:?}"), "a job name is 1-100 of a-z, A-Z, 0-9, - and _".into());
+            }
+            if let Err((key, problem)) = crate::jobs::Schedule::from_spec(job) {
+                return bad(at(key), problem);
+            }
+            if job.target.is_empty() {
+                return bad(at("target"), "must name the executors' component".into());
+            }
+            if job.handler.is_empty() {
+                return bad(at("handler"), "must name the handler to run".into());
+            }
+            if !JOB_ROUTES.contains(&job.route.as_str()) {
+                return bad(at("route"), format!("{:?} is not one of {}", job.route, JOB_ROUTES.join(", ")));
+            }
+            if job.shards > 1024 {
+                return bad(at("shards"), format!("{} is above 1024", job.shards));
+            }
+            if job.shards > 0 && job.route != "sharding_broadcast" {
+                return bad(at("shards"), "only a sharding_broadcast job has shards".into());
+            }
+            if !(1..=86_400_000).contains(&job.timeout_ms) {
+                return bad(at("timeout_ms"), format!("{} is outside 1..=86400000", job.timeout_ms));
+            }
+            if job.retries > 10 {
+                return bad(at("retries"), format!("{} is above 10", job.retries));
+            }
+            if !matches!(job.misfire.as_str(), "skip" | "fire_once") {
+                return bad(at("misfire"), format!("{:?} is neither skip nor fire_once", job.misfire));
+            }
+            if !matches!(job.overlap.as_str(), "serial" | "skip" | "allow") {
+                return bad(at("overlap"), format!("{:?} is not serial, skip or allow", job.overlap));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Flow control, circuit breaking and load shedding: hot-reloadable from the
@@ -571,6 +702,7 @@ impl MeshConfig {
             return bad("gateway.request_timeout_ms", "must be at least 1".into());
         }
         self.governance.validate()?;
+        self.scheduler.validate()?;
         if gateway.rate_limit_per_sec > 0 && gateway.rate_limit_burst == 0 {
             return bad("gateway.rate_limit_burst", "must be at least 1 when a rate limit is set".into());
         }
@@ -866,6 +998,37 @@ mod tests {
             let err = MeshConfig::load("user", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
             assert!(err.to_string().contains(expect), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn jobs_load_from_a_file_and_bad_ones_are_named() {
+        let dir = tempfile_dir();
+        let file = dir.join("scheduler.toml");
+        std::fs::write(
+            &file,
+            "[scheduler.jobs.cancel-unpaid]\ncron = \"0 */5 * * * *\"\ntime_zone = \"Asia/Shanghai\"\n\
+             target = \"order\"\nhandler = \"cancel-unpaid-orders\"\n",
+        )
+        .unwrap();
+        let c = MeshConfig::load("scheduler", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap();
+        let job = &c.scheduler.jobs["cancel-unpaid"];
+        assert_eq!((job.route.as_str(), job.overlap.as_str(), job.misfire.as_str()), ("round_robin", "serial", "skip"));
+        let base = "target = \"order\"\nhandler = \"h\"\n";
+        for (fields, expect) in [
+            ("cron = \"* * * * *\"\n", "scheduler.jobs.j.cron: \"* * * * *\" has 5 fields"),
+            ("cron = \"0 * * * * *\"\ntime_zone = \"Nowhere\"\n", "scheduler.jobs.j.time_zone"),
+            ("every_ms = 1000\nroute = \"nearest\"\n", "scheduler.jobs.j.route: \"nearest\" is not one of"),
+            ("every_ms = 1000\nshards = 3\n", "only a sharding_broadcast job has shards"),
+            ("every_ms = 1000\nmisfire = \"all\"\n", "scheduler.jobs.j.misfire"),
+            ("every_ms = 1000\novrelap = \"skip\"\n", "unknown field `ovrelap`"),
+        ] {
+            std::fs::write(&file, format!("[scheduler.jobs.j]\n{base}{fields}")).unwrap();
+            let err = MeshConfig::load("scheduler", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
+            assert!(err.to_string().contains(expect), "{fields}: {err}");
+        }
+        std::fs::write(&file, "[scheduler.jobs.j]\nevery_ms = 1000\nhandler = \"h\"\n").unwrap();
+        let err = MeshConfig::load("scheduler", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
+        assert!(err.to_string().contains("scheduler.jobs.j.target"), "{err}");
     }
 
     fn tempfile_dir() -> std::path::PathBuf {

@@ -11,6 +11,7 @@
 //! - [`db`]: sea-orm connections and forward-only migrations.
 //! - [`ownership`]: numbered slots shared out among live members by etcd leases, with fences.
 //! - [`events`]: the transactional outbox and idempotent, fenced Kafka consumers.
+//! - [`jobs`]: job schedules and the `JobExecutor` service that runs a process's job handlers.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod error;
 pub mod etcd;
 pub mod events;
 pub mod governance;
+pub mod jobs;
 pub mod methods;
 pub mod metrics;
 pub mod ownership;

@@ -23,6 +23,10 @@ pub enum ContractsError {
     Decode { path: String, message: String },
 }
 
+/// Services only the mesh itself calls: never routed from the edge.
+/// (`JobExecutor` runs job handlers for the scheduler.)
+pub const INTERNAL_SERVICES: &[&str] = &[meshkit_common::jobs::EXECUTOR_SERVICE];
+
 impl Contracts {
     /// meshkit's own contracts.
     pub fn meshkit() -> Result<Self, ContractsError> {
@@ -42,7 +46,11 @@ impl Contracts {
             pool.decode_file_descriptor_set(bytes.as_slice())
                 .map_err(|e| ContractsError::Decode { path: path.clone(), message: e.to_string() })?;
         }
-        let services = pool.services().map(|s| (s.full_name().to_owned(), s)).collect();
+        let services = pool
+            .services()
+            .filter(|s| !INTERNAL_SERVICES.contains(&s.full_name()))
+            .map(|s| (s.full_name().to_owned(), s))
+            .collect();
         Ok(Self { pool, encoded: sets.into_iter().map(|(_, b)| b).collect(), services })
     }
 

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod entity;
+pub mod jobs;
 pub mod migrations;
 pub mod validate;
 
@@ -53,11 +54,17 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
     let relay_stats = relay.reporter();
     let relay_metrics = relay.metrics_source();
     let pool_metrics = db::metrics_source(&database, COMPONENT);
+    let executor = {
+        let db = database.clone();
+        meshkit_common::jobs::Executor::new(mesh.etcd.clone(), &config.etcd.prefix)
+            .handler_fn(jobs::CANCEL_UNPAID, move |ctx| jobs::cancel_unpaid(db.clone(), ctx))
+    };
     let api = OrderApi::new(database, users, Some(relay.relay().clone()));
     MeshServer::new(config)
         .with_mesh(&mesh)
         .metadata("component", COMPONENT)
         .add_service(OrderServiceServer::new(api))
+        .add_service(executor.into_service())
         .report("outbox_relay", move || serde_json::to_value(relay_stats()).unwrap_or_default())
         .metrics(relay_metrics)
         .metrics(pool_metrics)

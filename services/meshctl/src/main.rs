@@ -32,7 +32,17 @@ async fn main() -> ExitCode {
     let command = args.first().map(String::as_str);
     if !matches!(
         command,
-        Some("services" | "instances" | "leases" | "pools" | "events" | "prometheus-sd" | "config" | "governance")
+        Some(
+            "services"
+                | "instances"
+                | "leases"
+                | "pools"
+                | "events"
+                | "prometheus-sd"
+                | "config"
+                | "governance"
+                | "jobs"
+        )
     ) {
         return usage(&match command {
             Some(c) => format!("unknown command {c:?}"),
@@ -54,6 +64,9 @@ async fn main() -> ExitCode {
     }
     if command == Some("config") {
         return config(&mut client, &prefix, &args[1..]).await;
+    }
+    if command == Some("jobs") {
+        return jobs(&mut client, &prefix, &args[1..]).await;
     }
     let result = match command {
         Some("services") => cmd::services(&mut client, &prefix).await,
@@ -82,6 +95,38 @@ async fn config(client: &mut etcd_client::Client, prefix: &str, args: &[String])
                 "config get COMPONENT | set COMPONENT PATH VALUE | delete COMPONENT PATH | history COMPONENT PATH | watch COMPONENT",
             );
         }
+    };
+    finish(result)
+}
+
+/// `jobs list | trigger NAME [PARAM] | pause NAME | resume NAME | history [NAME] [--limit N]`.
+async fn jobs(client: &mut etcd_client::Client, prefix: &str, args: &[String]) -> ExitCode {
+    let arg = |i: usize| args.get(i).map(String::as_str);
+    let result = match (arg(0), args.len()) {
+        (Some("list"), 1) => cmd::jobs_list(client, prefix).await,
+        (Some("trigger"), 2 | 3) => cmd::jobs_trigger(client, prefix, &args[1], arg(2)).await,
+        (Some("pause"), 2) => cmd::jobs_pause(client, prefix, &args[1], true).await,
+        (Some("resume"), 2) => cmd::jobs_pause(client, prefix, &args[1], false).await,
+        (Some("history"), _) => {
+            let mut job = None;
+            let mut limit = 50;
+            let mut rest = args[1..].iter();
+            while let Some(a) = rest.next() {
+                match (a.as_str(), rest.clone().next()) {
+                    ("--limit", Some(n)) => match n.parse::<i32>() {
+                        Ok(n) if (1..=1000).contains(&n) => {
+                            limit = n;
+                            rest.next();
+                        }
+                        _ => return usage(&format!("--limit: {n:?} is not a number within 1..=1000")),
+                    },
+                    (name, _) if job.is_none() && !name.starts_with("--") => job = Some(name.to_owned()),
+                    (other, _) => return usage(&format!("jobs history: unexpected argument {other:?}")),
+                }
+            }
+            cmd::jobs_history(client, prefix, job.as_deref(), limit).await
+        }
+        _ => return usage("jobs list | trigger NAME [PARAM] | pause NAME | resume NAME | history [NAME] [--limit N]"),
     };
     finish(result)
 }

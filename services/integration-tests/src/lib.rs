@@ -8,6 +8,7 @@ pub mod broker;
 pub mod echo;
 pub mod etcd;
 pub mod http;
+pub mod jobs;
 pub mod load;
 pub mod otlp;
 pub mod postgres;

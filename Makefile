@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-up: ## install what is missing, build, start etcd, a Kafka broker, 2 instances of each service and the gateway
+up: ## install what is missing, build, start etcd, a Kafka broker, 2 instances of each service (scheduler too) and the gateway
 	@if deploy/local/cluster.sh docker-ok; then \
 	  deploy/local/cluster.sh compose-up; \
 	else \

@@ -2,3 +2,4 @@
 CREATE DATABASE users;
 CREATE DATABASE orders;
 CREATE DATABASE notifications;
+CREATE DATABASE scheduler;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local cluster behind `make up` / `make down` / `make status`: etcd, a
 # Kafka-protocol broker (Tansu, durable on SQLite), two instances each of
-# user-service, order-service and notification-service, and the gateway on
+# user-service, order-service, notification-service and scheduler-service
+# (with order-service's cancel-unpaid-orders job), and the gateway on
 # 127.0.0.1:8080, as plain processes with pid files and logs under one run
 # directory.
 #
@@ -23,7 +24,7 @@ ETCD_PEER_PORT="${MESHKIT_ETCD_PEER_PORT:-2380}"
 KAFKA_PORT="${MESHKIT_KAFKA_PORT:-9092}"
 GATEWAY_PORT="${MESHKIT_GATEWAY_PORT:-8080}"
 PROMETHEUS_PORT="${MESHKIT_PROMETHEUS_PORT:-9091}"
-SERVICES=(user user order order notification notification)
+SERVICES=(user user order order notification notification scheduler scheduler)
 TANSU="$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")"
 
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -149,6 +150,17 @@ start_gateway() {
     echo "gateway:   http://127.0.0.1:$GATEWAY_PORT (REST, grpc-web, gRPC)"
 }
 
+# The reference job, defined in the config center unless it is there already
+# (a job changed or paused earlier keeps its settings).
+define_jobs() {
+    local key=/meshkit/config/scheduler/scheduler.jobs.cancel-unpaid-orders
+    if [[ -z "$(ETCDCTL_API=3 etcdctl --endpoints "$(etcd_endpoints)" get "$key" --print-value-only 2>/dev/null)" ]]; then
+        "$BIN_DIR/meshctl" --etcd "$(etcd_endpoints)" config set scheduler scheduler.jobs.cancel-unpaid-orders \
+            '{"cron":"0 * * * * *","time_zone":"UTC","target":"order","handler":"cancel-unpaid-orders","param":"{\"older_than_secs\":900}","route":"sharding_broadcast","timeout_ms":30000,"retries":1}' >/dev/null
+    fi
+    echo "jobs:      cancel-unpaid-orders every minute on order-service (meshctl jobs list)"
+}
+
 # Scrape targets from the registry (meshctl keeps the file current), and a
 # Prometheus that reads them, when Prometheus is installed and its port free.
 start_prometheus() {
@@ -211,6 +223,7 @@ cmd_up() {
         cmd_down >/dev/null
         exit 1
     fi
+    define_jobs
     start_gateway
     start_prometheus
     local ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
@@ -228,12 +241,16 @@ Try it through the gateway (grpcurl is installed by \`make up\`):
   curl -s -X POST http://$gw/v1/users -H 'content-type: application/json' -d '{"name":"Bo","email":"bo@example.com"}'
   curl -s http://$gw/v1/users/<id>/orders?page_size=10
   curl -s http://$gw/openapi.json
+  curl -s http://$gw/v1/jobs
+  curl -s -X POST http://$gw/v1/jobs/cancel-unpaid-orders:trigger -d '{}'
 or a service directly:
   grpcurl -plaintext -d '{"service":"meshkit.user.v1.UserService"}' 127.0.0.1:$user_port grpc.health.v1.Health/Check
   ETCDCTL_API=3 etcdctl --endpoints $(etcd_endpoints) get --prefix /meshkit/services/
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) instances
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) pools order-1
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) events
+  $BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs list
+  $BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs history cancel-unpaid-orders
   curl -s http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query --data-urlencode 'query=sum by (method) (meshkit_server_requests_total)'
 
 Logs: $RUN_DIR/logs    Stop: make down

@@ -30,11 +30,13 @@ async fn sigterm_drains_revokes_and_exits_cleanly() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    for binary in ["user-service", "order-service"] {
+    // order-service registers OrderService and its JobExecutor.
+    for (binary, services) in [("user-service", 1), ("order-service", 2)] {
         let db = sqlite_url(dir.path(), binary);
         let mut process = ServiceProcess::spawn(binary, &env(&etcd, db, free_port()), dir.path()).unwrap();
         let started = Instant::now();
-        eventually("registration", Duration::from_secs(10), || async { (keys(&etcd).await == 1).then_some(()) }).await;
+        eventually("registration", Duration::from_secs(10), || async { (keys(&etcd).await == services).then_some(()) })
+            .await;
         eprintln!("{binary}: registered {:?} after spawn (first start, migrations included)", started.elapsed());
 
         let stop = Instant::now();

@@ -59,7 +59,8 @@ async fn start(collector: &Collector) -> Flow {
         async move {
             let keys =
                 client.get("/meshkit/services/", Some(GetOptions::new().with_prefix().with_keys_only())).await.ok()?;
-            (keys.kvs().len() == 4).then_some(())
+            // order-service registers its JobExecutor too.
+            (keys.kvs().len() == 5).then_some(())
         }
     })
     .await;

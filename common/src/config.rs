@@ -49,6 +49,84 @@ pub struct MeshConfig {
     pub gateway: GatewaySettings,
     pub governance: GovernanceSettings,
     pub scheduler: SchedulerSettings,
+    pub tls: TlsSettings,
+    pub authz: AuthzSettings,
+}
+
+/// Mutual TLS on every server and balanced channel of the process. Files are
+/// read again when they change (`reload_ms`). See `docs/SECURITY.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    pub enabled: bool,
+    /// PEM certificate chain of this process (leaf first); its `spiffe://`
+    /// URI SAN (or CN) is the identity callers are authorized by.
+    pub cert_file: String,
+    /// PEM private key of the certificate.
+    pub key_file: String,
+    /// PEM CA bundle peers' certificates must chain to.
+    pub ca_file: String,
+    /// How often the files are checked for a change.
+    pub reload_ms: u64,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cert_file: String::new(),
+            key_file: String::new(),
+            ca_file: String::new(),
+            reload_ms: 1000,
+        }
+    }
+}
+
+/// Who may call what, by the caller's mTLS identity: hot-reloadable from the
+/// config center (`authz.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthzSettings {
+    pub enabled: bool,
+    /// What happens to a method no rule names: `allow` or `deny`.
+    pub default: String,
+    /// Allowed callers by method: `/pkg.Service/Method`, `/pkg.Service/*` or
+    /// `*` (the most specific applies) → identities (`spiffe://meshkit/order-service`),
+    /// or `*` for any caller with a certificate.
+    pub rules: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl Default for AuthzSettings {
+    fn default() -> Self {
+        Self { enabled: false, default: "allow".into(), rules: Default::default() }
+    }
+}
+
+impl AuthzSettings {
+    /// Checks patterns and identities; the error names the rule.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |setting: String, problem: String| Err(Error::Config(format!("{setting}: {problem}")));
+        if !matches!(self.default.as_str(), "allow" | "deny") {
+            return bad("authz.default".into(), format!("{:?} is neither allow nor deny", self.default));
+        }
+        for (pattern, callers) in &self.rules {
+            let ok = pattern == "*"
+                || pattern
+                    .strip_prefix('/')
+                    .and_then(|p| p.split_once('/'))
+                    .is_some_and(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'));
+            if !ok {
+                return bad(
+                    format!("authz.rules.{pattern:?}"),
+                    "the key must be /package.Service/Method, /package.Service/* or *".into(),
+                );
+            }
+            if let Some(c) = callers.iter().find(|c| c.is_empty() || c.contains(char::is_whitespace)) {
+                return bad(format!("authz.rules.{pattern:?}"), format!("{c:?} is not an identity"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The scheduler's jobs and how it fires them: hot-reloadable from the config
@@ -345,7 +423,8 @@ pub struct AdminSettings {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EtcdSettings {
     /// `host:port` or `http://host:port`, one or more.
@@ -355,6 +434,30 @@ pub struct EtcdSettings {
     pub connect_timeout_ms: u64,
     /// Per-request timeout, so a stopped etcd never hangs a caller.
     pub request_timeout_ms: u64,
+    /// etcd user and password (auth enabled on the cluster); empty: none.
+    pub username: String,
+    pub password: String,
+    /// TLS to etcd: the CA that signed etcd's certificate (`https://` endpoints).
+    pub ca_file: String,
+    /// A client certificate and key, when etcd asks for one (`--client-cert-auth`).
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+impl std::fmt::Debug for EtcdSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSettings")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("username", &self.username)
+            .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -389,7 +492,8 @@ pub struct LogSettings {
 }
 
 /// Kafka and the event pipeline: the outbox relay and the consumers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` leaves the SASL password out.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventSettings {
     /// Bootstrap brokers, `host:port`.
@@ -417,6 +521,39 @@ pub struct EventSettings {
     pub fetch_max_wait_ms: i32,
     /// The dead-letter topic of topic `t` is `t` followed by this.
     pub dead_letter_suffix: String,
+    /// TLS to the brokers, checked against this CA bundle (PEM); empty: plaintext.
+    pub tls_ca_file: String,
+    /// A client certificate and key for brokers that ask for one.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// SASL: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; empty: none.
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    pub sasl_password: String,
+}
+
+impl std::fmt::Debug for EventSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSettings")
+            .field("brokers", &self.brokers)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("relay_batch", &self.relay_batch)
+            .field("relay_poll_ms", &self.relay_poll_ms)
+            .field("outbox_retention_secs", &self.outbox_retention_secs)
+            .field("max_attempts", &self.max_attempts)
+            .field("fetch_max_bytes", &self.fetch_max_bytes)
+            .field("fetch_max_wait_ms", &self.fetch_max_wait_ms)
+            .field("dead_letter_suffix", &self.dead_letter_suffix)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &if self.sasl_password.is_empty() { "" } else { "<redacted>" })
+            .finish()
+    }
 }
 
 /// The edge gateway: one listener for REST/JSON, grpc-web and gRPC.
@@ -446,6 +583,10 @@ pub struct GatewaySettings {
     /// Origins allowed to call from a browser (CORS); `*` allows any.
     pub cors_origins: Vec<String>,
     pub jwt: JwtSettings,
+    /// HTTPS at the edge (HTTP/2 through ALPN, and HTTP/1.1): the gateway's
+    /// certificate chain and key (PEM), read again when they change. Empty: cleartext.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 /// JWT bearer authentication at the gateway, with a policy per method.
@@ -703,6 +844,49 @@ impl MeshConfig {
         }
         self.governance.validate()?;
         self.scheduler.validate()?;
+        self.authz.validate()?;
+        let tls = &self.tls;
+        if tls.enabled {
+            for (key, file) in
+                [("tls.cert_file", &tls.cert_file), ("tls.key_file", &tls.key_file), ("tls.ca_file", &tls.ca_file)]
+            {
+                if file.is_empty() {
+                    return bad(key, "a file is required when tls.enabled is true".into());
+                }
+            }
+        }
+        if tls.reload_ms < 50 {
+            return bad("tls.reload_ms", format!("{} is below 50", tls.reload_ms));
+        }
+        let etcd = &self.etcd;
+        if !etcd.password.is_empty() && etcd.username.is_empty() {
+            return bad("etcd.username", "a password is set but no user".into());
+        }
+        if etcd.cert_file.is_empty() != etcd.key_file.is_empty() {
+            return bad("etcd.cert_file", "etcd.cert_file and etcd.key_file go together".into());
+        }
+        if !etcd.cert_file.is_empty() && etcd.ca_file.is_empty() {
+            return bad("etcd.ca_file", "a client certificate needs the CA of etcd's certificate".into());
+        }
+        let events = &self.events;
+        if !matches!(events.sasl_mechanism.as_str(), "" | "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") {
+            return bad(
+                "events.sasl_mechanism",
+                format!("{:?} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", events.sasl_mechanism),
+            );
+        }
+        if !events.sasl_mechanism.is_empty() && events.sasl_username.is_empty() {
+            return bad("events.sasl_username", "SASL needs a user".into());
+        }
+        if events.tls_cert_file.is_empty() != events.tls_key_file.is_empty() {
+            return bad("events.tls_cert_file", "events.tls_cert_file and events.tls_key_file go together".into());
+        }
+        if !events.tls_cert_file.is_empty() && events.tls_ca_file.is_empty() {
+            return bad("events.tls_ca_file", "a client certificate needs the brokers' CA".into());
+        }
+        if gateway.tls_cert_file.is_empty() != gateway.tls_key_file.is_empty() {
+            return bad("gateway.tls_cert_file", "gateway.tls_cert_file and gateway.tls_key_file go together".into());
+        }
         if gateway.rate_limit_per_sec > 0 && gateway.rate_limit_burst == 0 {
             return bad("gateway.rate_limit_burst", "must be at least 1 when a rate limit is set".into());
         }
@@ -768,6 +952,11 @@ impl Default for EtcdSettings {
             prefix: "/meshkit".into(),
             connect_timeout_ms: 2_000,
             request_timeout_ms: 3_000,
+            username: String::new(),
+            password: String::new(),
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
         }
     }
 }
@@ -805,6 +994,12 @@ impl Default for EventSettings {
             fetch_max_bytes: 1 << 20,
             fetch_max_wait_ms: 100,
             dead_letter_suffix: ".dlq".into(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            sasl_mechanism: String::new(),
+            sasl_username: String::new(),
+            sasl_password: String::new(),
         }
     }
 }
@@ -822,6 +1017,8 @@ impl Default for GatewaySettings {
             rate_limit_burst: 100,
             cors_origins: Vec::new(),
             jwt: JwtSettings::default(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -994,6 +1191,42 @@ mod tests {
             ("[governance.methods.\"*\"]\nbreaker = { enabled = true, error_ratio = 0.0 }\n", "needs error_ratio"),
             ("[log]\nfilter = \"info,[[[\"\n", "log.filter"),
         ] {
+            std::fs::write(&file, toml).unwrap();
+            let err = MeshConfig::load("user", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
+            assert!(err.to_string().contains(expect), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let mut c = MeshConfig::default();
+        c.etcd.username = "order".into();
+        c.etcd.password = "etcd-pass-123".into();
+        c.events.sasl_mechanism = "PLAIN".into();
+        c.events.sasl_username = "order".into();
+        c.events.sasl_password = "kafka-pass-456".into();
+        c.gateway.jwt.hs256_secret = "jwt-secret-789".into();
+        let shown = format!("{c:?} {c:#?}");
+        for secret in ["etcd-pass-123", "kafka-pass-456", "jwt-secret-789"] {
+            assert!(!shown.contains(secret), "{secret} leaked");
+        }
+        assert!(shown.contains("<redacted>") && shown.contains("\"order\""));
+    }
+
+    #[test]
+    fn security_settings_are_checked_naming_the_key() {
+        for (toml, expect) in [
+            ("[tls]\nenabled = true\n", "tls.cert_file: a file is required"),
+            ("[authz]\ndefault = \"maybe\"\n", "authz.default"),
+            ("[authz.rules]\n\"GetUser\" = [\"x\"]\n", "authz.rules.\"GetUser\""),
+            ("[etcd]\npassword = \"x\"\n", "etcd.username"),
+            ("[etcd]\ncert_file = \"c\"\nkey_file = \"k\"\n", "etcd.ca_file"),
+            ("[events]\nsasl_mechanism = \"GSSAPI\"\n", "events.sasl_mechanism"),
+            ("[events]\nsasl_mechanism = \"PLAIN\"\n", "events.sasl_username"),
+            ("[gateway]\ntls_cert_file = \"c\"\n", "gateway.tls_cert_file"),
+        ] {
+            let dir = tempfile_dir();
+            let file = dir.join("security.toml");
             std::fs::write(&file, toml).unwrap();
             let err = MeshConfig::load("user", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
             assert!(err.to_string().contains(expect), "{toml}: {err}");

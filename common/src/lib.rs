@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod config_center;
@@ -35,6 +36,7 @@ pub mod shutdown;
 pub mod status;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod trace;
 
 pub use balance::{BalancedChannel, ChannelBuilder, ChannelConfig};

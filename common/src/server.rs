@@ -52,11 +52,16 @@ pub struct Mesh {
     pub center: Arc<ConfigCenter>,
     pub governance: Arc<Governance>,
     pub channels: ChannelBuilder,
+    /// The process's mTLS material when `tls.enabled` (servers and channels share it).
+    pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Authorization by caller identity, following the center's `authz` section.
+    pub authz: Arc<crate::authz::Authz>,
 }
 
 impl Mesh {
     /// Connects etcd and starts the config center for `component`.
     pub async fn connect(config: &MeshConfig, component: &str) -> Result<Self> {
+        let tls = crate::tls::Tls::from_settings(&config.tls)?;
         let etcd = crate::etcd::connect(&config.etcd).await?;
         let center = Arc::new(ConfigCenter::start(etcd.clone(), config.clone(), component).await?);
         let governance = Governance::watching(center.section(|c| c.governance.clone()));
@@ -70,9 +75,11 @@ impl Mesh {
                 }
             }
         });
-        let channels =
-            ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone()).with_governance(governance.clone());
-        Ok(Self { etcd, center, governance, channels })
+        let authz = crate::authz::Authz::watching(center.section(|c| c.authz.clone()));
+        let channels = ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone())
+            .with_governance(governance.clone())
+            .with_tls(tls.clone());
+        Ok(Self { etcd, center, governance, channels, tls, authz })
     }
 
     /// The settings in force: the process's own with etcd's over them.
@@ -96,6 +103,8 @@ pub struct MeshServer {
     sources: Vec<crate::metrics::Source>,
     governance: Option<Arc<Governance>>,
     center: Option<Arc<ConfigCenter>>,
+    tls: Option<Arc<crate::tls::Tls>>,
+    authz: Option<Arc<crate::authz::Authz>>,
     on_shutdown: Vec<ShutdownHook>,
 }
 
@@ -117,6 +126,8 @@ impl MeshServer {
             sources: Vec::new(),
             governance: None,
             center: None,
+            tls: None,
+            authz: None,
             on_shutdown: Vec::new(),
         }
     }
@@ -138,6 +149,8 @@ impl MeshServer {
         self.channels.push(mesh.channels.clone());
         self.governance = Some(mesh.governance.clone());
         self.center = Some(mesh.center.clone());
+        self.tls = mesh.tls.clone();
+        self.authz = Some(mesh.authz.clone());
         let center = mesh.center.clone();
         self.report("config", move || serde_json::to_value(center.status()).unwrap_or_default())
     }
@@ -158,6 +171,12 @@ impl MeshServer {
     /// the drain timeout): stop background workers here.
     pub fn on_shutdown(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
         self.on_shutdown.push(Box::pin(hook));
+        self
+    }
+
+    /// Serves over mTLS with this material (without it, from the config's `tls` section).
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -210,8 +229,18 @@ impl MeshServer {
             sources,
             governance,
             center,
+            tls,
+            authz,
             on_shutdown,
         } = self;
+        let tls = match tls {
+            Some(tls) => Some(tls),
+            None => crate::tls::Tls::from_settings(&config.tls)?,
+        };
+        let authz = authz.unwrap_or_else(|| crate::authz::Authz::new(config.authz.clone()));
+        if let Some(tls) = tls.clone() {
+            reports.push(("tls".into(), Arc::new(move || tls.report())));
+        }
         let governance = governance.unwrap_or_else(|| Governance::new(config.governance.clone()));
         let report = governance.clone();
         reports
@@ -249,11 +278,6 @@ impl MeshServer {
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            conn.inspect(|stream| {
-                let _ = stream.set_nodelay(true);
-            })
-        });
         let admin = if config.admin.enabled {
             let listen: SocketAddr = config
                 .admin
@@ -279,18 +303,32 @@ impl MeshServer {
                 res
             }))
             .layer(MetricsLayer)
+            .layer(crate::authz::AuthzLayer(authz))
             .layer(GovernanceLayer(governance))
             .layer(DeadlineLayer)
             .layer(FaultDelayLayer(fault_delay))
             .add_routes(routes_of(routes));
-        let task = tokio::spawn(async move {
-            server
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stop_rx.await;
+        let stopped = async {
+            let _ = stop_rx.await;
+        };
+        let task = match tls {
+            None => {
+                let incoming = TcpListenerStream::new(listener).map(|conn| {
+                    conn.inspect(|stream| {
+                        let _ = stream.set_nodelay(true);
+                    })
+                });
+                tokio::spawn(async move {
+                    server.serve_with_incoming_shutdown(incoming, stopped).await.map_err(Error::from)
                 })
-                .await
-                .map_err(Error::from)
-        });
+            }
+            Some(tls) => {
+                let incoming = crate::tls::incoming(listener, tls);
+                tokio::spawn(async move {
+                    server.serve_with_incoming_shutdown(incoming, stopped).await.map_err(Error::from)
+                })
+            }
+        };
 
         for name in &services {
             health.set_service_status(*name, ServingStatus::Serving).await;

@@ -32,6 +32,7 @@ pub(crate) struct ConnectSettings {
     pub connect_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 enum State {
@@ -46,6 +47,30 @@ pub(crate) struct Connection {
     authority: Authority,
     settings: ConnectSettings,
     state: State,
+}
+
+/// HTTP/2 over `io`; the connection runs on its own task.
+async fn handshake<IO>(
+    io: IO,
+    settings: &ConnectSettings,
+    addr: String,
+) -> Result<SendRequest<tonic::body::Body>, BoxError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(addr, error = %e, "connection ended");
+        }
+    });
+    Ok(send)
 }
 
 impl Connection {
@@ -63,19 +88,25 @@ impl Connection {
                 .await
                 .map_err(|_| -> BoxError { format!("connecting to {addr} timed out").into() })??;
             let _ = stream.set_nodelay(true);
-            let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .keep_alive_interval(settings.keepalive_interval)
-                .keep_alive_timeout(settings.keepalive_timeout)
-                .keep_alive_while_idle(true)
-                .handshake(TokioIo::new(stream))
-                .await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(addr, error = %e, "connection ended");
+            match &settings.tls {
+                None => handshake(stream, &settings, addr).await,
+                Some(tls) => {
+                    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).to_owned();
+                    let handshake_timeout = settings.connect_timeout.max(Duration::from_secs(2));
+                    let stream = match tokio::time::timeout(handshake_timeout, tls.connect(&host, stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            crate::tls::handshake_failed("client");
+                            return Err(format!("TLS handshake with {addr}: {e}").into());
+                        }
+                        Err(_) => {
+                            crate::tls::handshake_failed("client");
+                            return Err(format!("TLS handshake with {addr} timed out").into());
+                        }
+                    };
+                    handshake(stream, &settings, addr).await
                 }
-            });
-            Ok(send)
+            }
         })
     }
 }

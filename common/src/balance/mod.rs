@@ -85,6 +85,8 @@ pub struct ChannelConfig {
     pub http2_keepalive: Duration,
     pub endpoint: EndpointConfig,
     pub retry: RetryConfig,
+    /// mTLS on every connection when set (certificates reloaded as they change).
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Default for ChannelConfig {
@@ -96,6 +98,7 @@ impl Default for ChannelConfig {
             http2_keepalive: Duration::from_secs(5),
             endpoint: EndpointConfig::default(),
             retry: RetryConfig::default(),
+            tls: None,
         }
     }
 }
@@ -161,6 +164,17 @@ impl ChannelBuilder {
     pub fn with_config(mut self, config: ChannelConfig) -> Self {
         self.config = config;
         self
+    }
+
+    /// mTLS for every channel built after this (none: plaintext).
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        self.config.tls = tls;
+        self
+    }
+
+    /// The TLS material channels of this builder use, if any.
+    pub fn tls(&self) -> Option<&Arc<crate::tls::Tls>> {
+        self.config.tls.as_ref()
     }
 
     /// Which methods may be retried after reaching a server; the workspace's
@@ -350,6 +364,7 @@ fn connect_settings(config: &ChannelConfig) -> connection::ConnectSettings {
         connect_timeout: config.connect_timeout,
         keepalive_interval: config.http2_keepalive,
         keepalive_timeout: Duration::from_secs(2),
+        tls: config.tls.clone(),
     }
 }
 

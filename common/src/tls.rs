@@ -1,0 +1,585 @@
+//! Mutual TLS for every meshkit server and balanced channel, with rustls.
+//!
+//! A process's certificate, key and CA bundle come from files (`tls.*`) and
+//! are read again when they change: new connections use the new certificate,
+//! connections already open go on. A server asks every client for a
+//! certificate signed by the CA; the caller's identity (the `spiffe://` URI
+//! SAN, or the subject CN) travels with each request as a [`PeerIdentity`]
+//! extension. A client checks the server's chain against the CA; it accepts a
+//! certificate whose names do not include the address it dialled when the
+//! certificate carries a SPIFFE identity (instances are dialled by IP, and
+//! SPIFFE authenticates workloads by identity, not by host name).
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+
+use crate::{
+    config::TlsSettings,
+    error::{Error, Result},
+};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The identity in a certificate: its first `spiffe://` URI SAN, else any
+/// URI SAN, else the subject's common name.
+pub fn identity_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                uris.push((*uri).to_owned());
+            }
+        }
+    }
+    if let Some(spiffe) = uris.iter().find(|u| u.starts_with("spiffe://")) {
+        return Some(spiffe.clone());
+    }
+    if let Some(uri) = uris.into_iter().next() {
+        return Some(uri);
+    }
+    cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned)
+}
+
+/// Seconds since the epoch when a certificate stops being valid.
+fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// The caller's identity on a request that came over mTLS (a request
+/// extension; absent on plaintext connections).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub Arc<str>);
+
+/// The identity of the caller of `request`, when it came over mTLS.
+pub fn caller<T>(request: &tonic::Request<T>) -> Option<&str> {
+    request.extensions().get::<ConnectInfo>().and_then(|c| c.identity.as_ref()).map(|p| &*p.0)
+}
+
+/// What a server connection knows about its peer (tonic puts it in every
+/// request's extensions).
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    pub remote: Option<SocketAddr>,
+    pub identity: Option<PeerIdentity>,
+}
+
+struct Current {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    identity: Arc<str>,
+    not_after: i64,
+    files: Vec<u8>,
+}
+
+/// A process's TLS material, kept current from its files.
+pub struct Tls {
+    settings: TlsSettings,
+    current: RwLock<Arc<Current>>,
+    reloads: AtomicU64,
+    failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("identity", &self.identity()).field("cert_file", &self.settings.cert_file).finish()
+    }
+}
+
+fn read_files(settings: &TlsSettings) -> Result<Vec<u8>> {
+    let mut all = Vec::new();
+    for (setting, path) in [
+        ("tls.cert_file", &settings.cert_file),
+        ("tls.key_file", &settings.key_file),
+        ("tls.ca_file", &settings.ca_file),
+    ] {
+        let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("{setting}: cannot read {path:?}: {e}")))?;
+        all.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        all.extend_from_slice(&bytes);
+    }
+    Ok(all)
+}
+
+fn build(settings: &TlsSettings, files: Vec<u8>) -> Result<Current> {
+    let bad = |setting: &str, problem: String| Error::Config(format!("{setting}: {problem}"));
+    let read = |path: &str| std::fs::read(path).unwrap_or_default();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&settings.cert_file))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad("tls.cert_file", format!("{:?} is not PEM certificates: {e}", settings.cert_file)))?;
+    let Some(leaf) = chain.first() else {
+        return Err(bad("tls.cert_file", format!("{:?} holds no certificate", settings.cert_file)));
+    };
+    // The key's text is never put in an error: only its file name.
+    let key = PrivateKeyDer::from_pem_slice(&read(&settings.key_file))
+        .map_err(|_| bad("tls.key_file", format!("{:?} holds no PEM private key", settings.key_file)))?;
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read(&settings.ca_file)) {
+        let ca = ca.map_err(|e| bad("tls.ca_file", format!("{:?} is not PEM certificates: {e}", settings.ca_file)))?;
+        roots.add(ca).map_err(|e| bad("tls.ca_file", format!("a CA certificate in {:?}: {e}", settings.ca_file)))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("tls.ca_file", format!("{:?} holds no CA certificate", settings.ca_file)));
+    }
+    let identity = identity_of(leaf).unwrap_or_default();
+    let not_after = not_after(leaf).unwrap_or(0);
+    let roots = Arc::new(roots);
+
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| bad("tls.ca_file", e.to_string()))?;
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("tls", e.to_string()))?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| bad("tls.key_file", format!("does not match tls.cert_file: {e}")))?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| bad("tls.ca_file", e.to_string()))?;
+    let mut client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("tls", e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MeshVerifier(server_verifier)))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| bad("tls.key_file", format!("does not match tls.cert_file: {e}")))?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Current { server: Arc::new(server), client: Arc::new(client), identity: identity.into(), not_after, files })
+}
+
+impl Tls {
+    /// Reads the files named by `settings`; the error names the setting and
+    /// the file, never a key's contents.
+    pub fn load(settings: &TlsSettings) -> Result<Arc<Self>> {
+        let files = read_files(settings)?;
+        let current = build(settings, files)?;
+        tracing::info!(identity = %current.identity, cert = settings.cert_file, "TLS certificate loaded");
+        Ok(Arc::new(Self {
+            settings: settings.clone(),
+            current: RwLock::new(Arc::new(current)),
+            reloads: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }))
+    }
+
+    /// `Some` when `settings.enabled`, loaded and reloading in the background.
+    pub fn from_settings(settings: &TlsSettings) -> Result<Option<Arc<Self>>> {
+        if !settings.enabled {
+            return Ok(None);
+        }
+        let tls = Self::load(settings)?;
+        tls.spawn_reloader();
+        Ok(Some(tls))
+    }
+
+    fn now(&self) -> Arc<Current> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// For accepting connections now.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.now().server.clone()
+    }
+
+    /// For dialling connections now.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.now().client.clone()
+    }
+
+    /// This process's own identity (from its certificate).
+    pub fn identity(&self) -> Arc<str> {
+        self.now().identity.clone()
+    }
+
+    /// Reads the files again; swaps the configuration in when they changed
+    /// and are good. Returns whether it changed; a bad set keeps the old one.
+    pub fn reload(&self) -> Result<bool> {
+        let outcome = read_files(&self.settings).and_then(|files| {
+            if files == self.now().files {
+                return Ok(None);
+            }
+            build(&self.settings, files).map(Some)
+        });
+        match outcome {
+            Ok(None) => Ok(false),
+            Ok(Some(current)) => {
+                tracing::info!(identity = %current.identity, "TLS certificate reloaded");
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(current);
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(true)
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                let message = e.to_string();
+                let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(error = %message, "TLS files changed but cannot be used; keeping the loaded ones");
+                }
+                *last = Some(message);
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls the files every `tls.reload_ms` while this `Tls` lives.
+    pub fn spawn_reloader(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = Duration::from_millis(self.settings.reload_ms.max(50));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(tls) = weak.upgrade() else { return };
+                // Files half written by a rotation fail to parse; the next poll sees them whole.
+                let _ = tls.reload();
+            }
+        });
+    }
+
+    /// For `/reports`.
+    pub fn report(&self) -> serde_json::Value {
+        let current = self.now();
+        serde_json::json!({
+            "identity": &*current.identity,
+            "cert_file": self.settings.cert_file,
+            "not_after": current.not_after,
+            "reloads": self.reloads.load(Ordering::Relaxed),
+            "failed_reloads": self.failures.load(Ordering::Relaxed),
+            "last_error": self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        })
+    }
+
+    /// Server side of a TCP connection: the handshake, then a stream tonic
+    /// serves that knows its peer's identity.
+    pub async fn accept(&self, tcp: tokio::net::TcpStream) -> io::Result<MeshTlsStream> {
+        let remote = tcp.peer_addr().ok();
+        let stream = TlsAcceptor::from(self.server_config()).accept(tcp).await?;
+        let identity = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| identity_of(leaf))
+            .map(|id| PeerIdentity(id.into()));
+        Ok(MeshTlsStream { inner: stream, info: ConnectInfo { remote, identity } })
+    }
+
+    /// Client side: the handshake over `tcp` to `host` (a name or an IP).
+    pub async fn connect(
+        &self,
+        host: &str,
+        tcp: tokio::net::TcpStream,
+    ) -> io::Result<client::TlsStream<tokio::net::TcpStream>> {
+        let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?} is not a server name: {e}")))?;
+        TlsConnector::from(self.client_config()).connect(name, tcp).await
+    }
+}
+
+/// Accepts a certificate whose chain the CA signed but whose names do not
+/// include the dialled address, when it carries a SPIFFE identity. The chain
+/// is verified first (rustls checks the chain before the name).
+#[derive(Debug)]
+struct MeshVerifier(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for MeshVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if identity_of(end_entity).is_some_and(|id| id.starts_with("spiffe://")) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A server-side TLS connection that tells tonic who the peer is.
+pub struct MeshTlsStream {
+    inner: server::TlsStream<tokio::net::TcpStream>,
+    info: ConnectInfo,
+}
+
+impl tonic::transport::server::Connected for MeshTlsStream {
+    type ConnectInfo = ConnectInfo;
+
+    fn connect_info(&self) -> ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for MeshTlsStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshTlsStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and hands out those whose handshake succeeded,
+/// each handshake on its own task (a slow client holds up nobody), bounded
+/// by 10 s.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+    tls: Arc<Tls>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<MeshTlsStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let tls = tls.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let peer = tcp.peer_addr().ok();
+                match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        handshake_failed("server");
+                        tracing::debug!(?peer, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        handshake_failed("server");
+                        tracing::debug!(?peer, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Counts a failed handshake (`side` = server or client).
+pub fn handshake_failed(side: &str) {
+    crate::metrics::counter(
+        "meshkit_tls_handshake_failures_total",
+        "TLS handshakes that failed: no or a bad client certificate, another CA, a timeout.",
+        &[("side", side)],
+    )
+    .fetch_add(1, Ordering::Relaxed);
+}
+
+/// A tonic channel to one address, over mTLS when `tls` is given (for calls
+/// to a particular instance rather than through a balanced channel); it
+/// connects on first use.
+pub fn channel(addr: &str, tls: Option<Arc<Tls>>) -> Result<tonic::transport::Channel> {
+    let endpoint = endpoint(addr)?;
+    Ok(match tls {
+        None => endpoint.connect_lazy(),
+        Some(tls) => endpoint.connect_with_connector_lazy(connector(tls)),
+    })
+}
+
+/// As [`channel`], connected now: an unreachable address is an error here.
+pub async fn connect(addr: &str, tls: Option<Arc<Tls>>) -> Result<tonic::transport::Channel> {
+    let endpoint = endpoint(addr)?;
+    Ok(match tls {
+        None => endpoint.connect().await?,
+        Some(tls) => endpoint.connect_with_connector(connector(tls)).await?,
+    })
+}
+
+fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::Config(format!("address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true))
+}
+
+type Connected = hyper_util::rt::TokioIo<client::TlsStream<tokio::net::TcpStream>>;
+
+fn connector(
+    tls: Arc<Tls>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = Connected,
+    Error = io::Error,
+    Future = Pin<Box<dyn std::future::Future<Output = io::Result<Connected>> + Send>>,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |uri: http::Uri| {
+        let tls = tls.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp =
+                tokio::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)).await?;
+            let _ = tcp.set_nodelay(true);
+            let stream = tls.connect(&host, tcp).await.inspect_err(|_| handshake_failed("client"))?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        }) as Pin<Box<dyn std::future::Future<Output = io::Result<Connected>> + Send>>
+    })
+}
+
+/// TLS for a public listener (the gateway's HTTPS): a certificate and key
+/// from files, read again when they change; no client certificate asked for.
+pub struct EdgeTls {
+    cert_file: String,
+    key_file: String,
+    alpn: Vec<Vec<u8>>,
+    current: RwLock<(Arc<ServerConfig>, Vec<u8>)>,
+}
+
+impl EdgeTls {
+    /// `alpn`: the protocols offered, preferred first (`h2`, `http/1.1`).
+    pub fn load(cert_file: &str, key_file: &str, alpn: &[&[u8]]) -> Result<Arc<Self>> {
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        let (config, files) = Self::build(cert_file, key_file, &alpn)?;
+        let edge = Arc::new(Self {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            alpn,
+            current: RwLock::new((config, files)),
+        });
+        let weak = Arc::downgrade(&edge);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(edge) = weak.upgrade() else { return };
+                edge.reload();
+            }
+        });
+        Ok(edge)
+    }
+
+    fn build(cert_file: &str, key_file: &str, alpn: &[Vec<u8>]) -> Result<(Arc<ServerConfig>, Vec<u8>)> {
+        let bad = |setting: &str, problem: String| Error::Config(format!("{setting}: {problem}"));
+        let cert = std::fs::read(cert_file)
+            .map_err(|e| bad("gateway.tls_cert_file", format!("cannot read {cert_file:?}: {e}")))?;
+        let key = std::fs::read(key_file)
+            .map_err(|e| bad("gateway.tls_key_file", format!("cannot read {key_file:?}: {e}")))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad("gateway.tls_cert_file", format!("{cert_file:?} is not PEM certificates: {e}")))?;
+        let private = PrivateKeyDer::from_pem_slice(&key)
+            .map_err(|_| bad("gateway.tls_key_file", format!("{key_file:?} holds no PEM private key")))?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("gateway.tls", e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .map_err(|e| bad("gateway.tls_key_file", format!("does not match gateway.tls_cert_file: {e}")))?;
+        config.alpn_protocols = alpn.to_vec();
+        let mut files = cert;
+        files.extend_from_slice(&key);
+        Ok((Arc::new(config), files))
+    }
+
+    fn reload(&self) {
+        let (Ok(cert), Ok(key)) = (std::fs::read(&self.cert_file), std::fs::read(&self.key_file)) else { return };
+        let mut files = cert;
+        files.extend_from_slice(&key);
+        if files == self.current.read().unwrap_or_else(|p| p.into_inner()).1 {
+            return;
+        }
+        match Self::build(&self.cert_file, &self.key_file, &self.alpn) {
+            Ok(next) => {
+                tracing::info!(cert = self.cert_file, "edge TLS certificate reloaded");
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+            }
+            Err(e) => tracing::warn!(error = %e, "edge TLS files changed but cannot be used; keeping the loaded ones"),
+        }
+    }
+
+    /// The handshake of one accepted connection.
+    pub async fn accept(&self, tcp: tokio::net::TcpStream) -> io::Result<server::TlsStream<tokio::net::TcpStream>> {
+        let config = self.current.read().unwrap_or_else(|p| p.into_inner()).0.clone();
+        TlsAcceptor::from(config).accept(tcp).await
+    }
+}

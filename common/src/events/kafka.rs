@@ -76,9 +76,15 @@ impl Kafka {
             base: 2.0,
             deadline: Some(self.timeout()),
         };
-        let builder = ClientBuilder::new(self.inner.settings.brokers.clone())
+        let mut builder = ClientBuilder::new(self.inner.settings.brokers.clone())
             .client_id(self.inner.client_id.as_str())
             .backoff_config(backoff);
+        if let Some(tls) = broker_tls(&self.inner.settings)? {
+            builder = builder.tls_config(tls);
+        }
+        if let Some(sasl) = sasl(&self.inner.settings) {
+            builder = builder.sasl_config(sasl);
+        }
         let client = Arc::new(bounded(self.timeout(), "connect", builder.build()).await?);
         *slot = Some(client.clone());
         Ok(client)
@@ -238,6 +244,56 @@ pub fn murmur2(data: &[u8]) -> u32 {
     h
 }
 
+/// TLS to the brokers when `events.tls_ca_file` is set: their certificates
+/// checked against that CA (names included), and a client certificate when
+/// one is configured.
+pub fn broker_tls(settings: &EventSettings) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    if settings.tls_ca_file.is_empty() {
+        return Ok(None);
+    }
+    let read = |setting: &str, path: &str| {
+        std::fs::read(path).map_err(|e| Error::Config(format!("{setting}: cannot read {path:?}: {e}")))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read("events.tls_ca_file", &settings.tls_ca_file)?) {
+        let ca = ca.map_err(|e| Error::Config(format!("events.tls_ca_file: {e}")))?;
+        roots.add(ca).map_err(|e| Error::Config(format!("events.tls_ca_file: {e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("events.tls: {e}")))?
+        .with_root_certificates(roots);
+    let config = if settings.tls_cert_file.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let chain = CertificateDer::pem_slice_iter(&read("events.tls_cert_file", &settings.tls_cert_file)?)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Config(format!("events.tls_cert_file: {e}")))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&read("events.tls_key_file", &settings.tls_key_file)?).map_err(|_| {
+                Error::Config(format!("events.tls_key_file: {:?} holds no PEM private key", settings.tls_key_file))
+            })?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| Error::Config(format!("events.tls_key_file: does not match events.tls_cert_file: {e}")))?
+    };
+    Ok(Some(Arc::new(config)))
+}
+
+/// SASL credentials when `events.sasl_mechanism` is set.
+pub fn sasl(settings: &EventSettings) -> Option<rskafka::client::SaslConfig> {
+    use rskafka::client::{Credentials, SaslConfig};
+    let credentials = || Credentials::new(settings.sasl_username.clone(), settings.sasl_password.clone());
+    match settings.sasl_mechanism.as_str() {
+        "PLAIN" => Some(SaslConfig::Plain(credentials())),
+        "SCRAM-SHA-256" => Some(SaslConfig::ScramSha256(credentials())),
+        "SCRAM-SHA-512" => Some(SaslConfig::ScramSha512(credentials())),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +323,21 @@ mod tests {
                 assert_eq!(p, partition_for(key.as_bytes(), n));
             }
         }
+    }
+
+    #[test]
+    fn broker_security_settings_map_onto_rskafka_and_name_bad_files() {
+        let mut settings = EventSettings::default();
+        assert!(super::broker_tls(&settings).unwrap().is_none(), "no CA: plaintext");
+        assert!(super::sasl(&settings).is_none());
+        settings.sasl_mechanism = "SCRAM-SHA-512".into();
+        settings.sasl_username = "order".into();
+        settings.sasl_password = "pw".into();
+        assert!(
+            matches!(super::sasl(&settings), Some(rskafka::client::SaslConfig::ScramSha512(c)) if c.username == "order")
+        );
+        settings.tls_ca_file = "/nonexistent/ca.pem".into();
+        let err = super::broker_tls(&settings).unwrap_err().to_string();
+        assert!(err.contains("events.tls_ca_file") && err.contains("/nonexistent/ca.pem"), "{err}");
     }
 }

@@ -135,7 +135,13 @@ impl Gateway {
             for set in contracts.encoded() {
                 builder = builder.register_encoded_file_descriptor_set(set);
             }
+            // The services it fronts (not the mesh-internal ones), and reflection itself.
+            for service in contracts.services() {
+                builder = builder.with_service_name(service.full_name());
+            }
             builder
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         };
         let config_error = |e: tonic_reflection::server::Error| StartError::Config(format!("reflection: {e}"));
         let reflection_v1 = BoxCloneSyncService::new(reflection().build_v1().map_err(config_error)?);
@@ -576,7 +582,20 @@ pub(crate) async fn start_worker(
 ) -> Result<RunningGateway, StartError> {
     let contracts = Contracts::load(&config.gateway.descriptor_sets)?;
     let etcd = meshkit_common::etcd::connect(&config.etcd).await?;
-    let channels = ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone()).with_methods(contracts.method_table());
+    // mTLS to the services with the gateway's own identity, when `tls` is on.
+    let upstream_tls = meshkit_common::tls::Tls::from_settings(&config.tls)?;
+    let channels = ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone())
+        .with_methods(contracts.method_table())
+        .with_tls(upstream_tls);
+    let edge_tls = if config.gateway.tls_cert_file.is_empty() {
+        None
+    } else {
+        Some(meshkit_common::tls::EdgeTls::load(
+            &config.gateway.tls_cert_file,
+            &config.gateway.tls_key_file,
+            &[b"h2", b"http/1.1"],
+        )?)
+    };
     let gateway = Arc::new(Gateway::new(&config.gateway, &channels, contracts, limiter)?);
     let listen_error = |source| StartError::Listen { addr: listen.to_owned(), source };
     let listener = bind(listen, reuse_port).map_err(listen_error)?;
@@ -624,7 +643,7 @@ pub(crate) async fn start_worker(
         .max_buf_size(header_limit.max(8192));
     builder.http2().timer(TokioTimer::new()).max_header_list_size(header_limit as u32);
     let (stop_tx, stop_rx) = oneshot::channel();
-    let task = tokio::spawn(serve(listener, builder, gateway, cors, stop_rx, drain));
+    let task = tokio::spawn(serve(listener, builder, gateway, cors, edge_tls, stop_rx, drain));
     tracing::debug!(%addr, admin = ?admin.as_ref().map(AdminServer::local_addr), "gateway worker listening");
     Ok(RunningGateway { addr, admin, registry, stop: Some(stop_tx), task })
 }
@@ -713,6 +732,7 @@ async fn serve(
     builder: auto::Builder<TokioExecutor>,
     gateway: Arc<Gateway>,
     cors: Option<CorsLayer>,
+    edge_tls: Option<Arc<meshkit_common::tls::EdgeTls>>,
     mut stop: oneshot::Receiver<()>,
     drain: Duration,
 ) {
@@ -732,10 +752,35 @@ async fn serve(
         let _ = stream.set_nodelay(true);
         let dispatch = Dispatch { gateway: gateway.clone(), peer };
         let service = tower::util::option_layer(cors.clone()).layer(dispatch);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
-        let conn = graceful.watch(conn.into_owned());
+        let Some(edge) = edge_tls.clone() else {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        // HTTPS: the handshake on the connection's own task (bounded), then
+        // HTTP/2 or HTTP/1.1 as ALPN chose.
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), edge.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    meshkit_common::tls::handshake_failed("edge");
+                    tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    meshkit_common::tls::handshake_failed("edge");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

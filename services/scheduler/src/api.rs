@@ -32,11 +32,17 @@ pub struct SchedulerApi {
     scheduler: Arc<Scheduler>,
     etcd: Client,
     prefix: String,
+    tls: Option<Arc<meshkit_common::tls::Tls>>,
 }
 
 impl SchedulerApi {
-    pub fn new(scheduler: Arc<Scheduler>, etcd: Client, prefix: String) -> Self {
-        Self { scheduler, etcd, prefix }
+    pub fn new(
+        scheduler: Arc<Scheduler>,
+        etcd: Client,
+        prefix: String,
+        tls: Option<Arc<meshkit_common::tls::Tls>>,
+    ) -> Self {
+        Self { scheduler, etcd, prefix, tls }
     }
 
     fn job(&self, name: &str) -> Result<JobSpec, Status> {
@@ -86,10 +92,7 @@ impl SchedulerApi {
         else {
             return Err(no_leader());
         };
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", instance.addr))
-            .map_err(|e| Status::internal(format!("leader address: {e}")))?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .connect()
+        let channel = meshkit_common::tls::connect(&instance.addr, self.tls.clone())
             .await
             .map_err(|e| Status::unavailable(format!("cannot reach the leader {leader} at {}: {e}", instance.addr)))?;
         let mut forwarded = Request::new(request);

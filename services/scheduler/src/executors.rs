@@ -24,11 +24,13 @@ pub struct Executors {
     synced: watch::Receiver<bool>,
     channels: Mutex<HashMap<String, Channel>>,
     turns: Mutex<HashMap<String, usize>>,
+    tls: Option<Arc<meshkit_common::tls::Tls>>,
 }
 
 impl Executors {
     /// Watches `{prefix}/services/meshkit.scheduler.v1.JobExecutor/`.
-    pub fn watch(etcd: Client, prefix: &str) -> Arc<Self> {
+    /// Calls go over mTLS when `tls` is given.
+    pub fn watch(etcd: Client, prefix: &str, tls: Option<Arc<meshkit_common::tls::Tls>>) -> Arc<Self> {
         let mut watch = watch_prefix(etcd, service_prefix(prefix, EXECUTOR_SERVICE));
         let live = Arc::new(RwLock::new(BTreeMap::new()));
         let writer = live.clone();
@@ -50,6 +52,7 @@ impl Executors {
             synced: watch.synced,
             channels: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
+            tls,
         })
     }
 
@@ -131,11 +134,8 @@ impl Executors {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::invalid_argument(format!("executor address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = meshkit_common::tls::channel(addr, self.tls.clone())
+            .map_err(|e| Status::invalid_argument(format!("executor address {addr:?}: {e}")))?;
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -46,7 +46,7 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
     let database = db::connect(&config.database).await?;
     db::migrate(&database, COMPONENT, migrations::MIGRATIONS).await?;
     let instance = config.registry.instance_id.clone();
-    let executors = executors::Executors::watch(mesh.etcd.clone(), &config.etcd.prefix);
+    let executors = executors::Executors::watch(mesh.etcd.clone(), &config.etcd.prefix, mesh.tls.clone());
     let scheduler = Scheduler::new(
         instance.clone(),
         mesh.center.section(|c| c.scheduler.clone()),
@@ -79,7 +79,7 @@ pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServ
 
     let report = scheduler.clone();
     let metrics = scheduler.clone();
-    let api = SchedulerApi::new(scheduler, mesh.etcd.clone(), config.etcd.prefix.clone());
+    let api = SchedulerApi::new(scheduler, mesh.etcd.clone(), config.etcd.prefix.clone(), mesh.tls.clone());
     MeshServer::new(config)
         .with_mesh(&mesh)
         .metadata("component", COMPONENT)

@@ -41,11 +41,19 @@ commands:
                                  stop or restart firing a job on schedule
   jobs history [NAME] [--limit N]
                                  the job log, newest first: trigger, slot, shard, executor, status, time
+  certs --dir DIR [--trust-domain meshkit] [--days 365] NAME…
+                                 a development CA (made once) and a certificate per NAME with the
+                                 identity spiffe://meshkit/NAME (rotation: issue a name again)
+  etcd-user COMPONENT SERVICE…   (password on stdin) the role meshkit-COMPONENT: read the mesh, write
+                                 only its own registrations, groups and config; a user with it
+  etcd-auth-enable               (root password on stdin) the root user, then etcd auth on
   prometheus-sd [--out FILE] [--watch]
                                  Prometheus file_sd targets: every process's admin endpoint from the
                                  registry; to stdout, or to FILE (kept current with --watch)
 
-The etcd endpoints default to MESHKIT_ETCD_ENDPOINTS, then 127.0.0.1:2379.";
+The etcd endpoints default to MESHKIT_ETCD_ENDPOINTS, then 127.0.0.1:2379; MESHKIT_ETCD_USERNAME,
+MESHKIT_ETCD_PASSWORD and MESHKIT_ETCD_{CA,CERT,KEY}_FILE reach an etcd with auth and TLS on, and
+MESHKIT_TLS_{ENABLED,CERT_FILE,KEY_FILE,CA_FILE} give meshctl a certificate for mTLS services.";
 
 /// One registration read from etcd.
 #[derive(Debug, Clone)]
@@ -386,7 +394,7 @@ pub async fn config_get(client: &mut Client, prefix: &str, component: &str) -> a
         format!("# {component}: settings from etcd at revision {revision} (the component's own win over {GLOBAL})\n");
     let _ = writeln!(out, "{:<10} {:<40} {:>8}  VALUE", "SCOPE", "PATH", "REVISION");
     for e in &entries {
-        let _ = writeln!(out, "{:<10} {:<40} {:>8}  {}", e.scope, e.path, e.mod_revision, e.value);
+        let _ = writeln!(out, "{:<10} {:<40} {:>8}  {}", e.scope, e.path, e.mod_revision, shown(&e.path, &e.value));
     }
     if entries.is_empty() {
         let _ = writeln!(out, "(none: the processes run on their own file and environment settings)");
@@ -414,7 +422,43 @@ pub async fn config_set(
     let key = format!("{}{path}", config_center::config_prefix(prefix, component));
     let resp = client.put(key.as_str(), value.as_str(), None).await.context("writing to etcd")?;
     let revision = resp.header().map_or(0, |h| h.revision());
-    Ok(format!("{component}/{path} = {value} (revision {revision})\n"))
+    Ok(format!("{component}/{path} = {} (revision {revision})\n", shown(path, &value)))
+}
+
+/// Whether a setting's name says it holds a secret.
+fn secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "token"].iter().any(|s| name.contains(s))
+}
+
+/// A setting's JSON as meshctl prints it: secrets (by the setting's name, at
+/// any depth) replaced by `"<redacted>"`.
+pub fn shown(path: &str, value: &str) -> String {
+    fn redact(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if secret_name(k) {
+                        *v = serde_json::Value::String("<redacted>".into());
+                    } else {
+                        redact(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+            _ => {}
+        }
+    }
+    if path.rsplit('.').next().is_some_and(secret_name) {
+        return "\"<redacted>\"".into();
+    }
+    match serde_json::from_str::<serde_json::Value>(value) {
+        Ok(mut v) => {
+            redact(&mut v);
+            v.to_string()
+        }
+        Err(_) => value.to_owned(),
+    }
 }
 
 pub async fn config_delete(client: &mut Client, prefix: &str, component: &str, path: &str) -> anyhow::Result<String> {
@@ -446,7 +490,7 @@ pub async fn config_history(client: &mut Client, prefix: &str, component: &str, 
         };
         let Some(kv) = resp.kvs().first() else { break };
         found += 1;
-        let _ = writeln!(out, "{:>8}  {}", kv.mod_revision(), String::from_utf8_lossy(kv.value()));
+        let _ = writeln!(out, "{:>8}  {}", kv.mod_revision(), shown(path, &String::from_utf8_lossy(kv.value())));
         if kv.version() <= 1 || found >= 100 {
             break;
         }
@@ -485,7 +529,7 @@ pub async fn config_watch(
                     format!(
                         "{:>8}  set     {scope}/{path} = {}",
                         kv.mod_revision(),
-                        String::from_utf8_lossy(kv.value())
+                        shown(path, &String::from_utf8_lossy(kv.value()))
                     )
                 }
                 etcd_client::EventType::Delete => format!("{:>8}  delete  {scope}/{path}", kv.mod_revision()),
@@ -571,15 +615,30 @@ pub async fn governance(client: &mut Client, prefix: &str, target: &str) -> anyh
     Ok(out)
 }
 
+/// mTLS for meshctl's own calls, from `MESHKIT_TLS_ENABLED`,
+/// `MESHKIT_TLS_CERT_FILE`, `MESHKIT_TLS_KEY_FILE` and `MESHKIT_TLS_CA_FILE`.
+pub fn client_tls() -> anyhow::Result<Option<std::sync::Arc<meshkit_common::tls::Tls>>> {
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    if !matches!(var("MESHKIT_TLS_ENABLED").as_str(), "1" | "true") {
+        return Ok(None);
+    }
+    let settings = meshkit_common::config::TlsSettings {
+        enabled: true,
+        cert_file: var("MESHKIT_TLS_CERT_FILE"),
+        key_file: var("MESHKIT_TLS_KEY_FILE"),
+        ca_file: var("MESHKIT_TLS_CA_FILE"),
+        ..Default::default()
+    };
+    Ok(Some(meshkit_common::tls::Tls::load(&settings)?))
+}
+
 /// A connection to a scheduler instance found in the registry (the first that answers).
 async fn scheduler(client: &mut Client, prefix: &str) -> anyhow::Result<JobSchedulerClient<tonic::transport::Channel>> {
     let instances = registrations(client, prefix, Some(SCHEDULER_SERVICE)).await?;
+    let tls = client_tls()?;
     let mut last_error = None;
     for instance in instances.iter().filter_map(|r| r.instance.as_ref()) {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", instance.addr))?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .timeout(std::time::Duration::from_secs(30));
-        match endpoint.connect().await {
+        match meshkit_common::tls::connect(&instance.addr, tls.clone()).await {
             Ok(channel) => return Ok(JobSchedulerClient::new(channel)),
             Err(e) => last_error = Some(format!("{}: {e}", instance.addr)),
         }
@@ -716,4 +775,95 @@ pub async fn jobs_history(client: &mut Client, prefix: &str, job: Option<&str>, 
         );
     }
     Ok(out)
+}
+
+pub mod certs;
+
+/// The key prefixes a component may write, and the role that grants them:
+/// its own registrations, its own slot groups (outbox relay, consumers,
+/// the scheduler's election) and its own config scope; read on the whole mesh.
+pub fn role_grants(prefix: &str, component: &str, services: &[&str]) -> Vec<(String, bool)> {
+    let mut grants = vec![(format!("{prefix}/"), false)];
+    for service in services {
+        grants.push((format!("{prefix}/services/{service}/"), true));
+    }
+    grants.push((format!("{prefix}/groups/outbox/{component}/"), true));
+    grants.push((format!("{prefix}/groups/consumers/{component}/"), true));
+    grants.push((format!("{prefix}/groups/{component}/"), true));
+    grants.push((format!("{prefix}/config/{component}/"), true));
+    grants
+}
+
+/// `etcd-user COMPONENT SERVICE…`: creates (or updates) the role
+/// `meshkit-COMPONENT` with [`role_grants`] and the user COMPONENT with it.
+pub async fn etcd_user(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    services: &[&str],
+    password: &str,
+) -> anyhow::Result<String> {
+    use etcd_client::{Permission, RoleRevokePermissionOptions};
+    anyhow::ensure!(
+        !component.is_empty() && component.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "{component:?} is not a component name"
+    );
+    anyhow::ensure!(password.len() >= 8, "the password must have at least 8 characters");
+    let role = format!("meshkit-{component}");
+    if client.role_get(role.as_str()).await.is_err() {
+        client.role_add(role.as_str()).await.context("adding the role")?;
+    } else {
+        // Start from nothing, so the role grants exactly what is listed.
+        let existing = client.role_get(role.as_str()).await.context("reading the role")?;
+        for perm in existing.permissions() {
+            let options = RoleRevokePermissionOptions::new().with_range_end(perm.range_end());
+            let _ = client.role_revoke_permission(role.as_str(), perm.key(), Some(options)).await;
+        }
+    }
+    let mut out = String::new();
+    for (key, write) in role_grants(prefix, component, services) {
+        let permission =
+            if write { Permission::read_write(key.as_str()) } else { Permission::read(key.as_str()) }.with_prefix();
+        client.role_grant_permission(role.as_str(), permission).await.context("granting a permission")?;
+        let _ = writeln!(out, "{role}: {} {key}*", if write { "readwrite" } else { "read" });
+    }
+    if client.user_get(component).await.is_err() {
+        client.user_add(component, password, None).await.context("adding the user")?;
+    } else {
+        client.user_change_password(component, password).await.context("changing the user's password")?;
+    }
+    client.user_grant_role(component, role.as_str()).await.context("granting the role")?;
+    let _ = writeln!(out, "user {component}: role {role}");
+    Ok(out)
+}
+
+/// `etcd-auth-enable`: the `root` user (with the root role) and auth on.
+pub async fn etcd_auth_enable(client: &mut Client, root_password: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(root_password.len() >= 8, "the root password must have at least 8 characters");
+    if client.user_get("root").await.is_err() {
+        client.user_add("root", root_password, None).await.context("adding root")?;
+    }
+    if client.role_get("root").await.is_err() {
+        client.role_add("root").await.context("adding the root role")?;
+    }
+    client.user_grant_role("root", "root").await.context("granting root")?;
+    client.auth_enable().await.context("enabling auth")?;
+    Ok("etcd auth enabled; connect as root (MESHKIT_ETCD_USERNAME / MESHKIT_ETCD_PASSWORD) to manage it\n".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secrets_are_redacted_by_name_at_any_depth() {
+        assert_eq!(super::shown("etcd.password", "\"p4ss\""), "\"<redacted>\"");
+        assert_eq!(
+            super::shown("events", r#"{"sasl_password":"p4ss","brokers":["a:1"]}"#),
+            r#"{"brokers":["a:1"],"sasl_password":"<redacted>"}"#
+        );
+        assert_eq!(
+            super::shown("gateway", r#"{"jwt":{"hs256_secret":"s3cret","issuer":"me"}}"#),
+            r#"{"jwt":{"hs256_secret":"<redacted>","issuer":"me"}}"#
+        );
+        assert_eq!(super::shown("log.filter", "\"info\""), "\"info\"");
+    }
 }

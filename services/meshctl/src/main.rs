@@ -25,11 +25,20 @@ async fn main() -> ExitCode {
             _ => return usage(&format!("unknown or incomplete option {flag:?}")),
         }
     }
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
     let settings = EtcdSettings {
         endpoints: endpoints.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
+        username: var("MESHKIT_ETCD_USERNAME"),
+        password: var("MESHKIT_ETCD_PASSWORD"),
+        ca_file: var("MESHKIT_ETCD_CA_FILE"),
+        cert_file: var("MESHKIT_ETCD_CERT_FILE"),
+        key_file: var("MESHKIT_ETCD_KEY_FILE"),
         ..Default::default()
     };
     let command = args.first().map(String::as_str);
+    if command == Some("certs") {
+        return certs(&args[1..]);
+    }
     if !matches!(
         command,
         Some(
@@ -67,6 +76,20 @@ async fn main() -> ExitCode {
     }
     if command == Some("jobs") {
         return jobs(&mut client, &prefix, &args[1..]).await;
+    }
+    if command == Some("etcd-user") || command == Some("etcd-auth-enable") {
+        let Some(password) = read_password() else {
+            return usage("the password is read from standard input (one line, at least 8 characters)");
+        };
+        let result = if command == Some("etcd-auth-enable") {
+            cmd::etcd_auth_enable(&mut client, &password).await
+        } else if args.len() >= 2 {
+            let services: Vec<&str> = args[2..].iter().map(String::as_str).collect();
+            cmd::etcd_user(&mut client, &prefix, &args[1], &services, &password).await
+        } else {
+            return usage("etcd-user COMPONENT [SERVICE…] (password on standard input)");
+        };
+        return finish(result);
     }
     let result = match command {
         Some("services") => cmd::services(&mut client, &prefix).await,
@@ -154,6 +177,42 @@ async fn prometheus_sd(client: &mut etcd_client::Client, prefix: &str, args: &[S
             .map(|()| String::new()),
     };
     finish(result)
+}
+
+/// One line from standard input: passwords never go on the command line.
+fn read_password() -> Option<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).ok()?;
+    let line = line.trim_end_matches(['\r', '\n']).to_owned();
+    (!line.is_empty()).then_some(line)
+}
+
+/// `certs --dir DIR [--trust-domain D] [--days N] NAME…`.
+fn certs(args: &[String]) -> ExitCode {
+    let (mut dir, mut domain, mut days, mut names) = (None, "meshkit".to_owned(), 365u32, Vec::new());
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--dir" => dir = rest.next().cloned(),
+            "--trust-domain" => match rest.next() {
+                Some(d) => domain = d.clone(),
+                None => return usage("--trust-domain needs a value"),
+            },
+            "--days" => match rest.next().and_then(|d| d.parse().ok()).filter(|d| (1..=3650).contains(d)) {
+                Some(d) => days = d,
+                None => return usage("--days needs a number within 1..=3650"),
+            },
+            name => names.push(name.to_owned()),
+        }
+    }
+    let Some(dir) = dir else { return usage("certs needs --dir DIR") };
+    if names.is_empty() {
+        return usage("certs needs at least one NAME (user-service, gateway, …)");
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    finish(cmd::certs::issue(std::path::Path::new(&dir), &domain, &names, days).map(|issued| {
+        issued.iter().map(|i| format!("{}  {}  {}\n", i.identity, i.cert.display(), i.key.display())).collect()
+    }))
 }
 
 /// Prints a command's text, or its error, and the exit code that goes with it.

@@ -12,6 +12,8 @@
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
 #   MESHKIT_PROMETHEUS_PORT Prometheus's port (default: 9091; started when installed)
 #   MESHKIT_PROFILE         cargo profile of the binaries (default: release)
+#   MESHKIT_TLS             1: mTLS between every process, HTTPS at the gateway, with a
+#                           development CA and certificates made under $RUN_DIR/tls
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -120,9 +122,26 @@ start_broker() {
     echo "kafka:     $url (Tansu, data in $RUN_DIR/kafka)"
 }
 
+tls_on() { [[ "${MESHKIT_TLS:-0}" == 1 ]]; }
+
+# A development CA (made once) and a certificate per process, each with the
+# identity spiffe://meshkit/NAME; issued again at every start (a rotation).
+make_certs() {
+    tls_on || return 0
+    "$BIN_DIR/meshctl" certs --dir "$RUN_DIR/tls" --days 30 \
+        user-service order-service notification-service scheduler-service gateway meshctl >/dev/null
+    echo "tls:       mTLS on; CA and certificates in $RUN_DIR/tls"
+}
+
+tls_env() { # name: the MESHKIT_TLS_* variables for its certificate
+    tls_on || return 0
+    echo "MESHKIT_TLS_ENABLED=true MESHKIT_TLS_CERT_FILE=$RUN_DIR/tls/$1.pem MESHKIT_TLS_KEY_FILE=$RUN_DIR/tls/$1.key MESHKIT_TLS_CA_FILE=$RUN_DIR/tls/ca.pem"
+}
+
 start_service() { # name slot
     local name="$1" slot="$2" port
     port="$(free_port)"
+    env $(tls_env "$name-service") \
     MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
     MESHKIT_EVENTS_BROKERS="$(kafka_brokers)" \
     MESHKIT_SERVER_LISTEN="127.0.0.1:$port" \
@@ -139,6 +158,9 @@ start_gateway() {
         cmd_down >/dev/null
         exit 1
     fi
+    local edge=()
+    tls_on && edge=(MESHKIT_GATEWAY_TLS_CERT_FILE="$RUN_DIR/tls/gateway.pem" MESHKIT_GATEWAY_TLS_KEY_FILE="$RUN_DIR/tls/gateway.key")
+    env $(tls_env gateway) "${edge[@]}" \
     MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
     MESHKIT_GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" \
     MESHKIT_REGISTRY_INSTANCE_ID=gateway-1 \
@@ -147,7 +169,11 @@ start_gateway() {
     echo $! >"$RUN_DIR/pids/gateway.pid"
     echo "$GATEWAY_PORT" >"$RUN_DIR/ports/gateway"
     wait_listening gateway "$GATEWAY_PORT" || { cmd_down >/dev/null; exit 1; }
-    echo "gateway:   http://127.0.0.1:$GATEWAY_PORT (REST, grpc-web, gRPC)"
+    if tls_on; then
+        echo "gateway:   https://127.0.0.1:$GATEWAY_PORT (REST, grpc-web, gRPC; CA $RUN_DIR/tls/ca.pem)"
+    else
+        echo "gateway:   http://127.0.0.1:$GATEWAY_PORT (REST, grpc-web, gRPC)"
+    fi
 }
 
 # The reference job, defined in the config center unless it is there already
@@ -198,6 +224,7 @@ cmd_up() {
     start_ns=$(date +%s%N)
     start_etcd
     start_broker
+    make_certs
     # A user instance first: order-service's first calls find it registered.
     declare -A slot=()
     for name in "${SERVICES[@]}"; do
@@ -231,26 +258,34 @@ cmd_up() {
     cmd_status
     local gw="127.0.0.1:$GATEWAY_PORT" user_port
     user_port="$(cat "$RUN_DIR/ports/user-1")"
+    # With MESHKIT_TLS=1: HTTPS and mTLS flags in every line.
+    local g="-plaintext" http="http" c="" direct="-plaintext" ctl=""
+    if tls_on; then
+        local t="$RUN_DIR/tls"
+        g="-cacert $t/ca.pem" http="https" c="--cacert $t/ca.pem "
+        direct="-cacert $t/ca.pem -cert $t/meshctl.pem -key $t/meshctl.key"
+        ctl="MESHKIT_TLS_ENABLED=1 MESHKIT_TLS_CERT_FILE=$t/meshctl.pem MESHKIT_TLS_KEY_FILE=$t/meshctl.key MESHKIT_TLS_CA_FILE=$t/ca.pem "
+    fi
     cat <<TRY
 
 Try it through the gateway (grpcurl is installed by \`make up\`):
-  grpcurl -plaintext $gw list
-  grpcurl -plaintext -d '{"name":"Ada","email":"ada@example.com"}' $gw meshkit.user.v1.UserService/CreateUser
-  grpcurl -plaintext -d '{"userId":"<id from CreateUser>","items":[{"sku":"book-1","quantity":2}]}' $gw meshkit.order.v1.OrderService/CreateOrder
-  grpcurl -plaintext -d '{"userId":"<id from CreateUser>"}' $gw meshkit.notification.v1.NotificationService/ListNotifications
-  curl -s -X POST http://$gw/v1/users -H 'content-type: application/json' -d '{"name":"Bo","email":"bo@example.com"}'
-  curl -s http://$gw/v1/users/<id>/orders?page_size=10
-  curl -s http://$gw/openapi.json
-  curl -s http://$gw/v1/jobs
-  curl -s -X POST http://$gw/v1/jobs/cancel-unpaid-orders:trigger -d '{}'
+  grpcurl $g $gw list
+  grpcurl $g -d '{"name":"Ada","email":"ada@example.com"}' $gw meshkit.user.v1.UserService/CreateUser
+  grpcurl $g -d '{"userId":"<id from CreateUser>","items":[{"sku":"book-1","quantity":2}]}' $gw meshkit.order.v1.OrderService/CreateOrder
+  grpcurl $g -d '{"userId":"<id from CreateUser>"}' $gw meshkit.notification.v1.NotificationService/ListNotifications
+  curl -s ${c}-X POST $http://$gw/v1/users -H 'content-type: application/json' -d '{"name":"Bo","email":"bo@example.com"}'
+  curl -s ${c}$http://$gw/v1/users/<id>/orders?page_size=10
+  curl -s ${c}$http://$gw/openapi.json
+  curl -s ${c}$http://$gw/v1/jobs
+  curl -s ${c}-X POST $http://$gw/v1/jobs/cancel-unpaid-orders:trigger -H 'content-type: application/json' -d '{}'
 or a service directly:
-  grpcurl -plaintext -d '{"service":"meshkit.user.v1.UserService"}' 127.0.0.1:$user_port grpc.health.v1.Health/Check
+  grpcurl $direct -d '{"service":"meshkit.user.v1.UserService"}' 127.0.0.1:$user_port grpc.health.v1.Health/Check
   ETCDCTL_API=3 etcdctl --endpoints $(etcd_endpoints) get --prefix /meshkit/services/
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) instances
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) pools order-1
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) events
-  $BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs list
-  $BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs history cancel-unpaid-orders
+  ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs list
+  ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs history cancel-unpaid-orders
   curl -s http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query --data-urlencode 'query=sum by (method) (meshkit_server_requests_total)'
 
 Logs: $RUN_DIR/logs    Stop: make down

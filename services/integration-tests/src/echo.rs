@@ -71,6 +71,12 @@ impl EchoService for Echo {
         }
         let mut reply =
             EchoReply { request: Some(request.get_ref().clone()), served_by: self.instance.clone(), count: 1 };
+        // The mTLS caller's identity comes back in the reply's text.
+        if let Some(caller) = meshkit_common::tls::caller(&request) {
+            if let Some(r) = reply.request.as_mut() {
+                r.payload.get_or_insert_with(Default::default).note = format!("caller={caller}");
+            }
+        }
         // Identity metadata the gateway adds comes back in the reply's text.
         if let Some(subject) = request.metadata().get("x-meshkit-subject") {
             if let Some(r) = reply.request.as_mut() {

@@ -17,17 +17,40 @@ pub struct Etcd {
     dir: TempDir,
     client_port: u16,
     peer_port: u16,
+    tls: Option<EtcdTls>,
+}
+
+/// TLS for an etcd member: its certificate and key, and the CA client
+/// certificates must chain to (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub cert_file: String,
+    pub key_file: String,
+    pub ca_file: String,
+    /// A client certificate the harness itself connects with.
+    pub client_cert_file: String,
+    pub client_key_file: String,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers. Elections are tuned short
     /// (heartbeat 50 ms, election 250 ms), so leases as short as 1 s work.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd serving clients over TLS only, asking for client certificates.
+    pub async fn start_tls(tls: EtcdTls) -> anyhow::Result<Self> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<EtcdTls>) -> anyhow::Result<Self> {
         // A port taken between free_port() and etcd's bind fails the start: retry.
         let mut last_error = None;
         for _ in 0..3 {
             let dir = tempfile::Builder::new().prefix("meshkit-etcd-").tempdir()?;
-            let mut etcd = Etcd { child: None, dir, client_port: free_port(), peer_port: free_port() };
+            let mut etcd =
+                Etcd { child: None, dir, client_port: free_port(), peer_port: free_port(), tls: tls.clone() };
             match etcd.spawn_and_wait().await {
                 Ok(()) => return Ok(etcd),
                 Err(e) => last_error = Some(e),
@@ -41,10 +64,21 @@ impl Etcd {
         format!("127.0.0.1:{}", self.client_port)
     }
 
+    /// Settings that reach this member (TLS with the harness's client certificate when on).
+    pub fn settings(&self) -> meshkit_common::config::EtcdSettings {
+        let mut settings =
+            meshkit_common::config::EtcdSettings { endpoints: vec![self.endpoint()], ..Default::default() };
+        if let Some(tls) = &self.tls {
+            settings.ca_file = tls.ca_file.clone();
+            settings.cert_file = tls.client_cert_file.clone();
+            settings.key_file = tls.client_key_file.clone();
+        }
+        settings
+    }
+
     /// A client with the same timeouts the services use.
     pub async fn client(&self) -> etcd_client::Client {
-        let settings = meshkit_common::config::EtcdSettings { endpoints: vec![self.endpoint()], ..Default::default() };
-        meshkit_common::etcd::connect(&settings).await.expect("connect to the test etcd")
+        meshkit_common::etcd::connect(&self.settings()).await.expect("connect to the test etcd")
     }
 
     /// Stops etcd abruptly (SIGKILL), keeping its data for [`restart`](Self::restart).
@@ -62,8 +96,21 @@ impl Etcd {
     }
 
     async fn spawn_and_wait(&mut self) -> anyhow::Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(tls) = &self.tls {
+            tls_args = vec![
+                "--cert-file".into(),
+                tls.cert_file.clone(),
+                "--key-file".into(),
+                tls.key_file.clone(),
+                "--trusted-ca-file".into(),
+                tls.ca_file.clone(),
+                "--client-cert-auth".into(),
+            ];
+        }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log"))?;
         let child = Command::new("etcd")
             .args(["--name", "test"])
@@ -74,6 +121,7 @@ impl Etcd {
             .args(["--initial-cluster", &format!("test={peer}")])
             .args(["--heartbeat-interval", "50", "--election-timeout", "250"])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -88,7 +136,7 @@ impl Etcd {
                     bail!("etcd exited with {status}: {}", log.lines().last().unwrap_or(""));
                 }
             }
-            if let Ok(mut c) = etcd_client::Client::connect([client.as_str()], None).await {
+            if let Ok(mut c) = meshkit_common::etcd::connect(&self.settings()).await {
                 if c.put("/meshkit-test/ready", "1", None).await.is_ok() {
                     return Ok(());
                 }

@@ -25,7 +25,7 @@ use std::{
 use meshkit_common::MeshConfig;
 
 pub use broker::{Broker, Storage};
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdTls};
 pub use load::{LoadGen, Tally};
 pub use postgres::Postgres;
 pub use process::ServiceProcess;

@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
     let phases = std::env::var("MESHKIT_BENCH_PHASES")
-        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance".into());
+        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls".into());
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -70,6 +70,101 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("governance") {
         governance_overhead(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+    }
+    if run("tls") {
+        tls_overhead(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+    }
+    Ok(())
+}
+
+/// What mTLS costs on the balanced path: two user-service instances in
+/// plaintext and two with mTLS (each pair under its own etcd prefix), the same
+/// load on each, alternated so drift hits both alike. Connections are reused,
+/// so the handshake stays off the hot path; CPU is counted in this process
+/// (the caller) and the two servers of each pair.
+async fn tls_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phase: Duration) -> anyhow::Result<()> {
+    let certs = logs.join("tls");
+    meshkit_meshctl::certs::issue(&certs, "meshkit", &["user-service", "bench"], 1)?;
+    let file = |name: &str| certs.join(name).display().to_string();
+    let spawn = |prefix: &str, tls: bool| {
+        let mut env = service_env(etcd, db, free_port());
+        env.push(("MESHKIT_ETCD_PREFIX", prefix.to_owned()));
+        if tls {
+            env.push(("MESHKIT_TLS_ENABLED", "true".into()));
+            env.push(("MESHKIT_TLS_CERT_FILE", file("user-service.pem")));
+            env.push(("MESHKIT_TLS_KEY_FILE", file("user-service.key")));
+            env.push(("MESHKIT_TLS_CA_FILE", file("ca.pem")));
+        }
+        ServiceProcess::spawn("user-service", &env, logs)
+    };
+    let plain_servers = vec![spawn("/bench-plain", false)?, spawn("/bench-plain", false)?];
+    let tls_servers = vec![spawn("/bench-tls", true)?, spawn("/bench-tls", true)?];
+    let mut client = etcd.client().await;
+    for prefix in ["/bench-plain", "/bench-tls"] {
+        for _ in 0..200 {
+            let key = format!("{prefix}/services/{USER}/");
+            if client.get(key, Some(GetOptions::new().with_prefix().with_count_only())).await?.count() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let identity = meshkit_common::tls::Tls::load(&meshkit_common::config::TlsSettings {
+        enabled: true,
+        cert_file: file("bench.pem"),
+        key_file: file("bench.key"),
+        ca_file: file("ca.pem"),
+        reload_ms: 1000,
+    })?;
+    let plain = ChannelBuilder::new(etcd.client().await, "/bench-plain").balanced(USER);
+    let secure = ChannelBuilder::new(etcd.client().await, "/bench-tls").with_tls(Some(identity)).balanced(USER);
+    let cpu = |servers: &[ServiceProcess]| {
+        servers.iter().map(|s| gateway::stat_cpu(s.pid()).map(|(_, cpu)| cpu).unwrap_or_default()).sum::<Duration>()
+    };
+    run_balanced(&plain, Duration::from_millis(500)).await?;
+    run_balanced(&secure, Duration::from_millis(500)).await?;
+    let (mut off, mut on) = (Stats::default(), Stats::default());
+    let (mut off_server, mut on_server) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..2 {
+        let before = cpu(&plain_servers);
+        off.merge(run_balanced(&plain, phase / 2).await?);
+        off_server += cpu(&plain_servers) - before;
+        let before = cpu(&tls_servers);
+        on.merge(run_balanced(&secure, phase / 2).await?);
+        on_server += cpu(&tls_servers) - before;
+    }
+    let per_call = |cpu: Duration, s: &Stats| cpu.as_secs_f64() * 1e6 / s.calls.max(1) as f64;
+    println!("\n== mTLS: balanced channel over mTLS vs plaintext (health Check on 2 instances, concurrency {CONCURRENCY})");
+    println!(
+        "  {:<10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12}",
+        "", "calls/s", "p50 µs", "p99 µs", "caller µs", "servers µs", "total µs"
+    );
+    for (name, s, server) in [("plaintext", &off, off_server), ("mTLS", &on, on_server)] {
+        println!(
+            "  {:<10} {:>10.0} {:>8} {:>8} {:>12.1} {:>12.1} {:>12.1}",
+            name,
+            s.rate(),
+            s.hist.value_at_quantile(0.5),
+            s.hist.value_at_quantile(0.99),
+            s.cpu_per_call_us(),
+            per_call(server, s),
+            s.cpu_per_call_us() + per_call(server, s),
+        );
+    }
+    let total_off = off.cpu_per_call_us() + per_call(off_server, &off);
+    let total_on = on.cpu_per_call_us() + per_call(on_server, &on);
+    println!(
+        "  ratio      CPU/call x{:.3} ({:+.1} µs per call), p50 {:+} µs, p99 {:+} µs, throughput x{:.3}, errors {} / {}",
+        total_on / total_off,
+        total_on - total_off,
+        on.hist.value_at_quantile(0.5) as i64 - off.hist.value_at_quantile(0.5) as i64,
+        on.hist.value_at_quantile(0.99) as i64 - off.hist.value_at_quantile(0.99) as i64,
+        on.rate() / off.rate(),
+        off.errors,
+        on.errors
+    );
+    for s in plain_servers.into_iter().chain(tls_servers) {
+        stop(s).await;
     }
     Ok(())
 }

@@ -47,28 +47,131 @@ fn provider() -> Arc<CryptoProvider> {
 /// The identity in a certificate: its first `spiffe://` URI SAN, else any
 /// URI SAN, else the subject's common name.
 pub fn identity_of(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let mut uris = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::URI(uri) = name {
-                uris.push((*uri).to_owned());
-            }
-        }
-    }
+    let cert = der::Cert::parse(der)?;
+    let uris = cert.san_uris();
     if let Some(spiffe) = uris.iter().find(|u| u.starts_with("spiffe://")) {
         return Some(spiffe.clone());
     }
     if let Some(uri) = uris.into_iter().next() {
         return Some(uri);
     }
-    cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned)
+    cert.common_name()
 }
 
 /// Seconds since the epoch when a certificate stops being valid.
 fn not_after(der: &[u8]) -> Option<i64> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(cert.validity().not_after.timestamp())
+    der::Cert::parse(der)?.not_after()
+}
+
+/// Just enough DER to read a certificate's subject alternative names, common
+/// name and expiry (the chain itself is verified by rustls/webpki).
+mod der {
+    /// One TLV: its tag and contents.
+    fn next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        Some((tag, &rest[..len], &rest[len..]))
+    }
+
+    fn children(mut input: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+        std::iter::from_fn(move || {
+            let (tag, value, rest) = next(input)?;
+            input = rest;
+            Some((tag, value))
+        })
+    }
+
+    const SEQUENCE: u8 = 0x30;
+    const SAN: &[u8] = &[0x55, 0x1d, 0x11];
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+
+    pub(super) struct Cert<'a> {
+        validity: &'a [u8],
+        subject: &'a [u8],
+        extensions: Option<&'a [u8]>,
+    }
+
+    impl<'a> Cert<'a> {
+        pub(super) fn parse(der: &'a [u8]) -> Option<Self> {
+            let (SEQUENCE, cert, _) = next(der)? else { return None };
+            let (SEQUENCE, tbs, _) = next(cert)? else { return None };
+            let mut fields = children(tbs).peekable();
+            if fields.peek()?.0 == 0xa0 {
+                fields.next(); // version
+            }
+            let _serial = fields.next()?;
+            let _signature = fields.next()?;
+            let _issuer = fields.next()?;
+            let (_, validity) = fields.next()?;
+            let (_, subject) = fields.next()?;
+            let _key = fields.next()?;
+            let extensions = fields.find(|(tag, _)| *tag == 0xa3).and_then(|(_, v)| next(v)).map(|(_, v, _)| v);
+            Some(Self { validity, subject, extensions })
+        }
+
+        /// URI names of the subject alternative name extension.
+        pub(super) fn san_uris(&self) -> Vec<String> {
+            let Some(extensions) = self.extensions else { return Vec::new() };
+            for (_, extension) in children(extensions) {
+                let mut parts = children(extension);
+                let Some((0x06, oid)) = parts.next() else { continue };
+                if oid != SAN {
+                    continue;
+                }
+                // An optional `critical` BOOLEAN, then the OCTET STRING holding the names.
+                let Some((_, names)) = parts.find(|(tag, _)| *tag == 0x04) else { return Vec::new() };
+                let Some((SEQUENCE, names, _)) = next(names) else { return Vec::new() };
+                return children(names)
+                    .filter(|(tag, _)| *tag == 0x86)
+                    .filter_map(|(_, uri)| std::str::from_utf8(uri).ok().map(str::to_owned))
+                    .collect();
+            }
+            Vec::new()
+        }
+
+        /// The subject's first common name.
+        pub(super) fn common_name(&self) -> Option<String> {
+            for (_, set) in children(self.subject) {
+                for (_, attribute) in children(set) {
+                    let mut parts = children(attribute);
+                    if parts.next() == Some((0x06, CN)) {
+                        let (_, value) = parts.next()?;
+                        return std::str::from_utf8(value).ok().map(str::to_owned);
+                    }
+                }
+            }
+            None
+        }
+
+        /// `notAfter` in seconds since the epoch.
+        pub(super) fn not_after(&self) -> Option<i64> {
+            let (tag, time) = children(self.validity).nth(1)?;
+            let text = std::str::from_utf8(time).ok()?;
+            let (format, text) = match tag {
+                0x17 => {
+                    // UTCTime: YYMMDDHHMMSSZ, years 50-99 are 19xx.
+                    let century = if text.get(..2)?.parse::<u32>().ok()? >= 50 { "19" } else { "20" };
+                    ("%Y%m%d%H%M%SZ", format!("{century}{text}"))
+                }
+                0x18 => ("%Y%m%d%H%M%SZ", text.to_owned()),
+                _ => return None,
+            };
+            chrono::NaiveDateTime::parse_from_str(&text, format).ok().map(|t| t.and_utc().timestamp())
+        }
+    }
 }
 
 /// The caller's identity on a request that came over mTLS (a request
@@ -581,5 +684,25 @@ impl EdgeTls {
     pub async fn accept(&self, tcp: tokio::net::TcpStream) -> io::Result<server::TlsStream<tokio::net::TcpStream>> {
         let config = self.current.read().unwrap_or_else(|p| p.into_inner()).0.clone();
         TlsAcceptor::from(config).accept(tcp).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn identities_and_expiry_come_out_of_certificates() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "order-service");
+        params.not_after = rcgen::date_time_ymd(2031, 5, 6);
+        let with_cn = params.self_signed(&key).unwrap();
+        assert_eq!(super::identity_of(with_cn.der()).as_deref(), Some("order-service"), "the CN without a URI SAN");
+        assert_eq!(super::not_after(with_cn.der()), Some(1_935_792_000));
+        params.subject_alt_names.push(rcgen::SanType::URI("https://example.com/x".try_into().unwrap()));
+        params.subject_alt_names.push(rcgen::SanType::URI("spiffe://meshkit/order-service".try_into().unwrap()));
+        let with_uri = params.self_signed(&key).unwrap();
+        assert_eq!(super::identity_of(with_uri.der()).as_deref(), Some("spiffe://meshkit/order-service"));
+        assert_eq!(super::identity_of(b"\x30\x03\x02\x01"), None, "garbage is no identity");
+        assert_eq!(super::identity_of(&[]), None);
     }
 }

@@ -8,6 +8,8 @@ use meshkit_meshctl as cmd;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // `config set` checks jobs' cron expressions and time zones as the scheduler will.
+    meshkit_scheduler::schedule::install_checks();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut endpoints = std::env::var("MESHKIT_ETCD_ENDPOINTS").unwrap_or_else(|_| "127.0.0.1:2379".into());
     let mut prefix = std::env::var("MESHKIT_ETCD_PREFIX").unwrap_or_else(|_| "/meshkit".into());

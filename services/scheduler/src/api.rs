@@ -8,7 +8,7 @@ use etcd_client::Client;
 use meshkit_common::{
     config::{JOB_ROUTES, JobSpec},
     config_center::config_prefix,
-    jobs::{Schedule, leader_key},
+    jobs::leader_key,
     registry::{Instance, instance_key},
     time::{now_ms, timestamp},
 };
@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     COMPONENT, SCHEDULER_SERVICE,
     entity::run,
+    schedule::Schedule,
     scheduler::{Scheduler, Trigger},
 };
 

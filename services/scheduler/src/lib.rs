@@ -15,6 +15,7 @@ pub mod entity;
 pub mod executors;
 pub mod log;
 pub mod migrations;
+pub mod schedule;
 pub mod scheduler;
 
 use std::{sync::atomic::Ordering, time::Duration};
@@ -38,6 +39,7 @@ pub const SCHEDULER_SERVICE: &str = "meshkit.scheduler.v1.JobScheduler";
 
 /// Connects etcd and the database, joins the leader election, serves and registers.
 pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+    schedule::install_checks();
     if config.registry.instance_id.is_empty() {
         config.registry.instance_id = new_instance_id();
     }

@@ -7,6 +7,7 @@ use meshkit_common::{MeshConfig, config::ProcessEnv, shutdown::Signals, telemetr
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let signals = Signals::install()?;
+    meshkit_scheduler::schedule::install_checks();
     let config = MeshConfig::load(meshkit_scheduler::COMPONENT, &ProcessEnv)?;
     let telemetry = telemetry::init(&config.log, "scheduler-service");
     let server = meshkit_scheduler::start(config).await?;

@@ -17,7 +17,7 @@ use std::{
 
 use meshkit_common::{
     config::{JobSpec, SchedulerSettings},
-    jobs::{Schedule, format_slot},
+    jobs::format_slot,
     ownership::{Fence, Slot, SlotEnd},
     time::now_ms,
 };
@@ -28,6 +28,7 @@ use tonic::{Code, Status};
 use crate::{
     executors::{Executors, Live},
     log::{Claim, JobLog, new_run},
+    schedule::Schedule,
 };
 
 type SerialLock = Arc<tokio::sync::Mutex<()>>;

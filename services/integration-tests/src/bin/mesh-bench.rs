@@ -134,7 +134,9 @@ async fn tls_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phase: Dura
         on_server += cpu(&tls_servers) - before;
     }
     let per_call = |cpu: Duration, s: &Stats| cpu.as_secs_f64() * 1e6 / s.calls.max(1) as f64;
-    println!("\n== mTLS: balanced channel over mTLS vs plaintext (health Check on 2 instances, concurrency {CONCURRENCY})");
+    println!(
+        "\n== mTLS: balanced channel over mTLS vs plaintext (health Check on 2 instances, concurrency {CONCURRENCY})"
+    );
     println!(
         "  {:<10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12}",
         "", "calls/s", "p50 µs", "p99 µs", "caller µs", "servers µs", "total µs"

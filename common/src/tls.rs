@@ -197,7 +197,7 @@ struct Current {
     client: Arc<ClientConfig>,
     identity: Arc<str>,
     not_after: i64,
-    files: Vec<u8>,
+    files: Files,
 }
 
 /// A process's TLS material, kept current from its files.
@@ -215,40 +215,59 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-fn read_files(settings: &TlsSettings) -> Result<Vec<u8>> {
-    let mut all = Vec::new();
-    for (setting, path) in [
-        ("tls.cert_file", &settings.cert_file),
-        ("tls.key_file", &settings.key_file),
-        ("tls.ca_file", &settings.ca_file),
-    ] {
-        let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("{setting}: cannot read {path:?}: {e}")))?;
-        all.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        all.extend_from_slice(&bytes);
-    }
-    Ok(all)
+/// The certificate, key and CA files' contents, read once per check.
+type Files = [Vec<u8>; 3];
+
+fn read_files(settings: &TlsSettings) -> Result<Files> {
+    Ok([
+        read_file("tls.cert_file", &settings.cert_file)?,
+        read_file("tls.key_file", &settings.key_file)?,
+        read_file("tls.ca_file", &settings.ca_file)?,
+    ])
 }
 
-fn build(settings: &TlsSettings, files: Vec<u8>) -> Result<Current> {
-    let bad = |setting: &str, problem: String| Error::Config(format!("{setting}: {problem}"));
-    let read = |path: &str| std::fs::read(path).unwrap_or_default();
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&settings.cert_file))
+/// Reads `path` for `setting`; the error names both.
+pub(crate) fn read_file(setting: &str, path: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Config(format!("{setting}: cannot read {path:?}: {e}")))
+}
+
+/// A PEM certificate chain (leaf first) from `pem`, the contents of `path`.
+pub(crate) fn pem_chain(setting: &str, path: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| bad("tls.cert_file", format!("{:?} is not PEM certificates: {e}", settings.cert_file)))?;
-    let Some(leaf) = chain.first() else {
-        return Err(bad("tls.cert_file", format!("{:?} holds no certificate", settings.cert_file)));
-    };
-    // The key's text is never put in an error: only its file name.
-    let key = PrivateKeyDer::from_pem_slice(&read(&settings.key_file))
-        .map_err(|_| bad("tls.key_file", format!("{:?} holds no PEM private key", settings.key_file)))?;
+        .map_err(|e| Error::Config(format!("{setting}: {path:?} is not PEM certificates: {e}")))?;
+    if chain.is_empty() {
+        return Err(Error::Config(format!("{setting}: {path:?} holds no certificate")));
+    }
+    Ok(chain)
+}
+
+/// A PEM private key from `pem`; the error names the file, never its contents.
+pub(crate) fn pem_key(setting: &str, path: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|_| Error::Config(format!("{setting}: {path:?} holds no PEM private key")))
+}
+
+/// The CA certificates in `pem` as trust roots (at least one).
+pub(crate) fn pem_roots(setting: &str, path: &str, pem: &[u8]) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&read(&settings.ca_file)) {
-        let ca = ca.map_err(|e| bad("tls.ca_file", format!("{:?} is not PEM certificates: {e}", settings.ca_file)))?;
-        roots.add(ca).map_err(|e| bad("tls.ca_file", format!("a CA certificate in {:?}: {e}", settings.ca_file)))?;
+    for ca in CertificateDer::pem_slice_iter(pem) {
+        let ca = ca.map_err(|e| Error::Config(format!("{setting}: {path:?} is not PEM certificates: {e}")))?;
+        roots.add(ca).map_err(|e| Error::Config(format!("{setting}: a CA certificate in {path:?}: {e}")))?;
     }
     if roots.is_empty() {
-        return Err(bad("tls.ca_file", format!("{:?} holds no CA certificate", settings.ca_file)));
+        return Err(Error::Config(format!("{setting}: {path:?} holds no CA certificate")));
     }
+    Ok(roots)
+}
+
+fn build(settings: &TlsSettings, files: Files) -> Result<Current> {
+    let bad = |setting: &str, problem: String| Error::Config(format!("{setting}: {problem}"));
+    let [cert, key, ca] = &files;
+    let chain = pem_chain("tls.cert_file", &settings.cert_file, cert)?;
+    let leaf = &chain[0];
+    let key = pem_key("tls.key_file", &settings.key_file, key)?;
+    let roots = pem_roots("tls.ca_file", &settings.ca_file, ca)?;
     let identity = identity_of(leaf).unwrap_or_default();
     let not_after = not_after(leaf).unwrap_or(0);
     let roots = Arc::new(roots);
@@ -643,15 +662,10 @@ impl EdgeTls {
 
     fn build(cert_file: &str, key_file: &str, alpn: &[Vec<u8>]) -> Result<(Arc<ServerConfig>, Vec<u8>)> {
         let bad = |setting: &str, problem: String| Error::Config(format!("{setting}: {problem}"));
-        let cert = std::fs::read(cert_file)
-            .map_err(|e| bad("gateway.tls_cert_file", format!("cannot read {cert_file:?}: {e}")))?;
-        let key = std::fs::read(key_file)
-            .map_err(|e| bad("gateway.tls_key_file", format!("cannot read {key_file:?}: {e}")))?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| bad("gateway.tls_cert_file", format!("{cert_file:?} is not PEM certificates: {e}")))?;
-        let private = PrivateKeyDer::from_pem_slice(&key)
-            .map_err(|_| bad("gateway.tls_key_file", format!("{key_file:?} holds no PEM private key")))?;
+        let cert = read_file("gateway.tls_cert_file", cert_file)?;
+        let key = read_file("gateway.tls_key_file", key_file)?;
+        let chain = pem_chain("gateway.tls_cert_file", cert_file, &cert)?;
+        let private = pem_key("gateway.tls_key_file", key_file, &key)?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad("gateway.tls", e.to_string()))?

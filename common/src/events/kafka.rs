@@ -248,33 +248,22 @@ pub fn murmur2(data: &[u8]) -> u32 {
 /// checked against that CA (names included), and a client certificate when
 /// one is configured.
 pub fn broker_tls(settings: &EventSettings) -> Result<Option<Arc<rustls::ClientConfig>>> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use crate::tls::{pem_chain, pem_key, pem_roots, read_file};
     if settings.tls_ca_file.is_empty() {
         return Ok(None);
     }
-    let read = |setting: &str, path: &str| {
-        std::fs::read(path).map_err(|e| Error::Config(format!("{setting}: cannot read {path:?}: {e}")))
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&read("events.tls_ca_file", &settings.tls_ca_file)?) {
-        let ca = ca.map_err(|e| Error::Config(format!("events.tls_ca_file: {e}")))?;
-        roots.add(ca).map_err(|e| Error::Config(format!("events.tls_ca_file: {e}")))?;
-    }
+    let (ca, cert, key) = (&settings.tls_ca_file, &settings.tls_cert_file, &settings.tls_key_file);
+    let roots = pem_roots("events.tls_ca_file", ca, &read_file("events.tls_ca_file", ca)?)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Config(format!("events.tls: {e}")))?
         .with_root_certificates(roots);
-    let config = if settings.tls_cert_file.is_empty() {
+    let config = if cert.is_empty() {
         builder.with_no_client_auth()
     } else {
-        let chain = CertificateDer::pem_slice_iter(&read("events.tls_cert_file", &settings.tls_cert_file)?)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Config(format!("events.tls_cert_file: {e}")))?;
-        let key =
-            PrivateKeyDer::from_pem_slice(&read("events.tls_key_file", &settings.tls_key_file)?).map_err(|_| {
-                Error::Config(format!("events.tls_key_file: {:?} holds no PEM private key", settings.tls_key_file))
-            })?;
+        let chain = pem_chain("events.tls_cert_file", cert, &read_file("events.tls_cert_file", cert)?)?;
+        let key = pem_key("events.tls_key_file", key, &read_file("events.tls_key_file", key)?)?;
         builder
             .with_client_auth_cert(chain, key)
             .map_err(|e| Error::Config(format!("events.tls_key_file: does not match events.tls_cert_file: {e}")))?

@@ -77,6 +77,46 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints two load runs side by side: rate, latency, and CPU per call in the
+/// caller (this process), the servers (`server`: their CPU over the run) and
+/// both; then the second against the first (with the latency gaps when `latency`).
+fn print_side_by_side(title: &str, base: (&str, &Stats, Duration), other: (&str, &Stats, Duration), latency: bool) {
+    let per_call = |cpu: Duration, s: &Stats| cpu.as_secs_f64() * 1e6 / s.calls.max(1) as f64;
+    let total = |(_, s, server): (&str, &Stats, Duration)| s.cpu_per_call_us() + per_call(server, s);
+    println!("\n== {title}");
+    println!(
+        "  {:<10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12}",
+        "", "calls/s", "p50 µs", "p99 µs", "caller µs", "servers µs", "total µs"
+    );
+    for (name, s, server) in [base, other] {
+        println!(
+            "  {:<10} {:>10.0} {:>8} {:>8} {:>12.1} {:>12.1} {:>12.1}",
+            name,
+            s.rate(),
+            s.hist.value_at_quantile(0.5),
+            s.hist.value_at_quantile(0.99),
+            s.cpu_per_call_us(),
+            per_call(server, s),
+            total((name, s, server)),
+        );
+    }
+    let (off, on) = (base.1, other.1);
+    let gaps = if latency {
+        let q = |s: &Stats, q: f64| s.hist.value_at_quantile(q) as i64;
+        format!(", p50 {:+} µs, p99 {:+} µs", q(on, 0.5) - q(off, 0.5), q(on, 0.99) - q(off, 0.99))
+    } else {
+        String::new()
+    };
+    println!(
+        "  ratio      CPU/call x{:.3} ({:+.1} µs per call){gaps}, throughput x{:.3}, errors {} / {}",
+        total(other) / total(base),
+        total(other) - total(base),
+        on.rate() / off.rate(),
+        off.errors,
+        on.errors
+    );
+}
+
 /// What mTLS costs on the balanced path: two user-service instances in
 /// plaintext and two with mTLS (each pair under its own etcd prefix), the same
 /// load on each, alternated so drift hits both alike. Connections are reused,
@@ -133,38 +173,10 @@ async fn tls_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phase: Dura
         on.merge(run_balanced(&secure, phase / 2).await?);
         on_server += cpu(&tls_servers) - before;
     }
-    let per_call = |cpu: Duration, s: &Stats| cpu.as_secs_f64() * 1e6 / s.calls.max(1) as f64;
-    println!(
-        "\n== mTLS: balanced channel over mTLS vs plaintext (health Check on 2 instances, concurrency {CONCURRENCY})"
+    let title = format!(
+        "mTLS: balanced channel over mTLS vs plaintext (health Check on 2 instances, concurrency {CONCURRENCY})"
     );
-    println!(
-        "  {:<10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12}",
-        "", "calls/s", "p50 µs", "p99 µs", "caller µs", "servers µs", "total µs"
-    );
-    for (name, s, server) in [("plaintext", &off, off_server), ("mTLS", &on, on_server)] {
-        println!(
-            "  {:<10} {:>10.0} {:>8} {:>8} {:>12.1} {:>12.1} {:>12.1}",
-            name,
-            s.rate(),
-            s.hist.value_at_quantile(0.5),
-            s.hist.value_at_quantile(0.99),
-            s.cpu_per_call_us(),
-            per_call(server, s),
-            s.cpu_per_call_us() + per_call(server, s),
-        );
-    }
-    let total_off = off.cpu_per_call_us() + per_call(off_server, &off);
-    let total_on = on.cpu_per_call_us() + per_call(on_server, &on);
-    println!(
-        "  ratio      CPU/call x{:.3} ({:+.1} µs per call), p50 {:+} µs, p99 {:+} µs, throughput x{:.3}, errors {} / {}",
-        total_on / total_off,
-        total_on - total_off,
-        on.hist.value_at_quantile(0.5) as i64 - off.hist.value_at_quantile(0.5) as i64,
-        on.hist.value_at_quantile(0.99) as i64 - off.hist.value_at_quantile(0.99) as i64,
-        on.rate() / off.rate(),
-        off.errors,
-        on.errors
-    );
+    print_side_by_side(&title, ("plaintext", &off, off_server), ("mTLS", &on, on_server), true);
     for s in plain_servers.into_iter().chain(tls_servers) {
         stop(s).await;
     }
@@ -228,36 +240,10 @@ async fn governance_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phas
         on_server += server_cpu() - before;
     }
     client.delete(key, None).await?;
-    let per_call = |cpu: Duration, s: &Stats| cpu.as_secs_f64() * 1e6 / s.calls.max(1) as f64;
-    println!(
-        "\n== governance: every rule on (none refusing) vs none (health Check on 2 instances, concurrency {CONCURRENCY})"
+    let title = format!(
+        "governance: every rule on (none refusing) vs none (health Check on 2 instances, concurrency {CONCURRENCY})"
     );
-    println!(
-        "  {:<10} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12}",
-        "", "calls/s", "p50 µs", "p99 µs", "caller µs", "servers µs", "total µs"
-    );
-    for (name, s, server) in [("none", &off, off_server), ("all rules", &on, on_server)] {
-        println!(
-            "  {:<10} {:>10.0} {:>8} {:>8} {:>12.1} {:>12.1} {:>12.1}",
-            name,
-            s.rate(),
-            s.hist.value_at_quantile(0.5),
-            s.hist.value_at_quantile(0.99),
-            s.cpu_per_call_us(),
-            per_call(server, s),
-            s.cpu_per_call_us() + per_call(server, s),
-        );
-    }
-    let total_off = off.cpu_per_call_us() + per_call(off_server, &off);
-    let total_on = on.cpu_per_call_us() + per_call(on_server, &on);
-    println!(
-        "  ratio      CPU/call x{:.3} ({:+.1} µs per call), throughput x{:.3}, errors {} / {}",
-        total_on / total_off,
-        total_on - total_off,
-        on.rate() / off.rate(),
-        off.errors,
-        on.errors
-    );
+    print_side_by_side(&title, ("none", &off, off_server), ("all rules", &on, on_server), false);
     for s in servers {
         stop(s).await;
     }

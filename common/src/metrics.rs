@@ -340,6 +340,11 @@ impl<B: std::fmt::Debug> std::fmt::Debug for ObservedBody<B> {
 }
 
 impl<B> ObservedBody<B> {
+    /// Wraps `inner` for a call whose outcome is recorded elsewhere.
+    pub fn unrecorded(inner: B) -> Self {
+        Self { inner, record: None }
+    }
+
     /// Wraps `inner`; a status already in the response headers (a
     /// trailers-only answer) is recorded at once.
     pub fn new(inner: B, record: CallRecord, headers: &http::HeaderMap) -> Self {

@@ -23,7 +23,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, OnceLock, Weak,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
     time::{Duration, Instant},
@@ -163,6 +163,9 @@ pub struct EndpointStats {
     config: Arc<EndpointConfig>,
     pool: Arc<PoolCounts>,
     inflight: AtomicUsize,
+    /// Mirrors `State::ejected_until.is_some()`, so a ready endpoint's
+    /// readiness check takes no lock.
+    ejected: AtomicBool,
     connections: AtomicUsize,
     calls: AtomicU64,
     failures: AtomicU64,
@@ -230,6 +233,7 @@ impl EndpointStats {
             config,
             pool,
             inflight: AtomicUsize::new(0),
+            ejected: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -243,24 +247,38 @@ impl EndpointStats {
     /// The cost p2c compares; lower is better.
     pub fn load(&self, now: Instant) -> f64 {
         let inflight = self.inflight.load(Ordering::Relaxed);
-        let s = self.lock();
+        let mut s = self.lock();
         let mut rtt = s.rtt_ns;
         if inflight > 0 {
             // An endpoint that stopped answering cannot look fast.
             rtt = rtt.max(now.saturating_duration_since(s.progress_at).as_nanos() as f64);
         }
-        let penalty = 1.0 + 4.0 * decayed(s.failure_score, now - s.failure_at.min(now), self.config.failure_decay);
+        let penalty = if s.failure_score == 0.0 {
+            1.0
+        } else {
+            let score = decayed(s.failure_score, now - s.failure_at.min(now), self.config.failure_decay);
+            if score < 1e-3 {
+                // Long forgotten: no more decay to compute on every pick.
+                s.failure_score = 0.0;
+            }
+            1.0 + 4.0 * score
+        };
         rtt * (inflight as f64 + 1.0) * penalty / self.weight
     }
 
     /// When the current ejection ends, if ejected now. An ejection that has
     /// ended turns the endpoint into a probe.
-    fn ejected_until(&self, now: Instant) -> Option<Instant> {
+    fn ejected_until(&self) -> Option<Instant> {
+        if !self.ejected.load(Ordering::Acquire) {
+            return None;
+        }
+        let now = Instant::now();
         let mut s = self.lock();
         match s.ejected_until {
             Some(until) if until > now => Some(until),
             Some(_) => {
                 s.ejected_until = None;
+                self.ejected.store(false, Ordering::Release);
                 s.probing = true;
                 self.pool.ejected.fetch_sub(1, Ordering::Relaxed);
                 drop(s);
@@ -339,6 +357,7 @@ impl EndpointStats {
         let factor = 2u32.saturating_pow(s.ejections.min(16));
         let backoff = (self.config.eject_base * factor).min(self.config.eject_max);
         s.ejected_until = Some(now + backoff);
+        self.ejected.store(true, Ordering::Release);
         s.ejections += 1;
         s.probing = false;
         self.pool.ejected.fetch_add(1, Ordering::Relaxed);
@@ -358,7 +377,7 @@ impl EndpointStats {
 
     #[cfg(test)]
     pub(crate) fn test_ejected_until(&self) -> Option<Instant> {
-        self.ejected_until(Instant::now())
+        self.ejected_until()
     }
 
     pub fn snapshot(&self) -> EndpointSnapshot {
@@ -505,7 +524,7 @@ impl Service<Request> for EndpointService {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if let Some(until) = self.stats.ejected_until(Instant::now()) {
+        if let Some(until) = self.stats.ejected_until() {
             let timer = self.eject_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until.into())));
             timer.as_mut().reset(until.into());
             ready!(timer.as_mut().poll(cx));

@@ -5,7 +5,8 @@
 //! ```text
 //! BalancedChannel
 //!   └─ retry with budget, bounded by the deadline    (retry.rs; deadline.rs)
-//!       └─ buffer: one queue in front of the pool     (tower::buffer)
+//!       └─ shared: callers take turns at the pool,    (shared.rs)
+//!          no queue or worker task in between
 //!           └─ pool: fail fast when no instance       (Pool below)
 //!               └─ p2c balancer over the endpoints    (tower::balance::p2c)
 //!                   └─ endpoint: load, ejection,      (endpoint.rs)
@@ -23,6 +24,7 @@ pub mod body;
 mod connection;
 pub mod endpoint;
 pub mod retry;
+mod shared;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -41,12 +43,13 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tower::{BoxError, Service, balance::p2c::Balance, buffer::Buffer, discover::Change};
+use tower::{BoxError, Service, balance::p2c::Balance, discover::Change};
 
 use self::{
     body::TrackedBody,
     endpoint::{EndpointService, PoolCounts},
     retry::Retry,
+    shared::Shared,
 };
 pub use self::{
     endpoint::{EndpointConfig, EndpointSnapshot, EndpointStats, PoolSnapshot},
@@ -64,21 +67,20 @@ pub type ResponseBody = crate::metrics::ObservedBody<TrackedBody<tonic::body::Bo
 /// What the layers under the channel answer: the body without the call's metrics.
 type InnerBody = TrackedBody<tonic::body::Body>;
 type Response = http::Response<InnerBody>;
-type ChannelFuture = Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, BoxError>> + Send>>;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 type PoolFuture = futures::future::Either<
     <Balance<EndpointStream, Request> as Service<Request>>::Future,
     std::future::Ready<Result<Response, BoxError>>,
 >;
-type EndpointStream = Pin<Box<dyn Stream<Item = Result<Change<String, EndpointService>, BoxError>> + Send>>;
+/// Endpoints reach the balancer keyed by a number, not the instance id: the
+/// balancer hashes its key on every call.
+type EndpointStream = Pin<Box<dyn Stream<Item = Result<Change<u64, EndpointService>, BoxError>> + Send>>;
 
 /// Settings of every balanced channel a builder makes.
 #[derive(Debug, Clone)]
 pub struct ChannelConfig {
     /// TCP connect timeout per connection.
     pub connect_timeout: Duration,
-    /// Calls queued in front of the balancer.
-    pub buffer: usize,
     /// How long a call waits for the first discovery read before failing.
     pub discovery_wait: Duration,
     /// HTTP/2 keepalive ping interval; a silent peer is dropped after 2 s more.
@@ -93,7 +95,6 @@ impl Default for ChannelConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_millis(500),
-            buffer: 1024,
             discovery_wait: Duration::from_secs(3),
             http2_keepalive: Duration::from_secs(5),
             endpoint: EndpointConfig::default(),
@@ -260,7 +261,7 @@ impl PoolView {
 /// takes a channel: `UserServiceClient::new(channel)`.
 #[derive(Clone)]
 pub struct BalancedChannel {
-    inner: Retry<Buffer<Request, PoolFuture>>,
+    inner: Retry<Shared<Pool>>,
     view: Arc<PoolView>,
     governance: Option<Arc<crate::governance::Governance>>,
 }
@@ -284,8 +285,7 @@ impl BalancedChannel {
             route_to_balance: false,
             service: Arc::from(service),
         };
-        let buffered = Buffer::new(pool, config.buffer);
-        Self { inner: Retry::new(buffered, methods, config.retry.clone(), service), view, governance: None }
+        Self { inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service), view, governance: None }
     }
 
     /// The pool behind this channel.
@@ -299,7 +299,7 @@ impl BalancedChannel {
 /// is set once the first full read has been handed over.
 async fn forward(
     watch: ServiceWatch,
-    tx: mpsc::UnboundedSender<Change<String, EndpointService>>,
+    tx: mpsc::UnboundedSender<Change<u64, EndpointService>>,
     synced: Arc<Synced>,
     view: Arc<PoolView>,
     counts: Arc<PoolCounts>,
@@ -308,6 +308,8 @@ async fn forward(
     let ServiceWatch { mut changes, synced: mut source_synced, .. } = watch;
     let endpoint_config = Arc::new(config.endpoint.clone());
     let settings = connect_settings(&config);
+    let mut keys: HashMap<String, u64> = HashMap::new();
+    let mut next_key = 0u64;
     loop {
         let change = tokio::select! {
             change = changes.recv() => match change {
@@ -325,7 +327,7 @@ async fn forward(
             None => None,
             Some(Change::Remove(id)) => {
                 view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                Some(Change::Remove(id))
+                keys.remove(&id).map(Change::Remove)
             }
             Some(Change::Insert(id, instance)) => match instance.addr.parse::<http::uri::Authority>() {
                 Ok(authority) => {
@@ -337,7 +339,13 @@ async fn forward(
                         counts.clone(),
                     ));
                     view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats.clone());
-                    Some(Change::Insert(id, EndpointService::new(authority, settings.clone(), stats)))
+                    // An instance inserted again (its address changed) keeps its key,
+                    // so the balancer replaces it.
+                    let key = *keys.entry(id).or_insert_with(|| {
+                        next_key += 1;
+                        next_key
+                    });
+                    Some(Change::Insert(key, EndpointService::new(authority, settings.clone(), stats)))
                 }
                 Err(e) => {
                     tracing::warn!(service = %view.service, instance = %id, addr = %instance.addr, error = %e, "skipping an instance with an unusable address");
@@ -385,28 +393,52 @@ impl Service<Request> for BalancedChannel {
                 Ok(Some(guard)) => record.on_finish(move |code| guard.finish(code)),
                 Ok(None) => {}
                 Err(status) => {
-                    // Refused locally: the reserved pool slot goes back unused.
-                    let clone = self.inner.clone();
-                    drop(std::mem::replace(&mut self.inner, clone));
+                    // Refused locally, without touching the pool.
                     record.finish(status.code());
-                    return Box::pin(async move { Err(status.into()) });
+                    let refused: BoxFuture = Box::pin(std::future::ready(Err(status.into())));
+                    return ChannelFuture {
+                        inner: tracing::Instrument::instrument(refused, tracing::Span::none()),
+                        record: None,
+                    };
                 }
             }
         }
         crate::trace::inject(record.span(), req.headers_mut());
-        let fut = tracing::Instrument::instrument(self.inner.call(req), record.span().clone());
-        Box::pin(async move {
-            match fut.await {
-                Ok(res) => {
-                    let (parts, body) = res.into_parts();
-                    let body = crate::metrics::ObservedBody::new(body, record, &parts.headers);
-                    Ok(http::Response::from_parts(parts, body))
-                }
-                Err(e) => {
-                    let status = tonic::Status::from_error(e);
-                    record.finish(status.code());
-                    Err(status.into())
-                }
+        let span = record.span().clone();
+        ChannelFuture { inner: tracing::Instrument::instrument(self.inner.call(req), span), record: Some(record) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response of a balanced channel's call: the retry layer's future,
+    /// in the call's span, with the call's metrics recorded at its end.
+    pub struct ChannelFuture {
+        #[pin]
+        inner: tracing::instrument::Instrumented<BoxFuture>,
+        record: Option<crate::metrics::CallRecord>,
+    }
+}
+
+impl Future for ChannelFuture {
+    type Output = Result<http::Response<ResponseBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let Some(record) = this.record.take() else {
+            // Refused before the pool (already recorded).
+            return Poll::Ready(result.map(|res| res.map(crate::metrics::ObservedBody::unrecorded)));
+        };
+        Poll::Ready(match result {
+            Ok(res) => {
+                let (parts, body) = res.into_parts();
+                let body = crate::metrics::ObservedBody::new(body, record, &parts.headers);
+                Ok(http::Response::from_parts(parts, body))
+            }
+            Err(e) => {
+                let status = tonic::Status::from_error(e);
+                record.finish(status.code());
+                Err(status.into())
             }
         })
     }
@@ -464,8 +496,8 @@ impl Service<Request> for Pool {
     type Future = PoolFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Errors are never returned from here: a Buffer whose service fails
-        // readiness closes for good. Failures go to the call instead.
+        // Errors are never returned from here: they would fail whichever
+        // caller polled. Failures go to the call instead.
         match self.balance.poll_ready(cx) {
             Poll::Ready(Ok(())) => {
                 self.route_to_balance = true;

@@ -139,25 +139,35 @@ async fn replayable(
     (budget, counters): (&RetryBudget, &RetryCounters),
     config: &RetryConfig,
 ) -> Result<Response, BoxError> {
-    let path = req.uri().path().to_owned();
     let (parts, body) = req.into_parts();
     let bytes: Bytes = body.collect().await.map_err(|e| -> BoxError { e.into() })?.to_bytes();
     let attempt_timeout = info.idempotent.then_some(config.attempt_timeout);
+    // The first attempt takes the request's own parts (extensions included);
+    // a replay is built from this copy.
+    let replay = (parts.method.clone(), parts.uri.clone(), parts.version, parts.headers.clone());
+    let mut first = Some(parts);
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let mut req = http::Request::new(tonic::body::Body::new(Full::new(bytes.clone())));
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
-        *req.extensions_mut() = parts.extensions.clone();
+        let body = tonic::body::Body::new(Full::new(bytes.clone()));
+        let req = match first.take() {
+            Some(parts) => http::Request::from_parts(parts, body),
+            None => {
+                let mut req = http::Request::new(body);
+                *req.method_mut() = replay.0.clone();
+                *req.uri_mut() = replay.1.clone();
+                *req.version_mut() = replay.2;
+                *req.headers_mut() = replay.3.clone();
+                req
+            }
+        };
 
         let result = match attempt(&mut inner, attempts == 1, req, deadline, attempt_timeout).await {
             Ok(result) => result,
             Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d) => {
                 return Err(tonic::Status::deadline_exceeded(format!(
-                    "deadline exceeded calling {path} after {attempts} attempt(s)"
+                    "deadline exceeded calling {} after {attempts} attempt(s)",
+                    replay.1.path()
                 ))
                 .into());
             }
@@ -182,7 +192,7 @@ async fn replayable(
             return result;
         }
         counters.retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(path, attempts, "retrying");
+        tracing::debug!(path = replay.1.path(), attempts, "retrying");
         tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.0))).await;
     }
 }

@@ -34,6 +34,8 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const USER: &str = "meshkit.user.v1.UserService";
 const CONCURRENCY: usize = 32;
+/// Alternations of the direct and balanced phases in the comparison.
+const ROUNDS: usize = 4;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -448,12 +450,27 @@ async fn balanced_vs_direct(etcd: &Etcd, db: &str, logs: &std::path::Path, phase
     run_balanced(&balanced, Duration::from_millis(500)).await?;
     let mut d = Stats::default();
     let mut b = Stats::default();
-    for _ in 0..2 {
-        d.merge(run_direct(&direct, phase / 2).await?);
-        b.merge(run_balanced(&balanced, phase / 2).await?);
+    let mut rounds = Vec::new();
+    let calls_before = endpoint_calls(&balanced);
+    for _ in 0..ROUNDS {
+        let (dr, br) = (run_direct(&direct, phase / 2).await?, run_balanced(&balanced, phase / 2).await?);
+        rounds.push(br.rate() / dr.rate());
+        d.merge(dr);
+        b.merge(br);
     }
+    let split: Vec<String> = endpoint_calls(&balanced)
+        .iter()
+        .zip(&calls_before)
+        .map(|(after, before)| format!("{:.0}%", 100.0 * (after - before) as f64 / b.calls.max(1) as f64))
+        .collect();
     println!("\n== balanced channel vs direct tonic channels (health Check on 2 instances, concurrency {CONCURRENCY})");
     print_table(&d, &b);
+    rounds.sort_by(f64::total_cmp);
+    println!(
+        "  rounds     throughput ratio per round {}   (balanced calls per instance {})",
+        rounds.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" "),
+        split.join(" / ")
+    );
     println!(
         "  ratio      throughput {:.3} (goal >= 0.95)   added p50 {:+} µs (goal <= 20)   added p99 {:+} µs (goal <= 50)   CPU/call x{:.2}",
         b.rate() / d.rate(),
@@ -499,6 +516,11 @@ async fn balanced_vs_direct(etcd: &Etcd, db: &str, logs: &std::path::Path, phase
         stop(s).await;
     }
     Ok(())
+}
+
+/// Calls each endpoint of the pool has answered so far, by instance id.
+fn endpoint_calls(channel: &meshkit_common::BalancedChannel) -> Vec<u64> {
+    channel.view().snapshot().values().map(|e| e.calls).collect()
 }
 
 fn print_table(direct: &Stats, balanced: &Stats) {

@@ -167,8 +167,20 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A connection to `port`, waiting (up to 10 s) for a process just spawned
+/// to start listening.
 async fn channel(port: u16) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?.tcp_nodelay(true).connect().await?)
+    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?.tcp_nodelay(true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(anyhow::Error::new(e).context(format!("nothing listens on 127.0.0.1:{port}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 async fn echo_once(channel: Channel) -> Result<(), tonic::Status> {

@@ -58,10 +58,13 @@ impl MethodMetrics {
     }
 }
 
-type Methods = HashMap<String, Arc<MethodMetrics>>;
+/// Looked up on every call: a fast hasher (the maps are capped at
+/// `MAX_METHODS` entries, so crafted paths cannot grow them).
+type FastMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+type Methods = FastMap<Arc<MethodMetrics>>;
 
 static SERVER: LazyLock<RwLock<Methods>> = LazyLock::new(RwLock::default);
-static CLIENT: LazyLock<RwLock<HashMap<String, Methods>>> = LazyLock::new(RwLock::default);
+static CLIENT: LazyLock<RwLock<FastMap<Methods>>> = LazyLock::new(RwLock::default);
 
 /// The server-side metrics of `method`.
 pub fn server_method(method: &str) -> Arc<MethodMetrics> {

@@ -113,16 +113,16 @@ where
             let started = Instant::now();
             let deadline = deadline::for_request(&req, started);
             let method = methods.get(req.uri().path());
-            budget.deposit();
+            budget.deposit_at(started.into_std());
             match method {
                 Some(info) if !info.client_streaming => {
-                    replayable(inner, req, info, deadline, (&budget, &counters), &config).await
+                    replayable(inner, req, info, started, deadline, (&budget, &counters), &config).await
                 }
                 // Unknown or streaming requests cannot be replayed: one attempt.
                 _ => {
                     let path = req.uri().path().to_owned();
                     let mut inner = inner;
-                    attempt(&mut inner, true, req, deadline, None).await.unwrap_or_else(|_| {
+                    attempt(&mut inner, true, req, started, deadline, None).await.unwrap_or_else(|_| {
                         Err(tonic::Status::deadline_exceeded(format!("deadline exceeded calling {path}")).into())
                     })
                 }
@@ -135,6 +135,7 @@ async fn replayable(
     mut inner: impl Service<Request, Response = Response, Error = BoxError>,
     req: Request,
     info: MethodInfo,
+    started: Instant,
     deadline: Option<Instant>,
     (budget, counters): (&RetryBudget, &RetryCounters),
     config: &RetryConfig,
@@ -162,7 +163,8 @@ async fn replayable(
             }
         };
 
-        let result = match attempt(&mut inner, attempts == 1, req, deadline, attempt_timeout).await {
+        let now = if attempts == 1 { started } else { Instant::now() };
+        let result = match attempt(&mut inner, attempts == 1, req, now, deadline, attempt_timeout).await {
             Ok(result) => result,
             Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d) => {
                 return Err(tonic::Status::deadline_exceeded(format!(
@@ -203,13 +205,13 @@ async fn attempt<S>(
     inner: &mut S,
     already_ready: bool,
     mut req: Request,
+    now: Instant,
     deadline: Option<Instant>,
     attempt_timeout: Option<Duration>,
 ) -> Result<Result<Response, BoxError>, BoxError>
 where
     S: Service<Request, Response = Response, Error = BoxError>,
 {
-    let now = Instant::now();
     let limit = match (deadline, attempt_timeout.map(|t| now + t)) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -270,11 +272,11 @@ impl RetryBudget {
         }
     }
 
-    /// The slot of the current second, cleared if it still holds an old one.
-    fn slot(&self) -> (&Slot, u64) {
+    /// The slot of the second `at` falls in, cleared if it still holds an old one.
+    fn slot(&self, at: std::time::Instant) -> (&Slot, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         // Seconds from 1, so a fresh slot (second 0) is never current.
-        let now = self.origin.elapsed().as_secs() + 1;
+        let now = at.saturating_duration_since(self.origin).as_secs() + 1;
         let slot = &self.slots[(now as usize) % WINDOW];
         let seen = slot.second.load(Relaxed);
         if seen != now && slot.second.compare_exchange(seen, now, Relaxed, Relaxed).is_ok() {
@@ -284,13 +286,19 @@ impl RetryBudget {
         (slot, now)
     }
 
+    #[cfg(test)]
     pub(crate) fn deposit(&self) {
-        self.slot().0.deposits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.deposit_at(std::time::Instant::now());
+    }
+
+    /// Counts a call made at `at` (the caller's clock reading: no read here).
+    pub(crate) fn deposit_at(&self, at: std::time::Instant) {
+        self.slot(at).0.deposits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn withdraw(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        let (current, now) = self.slot();
+        let (current, now) = self.slot(std::time::Instant::now());
         let (mut deposits, mut withdrawals) = (0u64, 0u64);
         for slot in &self.slots {
             if now.saturating_sub(slot.second.load(Relaxed)) < WINDOW as u64 {

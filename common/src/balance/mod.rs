@@ -263,6 +263,7 @@ impl PoolView {
 pub struct BalancedChannel {
     inner: Retry<Shared<Pool>>,
     view: Arc<PoolView>,
+    service: Arc<str>,
     governance: Option<Arc<crate::governance::Governance>>,
 }
 
@@ -285,7 +286,12 @@ impl BalancedChannel {
             route_to_balance: false,
             service: Arc::from(service),
         };
-        Self { inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service), view, governance: None }
+        Self {
+            inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service),
+            view,
+            service: Arc::from(service),
+            governance: None,
+        }
     }
 
     /// The pool behind this channel.
@@ -399,13 +405,18 @@ impl Service<Request> for BalancedChannel {
                     return ChannelFuture {
                         inner: tracing::Instrument::instrument(refused, tracing::Span::none()),
                         record: None,
+                        service: self.service.clone(),
                     };
                 }
             }
         }
         crate::trace::inject(record.span(), req.headers_mut());
         let span = record.span().clone();
-        ChannelFuture { inner: tracing::Instrument::instrument(self.inner.call(req), span), record: Some(record) }
+        ChannelFuture {
+            inner: tracing::Instrument::instrument(self.inner.call(req), span),
+            record: Some(record),
+            service: self.service.clone(),
+        }
     }
 }
 
@@ -416,6 +427,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: tracing::instrument::Instrumented<BoxFuture>,
         record: Option<crate::metrics::CallRecord>,
+        service: Arc<str>,
     }
 }
 
@@ -436,12 +448,24 @@ impl Future for ChannelFuture {
                 Ok(http::Response::from_parts(parts, body))
             }
             Err(e) => {
-                let status = tonic::Status::from_error(e);
+                let status = status_of_error(e, this.service);
                 record.finish(status.code());
                 Err(status.into())
             }
         })
     }
+}
+
+/// The status a failed call reports. A connection refused, reset or closed
+/// before the answer is UNAVAILABLE naming the service (as other gRPC
+/// clients report it), where hyper's error would read as CANCELLED.
+fn status_of_error(e: BoxError, service: &str) -> tonic::Status {
+    if e.downcast_ref::<tonic::Status>().is_none() && connection_lost(e.as_ref()) {
+        let mut status = tonic::Status::unavailable(format!("the connection to {service} was lost: {e}"));
+        status.set_source(Arc::from(e));
+        return status;
+    }
+    tonic::Status::from_error(e)
 }
 
 /// Set once the first discovery read is in the balancer's hands; wakes the

@@ -193,10 +193,17 @@ mod tests {
 
     use super::*;
 
+    type Mock = tower::util::MapErr<mock::Mock<u32, u32>, fn(BoxError) -> BoxError>;
+
+    /// A shared handle on a mock that keeps only the last waker it saw.
+    fn shared_mock() -> (Shared<Mock>, mock::Handle<u32, u32>) {
+        let (service, handle) = mock::pair::<u32, u32>();
+        (Shared::new(service.map_err(BoxError::from as fn(BoxError) -> BoxError)), handle)
+    }
+
     #[tokio::test]
     async fn calls_go_through_when_ready() {
-        let (service, mut handle) = mock::pair::<u32, u32>();
-        let shared = Shared::new(service.map_err(BoxError::from));
+        let (shared, mut handle) = shared_mock();
         handle.allow(1);
         let call = tokio::spawn(shared.clone().oneshot(7));
         let (req, respond) = handle.next_request().await.expect("request");
@@ -210,8 +217,7 @@ mod tests {
     /// last waker it saw).
     #[tokio::test]
     async fn every_waiting_caller_is_woken() {
-        let (service, mut handle) = mock::pair::<u32, u32>();
-        let shared = Shared::new(service.map_err(BoxError::from));
+        let (shared, mut handle) = shared_mock();
         handle.allow(0);
         let calls: Vec<_> = (0..20).map(|i| tokio::spawn(shared.clone().oneshot(i))).collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -236,8 +242,7 @@ mod tests {
     /// get through.
     #[tokio::test]
     async fn a_dropped_waiter_hands_its_turn_on() {
-        let (service, mut handle) = mock::pair::<u32, u32>();
-        let shared = Shared::new(service.map_err(BoxError::from));
+        let (shared, mut handle) = shared_mock();
         handle.allow(0);
         let first = tokio::spawn(shared.clone().oneshot(1));
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -258,8 +263,7 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_errors_reach_the_caller() {
-        let (service, mut handle) = mock::pair::<u32, u32>();
-        let shared = Shared::new(service.map_err(BoxError::from));
+        let (shared, mut handle) = shared_mock();
         handle.send_error("broken");
         let err = shared.oneshot(1).await.unwrap_err();
         assert_eq!(err.to_string(), "broken");

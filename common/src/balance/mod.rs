@@ -263,7 +263,6 @@ impl PoolView {
 pub struct BalancedChannel {
     inner: Retry<Shared<Pool>>,
     view: Arc<PoolView>,
-    service: Arc<str>,
     governance: Option<Arc<crate::governance::Governance>>,
 }
 
@@ -286,12 +285,7 @@ impl BalancedChannel {
             route_to_balance: false,
             service: Arc::from(service),
         };
-        Self {
-            inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service),
-            view,
-            service: Arc::from(service),
-            governance: None,
-        }
+        Self { inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service), view, governance: None }
     }
 
     /// The pool behind this channel.
@@ -405,7 +399,7 @@ impl Service<Request> for BalancedChannel {
                     return ChannelFuture {
                         inner: tracing::Instrument::instrument(refused, tracing::Span::none()),
                         record: None,
-                        service: self.service.clone(),
+                        view: self.view.clone(),
                     };
                 }
             }
@@ -415,7 +409,7 @@ impl Service<Request> for BalancedChannel {
         ChannelFuture {
             inner: tracing::Instrument::instrument(self.inner.call(req), span),
             record: Some(record),
-            service: self.service.clone(),
+            view: self.view.clone(),
         }
     }
 }
@@ -427,7 +421,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: tracing::instrument::Instrumented<BoxFuture>,
         record: Option<crate::metrics::CallRecord>,
-        service: Arc<str>,
+        // The pool's view, for the service's name in an error.
+        view: Arc<PoolView>,
     }
 }
 
@@ -448,7 +443,7 @@ impl Future for ChannelFuture {
                 Ok(http::Response::from_parts(parts, body))
             }
             Err(e) => {
-                let status = status_of_error(e, this.service);
+                let status = status_of_error(e, this.view.service());
                 record.finish(status.code());
                 Err(status.into())
             }

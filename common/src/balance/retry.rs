@@ -101,7 +101,7 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        // The ready service (holding its reserved slot) goes with the call; a
+        // The service made ready goes with the call (tower's contract); a
         // clone stays for the next one. Later attempts wait for readiness again.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -145,7 +145,7 @@ async fn replayable(
     let attempt_timeout = info.idempotent.then_some(config.attempt_timeout);
     // The first attempt takes the request's own parts (extensions included);
     // a replay is built from this copy.
-    let replay = (parts.method.clone(), parts.uri.clone(), parts.version, parts.headers.clone());
+    let replay = Replay::of(&parts);
     let mut first = Some(parts);
     let mut attempts = 0;
     loop {
@@ -153,14 +153,7 @@ async fn replayable(
         let body = tonic::body::Body::new(Full::new(bytes.clone()));
         let req = match first.take() {
             Some(parts) => http::Request::from_parts(parts, body),
-            None => {
-                let mut req = http::Request::new(body);
-                *req.method_mut() = replay.0.clone();
-                *req.uri_mut() = replay.1.clone();
-                *req.version_mut() = replay.2;
-                *req.headers_mut() = replay.3.clone();
-                req
-            }
+            None => replay.request(body),
         };
 
         let now = if attempts == 1 { started } else { Instant::now() };
@@ -169,7 +162,7 @@ async fn replayable(
             Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d) => {
                 return Err(tonic::Status::deadline_exceeded(format!(
                     "deadline exceeded calling {} after {attempts} attempt(s)",
-                    replay.1.path()
+                    replay.uri.path()
                 ))
                 .into());
             }
@@ -194,8 +187,37 @@ async fn replayable(
             return result;
         }
         counters.retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(path = replay.1.path(), attempts, "retrying");
+        tracing::debug!(path = replay.uri.path(), attempts, "retrying");
         tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.0))).await;
+    }
+}
+
+/// What a retried request is built from: the first attempt's head without
+/// its extensions.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(parts: &http::request::Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn request(&self, body: tonic::body::Body) -> Request {
+        let mut req = http::Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
     }
 }
 

@@ -31,6 +31,9 @@ pub async fn with_deadline<F: Future>(deadline: Instant, f: F) -> F::Output {
     DEADLINE.scope(deadline, f).await
 }
 
+/// The header's name, ready-made (a `&str` look-up parses the name each time).
+pub(crate) const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
 pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
     let s = value.to_str().ok()?;
@@ -66,7 +69,7 @@ pub fn format_grpc_timeout(d: Duration) -> HeaderValue {
 /// The deadline for an outgoing call: the sooner of its own `grpc-timeout`
 /// and the one inherited from the call being served.
 pub fn for_request<B>(req: &http::Request<B>, now: Instant) -> Option<Instant> {
-    let own = req.headers().get("grpc-timeout").and_then(parse_grpc_timeout).map(|t| now + t);
+    let own = req.headers().get(&GRPC_TIMEOUT).and_then(parse_grpc_timeout).map(|t| now + t);
     match (own, current()) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -105,7 +108,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let deadline = req.headers().get("grpc-timeout").and_then(parse_grpc_timeout).map(|t| Instant::now() + t);
+        let deadline = req.headers().get(&GRPC_TIMEOUT).and_then(parse_grpc_timeout).map(|t| Instant::now() + t);
         let fut = self.inner.call(req);
         match deadline {
             Some(d) => Either::Left(DEADLINE.scope(d, fut)),

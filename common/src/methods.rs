@@ -17,14 +17,16 @@ pub struct MethodInfo {
 /// `/package.Service/Method` → what its descriptor says.
 #[derive(Debug, Clone, Default)]
 pub struct MethodTable {
-    methods: HashMap<String, MethodInfo>,
+    // Looked up on every call by its path: a fast hash (the keys come from
+    // the contracts, not from callers).
+    methods: HashMap<String, MethodInfo, foldhash::fast::RandomState>,
 }
 
 impl MethodTable {
     /// Reads every method of an encoded `FileDescriptorSet`.
     pub fn from_descriptor_set(encoded: &[u8]) -> Result<Self, prost::DecodeError> {
         let set = FileDescriptorSet::decode(encoded)?;
-        let mut methods = HashMap::new();
+        let mut methods = HashMap::default();
         for file in &set.file {
             let package = file.package();
             for service in &file.service {

@@ -270,7 +270,9 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 /// The gRPC status in `headers`, if they carry one.
 pub fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    headers.get("grpc-status").map(|v| {
+    // A ready-made name: looking one up by `&str` parses it on every call.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    headers.get(&GRPC_STATUS).map(|v| {
         v.to_str().ok().and_then(|s| s.parse::<i32>().ok()).map_or(tonic::Code::Unknown, tonic::Code::from_i32)
     })
 }

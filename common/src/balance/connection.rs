@@ -142,11 +142,12 @@ impl Service<Request> for Connection {
     fn call(&mut self, mut req: Request) -> Self::Future {
         match &mut self.state {
             State::Ready(send) => {
-                let mut parts = req.uri().clone().into_parts();
+                let mut parts = std::mem::take(req.uri_mut()).into_parts();
                 parts.scheme = Some(Scheme::HTTP);
                 parts.authority = Some(self.authority.clone());
-                if let Ok(uri) = http::Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
+                match http::Uri::from_parts(parts) {
+                    Ok(uri) => *req.uri_mut() = uri,
+                    Err(e) => return Box::pin(std::future::ready(Err(format!("unusable request path: {e}").into()))),
                 }
                 let sent = send.send_request(req);
                 Box::pin(async move {

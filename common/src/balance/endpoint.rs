@@ -92,7 +92,7 @@ pub(crate) enum Outcome {
 impl Outcome {
     /// The outcome a `grpc-status` in headers or trailers means, if present.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        Some(match super::grpc_status(headers)? {
+        Some(match crate::metrics::status_of(headers)? {
             tonic::Code::Unavailable | tonic::Code::ResourceExhausted => Outcome::Failure,
             _ => Outcome::Success,
         })
@@ -246,8 +246,19 @@ impl EndpointStats {
 
     /// The cost p2c compares; lower is better.
     pub fn load(&self, now: Instant) -> f64 {
+        self.load_at(|| now)
+    }
+
+    /// [`Self::load`], reading the clock only when the load depends on it
+    /// (calls in flight or a failure not yet forgotten): p2c reads two loads
+    /// on every pick.
+    fn load_at(&self, clock: impl FnOnce() -> Instant) -> f64 {
         let inflight = self.inflight.load(Ordering::Relaxed);
         let mut s = self.lock();
+        if inflight == 0 && s.failure_score == 0.0 {
+            return s.rtt_ns / self.weight;
+        }
+        let now = clock();
         let mut rtt = s.rtt_ns;
         if inflight > 0 {
             // An endpoint that stopped answering cannot look fast.
@@ -514,7 +525,7 @@ impl Load for EndpointService {
     type Metric = f64;
 
     fn load(&self) -> f64 {
-        self.stats.load(Instant::now())
+        self.stats.load_at(Instant::now)
     }
 }
 

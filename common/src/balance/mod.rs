@@ -559,12 +559,6 @@ impl From<NoLiveInstance> for tonic::Status {
     }
 }
 
-/// The `grpc-status` a response's headers (trailers-only) or trailers carry.
-pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    let code = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
-    Some(tonic::Code::from(code))
-}
-
 /// Whether the error says the request never left this process or was
 /// refused before any application code saw it: always safe to retry.
 pub(crate) fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {

@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
-use super::{BoxFuture, Request, Response, connection_lost, grpc_status, never_sent};
+use super::{BoxFuture, Request, Response, connection_lost, never_sent};
 use crate::{
     deadline,
     methods::{MethodInfo, MethodTable},
@@ -57,10 +57,16 @@ impl Default for RetryConfig {
 #[derive(Clone)]
 pub(crate) struct Retry<S> {
     inner: S,
+    // One allocation for everything a call reads, so a call (and a clone of
+    // the channel) touches one reference count, not four.
+    state: Arc<RetryState>,
+}
+
+struct RetryState {
     methods: Arc<MethodTable>,
-    budget: Arc<RetryBudget>,
-    config: Arc<RetryConfig>,
-    counters: Arc<RetryCounters>,
+    budget: RetryBudget,
+    config: RetryConfig,
+    counters: RetryCounters,
 }
 
 /// `meshkit_client_retries_total{service, outcome}`: retries made, and
@@ -82,8 +88,8 @@ impl RetryCounters {
 impl<S> Retry<S> {
     pub(crate) fn new(inner: S, methods: Arc<MethodTable>, config: RetryConfig, service: &str) -> Self {
         let budget = RetryBudget::new(config.budget_min_per_sec, config.budget_percent);
-        let counters = Arc::new(RetryCounters::new(service));
-        Self { inner, methods, budget: Arc::new(budget), config: Arc::new(config), counters }
+        let counters = RetryCounters::new(service);
+        Self { inner, state: Arc::new(RetryState { methods, budget, config, counters }) }
     }
 }
 
@@ -105,19 +111,14 @@ where
         // clone stays for the next one. Later attempts wait for readiness again.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let methods = self.methods.clone();
-        let budget = self.budget.clone();
-        let config = self.config.clone();
-        let counters = self.counters.clone();
+        let state = self.state.clone();
         Box::pin(async move {
             let started = Instant::now();
             let deadline = deadline::for_request(&req, started);
-            let method = methods.get(req.uri().path());
-            budget.deposit_at(started.into_std());
+            let method = state.methods.get(req.uri().path());
+            state.budget.deposit_at(started.into_std());
             match method {
-                Some(info) if !info.client_streaming => {
-                    replayable(inner, req, info, started, deadline, (&budget, &counters), &config).await
-                }
+                Some(info) if !info.client_streaming => replayable(inner, req, info, started, deadline, &state).await,
                 // Unknown or streaming requests cannot be replayed: one attempt.
                 _ => {
                     let path = req.uri().path().to_owned();
@@ -137,9 +138,9 @@ async fn replayable(
     info: MethodInfo,
     started: Instant,
     deadline: Option<Instant>,
-    (budget, counters): (&RetryBudget, &RetryCounters),
-    config: &RetryConfig,
+    state: &RetryState,
 ) -> Result<Response, BoxError> {
+    let RetryState { budget, config, counters, .. } = state;
     let (parts, body) = req.into_parts();
     let bytes: Bytes = body.collect().await.map_err(|e| -> BoxError { e.into() })?.to_bytes();
     let attempt_timeout = info.idempotent.then_some(config.attempt_timeout);
@@ -170,7 +171,7 @@ async fn replayable(
             Err(attempt_timed_out) => Err(attempt_timed_out),
         };
         let retry = match &result {
-            Ok(resp) => info.idempotent && grpc_status(resp.headers()) == Some(tonic::Code::Unavailable),
+            Ok(resp) => info.idempotent && crate::metrics::status_of(resp.headers()) == Some(tonic::Code::Unavailable),
             Err(e) => {
                 never_sent(e.as_ref()) || (info.idempotent && (connection_lost(e.as_ref()) || is_timeout(e.as_ref())))
             }
@@ -242,7 +243,7 @@ where
         if d <= now {
             return Err(AttemptTimedOut.into());
         }
-        req.headers_mut().insert("grpc-timeout", deadline::format_grpc_timeout(d - now));
+        req.headers_mut().insert(deadline::GRPC_TIMEOUT, deadline::format_grpc_timeout(d - now));
     }
     let call = async {
         if !already_ready {

@@ -452,9 +452,9 @@ fn path_or_other<'a>(compiled: &'a Compiled, path: &str) -> &'a str {
 
 /// Sets `grpc-timeout` to `limit` unless the caller's is sooner.
 fn shorten_deadline(headers: &mut http::HeaderMap, limit: Duration) {
-    let own = headers.get("grpc-timeout").and_then(crate::deadline::parse_grpc_timeout);
+    let own = headers.get(&crate::deadline::GRPC_TIMEOUT).and_then(crate::deadline::parse_grpc_timeout);
     if own.is_none_or(|d| d > limit) {
-        headers.insert("grpc-timeout", crate::deadline::format_grpc_timeout(limit));
+        headers.insert(crate::deadline::GRPC_TIMEOUT, crate::deadline::format_grpc_timeout(limit));
     }
 }
 

@@ -68,28 +68,34 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
     }
     // A steady rate: latency, and the proxy's CPU per request.
     let mut steady = [Stats::default(), Stats::default(), Stats::default()];
-    let mut proxy_cpu = [Duration::ZERO; 3];
+    // Each proxy's CPU in user space and in the kernel (its system calls and
+    // the loopback TCP work done on its behalf).
+    let mut proxy_user = [Duration::ZERO; 3];
+    let mut proxy_kernel = [Duration::ZERO; 3];
     let pids = [None, Some(nginx.pid()), Some(gateway.pid())];
     for _ in 0..2 {
         for (i, c) in [&direct, &via_nginx, &via_gateway].into_iter().enumerate() {
             let c = c.clone();
-            let before = pids[i].map(tree_cpu).unwrap_or_default();
+            let before = pids[i].map(tree_times).unwrap_or_default();
             steady[i].merge(paced(RATE, phase / 2, move || echo_once(c.clone())).await?);
-            proxy_cpu[i] += pids[i].map(tree_cpu).unwrap_or_default().saturating_sub(before);
+            let after = pids[i].map(tree_times).unwrap_or_default();
+            proxy_user[i] += after.0.saturating_sub(before.0);
+            proxy_kernel[i] += after.1.saturating_sub(before.1);
         }
     }
-    let per_call = |i: usize| proxy_cpu[i].as_secs_f64() * 1e6 / steady[i].calls.max(1) as f64;
+    let per_req = |cpu: Duration, i: usize| cpu.as_secs_f64() * 1e6 / steady[i].calls.max(1) as f64;
+    let per_call = |i: usize| per_req(proxy_user[i] + proxy_kernel[i], i);
     let p = |s: &Stats, q: f64| s.hist.value_at_quantile(q) as i64;
     println!(
         "\n== gateway gRPC passthrough vs nginx 1.22 grpc_pass (unary Echo, one backend, concurrency {CONCURRENCY})"
     );
     println!(
-        "  {:<9} {:>14} {:>10} {:>10} {:>10} {:>10} {:>16}",
-        "", "sat. calls/s", "p50 µs", "p99 µs", "+p50 µs", "+p99 µs", "proxy CPU µs/req"
+        "  {:<9} {:>14} {:>10} {:>10} {:>10} {:>10} {:>16} {:>22}",
+        "", "sat. calls/s", "p50 µs", "p99 µs", "+p50 µs", "+p99 µs", "proxy CPU µs/req", "of which user / kernel"
     );
     for (i, name) in ["direct", "nginx", "gateway"].into_iter().enumerate() {
         println!(
-            "  {:<9} {:>14.0} {:>10} {:>10} {:>10} {:>10} {:>16}",
+            "  {:<9} {:>14.0} {:>10} {:>10} {:>10} {:>10} {:>16} {:>22}",
             name,
             sat[i].rate(),
             p(&steady[i], 0.5),
@@ -97,6 +103,11 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
             if i == 0 { "-".into() } else { format!("{:+}", p(&steady[i], 0.5) - p(&steady[0], 0.5)) },
             if i == 0 { "-".into() } else { format!("{:+}", p(&steady[i], 0.99) - p(&steady[0], 0.99)) },
             if i == 0 { "-".into() } else { format!("{:.1}", per_call(i)) },
+            if i == 0 {
+                "-".into()
+            } else {
+                format!("{:.1} / {:.1}", per_req(proxy_user[i], i), per_req(proxy_kernel[i], i))
+            },
         );
     }
     let added = |i: usize| (p(&steady[i], 0.5) - p(&steady[0], 0.5)).max(1) as f64;
@@ -105,6 +116,12 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
         per_call(2) / per_call(1),
         added(2) / added(1),
         sat[2].rate() / sat[1].rate(),
+    );
+    println!(
+        "  CPU goal: {:.1} µs per request (a third of nginx's); kernel time alone: nginx {:.1} µs, gateway {:.1} µs",
+        per_call(1) / 3.0,
+        per_req(proxy_kernel[1], 1),
+        per_req(proxy_kernel[2], 2),
     );
 
     // REST/JSON vs passthrough, same gateway, same method.
@@ -189,27 +206,41 @@ async fn echo_once(channel: Channel) -> Result<(), tonic::Status> {
 
 /// utime + stime of `pid` and its direct children (nginx's workers).
 fn tree_cpu(pid: i32) -> Duration {
-    let mut total = stat_cpu(pid).map(|(_, cpu)| cpu).unwrap_or_default();
+    let (user, kernel) = tree_times(pid);
+    user + kernel
+}
+
+/// (utime, stime) of `pid` and its direct children.
+fn tree_times(pid: i32) -> (Duration, Duration) {
+    let (mut user, mut kernel) = stat_times(pid).map(|(_, u, k)| (u, k)).unwrap_or_default();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
             let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-            if let Some((ppid, cpu)) = stat_cpu(child) {
+            if let Some((ppid, u, k)) = stat_times(child) {
                 if ppid == pid {
-                    total += cpu;
+                    user += u;
+                    kernel += k;
                 }
             }
         }
     }
-    total
+    (user, kernel)
 }
 
 /// (parent pid, utime + stime) from /proc/PID/stat.
 pub(crate) fn stat_cpu(pid: i32) -> Option<(i32, Duration)> {
+    stat_times(pid).map(|(ppid, user, kernel)| (ppid, user + kernel))
+}
+
+/// (parent pid, utime, stime) from /proc/PID/stat.
+fn stat_times(pid: i32) -> Option<(i32, Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ppid = fields.get(1)?.parse().ok()?;
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some((ppid, Duration::from_secs_f64(ticks as f64 / 100.0)))
+    let ticks = |i: usize| -> Option<Duration> {
+        Some(Duration::from_secs_f64(fields.get(i)?.parse::<u64>().ok()? as f64 / 100.0))
+    };
+    Some((ppid, ticks(11)?, ticks(12)?))
 }
 
 /// nginx with `grpc_pass` to one backend, keepalive to it, on its own port

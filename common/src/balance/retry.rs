@@ -240,10 +240,14 @@ where
         (a, b) => a.or(b),
     };
     if let Some(d) = deadline {
-        if d <= now {
+        // Checked against a fresh reading: `now` may be from before the
+        // request was collected, and a deadline already past must fail here
+        // rather than race the call.
+        let sent = Instant::now();
+        if d <= sent {
             return Err(AttemptTimedOut.into());
         }
-        req.headers_mut().insert(deadline::GRPC_TIMEOUT, deadline::format_grpc_timeout(d - now));
+        req.headers_mut().insert(deadline::GRPC_TIMEOUT, deadline::format_grpc_timeout(d - sent));
     }
     let call = async {
         if !already_ready {

@@ -287,6 +287,21 @@ mod retries {
     }
 
     #[tokio::test]
+    async fn a_deadline_spent_before_sending_fails_without_a_call() {
+        let (svc, mut handle) = mock::pair::<Request, Response>();
+        let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");
+        let mut request = req(IDEMPOTENT);
+        // One nanosecond: gone before the request can leave.
+        request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static("1n"));
+        retry.ready().await.expect("ready");
+        let call = tokio::spawn(retry.call(request));
+        let err = call.await.expect("no panic").expect_err("deadline");
+        assert_eq!(tonic::Status::from_error(err).code(), tonic::Code::DeadlineExceeded);
+        let sent = tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await;
+        assert!(!matches!(sent, Ok(Some(_))), "the request reached the service");
+    }
+
+    #[tokio::test]
     async fn an_inherited_deadline_travels_as_grpc_timeout() {
         let (svc, mut handle) = mock::pair::<Request, Response>();
         let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");

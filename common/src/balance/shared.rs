@@ -201,6 +201,14 @@ mod tests {
         (Shared::new(service.map_err(BoxError::from as fn(BoxError) -> BoxError)), handle)
     }
 
+    /// The next request to reach the mock; fails with `woken` if none comes in 2 s.
+    async fn next_within_2s(
+        handle: &mut mock::Handle<u32, u32>,
+        woken: &str,
+    ) -> (u32, tower_test::mock::SendResponse<u32>) {
+        tokio::time::timeout(Duration::from_secs(2), handle.next_request()).await.expect(woken).expect("request")
+    }
+
     #[tokio::test]
     async fn calls_go_through_when_ready() {
         let (shared, mut handle) = shared_mock();
@@ -224,10 +232,7 @@ mod tests {
         let mut seen = Vec::new();
         for _ in 0..20 {
             handle.allow(1);
-            let (req, respond) = tokio::time::timeout(Duration::from_secs(2), handle.next_request())
-                .await
-                .expect("a waiting caller was never woken")
-                .expect("request");
+            let (req, respond) = next_within_2s(&mut handle, "a waiting caller was never woken").await;
             respond.send_response(req * 10);
             seen.push(req);
         }
@@ -252,10 +257,7 @@ mod tests {
         last.abort();
         let _ = last.await;
         handle.allow(1);
-        let (req, respond) = tokio::time::timeout(Duration::from_secs(2), handle.next_request())
-            .await
-            .expect("the remaining caller was never woken")
-            .expect("request");
+        let (req, respond) = next_within_2s(&mut handle, "the remaining caller was never woken").await;
         assert_eq!(req, 1);
         respond.send_response(10);
         assert_eq!(first.await.unwrap().unwrap(), 10);

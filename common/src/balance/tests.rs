@@ -269,15 +269,23 @@ mod retries {
         assert_eq!(run("/t.S/Unknown", vec![ErrorKind::ConnectionRefused], RetryConfig::default()).await, (1, false));
     }
 
-    #[tokio::test]
-    async fn no_retry_outlives_the_deadline() {
-        let (svc, mut handle) = mock::pair::<Request, Response>();
+    /// Starts an idempotent call carrying `grpc-timeout: timeout` through a
+    /// retry layer over a mock service.
+    async fn call_with_timeout(
+        timeout: &'static str,
+    ) -> (tokio::task::JoinHandle<Result<Response, BoxError>>, mock::Handle<Request, Response>) {
+        let (svc, handle) = mock::pair::<Request, Response>();
         let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");
         let mut request = req(IDEMPOTENT);
-        request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static("100m"));
-        let started = std::time::Instant::now();
+        request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static(timeout));
         retry.ready().await.expect("ready");
-        let call = tokio::spawn(retry.call(request));
+        (tokio::spawn(retry.call(request)), handle)
+    }
+
+    #[tokio::test]
+    async fn no_retry_outlives_the_deadline() {
+        let started = std::time::Instant::now();
+        let (call, mut handle) = call_with_timeout("100m").await;
         // The first attempt never answers.
         let (_, _respond) = handle.next_request().await.expect("first attempt");
         let err = call.await.expect("no panic").expect_err("deadline");
@@ -288,13 +296,8 @@ mod retries {
 
     #[tokio::test]
     async fn a_deadline_spent_before_sending_fails_without_a_call() {
-        let (svc, mut handle) = mock::pair::<Request, Response>();
-        let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");
-        let mut request = req(IDEMPOTENT);
         // One nanosecond: gone before the request can leave.
-        request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static("1n"));
-        retry.ready().await.expect("ready");
-        let call = tokio::spawn(retry.call(request));
+        let (call, mut handle) = call_with_timeout("1n").await;
         let err = call.await.expect("no panic").expect_err("deadline");
         assert_eq!(tonic::Status::from_error(err).code(), tonic::Code::DeadlineExceeded);
         let sent = tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await;

@@ -14,25 +14,53 @@ want_bench=0
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
+# What the machine must have before anything here can help: a Debian or Ubuntu
+# system (apt), root or sudo, and Rust. Each one missing is named, and nothing
+# is installed until all are there.
+prereq=()
+command -v apt-get >/dev/null && command -v dpkg >/dev/null \
+    || prereq+=("a Debian or Ubuntu system: apt-get and dpkg install everything else")
 SUDO=""
 if [[ "$(id -u)" != 0 ]]; then
     if command -v sudo >/dev/null; then SUDO="sudo"; else
-        echo "install-deps: not root and no sudo; install the packages below by hand" >&2
+        prereq+=("root or sudo: apt-get installs system packages")
     fi
+fi
+rust_min="$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' "$root/Cargo.toml")"
+if ! command -v cargo >/dev/null || ! command -v rustc >/dev/null; then
+    prereq+=("Rust $rust_min or newer, with cargo on PATH (rustup installs both)")
+else
+    rust_have="$(rustc --version | awk '{print $2}')"
+    if [[ "$(printf '%s\n%s\n' "$rust_min" "${rust_have%%-*}" | sort -V | head -n1)" != "$rust_min" ]]; then
+        prereq+=("Rust $rust_min or newer (this machine has rustc $rust_have: rustup update)")
+    fi
+fi
+if (( ${#prereq[@]} )); then
+    echo "install-deps: this machine lacks what must be there beforehand:" >&2
+    printf '  - %s\n' "${prereq[@]}" >&2
+    exit 1
 fi
 
 missing=()
+# A C compiler and linker: cargo links with cc, and ring and SQLite compile C.
+command -v cc >/dev/null || missing+=(build-essential)
+[[ -s /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+# etcd-client's build script runs protoc on protos that import the well-known
+# types; protobuf-compiler only recommends the package that has them.
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
 # Prometheus scrapes the local cluster (targets from the registry, see deploy/prometheus).
 command -v prometheus >/dev/null || missing+=(prometheus)
-command -v python3 >/dev/null || missing+=(python3 python3-pip)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+command -v curl >/dev/null || missing+=(curl)
+command -v git >/dev/null || missing+=(git)
 if (( want_test )); then
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
-    command -v curl >/dev/null || missing+=(curl)
     # The Java client: plain javac against Debian's grpc-java, protobuf and netty jars.
     command -v javac >/dev/null || missing+=(default-jdk-headless)
     [[ -x /usr/bin/grpc_java_plugin ]] || missing+=(protobuf-compiler-grpc-java-plugin)
@@ -55,11 +83,6 @@ if (( ${#missing[@]} )); then
     for svc in etcd postgresql nginx prometheus; do
         $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
     done
-fi
-
-if ! command -v cargo >/dev/null; then
-    echo "install-deps: cargo not found; install Rust (rustup) first" >&2
-    exit 1
 fi
 
 pip_install() {

@@ -3,17 +3,24 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
+# The profile `make up` builds and runs: dev builds in a few minutes and is
+# what `make test` builds too, so the two share one build. `release` (thin
+# LTO, what `make bench` measures) takes several times longer.
+export MESHKIT_PROFILE ?= dev
+PHASE := deploy/local/phase.sh
 
-.PHONY: help up down status deps build build-release test test-fast interop lint fmt bench clean-run
+.PHONY: help up down status deps build build-up build-release test test-fast interop lint fmt bench clean-run check-fresh check-fresh-test
 
 help: ## list the targets
-	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
 up: ## install what is missing, build, start etcd, a Kafka broker, 2 instances of each service (scheduler too) and the gateway
 	@if deploy/local/cluster.sh docker-ok; then \
 	  deploy/local/cluster.sh compose-up; \
 	else \
-	  $(MAKE) --no-print-directory deps build-release && deploy/local/cluster.sh up; \
+	  $(PHASE) install deploy/local/install-deps.sh && \
+	  $(PHASE) build $(MAKE) --no-print-directory build-up && \
+	  $(PHASE) start deploy/local/cluster.sh up; \
 	fi
 
 down: ## stop the local cluster; no process is left behind
@@ -22,23 +29,26 @@ down: ## stop the local cluster; no process is left behind
 status: ## show the local cluster's processes and registrations
 	@deploy/local/cluster.sh status
 
-deps: ## install what is missing (etcd, protoc, grpcurl, the Tansu broker)
+deps: ## install what is missing (etcd, protoc and its include files, grpcurl, the Tansu broker)
 	@deploy/local/install-deps.sh
 
 build: ## debug build of every crate and binary
 	$(CARGO) build --workspace --bins
 
+build-up: ## the binaries `make up` runs, in the dev profile (MESHKIT_PROFILE=release: optimised)
+	$(CARGO) build --profile $(MESHKIT_PROFILE) --workspace --bins
+
 build-release: ## release build of every binary (services, bench)
 	$(CARGO) build --release --workspace --bins
 
 test: ## the whole suite: unit and integration tests on real etcd, Tansu and PostgreSQL, then interop
-	@deploy/local/install-deps.sh --test
-	$(CARGO) build --workspace --bins
+	@$(PHASE) install deploy/local/install-deps.sh --test
+	@$(PHASE) build $(CARGO) build --workspace --bins
 	@mkdir -p target
-	@set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; status=$$?; \
+	@set -o pipefail; $(PHASE) "cargo test" bash -c 'set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log'; status=$$?; \
 	  awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log; \
-	  deploy/local/interop.sh --own-cluster || status=1; \
-	  deploy/check-manifests.sh || status=1; \
+	  $(PHASE) interop deploy/local/interop.sh --own-cluster || status=1; \
+	  $(PHASE) manifests deploy/check-manifests.sh || status=1; \
 	  exit $$status
 
 interop: ## grpcurl, Python, grpc-web and Java clients and a Python instance against the `make up` cluster
@@ -58,6 +68,12 @@ bench: ## benchmarks (release build, nginx as a yardstick); figures go in docs/B
 	@deploy/local/install-deps.sh --bench
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -p meshkit-integration-tests --bin mesh-bench
+
+check-fresh: ## `make up` on a clean Debian root (debootstrap) with this machine's toolchains: catches a missing install step
+	deploy/local/fresh-root.sh
+
+check-fresh-test: ## as check-fresh, then `make test` in that root too (slow: the whole suite)
+	deploy/local/fresh-root.sh --test
 
 clean-run: down ## remove the local cluster's data and logs
 	rm -rf .run

@@ -11,14 +11,14 @@
 #   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting Tansu on 127.0.0.1:9092
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
 #   MESHKIT_PROMETHEUS_PORT Prometheus's port (default: 9091; started when installed)
-#   MESHKIT_PROFILE         cargo profile of the binaries (default: release)
+#   MESHKIT_PROFILE         cargo profile of the binaries (default: dev, as `make up` builds)
 #   MESHKIT_TLS             1: mTLS between every process, HTTPS at the gateway, with a
 #                           development CA and certificates made under $RUN_DIR/tls
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RUN_DIR="${MESHKIT_RUN_DIR:-$ROOT/.run}"
-PROFILE="${MESHKIT_PROFILE:-release}"
+PROFILE="${MESHKIT_PROFILE:-dev}"
 BIN_DIR="$ROOT/target/$PROFILE"
 [[ "$PROFILE" == "dev" ]] && BIN_DIR="$ROOT/target/debug"
 ETCD_CLIENT_PORT="${MESHKIT_ETCD_PORT:-2379}"
@@ -218,6 +218,13 @@ cmd_up() {
         cmd_status
         return 0
     fi
+    local bin
+    for bin in user-service order-service notification-service scheduler-service meshkit-gateway meshctl; do
+        if [[ ! -x "$BIN_DIR/$bin" ]]; then
+            echo "no $BIN_DIR/$bin: \`make up\` builds it (or \`MESHKIT_PROFILE=$PROFILE make build-up\`)" >&2
+            exit 1
+        fi
+    done
     mkdir -p "$RUN_DIR"/{pids,logs,data,ports}
     rm -f "$RUN_DIR"/pids/*.pid "$RUN_DIR"/ports/*
     local t0=$SECONDS start_ns

@@ -14,8 +14,9 @@
 # (apt sources, CA bundle, pip and npm configuration) are copied in; CARGO_HOME
 # starts empty.
 #
-# Inside, a clean clone of REF (default HEAD) runs `make up`, `make status`
-# and `make down`, and with --test `make test` too. Each phase prints its
+# Inside, a clean clone of REF (default HEAD) runs `make up`, `make status`,
+# a few calls through the gateway and `make down`, and with --test
+# `make test` too. Each phase prints its
 # minutes. It exits non-zero when any of them fails.
 #
 #   --keep       leave the root in place afterwards (default: removed)
@@ -223,8 +224,17 @@ phase() {
         "\$(awk -v s=\$t0 -v e=\$(date +%s) 'BEGIN {print (e - s) / 60}')"
     return \$r
 }
+# A cluster that started is not yet one that answers: one call of each kind
+# through the gateway.
+smoke() {
+    curl -sf --max-time 10 http://127.0.0.1:8080/openapi.json >/dev/null \
+        && grpcurl -plaintext -max-time 10 127.0.0.1:8080 list | grep -q meshkit.user.v1.UserService \
+        && curl -sf --max-time 10 -X POST http://127.0.0.1:8080/v1/users -H 'content-type: application/json' \
+            -d '{"name":"Fresh","email":"fresh@example.com"}' | grep -q '"id"'
+}
 if phase "make up" make up; then
     phase "make status" make status || true
+    phase "calls through the gateway" smoke || true
 fi
 phase "make down" make down || true
 if (( $want_test )); then

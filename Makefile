@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 export MESHKIT_PROFILE ?= dev
 PHASE := deploy/local/phase.sh
 
-.PHONY: help up down status deps build build-up build-release test test-fast interop lint fmt bench clean-run check-fresh check-fresh-test
+.PHONY: help up down status deps build build-release test test-fast interop lint fmt bench clean-run check-fresh check-fresh-test
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -19,7 +19,7 @@ up: ## install what is missing, build, start etcd, a Kafka broker, 2 instances o
 	  deploy/local/cluster.sh compose-up; \
 	else \
 	  $(PHASE) install deploy/local/install-deps.sh && \
-	  $(PHASE) build $(MAKE) --no-print-directory build-up && \
+	  $(PHASE) build $(MAKE) --no-print-directory build && \
 	  $(PHASE) start deploy/local/cluster.sh up; \
 	fi
 
@@ -32,10 +32,7 @@ status: ## show the local cluster's processes and registrations
 deps: ## install what is missing (etcd, protoc and its include files, grpcurl, the Tansu broker)
 	@deploy/local/install-deps.sh
 
-build: ## debug build of every crate and binary
-	$(CARGO) build --workspace --bins
-
-build-up: ## the binaries `make up` runs, in the dev profile (MESHKIT_PROFILE=release: optimised)
+build: ## every binary, in the profile `make up` runs (dev; MESHKIT_PROFILE=release: optimised)
 	$(CARGO) build --profile $(MESHKIT_PROFILE) --workspace --bins
 
 build-release: ## release build of every binary (services, bench)
@@ -43,11 +40,11 @@ build-release: ## release build of every binary (services, bench)
 
 test: ## the whole suite: unit and integration tests on real etcd, Tansu and PostgreSQL, then interop
 	@$(PHASE) install deploy/local/install-deps.sh --test
-	@$(PHASE) build $(CARGO) build --workspace --bins
+	@$(PHASE) build $(MAKE) --no-print-directory build MESHKIT_PROFILE=dev
 	@mkdir -p target
 	@set -o pipefail; $(PHASE) "cargo test" bash -c 'set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log'; status=$$?; \
 	  awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log; \
-	  $(PHASE) interop deploy/local/interop.sh --own-cluster || status=1; \
+	  MESHKIT_PROFILE=dev $(PHASE) interop deploy/local/interop.sh --own-cluster || status=1; \
 	  $(PHASE) manifests deploy/check-manifests.sh || status=1; \
 	  exit $$status
 
@@ -70,10 +67,10 @@ bench: ## benchmarks (release build, nginx as a yardstick); figures go in docs/B
 	$(CARGO) run --release -p meshkit-integration-tests --bin mesh-bench
 
 check-fresh: ## `make up` on a clean Debian root (debootstrap) with this machine's toolchains: catches a missing install step
-	deploy/local/fresh-root.sh
+	deploy/local/fresh-root.sh $(FRESH_ARGS)
 
 check-fresh-test: ## as check-fresh, then `make test` in that root too (slow: the whole suite)
-	deploy/local/fresh-root.sh --test
+	deploy/local/fresh-root.sh --test $(FRESH_ARGS)
 
 clean-run: down ## remove the local cluster's data and logs
 	rm -rf .run

@@ -221,7 +221,7 @@ cmd_up() {
     local bin
     for bin in user-service order-service notification-service scheduler-service meshkit-gateway meshctl; do
         if [[ ! -x "$BIN_DIR/$bin" ]]; then
-            echo "no $BIN_DIR/$bin: \`make up\` builds it (or \`MESHKIT_PROFILE=$PROFILE make build-up\`)" >&2
+            echo "no $BIN_DIR/$bin: \`make up\` builds it (or \`MESHKIT_PROFILE=$PROFILE make build\`)" >&2
             exit 1
         fi
     done

@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 export MESHKIT_PROFILE ?= dev
 PHASE := deploy/local/phase.sh
 
-.PHONY: help up down status deps build build-release test test-fast interop lint fmt bench clean-run check-fresh check-fresh-test
+.PHONY: help up down status deps build build-release test test-fast interop lint arch-check fmt bench clean-run check-fresh check-fresh-test
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -54,9 +54,13 @@ interop: ## grpcurl, Python, grpc-web and Java clients and a Python instance aga
 test-fast: ## inner loop: unit tests only, no etcd or database
 	$(CARGO) test --workspace --exclude meshkit-integration-tests
 
-lint: ## rustfmt check and clippy with warnings as errors
+lint: ## rustfmt check, clippy with warnings as errors, and the dependency rules
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@deploy/local/arch-check.sh
+
+arch-check: ## the crate graph's rules (docs/ARCHITECTURE.md): layers, no cycles, no unused dependency, no sea-orm or rskafka where unused
+	@deploy/local/arch-check.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -4,8 +4,12 @@
 //! clients for every service, and [`FILE_DESCRIPTOR_SET`], the encoded
 //! descriptors (custom options such as `google.api.http` included) that
 //! reflection and the gateway's transcoding read.
+//!
+//! [`events`]: the event contract (topics, schema names, record headers).
 #![forbid(unsafe_code)]
 #![allow(clippy::all, missing_docs)]
+
+pub mod events;
 
 /// Every file in `proto/` and its imports, encoded as a `FileDescriptorSet`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/meshkit_descriptor.bin"));

@@ -10,9 +10,11 @@
 //! `x-meshkit-claims-bin` (the claims as JSON); the same headers coming from
 //! a client are removed first, so they cannot be forged.
 
+use meshkit_common::methods::MethodPattern;
+
+use crate::settings::JwtSettings;
 use http::{HeaderMap, HeaderValue};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
-use meshkit_common::config::JwtSettings;
 use serde_json::{Map, Value as Json};
 
 pub const SUBJECT_HEADER: &str = "x-meshkit-subject";
@@ -26,7 +28,7 @@ enum Policy {
 
 #[derive(Debug, Clone)]
 struct Rule {
-    methods: Vec<String>,
+    methods: Vec<MethodPattern>,
     policy: Policy,
 }
 
@@ -89,21 +91,23 @@ impl Auth {
             rules: settings
                 .rules
                 .iter()
-                .map(|r| Rule { methods: r.methods.clone(), policy: policy(&r.policy, &r.roles) })
-                .collect(),
+                .enumerate()
+                .map(|(i, r)| {
+                    let methods = r
+                        .methods
+                        .iter()
+                        .map(|m| MethodPattern::parse(m).map_err(|e| format!("gateway.jwt.rules[{i}].methods: {e}")))
+                        .collect::<Result<Vec<_>, String>>()?;
+                    Ok(Rule { methods, policy: policy(&r.policy, &r.roles) })
+                })
+                .collect::<Result<_, String>>()?,
         })
     }
 
     fn policy(&self, grpc_path: &str) -> &Policy {
-        let method = grpc_path.trim_start_matches('/');
-        let service = method.split('/').next().unwrap_or_default();
         self.rules
             .iter()
-            .find(|rule| {
-                rule.methods
-                    .iter()
-                    .any(|m| m == "*" || m == method || m.strip_suffix("/*").is_some_and(|s| s == service))
-            })
+            .find(|rule| rule.methods.iter().any(|m| m.matches(grpc_path)))
             .map_or(&self.default_policy, |r| &r.policy)
     }
 
@@ -209,8 +213,8 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::AuthRule;
     use jsonwebtoken::{EncodingKey, Header, encode};
-    use meshkit_common::config::AuthRule;
 
     fn settings() -> JwtSettings {
         JwtSettings {

@@ -13,8 +13,10 @@ pub mod errors;
 pub mod openapi;
 pub mod routes;
 pub mod server;
+pub mod settings;
 pub mod template;
 pub mod transcode;
 pub mod workers;
 
 pub use server::{Gateway, RunningGateway, StartError, start};
+pub use settings::{GatewayConfig, GatewaySettings};

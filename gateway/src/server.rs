@@ -36,13 +36,14 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use meshkit_common::{
-    BalancedChannel, ChannelBuilder, Instance, MeshConfig, RegistrySession,
+    BalancedChannel, ChannelBuilder, Instance, RegistrySession,
     admin::AdminServer,
-    config::GatewaySettings,
     deadline,
     metrics::{CallRecord, ObservedBody},
 };
 use serde_json::json;
+
+use crate::settings::{GatewayConfig, GatewaySettings};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
@@ -117,6 +118,18 @@ pub enum StartError {
     Listen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Mesh(#[from] meshkit_common::Error),
+}
+
+impl From<meshkit_registry::Error> for StartError {
+    fn from(err: meshkit_registry::Error) -> Self {
+        StartError::Mesh(err.into())
+    }
+}
+
+impl From<meshkit_common::tls::Error> for StartError {
+    fn from(err: meshkit_common::tls::Error) -> Self {
+        StartError::Mesh(err.into())
+    }
 }
 
 impl Gateway {
@@ -564,7 +577,7 @@ impl Drop for RunningGateway {
 /// Connects etcd, reads the contracts, binds `gateway.listen` and serves on
 /// the current runtime. The binary runs one of these per core instead (see
 /// [`crate::workers`]).
-pub async fn start(config: MeshConfig) -> Result<RunningGateway, StartError> {
+pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
     let listen = config.gateway.listen.clone();
     let limiter = limiter(&config.gateway);
     start_worker(config, &listen, false, true, limiter).await
@@ -574,7 +587,7 @@ pub async fn start(config: MeshConfig) -> Result<RunningGateway, StartError> {
 /// `listen` (shared with the other workers through SO_REUSEPORT when
 /// `reuse_port`), so a connection and its upstream calls stay on one thread.
 pub(crate) async fn start_worker(
-    config: MeshConfig,
+    config: GatewayConfig,
     listen: &str,
     reuse_port: bool,
     with_admin: bool,
@@ -653,7 +666,7 @@ pub const GATEWAY_SERVICE: &str = "meshkit.gateway";
 
 /// Registers the gateway's address (and admin endpoint) in etcd.
 async fn register(
-    config: &MeshConfig,
+    config: &GatewayConfig,
     etcd: etcd_client::Client,
     addr: SocketAddr,
     admin: Option<SocketAddr>,

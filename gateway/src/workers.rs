@@ -7,13 +7,13 @@
 
 use std::{future::Future, sync::mpsc, thread};
 
-use meshkit_common::MeshConfig;
+use crate::settings::GatewayConfig;
 use tokio::sync::watch;
 
 use crate::server::{Limiter, StartError, limiter, start_worker};
 
 /// How many workers `gateway.workers` asks for (0: one per core).
-pub fn count(config: &MeshConfig) -> usize {
+pub fn count(config: &GatewayConfig) -> usize {
     match config.gateway.workers {
         0 => thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n as usize,
@@ -23,7 +23,7 @@ pub fn count(config: &MeshConfig) -> usize {
 /// Starts the workers, serves until `stop` resolves (polled on the calling
 /// thread's runtime), then drains every worker. Fails if any worker fails to
 /// start, after stopping the others.
-pub async fn run(config: MeshConfig, stop: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(config: GatewayConfig, stop: impl Future<Output = ()>) -> Result<(), StartError> {
     let n = count(&config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, StartError>>();
@@ -72,7 +72,7 @@ pub async fn run(config: MeshConfig, stop: impl Future<Output = ()>) -> Result<(
 
 fn worker(
     index: usize,
-    config: MeshConfig,
+    config: GatewayConfig,
     listen: String,
     reuse_port: bool,
     limiter: Option<std::sync::Arc<Limiter>>,

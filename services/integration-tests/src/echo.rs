@@ -9,7 +9,7 @@ use std::sync::{
     atomic::{AtomicI32, Ordering},
 };
 
-use meshkit_common::{Mesh, MeshConfig, MeshServer, RunningServer};
+use meshkit_common::{Mesh, MeshServer, ProcessConfig, RunningServer};
 use tonic::{Request, Response, Status, Streaming};
 
 pub mod pb {
@@ -140,7 +140,7 @@ impl EchoService for Echo {
 }
 
 /// Starts an echo instance registered in etcd.
-pub async fn start_echo(config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+pub async fn start_echo(config: impl ProcessConfig) -> meshkit_common::Result<RunningServer> {
     start_echo_with(config, Faults::default()).await
 }
 
@@ -149,16 +149,11 @@ pub const COMPONENT: &str = "echo";
 
 /// Starts an echo instance with `faults`, under the config center
 /// (component `echo`): its governance follows etcd.
-pub async fn start_echo_with(config: MeshConfig, faults: Faults) -> meshkit_common::Result<RunningServer> {
-    let instance = if config.registry.instance_id.is_empty() {
-        meshkit_common::server::new_instance_id()
-    } else {
-        config.registry.instance_id.clone()
-    };
-    let mut config = config;
-    config.registry.instance_id = instance.clone();
-    let mesh = Mesh::connect(&config, COMPONENT).await?;
-    MeshServer::new(mesh.config())
+pub async fn start_echo_with(config: impl ProcessConfig, faults: Faults) -> meshkit_common::Result<RunningServer> {
+    let mesh = Mesh::connect(config.mesh(), COMPONENT).await?;
+    let config = mesh.config();
+    let instance = config.registry.instance_id.clone();
+    MeshServer::new(config)
         .with_mesh(&mesh)
         .add_service(EchoServiceServer::new(Echo { instance, faults }))
         .start()

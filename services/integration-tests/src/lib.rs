@@ -22,7 +22,13 @@ use std::{
     time::Duration,
 };
 
-use meshkit_common::MeshConfig;
+use meshkit_common::{
+    MeshConfig,
+    config::{DatabaseSettings, EventSettings},
+};
+use meshkit_gateway::GatewaySettings;
+use meshkit_scheduler::SchedulerSettings;
+use serde::{Deserialize, Serialize};
 
 pub use broker::{Broker, Storage};
 pub use etcd::{Etcd, EtcdTls};
@@ -39,10 +45,55 @@ pub fn free_port() -> u16 {
         .expect("the loopback interface accepts a bind to port 0")
 }
 
+/// Every section the reference services read, so one test's settings start
+/// any of them: `meshkit_user::start(config.into())`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TestConfig {
+    #[serde(flatten)]
+    pub mesh: MeshConfig,
+    pub database: DatabaseSettings,
+    pub events: EventSettings,
+    pub gateway: GatewaySettings,
+    pub scheduler: SchedulerSettings,
+}
+
+meshkit_common::compose_settings!(TestConfig { database, events, gateway, scheduler });
+
+impl From<TestConfig> for meshkit_user::Config {
+    fn from(c: TestConfig) -> Self {
+        Self { mesh: c.mesh, database: c.database }
+    }
+}
+
+impl From<TestConfig> for meshkit_order::Config {
+    fn from(c: TestConfig) -> Self {
+        Self { mesh: c.mesh, database: c.database, events: c.events }
+    }
+}
+
+impl From<TestConfig> for meshkit_notification::Config {
+    fn from(c: TestConfig) -> Self {
+        Self { mesh: c.mesh, database: c.database, events: c.events }
+    }
+}
+
+impl From<TestConfig> for meshkit_scheduler::Config {
+    fn from(c: TestConfig) -> Self {
+        Self { mesh: c.mesh, database: c.database, scheduler: c.scheduler }
+    }
+}
+
+impl From<TestConfig> for meshkit_gateway::GatewayConfig {
+    fn from(c: TestConfig) -> Self {
+        Self { mesh: c.mesh, gateway: c.gateway }
+    }
+}
+
 /// Settings for an in-process service: this etcd, this database, a free
 /// port, a short TTL so lease tests run fast, and a short drain delay.
-pub fn mesh_config(etcd: &Etcd, database_url: &str) -> MeshConfig {
-    let mut config = MeshConfig::default();
+pub fn mesh_config(etcd: &Etcd, database_url: &str) -> TestConfig {
+    let mut config = TestConfig::default();
     config.etcd.endpoints = vec![etcd.endpoint()];
     config.registry.ttl_secs = 2;
     config.server.drain_delay_ms = 100;

@@ -6,7 +6,8 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use meshkit_common::{ChannelBuilder, MeshConfig, admin::http_get};
+use meshkit_common::{ChannelBuilder, admin::http_get};
+use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
     Broker, Etcd, Storage, create_user, eventually,
     http::{json_request, send},
@@ -38,15 +39,15 @@ async fn components_report_their_state_after_an_order_flow() {
     let broker = Broker::start(Storage::Memory).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = |db: &str| {
-        let mut c: MeshConfig = mesh_config(&etcd, &sqlite_url(dir.path(), db));
+        let mut c: TestConfig = mesh_config(&etcd, &sqlite_url(dir.path(), db));
         c.events.brokers = vec![broker.endpoint()];
         c.events.relay_poll_ms = 20;
         c.events.fetch_max_wait_ms = 50;
         c
     };
-    let user = meshkit_user::start(config("user")).await.unwrap();
-    let order = meshkit_order::start(config("order")).await.unwrap();
-    let notification = meshkit_notification::start(config("notification")).await.unwrap();
+    let user = meshkit_user::start(config("user").into()).await.unwrap();
+    let order = meshkit_order::start(config("order").into()).await.unwrap();
+    let notification = meshkit_notification::start(config("notification").into()).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let ada = create_user(&channels.balanced("meshkit.user.v1.UserService"), "Ada", "ada@example.com").await;
     let mut orders = OrderServiceClient::new(channels.balanced("meshkit.order.v1.OrderService"));
@@ -114,7 +115,7 @@ async fn components_report_their_state_after_an_order_flow() {
     gateway_config.gateway.listen = "127.0.0.1:0".into();
     gateway_config.gateway.rate_limit_per_sec = 1;
     gateway_config.gateway.rate_limit_burst = 2;
-    let gateway = meshkit_gateway::start(gateway_config).await.unwrap();
+    let gateway = meshkit_gateway::start(gateway_config.into()).await.unwrap();
     let addr = gateway.local_addr();
     let mut refused = 0;
     for _ in 0..5 {

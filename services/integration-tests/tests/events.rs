@@ -14,9 +14,10 @@ use std::{
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use meshkit_common::{
-    ChannelBuilder, MeshConfig, RunningServer,
+    ChannelBuilder, RunningServer,
     events::{Consumer, ConsumerSpec, Event, EventHandler, HandlerError, Kafka, consumer, headers},
 };
+use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
     Broker, Etcd, Postgres, ServiceProcess, Storage, bin_dir, create_user, eventually, free_port, init_logs,
     mesh_config, sqlite_url,
@@ -65,8 +66,8 @@ impl Pipeline {
         let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
         let mut pipeline =
             Pipeline { etcd, broker, dir, database, servers: Vec::new(), channels, user_id: String::new() };
-        let user = meshkit_user::start(pipeline.config("user")).await.unwrap();
-        let order = meshkit_order::start(pipeline.config("order")).await.unwrap();
+        let user = meshkit_user::start(pipeline.config("user").into()).await.unwrap();
+        let order = meshkit_order::start(pipeline.config("order").into()).await.unwrap();
         pipeline.servers.extend([user, order]);
         pipeline.user_id = create_user(&pipeline.channels.balanced(USER), "Ada", "ada@example.com").await.id;
         pipeline
@@ -76,7 +77,7 @@ impl Pipeline {
         self.database.clone().unwrap_or_else(|| sqlite_url(self.dir.path(), name))
     }
 
-    fn config(&self, db: &str) -> MeshConfig {
+    fn config(&self, db: &str) -> TestConfig {
         let mut config = mesh_config(&self.etcd, &self.db_url(db));
         config.events.brokers = vec![self.broker.endpoint()];
         config.events.request_timeout_ms = 2_000;
@@ -98,7 +99,7 @@ impl Pipeline {
     }
 
     async fn notification(&self) -> RunningServer {
-        meshkit_notification::start(self.config("notification")).await.unwrap()
+        meshkit_notification::start(self.config("notification").into()).await.unwrap()
     }
 
     async fn notification_db(&self) -> DatabaseConnection {

@@ -10,8 +10,10 @@ use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::Request;
 use http_body_util::Full;
-use meshkit_common::{MeshConfig, RunningServer, config::GatewaySettings, server::INSTANCE_HEADER};
+use meshkit_common::{RunningServer, server::INSTANCE_HEADER};
+use meshkit_gateway::GatewaySettings;
 use meshkit_gateway::RunningGateway;
+use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
     Broker, Etcd, ServiceProcess, Storage,
     echo::{self, ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient, ExpandRequest, FailRequest},
@@ -55,9 +57,9 @@ impl Cluster {
             }
             for _ in 0..n {
                 let server = match name {
-                    "user" => meshkit_user::start(config.clone()).await.unwrap(),
-                    "order" => meshkit_order::start(config.clone()).await.unwrap(),
-                    "notification" => meshkit_notification::start(config.clone()).await.unwrap(),
+                    "user" => meshkit_user::start(config.clone().into()).await.unwrap(),
+                    "order" => meshkit_order::start(config.clone().into()).await.unwrap(),
+                    "notification" => meshkit_notification::start(config.clone().into()).await.unwrap(),
                     _ => echo::start_echo(config.clone()).await.unwrap(),
                 };
                 servers.push(server);
@@ -65,11 +67,11 @@ impl Cluster {
         }
         let descriptors = dir.path().join("echo.binpb");
         std::fs::write(&descriptors, ECHO_DESCRIPTOR_SET).unwrap();
-        let mut config: MeshConfig = mesh_config(&etcd, "sqlite::memory:");
+        let mut config: TestConfig = mesh_config(&etcd, "sqlite::memory:");
         config.gateway.listen = "127.0.0.1:0".into();
         config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
         tweak(&mut config.gateway);
-        let gateway = meshkit_gateway::start(config).await.unwrap();
+        let gateway = meshkit_gateway::start(config.into()).await.unwrap();
         Self { addr: gateway.local_addr(), _broker: broker, gateway: Some(gateway), servers, etcd, dir }
     }
 
@@ -470,17 +472,17 @@ async fn jwt_policies_accept_and_refuse() {
         g.jwt.jwks_file = jwks;
         g.jwt.issuer = "meshkit-tests".into();
         g.jwt.rules = vec![
-            meshkit_common::config::AuthRule {
+            meshkit_gateway::settings::AuthRule {
                 methods: vec!["meshkit.user.v1.UserService/GetUser".into()],
                 policy: "public".into(),
                 roles: vec![],
             },
-            meshkit_common::config::AuthRule {
+            meshkit_gateway::settings::AuthRule {
                 methods: vec!["meshkit.echo.v1.EchoService/*".into()],
                 policy: "authenticated".into(),
                 roles: vec!["echoer".into()],
             },
-            meshkit_common::config::AuthRule {
+            meshkit_gateway::settings::AuthRule {
                 methods: vec!["*".into()],
                 policy: "authenticated".into(),
                 roles: vec![],

@@ -11,8 +11,8 @@ async fn lists_services_instances_leases_and_pools() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
-    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
+    let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user")).into()).await.unwrap();
+    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order")).into()).await.unwrap();
     // Traffic through order-service's pool, so it has something to show.
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     create_user(&channels.balanced("meshkit.user.v1.UserService"), "Ada", "ada@example.com").await;

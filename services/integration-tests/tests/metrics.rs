@@ -15,13 +15,13 @@ async fn metrics_count_every_call_on_both_sides() {
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let users: Vec<_> = futures::future::join_all(
-        (0..2).map(|_| meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user")))),
+        (0..2).map(|_| meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user")).into())),
     )
     .await
     .into_iter()
     .map(Result::unwrap)
     .collect();
-    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
+    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order")).into()).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let user = create_user(&channels.balanced("meshkit.user.v1.UserService"), "M", "m@example.com").await;
     let mut orders = OrderServiceClient::new(channels.balanced("meshkit.order.v1.OrderService"));

@@ -7,7 +7,8 @@
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use meshkit_common::{MeshConfig, RunningServer};
+use meshkit_common::RunningServer;
+use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
     Broker, Etcd, Storage, bin_dir, eventually,
     http::{json_request, send},
@@ -40,22 +41,22 @@ async fn prometheus_finds_every_process_and_the_dashboard_queries_return_data() 
     let broker = Broker::start(Storage::Memory).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = |db: &str| {
-        let mut c: MeshConfig = mesh_config(&etcd, &sqlite_url(dir.path(), db));
+        let mut c: TestConfig = mesh_config(&etcd, &sqlite_url(dir.path(), db));
         c.events.brokers = vec![broker.endpoint()];
         c.events.relay_poll_ms = 20;
         c.events.fetch_max_wait_ms = 50;
         c
     };
     let mut servers: Vec<RunningServer> = vec![
-        meshkit_user::start(config("user")).await.unwrap(),
-        meshkit_order::start(config("order")).await.unwrap(),
-        meshkit_notification::start(config("notification")).await.unwrap(),
+        meshkit_user::start(config("user").into()).await.unwrap(),
+        meshkit_order::start(config("order").into()).await.unwrap(),
+        meshkit_notification::start(config("notification").into()).await.unwrap(),
     ];
     let mut gateway_config = mesh_config(&etcd, "sqlite::memory:");
     gateway_config.gateway.listen = "127.0.0.1:0".into();
     gateway_config.gateway.rate_limit_per_sec = 20;
     gateway_config.gateway.rate_limit_burst = 20;
-    let gateway = meshkit_gateway::start(gateway_config).await.unwrap();
+    let gateway = meshkit_gateway::start(gateway_config.into()).await.unwrap();
 
     // The shipped configuration, scraping every second for the test.
     let prometheus_dir = dir.path().join("prometheus");
@@ -90,7 +91,7 @@ async fn prometheus_finds_every_process_and_the_dashboard_queries_return_data() 
     .await;
 
     // A new instance becomes a target without touching any file by hand.
-    servers.push(meshkit_user::start(config("user")).await.unwrap());
+    servers.push(meshkit_user::start(config("user").into()).await.unwrap());
     eventually("the new instance is scraped", Duration::from_secs(20), || async {
         (targets_up(&prometheus).await.get("user") == Some(&2)).then_some(())
     })

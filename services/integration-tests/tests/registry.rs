@@ -30,7 +30,7 @@ async fn registration_is_bound_to_a_live_lease() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let server = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
+    let server = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user")).into()).await.unwrap();
 
     let entries = registered(&etcd).await;
     assert_eq!(entries.len(), 1);
@@ -56,7 +56,7 @@ async fn graceful_shutdown_revokes_the_lease_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "user"));
     config.registry.ttl_secs = 30;
-    let server = meshkit_user::start(config).await.unwrap();
+    let server = meshkit_user::start(config.into()).await.unwrap();
     let lease = server.registry().and_then(|r| r.lease_id()).unwrap();
     let started = tokio::time::Instant::now();
     let drain = tokio::spawn(server.shutdown());
@@ -76,13 +76,13 @@ async fn discovery_sees_a_new_instance_and_loses_a_stopped_one() {
     let url = sqlite_url(dir.path(), "user");
     let mut watch = watch_prefix(etcd.client().await, service_prefix("/meshkit", USER));
 
-    let a = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let a = meshkit_user::start(mesh_config(&etcd, &url).into()).await.unwrap();
     let change = tokio::time::timeout(Duration::from_secs(2), watch.changes.recv()).await.unwrap().unwrap();
     let Change::Insert(id, instance) = change else { panic!("expected an insert") };
     assert_eq!(id, a.instance_id());
     assert_eq!(instance.addr, a.local_addr().to_string());
 
-    let b = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let b = meshkit_user::start(mesh_config(&etcd, &url).into()).await.unwrap();
     let change = tokio::time::timeout(Duration::from_secs(2), watch.changes.recv()).await.unwrap().unwrap();
     assert!(matches!(&change, Change::Insert(id, _) if id == b.instance_id()));
 
@@ -98,7 +98,7 @@ async fn a_lease_revoked_from_outside_is_registered_again() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let server = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
+    let server = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user")).into()).await.unwrap();
     let mut state = server.registry().unwrap().state();
     let old = server.registry().and_then(|r| r.lease_id()).unwrap();
     etcd.client().await.lease_revoke(old).await.unwrap();
@@ -120,7 +120,7 @@ async fn a_key_deleted_from_outside_is_written_again() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let server = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
+    let server = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user")).into()).await.unwrap();
     let (key, _, lease) = registered(&etcd).await.remove(0);
     etcd.client().await.delete(key.as_str(), None).await.unwrap();
     let entries = eventually("the key to come back", Duration::from_secs(3), || async {
@@ -140,7 +140,7 @@ async fn discovery_resumes_after_etcd_restarts_and_keeps_endpoints_meanwhile() {
     let dir = tempfile::tempdir().unwrap();
     let url = sqlite_url(dir.path(), "user");
     let mut watch = watch_prefix(etcd.client().await, service_prefix("/meshkit", USER));
-    let a = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let a = meshkit_user::start(mesh_config(&etcd, &url).into()).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(2), watch.changes.recv()).await.unwrap().unwrap();
     assert!(matches!(first, Change::Insert(..)));
 
@@ -151,7 +151,7 @@ async fn discovery_resumes_after_etcd_restarts_and_keeps_endpoints_meanwhile() {
     etcd.restart().await.unwrap();
 
     // A new instance registered after the restart is seen by the resumed watch.
-    let b = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let b = meshkit_user::start(mesh_config(&etcd, &url).into()).await.unwrap();
     let b_id = b.instance_id().to_owned();
     let seen = eventually("the new instance", Duration::from_secs(5), || {
         let next = watch.changes.try_recv().ok();

@@ -230,8 +230,8 @@ async fn order_service_cancels_unpaid_orders_on_schedule() {
     init_logs();
     let mut cluster = JobCluster::start().await;
     let dir = cluster.dir.path().to_path_buf();
-    let user = meshkit_user::start(mesh_config(&cluster.etcd, &sqlite_url(&dir, "user"))).await.unwrap();
-    let order = meshkit_order::start(mesh_config(&cluster.etcd, &sqlite_url(&dir, "order"))).await.unwrap();
+    let user = meshkit_user::start(mesh_config(&cluster.etcd, &sqlite_url(&dir, "user")).into()).await.unwrap();
+    let order = meshkit_order::start(mesh_config(&cluster.etcd, &sqlite_url(&dir, "order")).into()).await.unwrap();
     cluster.scheduler("sched-a");
     cluster.wait_registered(SCHEDULER, &["sched-a"]).await;
     cluster.wait_registered(EXECUTOR, &[order.instance_id()]).await;

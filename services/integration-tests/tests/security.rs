@@ -7,7 +7,8 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use meshkit_common::{ChannelBuilder, MeshConfig, config::TlsSettings, tls::Tls};
+use meshkit_common::{ChannelBuilder, config::TlsSettings, tls::Tls};
+use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
     Etcd, EtcdTls, LoadGen, ServiceProcess,
     echo::{ECHO, EchoRequest, EchoServiceClient, start_echo},
@@ -25,7 +26,7 @@ fn tls(dir: &Path, name: &str) -> TlsSettings {
     }
 }
 
-fn echo_config(etcd: &Etcd, dir: &Path, name: &str) -> MeshConfig {
+fn echo_config(etcd: &Etcd, dir: &Path, name: &str) -> TestConfig {
     let mut config = mesh_config(etcd, "sqlite::memory:");
     config.tls = tls(dir, name);
     config
@@ -219,7 +220,7 @@ async fn the_registry_works_on_etcd_with_tls_and_auth_and_wrong_credentials_are_
     // user-service registers with its own credentials over TLS...
     let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "user"));
     config.etcd = as_user("user", "user-secret-1", "user-service");
-    let user = meshkit_user::start(config).await.unwrap();
+    let user = meshkit_user::start(config.into()).await.unwrap();
     // ...and root discovers it and calls it through a balanced channel.
     let root = meshkit_common::etcd::connect(&as_user("root", "root-secret-1", "root")).await.unwrap();
     let users = ChannelBuilder::new(root, "/meshkit").balanced("meshkit.user.v1.UserService");

@@ -26,8 +26,8 @@ async fn calls_spread_over_two_instances() {
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = sqlite_url(dir.path(), "user");
-    let a = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
-    let b = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let a = meshkit_user::start(mesh_config(&etcd, &url).into()).await.unwrap();
+    let b = meshkit_user::start(mesh_config(&etcd, &url).into()).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let mut users = UserServiceClient::new(channels.balanced(USER));
     let created = create_user(&channels.balanced(USER), "Ada", "ada@example.com").await;
@@ -64,8 +64,8 @@ async fn create_order_checks_the_user_through_the_mesh() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
-    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
+    let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user")).into()).await.unwrap();
+    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order")).into()).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let mut orders = OrderServiceClient::new(channels.balanced(ORDER));
 
@@ -109,8 +109,8 @@ async fn every_validation_rule_names_its_field() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user"))).await.unwrap();
-    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
+    let user = meshkit_user::start(mesh_config(&etcd, &sqlite_url(dir.path(), "user")).into()).await.unwrap();
+    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order")).into()).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let mut users = UserServiceClient::new(channels.balanced(USER));
     let mut orders = OrderServiceClient::new(channels.balanced(ORDER));
@@ -151,14 +151,14 @@ async fn a_callers_deadline_bounds_the_calls_made_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let url = sqlite_url(dir.path(), "user");
     // Create the user on a prompt instance, then serve reads from a slow one.
-    let prompt = meshkit_user::start(mesh_config(&etcd, &url)).await.unwrap();
+    let prompt = meshkit_user::start(mesh_config(&etcd, &url).into()).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let ada = create_user(&channels.balanced(USER), "Ada", "ada@example.com").await;
     let mut slow_config = mesh_config(&etcd, &url);
     slow_config.server.fault_delay_ms = 1_500;
-    let slow = meshkit_user::start(slow_config).await.unwrap();
+    let slow = meshkit_user::start(slow_config.into()).await.unwrap();
     prompt.shutdown().await.unwrap();
-    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order"))).await.unwrap();
+    let order = meshkit_order::start(mesh_config(&etcd, &sqlite_url(dir.path(), "order")).into()).await.unwrap();
     let mut orders = OrderServiceClient::new(channels.balanced(ORDER));
 
     let mut req = tonic::Request::new(CreateOrderRequest { user_id: ada.id, items: vec![item("book-1", 1)] });
@@ -186,7 +186,7 @@ async fn busy_endpoints_get_more_than_one_http2_connection() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "user"));
     config.server.fault_delay_ms = 200;
-    let user = meshkit_user::start(config).await.unwrap();
+    let user = meshkit_user::start(config.into()).await.unwrap();
     let endpoint = EndpointConfig { streams_per_connection: 4, max_connections: 3, ..Default::default() };
     let channels =
         ChannelBuilder::new(etcd.client().await, "/meshkit").with_config(ChannelConfig::default().endpoint(endpoint));

@@ -13,10 +13,10 @@ use tonic::Code;
 /// Creates users and orders, pages through them and checks every rule the
 /// storage enforces. Runs twice: SQLite and PostgreSQL.
 async fn scenario(etcd: &Etcd, user_url: &str, order_url: &str) {
-    let user = meshkit_user::start(mesh_config(etcd, user_url)).await.unwrap();
-    let order = meshkit_order::start(mesh_config(etcd, order_url)).await.unwrap();
+    let user = meshkit_user::start(mesh_config(etcd, user_url).into()).await.unwrap();
+    let order = meshkit_order::start(mesh_config(etcd, order_url).into()).await.unwrap();
     // A second start applies no migration twice and still serves.
-    let user2 = meshkit_user::start(mesh_config(etcd, user_url)).await.unwrap();
+    let user2 = meshkit_user::start(mesh_config(etcd, user_url).into()).await.unwrap();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let mut users = UserServiceClient::new(channels.balanced("meshkit.user.v1.UserService"));
     let mut orders = OrderServiceClient::new(channels.balanced("meshkit.order.v1.OrderService"));

@@ -2,13 +2,17 @@
 //! tests can call them.
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
 
 use anyhow::{Context, bail};
 use etcd_client::{Client, GetOptions, LeaseTimeToLiveOptions};
 use meshkit_common::{
     Instance,
     admin::{fetch_pools, http_get},
+    keys,
 };
 use meshkit_proto::scheduler::{
     Job, ListJobsRequest, ListRunsRequest, PauseJobRequest, ResumeJobRequest, RouteStrategy, RunStatus,
@@ -71,12 +75,12 @@ pub async fn registrations(
     service: Option<&str>,
 ) -> anyhow::Result<Vec<Registration>> {
     let root = match service {
-        Some(s) => format!("{prefix}/services/{s}/"),
-        None => format!("{prefix}/services/"),
+        Some(s) => keys::service(prefix, s),
+        None => keys::services(prefix),
     };
     let resp =
         client.get(root.as_str(), Some(GetOptions::new().with_prefix())).await.context("reading the registry")?;
-    let base = format!("{prefix}/services/");
+    let base = keys::services(prefix);
     let mut out = Vec::new();
     for kv in resp.kvs() {
         let key = kv.key_str().unwrap_or_default();
@@ -335,7 +339,7 @@ pub async fn watch_prometheus_targets(
     out: &std::path::Path,
     resync: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let root = format!("{prefix}/services/");
+    let root = keys::services(prefix);
     loop {
         write_prometheus_targets(client, prefix, out).await?;
         let watched = client.watch(root.as_str(), Some(etcd_client::WatchOptions::new().with_prefix())).await;
@@ -369,8 +373,58 @@ pub async fn watch_prometheus_targets(
 
 use meshkit_common::{
     MeshConfig,
+    config::Settings,
     config_center::{self, Entry, GLOBAL},
 };
+
+/// `entries` laid over `C`'s defaults, as a process with settings `C` applies them.
+fn overlay_as<C: Settings>(entries: &[Entry]) -> Result<BTreeSet<String>, String> {
+    config_center::overlay(&C::default(), entries).map_err(|e| e.to_string())?;
+    let sections = meshkit_common::config::defaults::<C>().map_err(|e| e.to_string())?;
+    Ok(sections.keys().cloned().collect())
+}
+
+/// The settings type of each component meshctl knows, applied to `entries`:
+/// the sections that component reads, or why it would refuse them.
+fn overlay_for(component: &str, entries: &[Entry]) -> Option<Result<BTreeSet<String>, String>> {
+    Some(match component {
+        "user" => overlay_as::<meshkit_user::Config>(entries),
+        "order" => overlay_as::<meshkit_order::Config>(entries),
+        "notification" => overlay_as::<meshkit_notification::Config>(entries),
+        "scheduler" => overlay_as::<meshkit_scheduler::Config>(entries),
+        "gateway" => overlay_as::<meshkit_gateway::GatewayConfig>(entries),
+        _ => return None,
+    })
+}
+
+/// The components whose settings types meshctl checks a change against.
+pub const KNOWN_COMPONENTS: &[&str] = &["user", "order", "notification", "scheduler", "gateway"];
+
+/// Checks a change to `component`'s settings (`path` the key changed) as
+/// the processes that read it will: a named component by its own settings
+/// type, and `_global` by every component's, which must between them read
+/// the section. A component meshctl does not know is checked against the
+/// sections every process reads.
+pub fn check_change(component: &str, path: &str, entries: &[Entry]) -> Result<(), String> {
+    let section = path.split('.').next().unwrap_or_default();
+    let known: Vec<&str> = if component == GLOBAL { KNOWN_COMPONENTS.to_vec() } else { vec![component] };
+    let mut read_by_any = false;
+    for name in known {
+        match overlay_for(name, entries) {
+            Some(Ok(sections)) => read_by_any |= sections.contains(section),
+            Some(Err(e)) => return Err(if component == GLOBAL { format!("{name}: {e}") } else { e }),
+            None => {
+                config_center::overlay(&MeshConfig::default(), entries).map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+        }
+    }
+    if !read_by_any {
+        let who = if component == GLOBAL { "no component".to_owned() } else { component.to_owned() };
+        return Err(format!("unknown setting `{path}`: {who} reads no section `{section}`"));
+    }
+    Ok(())
+}
 
 fn check_component(component: &str) -> anyhow::Result<()> {
     if component.is_empty() || component.contains('/') {
@@ -416,7 +470,7 @@ pub async fn config_set(
     let (mut entries, _) = config_center::read(client, prefix, component).await?;
     entries.retain(|e| !(e.scope == component && e.path == path));
     entries.push(Entry { scope: component.to_owned(), path: path.to_owned(), value: value.clone(), mod_revision: 0 });
-    if let Err(e) = config_center::overlay(&MeshConfig::default(), &entries) {
+    if let Err(e) = check_change(component, path, &entries) {
         bail!("refused, nothing written: {e}");
     }
     let key = format!("{}{path}", config_center::config_prefix(prefix, component));
@@ -512,7 +566,7 @@ pub async fn config_watch(
     mut print: impl FnMut(&str),
 ) -> anyhow::Result<()> {
     check_component(component)?;
-    let root = format!("{prefix}/config/");
+    let root = keys::config_root(prefix);
     let mut stream =
         client.watch(root.as_str(), Some(etcd_client::WatchOptions::new().with_prefix())).await.context("watching")?;
     let mut seen = 0;
@@ -785,12 +839,12 @@ pub mod certs;
 pub fn role_grants(prefix: &str, component: &str, services: &[&str]) -> Vec<(String, bool)> {
     let mut grants = vec![(format!("{prefix}/"), false)];
     for service in services {
-        grants.push((format!("{prefix}/services/{service}/"), true));
+        grants.push((keys::service(prefix, service), true));
     }
-    grants.push((format!("{prefix}/groups/outbox/{component}/"), true));
-    grants.push((format!("{prefix}/groups/consumers/{component}/"), true));
-    grants.push((format!("{prefix}/groups/{component}/"), true));
-    grants.push((format!("{prefix}/config/{component}/"), true));
+    grants.push((keys::group(prefix, &keys::outbox_group(component)), true));
+    grants.push((keys::group(prefix, &format!("consumers/{component}")), true));
+    grants.push((keys::group(prefix, component), true));
+    grants.push((keys::config(prefix, component), true));
     grants
 }
 

@@ -3,16 +3,31 @@
 
 use std::process::ExitCode;
 
-use meshkit_common::config::EtcdSettings;
+use meshkit_common::config::{EtcdSettings, ProcessEnv, Settings, load_process};
 use meshkit_meshctl as cmd;
+use serde::{Deserialize, Serialize};
+
+/// What meshctl reads of the settings every process reads: `[etcd]`, from
+/// `MESHKIT_CONFIG` and `MESHKIT_ETCD_*` through the same loader.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct CtlConfig {
+    etcd: EtcdSettings,
+}
+
+impl Settings for CtlConfig {
+    fn validate(&self) -> meshkit_common::config::Result<()> {
+        self.etcd.validate()
+    }
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    // `config set` checks jobs' cron expressions and time zones as the scheduler will.
-    meshkit_scheduler::schedule::install_checks();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let mut endpoints = std::env::var("MESHKIT_ETCD_ENDPOINTS").unwrap_or_else(|_| "127.0.0.1:2379".into());
-    let mut prefix = std::env::var("MESHKIT_ETCD_PREFIX").unwrap_or_else(|_| "/meshkit".into());
+    let mut settings = match load_process::<CtlConfig>("meshctl", &ProcessEnv) {
+        Ok(config) => config.etcd,
+        Err(e) => return usage(&e.to_string()),
+    };
     while let Some(flag) = args.first().filter(|a| a.starts_with("--")).cloned() {
         args.remove(0);
         match flag.as_str() {
@@ -22,21 +37,17 @@ async fn main() -> ExitCode {
             }
             "--etcd" | "--prefix" if !args.is_empty() => {
                 let value = args.remove(0);
-                if flag == "--etcd" { endpoints = value } else { prefix = value }
+                if flag == "--etcd" {
+                    settings.endpoints =
+                        value.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+                } else {
+                    settings.prefix = value;
+                }
             }
             _ => return usage(&format!("unknown or incomplete option {flag:?}")),
         }
     }
-    let var = |k: &str| std::env::var(k).unwrap_or_default();
-    let settings = EtcdSettings {
-        endpoints: endpoints.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
-        username: var("MESHKIT_ETCD_USERNAME"),
-        password: var("MESHKIT_ETCD_PASSWORD"),
-        ca_file: var("MESHKIT_ETCD_CA_FILE"),
-        cert_file: var("MESHKIT_ETCD_CERT_FILE"),
-        key_file: var("MESHKIT_ETCD_KEY_FILE"),
-        ..Default::default()
-    };
+    let (endpoints, prefix) = (settings.endpoints.join(","), settings.prefix.clone());
     let command = args.first().map(String::as_str);
     if command == Some("certs") {
         return certs(&args[1..]);

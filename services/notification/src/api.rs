@@ -1,7 +1,8 @@
 //! `meshkit.notification.v1.NotificationService` over sea-orm.
 
 use meshkit_common::{
-    status::{db_error, finish_page, id, invalid_argument, page_size},
+    db::db_error,
+    status::{finish_page, id, invalid_argument, page_size},
     time::timestamp,
 };
 use meshkit_proto::notification::{

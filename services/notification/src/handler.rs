@@ -11,7 +11,7 @@ use sea_orm::{ActiveValue::Set, DatabaseTransaction, EntityTrait, sea_query::OnC
 use crate::entity::notification;
 
 /// The schema this handler accepts.
-pub const ORDER_CREATED: &str = "meshkit.notification.v1.OrderCreated";
+pub use meshkit_proto::events::schemas::ORDER_CREATED;
 
 pub struct OrderCreatedHandler {
     /// This instance, recorded with each notification it stores.

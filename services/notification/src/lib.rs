@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod config;
 pub mod entity;
 pub mod handler;
 pub mod migrations;
@@ -14,30 +15,27 @@ pub mod migrations;
 use std::sync::Arc;
 
 use meshkit_common::{
-    Mesh, MeshConfig, MeshServer, RunningServer, db,
+    Mesh, MeshServer, RunningServer, db,
     events::{Consumer, ConsumerSpec, Kafka, consumer},
-    server::new_instance_id,
 };
 use meshkit_proto::notification::notification_service_server::NotificationServiceServer;
 
 pub use api::NotificationApi;
+pub use config::Config;
 
 /// The component name: default database file and migration records.
 pub const COMPONENT: &str = "notification";
 
 /// The topic consumed, and the consumer group its instances form.
-pub const ORDER_EVENTS: &str = "order-events";
+pub use meshkit_proto::events::topics::ORDER_EVENTS;
 pub const GROUP: &str = "notification";
 
 /// Connects the database and etcd, applies migrations, serves, registers and
 /// starts consuming (in the background: it waits for the broker if need be).
-pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServer> {
-    if config.registry.instance_id.is_empty() {
-        config.registry.instance_id = new_instance_id();
-    }
-    let instance = config.registry.instance_id.clone();
+pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {
     let mesh = Mesh::connect(&config, COMPONENT).await?;
     let config = mesh.config();
+    let instance = config.registry.instance_id.clone();
     let database = db::connect(&config.database).await?;
     db::migrate(&database, COMPONENT, migrations::MIGRATIONS).await?;
     db::migrate(&database, consumer::COMPONENT, consumer::MIGRATIONS).await?;

@@ -4,8 +4,9 @@ use std::collections::HashMap;
 
 use meshkit_common::{
     BalancedChannel,
+    db::db_error,
     events::{OutboxEvent, Relay, headers, outbox},
-    status::{db_error, finish_page, invalid_argument, page_size},
+    status::{finish_page, invalid_argument, page_size},
     time::{now_us, timestamp},
 };
 use meshkit_proto::{
@@ -30,8 +31,8 @@ use crate::{
 const DEFAULT_PAGE: u64 = 50;
 const MAX_PAGE: u64 = 1000;
 
-/// The topic `OrderCreated` events go to, keyed by order id.
-pub const ORDER_EVENTS: &str = "order-events";
+/// The topic `OrderCreated` events go to, keyed by order id (the contract's).
+pub use meshkit_proto::events::topics::ORDER_EVENTS;
 
 /// The handlers; cheap to clone.
 #[derive(Clone)]
@@ -194,7 +195,7 @@ impl OrderService for OrderApi {
 }
 
 /// The schema name carried in the `schema` header of `OrderCreated` records.
-pub const ORDER_CREATED: &str = "meshkit.notification.v1.OrderCreated";
+pub use meshkit_proto::events::schemas::ORDER_CREATED;
 
 /// The caller's W3C trace context, to travel with the event.
 fn trace_headers(metadata: &tonic::metadata::MetadataMap) -> std::collections::BTreeMap<String, String> {

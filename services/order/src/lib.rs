@@ -7,19 +7,20 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod config;
 pub mod entity;
 pub mod jobs;
 pub mod migrations;
 pub mod validate;
 
 use meshkit_common::{
-    Mesh, MeshConfig, MeshServer, RunningServer, db,
+    Mesh, MeshServer, RunningServer, db,
     events::{Kafka, Relay, outbox},
-    server::new_instance_id,
 };
 use meshkit_proto::{order::order_service_server::OrderServiceServer, user::user_service_client::UserServiceClient};
 
 pub use api::OrderApi;
+pub use config::Config;
 
 /// The component name: default database file and migration records.
 pub const COMPONENT: &str = "order";
@@ -28,10 +29,7 @@ pub const COMPONENT: &str = "order";
 pub const USER_SERVICE: &str = "meshkit.user.v1.UserService";
 
 /// Connects the database and etcd, applies migrations, serves and registers.
-pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServer> {
-    if config.registry.instance_id.is_empty() {
-        config.registry.instance_id = new_instance_id();
-    }
+pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {
     let mesh = Mesh::connect(&config, COMPONENT).await?;
     let config = mesh.config();
     let database = db::connect(&config.database).await?;

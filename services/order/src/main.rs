@@ -1,13 +1,17 @@
 //! order-service: settings from `MESHKIT_CONFIG` and `MESHKIT_*`, then serve
 //! until SIGTERM/SIGINT and drain.
 
-use meshkit_common::{MeshConfig, config::ProcessEnv, shutdown::Signals, telemetry};
+use meshkit_common::{
+    config::{ProcessEnv, load_process},
+    shutdown::Signals,
+    telemetry,
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // First, so a SIGTERM during start-up still drains and revokes.
     let signals = Signals::install()?;
-    let config = MeshConfig::load(meshkit_order::COMPONENT, &ProcessEnv)?;
+    let config: meshkit_order::Config = load_process(meshkit_order::COMPONENT, &ProcessEnv)?;
     let telemetry = telemetry::init(&config.log, "order-service");
     let server = meshkit_order::start(config).await?;
     server.run_until(signals.recv()).await?;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use etcd_client::Client;
 use meshkit_common::{
-    config::{JOB_ROUTES, JobSpec},
     config_center::config_prefix,
     jobs::leader_key,
     registry::{Instance, instance_key},
@@ -24,6 +23,7 @@ use crate::{
     entity::run,
     schedule::Schedule,
     scheduler::{Scheduler, Trigger},
+    settings::{JOB_ROUTES, JobSpec},
 };
 
 /// Set on a trigger passed on to the leader, so it is not passed on again.

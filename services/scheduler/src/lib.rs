@@ -17,19 +17,20 @@ pub mod log;
 pub mod migrations;
 pub mod schedule;
 pub mod scheduler;
+pub mod settings;
 
 use std::{sync::atomic::Ordering, time::Duration};
 
 use meshkit_common::{
-    Mesh, MeshConfig, MeshServer, RunningServer, db,
+    Mesh, MeshServer, RunningServer, db,
     jobs::{LEADER_GROUP, format_slot},
     ownership::{GroupSpec, SlotGroup},
-    server::new_instance_id,
 };
 use meshkit_proto::scheduler::job_scheduler_server::JobSchedulerServer;
 
 pub use api::SchedulerApi;
 pub use scheduler::Scheduler;
+pub use settings::{Config, JobSpec, SchedulerSettings};
 
 /// The component name: config-center scope, default database file, migration records.
 pub const COMPONENT: &str = "scheduler";
@@ -38,11 +39,7 @@ pub const COMPONENT: &str = "scheduler";
 pub const SCHEDULER_SERVICE: &str = "meshkit.scheduler.v1.JobScheduler";
 
 /// Connects etcd and the database, joins the leader election, serves and registers.
-pub async fn start(mut config: MeshConfig) -> meshkit_common::Result<RunningServer> {
-    schedule::install_checks();
-    if config.registry.instance_id.is_empty() {
-        config.registry.instance_id = new_instance_id();
-    }
+pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {
     let mesh = Mesh::connect(&config, COMPONENT).await?;
     let config = mesh.config();
     let database = db::connect(&config.database).await?;

@@ -7,8 +7,8 @@
 
 use std::str::FromStr;
 
+use crate::settings::JobSpec;
 use chrono::{TimeZone, Utc};
-use meshkit_common::{MeshConfig, config::JobSpec, error::Error};
 
 /// When a job fires: a cron expression read in a time zone, or a fixed rate.
 /// Slots are instants in milliseconds since the epoch; every scheduler
@@ -68,21 +68,6 @@ impl Schedule {
             }
         }
     }
-}
-
-/// Checks every job's schedule; the error names the setting.
-pub fn check(config: &MeshConfig) -> meshkit_common::Result<()> {
-    for (name, job) in &config.scheduler.jobs {
-        if let Err((key, problem)) = Schedule::from_spec(job) {
-            return Err(Error::Config(format!("scheduler.jobs.{name}.{key}: {problem}")));
-        }
-    }
-    Ok(())
-}
-
-/// Makes every validation of the settings in this process check schedules too.
-pub fn install_checks() {
-    meshkit_common::config::add_check(check);
 }
 
 #[cfg(test)]

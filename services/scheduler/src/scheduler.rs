@@ -16,7 +16,6 @@ use std::{
 };
 
 use meshkit_common::{
-    config::{JobSpec, SchedulerSettings},
     jobs::format_slot,
     ownership::{Fence, Slot, SlotEnd},
     time::now_ms,
@@ -29,6 +28,7 @@ use crate::{
     executors::{Executors, Live},
     log::{Claim, JobLog, new_run},
     schedule::Schedule,
+    settings::{JobSpec, SchedulerSettings},
 };
 
 type SerialLock = Arc<tokio::sync::Mutex<()>>;

@@ -1,7 +1,8 @@
 //! `meshkit.user.v1.UserService` over sea-orm.
 
 use meshkit_common::{
-    status::{db_error, finish_page, invalid_argument, page_size},
+    db::db_error,
+    status::{finish_page, invalid_argument, page_size},
     time::{now_us, timestamp},
 };
 use meshkit_proto::user::{

@@ -5,20 +5,22 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod config;
 pub mod entity;
 pub mod migrations;
 pub mod validate;
 
-use meshkit_common::{Mesh, MeshConfig, MeshServer, RunningServer, db};
+use meshkit_common::{Mesh, MeshServer, RunningServer, db};
 use meshkit_proto::user::user_service_server::UserServiceServer;
 
 pub use api::UserApi;
+pub use config::Config;
 
 /// The component name: default database file and migration records.
 pub const COMPONENT: &str = "user";
 
 /// Connects the database, applies migrations, serves and registers.
-pub async fn start(config: MeshConfig) -> meshkit_common::Result<RunningServer> {
+pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {
     let mesh = Mesh::connect(&config, COMPONENT).await?;
     let config = mesh.config();
     let database = db::connect(&config.database).await?;

@@ -1,13 +1,17 @@
 //! user-service: settings from `MESHKIT_CONFIG` and `MESHKIT_*`, then serve
 //! until SIGTERM/SIGINT and drain.
 
-use meshkit_common::{MeshConfig, config::ProcessEnv, shutdown::Signals, telemetry};
+use meshkit_common::{
+    config::{ProcessEnv, load_process},
+    shutdown::Signals,
+    telemetry,
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // First, so a SIGTERM during start-up still drains and revokes.
     let signals = Signals::install()?;
-    let config = MeshConfig::load(meshkit_user::COMPONENT, &ProcessEnv)?;
+    let config: meshkit_user::Config = load_process(meshkit_user::COMPONENT, &ProcessEnv)?;
     let telemetry = telemetry::init(&config.log, "user-service");
     let server = meshkit_user::start(config).await?;
     server.run_until(signals.recv()).await?;

@@ -16,11 +16,12 @@ use std::{
 
 use hdrhistogram::Histogram;
 use meshkit_common::{
-    ChannelBuilder, MeshConfig,
+    ChannelBuilder,
     admin::http_get,
     events::{Kafka, OutboxEvent, Relay, kafka::partition_for, outbox},
     time::now_us,
 };
+use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{Broker, Etcd, Storage, create_user, mesh_config, sqlite_url};
 use meshkit_proto::order::{CreateOrderRequest, OrderItem, order_service_client::OrderServiceClient};
 use rskafka::{chrono::Utc, record::Record};
@@ -44,7 +45,7 @@ fn fetch_wait() -> i32 {
         .unwrap_or_else(|| meshkit_common::config::EventSettings::default().fetch_max_wait_ms)
 }
 
-fn events_config(etcd: &Etcd, broker: &Broker, db: &str) -> MeshConfig {
+fn events_config(etcd: &Etcd, broker: &Broker, db: &str) -> TestConfig {
     let mut config = mesh_config(etcd, db);
     config.registry.ttl_secs = 5;
     config.events.brokers = vec![broker.endpoint()];
@@ -58,7 +59,7 @@ fn event(i: usize) -> OutboxEvent {
         event_id: format!("e-{i}"),
         topic: TOPIC.into(),
         key: format!("order-{i}"),
-        schema: "meshkit.notification.v1.OrderCreated".into(),
+        schema: meshkit_proto::events::schemas::ORDER_CREATED.into(),
         payload: vec![7u8; 120],
         headers: BTreeMap::new(),
     }
@@ -124,10 +125,10 @@ async fn end_to_end(etcd: &Etcd, broker: &Broker, secs: u64) -> anyhow::Result<(
     let total = (rate * secs) as usize;
     let dir = tempfile::tempdir()?;
     let cfg = |name: &str| events_config(etcd, broker, &sqlite_url(dir.path(), name));
-    let user = meshkit_user::start(cfg("user")).await?;
-    let order = meshkit_order::start(cfg("order")).await?;
-    let n1 = meshkit_notification::start(cfg("notification")).await?;
-    let n2 = meshkit_notification::start(cfg("notification")).await?;
+    let user = meshkit_user::start(cfg("user").into()).await?;
+    let order = meshkit_order::start(cfg("order").into()).await?;
+    let n1 = meshkit_notification::start(cfg("notification").into()).await?;
+    let n2 = meshkit_notification::start(cfg("notification").into()).await?;
     let admins: Vec<String> = [&n1, &n2].iter().filter_map(|s| s.admin_addr()).map(|a| a.to_string()).collect();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
     let user_id = create_user(&channels.balanced("meshkit.user.v1.UserService"), "Bench", "bench@example.com").await.id;

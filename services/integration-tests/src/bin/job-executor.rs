@@ -36,13 +36,11 @@ fn record(event: &str, ctx: &JobContext, instance: &str) -> Result<(), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let signals = Signals::install()?;
-    let mut config = MeshConfig::load("job-executor", &ProcessEnv)?;
-    if config.registry.instance_id.is_empty() {
-        config.registry.instance_id = meshkit_common::server::new_instance_id();
-    }
+    let config = MeshConfig::load("job-executor", &ProcessEnv)?;
     let telemetry = telemetry::init(&config.log, "job-executor");
     let component = std::env::var("JOB_EXECUTOR_COMPONENT").unwrap_or_else(|_| "worker".into());
     let mesh = Mesh::connect(&config, &component).await?;
+    let config = mesh.config();
     let me = config.registry.instance_id.clone();
     let (a, b, c) = (me.clone(), me.clone(), me.clone());
     let executor = Executor::new(mesh.etcd.clone(), &config.etcd.prefix)

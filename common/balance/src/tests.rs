@@ -1,0 +1,321 @@
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+use super::*;
+use meshkit_registry::registry::Instance;
+
+/// A hand-fed discovery source: its change sender and its "first read sent" flag.
+fn watch(synced: bool) -> (mpsc::Sender<Change<String, Instance>>, tokio::sync::watch::Sender<bool>, ServiceWatch) {
+    let (tx, changes) = mpsc::channel(8);
+    let (synced_tx, synced) = tokio::sync::watch::channel(synced);
+    (tx, synced_tx, ServiceWatch { changes, synced, resyncs: Arc::default() })
+}
+
+fn request() -> Request {
+    http::Request::builder()
+        .uri("/grpc.health.v1.Health/Check")
+        .body(tonic::body::Body::empty())
+        .expect("static request")
+}
+
+fn status_of(err: BoxError) -> tonic::Status {
+    tonic::Status::from_error(err)
+}
+
+#[tokio::test]
+async fn no_instance_fails_fast_with_unavailable() {
+    let (_tx, _synced, w) = watch(true);
+    let channel = BalancedChannel::from_watch("meshkit.test.v1.Empty", w, &ChannelConfig::default(), Arc::default());
+    let err = tokio::time::timeout(Duration::from_secs(2), channel.oneshot(request()))
+        .await
+        .expect("answers without waiting")
+        .expect_err("no instance");
+    let status = status_of(err);
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("meshkit.test.v1.Empty"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn unsynced_discovery_fails_after_the_wait() {
+    let (_tx, _synced, w) = watch(false);
+    let config = ChannelConfig::default().discovery_wait(Duration::from_millis(100));
+    let channel = BalancedChannel::from_watch("meshkit.test.v1.Empty", w, &config, Arc::default());
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(2), channel.oneshot(request()))
+        .await
+        .expect("bounded wait")
+        .expect_err("no instance");
+    assert!(started.elapsed() >= Duration::from_millis(90));
+    assert_eq!(status_of(err).code(), tonic::Code::Unavailable);
+}
+
+#[tokio::test]
+async fn bad_address_is_skipped_not_fatal() {
+    let (tx, synced, w) = watch(false);
+    let channel = BalancedChannel::from_watch("meshkit.test.v1.Bad", w, &ChannelConfig::default(), Arc::default());
+    let bad = Instance {
+        addr: "not an address".into(),
+        zone: String::new(),
+        weight: 100,
+        version: String::new(),
+        metadata: Default::default(),
+    };
+    tx.send(Change::Insert("i-1".into(), bad)).await.expect("open");
+    // Marked synced only after the insert is queued, as discovery does.
+    synced.send_replace(true);
+    // Well inside the 3 s discovery wait: the answer comes from the sync.
+    let err = tokio::time::timeout(Duration::from_secs(1), channel.oneshot(request()))
+        .await
+        .expect("bounded")
+        .expect_err("no usable instance");
+    assert_eq!(status_of(err).code(), tonic::Code::Unavailable);
+}
+
+mod endpoint_stats {
+    use std::time::Instant;
+
+    use super::super::endpoint::{EndpointConfig, EndpointStats, Outcome, PoolCounts};
+    use super::*;
+
+    fn pool(n: usize, config: EndpointConfig) -> (Arc<PoolCounts>, Vec<Arc<EndpointStats>>) {
+        let counts = Arc::new(PoolCounts::new());
+        let config = Arc::new(config);
+        let stats = (0..n)
+            .map(|i| {
+                Arc::new(EndpointStats::new(
+                    format!("i-{i}"),
+                    format!("127.0.0.1:{i}"),
+                    100,
+                    config.clone(),
+                    counts.clone(),
+                ))
+            })
+            .collect();
+        (counts, stats)
+    }
+
+    fn call(stats: &EndpointStats, outcome: Outcome, latency: Duration) {
+        let now = Instant::now();
+        stats.test_started(now);
+        stats.test_finished(Some(outcome), latency, now);
+    }
+
+    #[test]
+    fn load_follows_latency_in_flight_failures_and_weight() {
+        let (counts, s) = pool(2, EndpointConfig::default());
+        let now = Instant::now();
+        let base = s[0].load(now);
+        call(&s[0], Outcome::Success, Duration::from_millis(50));
+        assert!(s[0].load(Instant::now()) > base * 5.0, "a slow answer raises the load at once");
+        s[1].test_started(now);
+        let one = s[1].load(now);
+        s[1].test_started(now);
+        assert!(s[1].load(now) >= one * 1.49, "calls in flight add load: 3 vs 2 shares");
+        let (_, fresh) = pool(1, EndpointConfig::default());
+        let before = fresh[0].load(now);
+        call(&fresh[0], Outcome::Failure, Duration::from_millis(5));
+        assert!(fresh[0].load(Instant::now()) > before * 2.0, "failures are penalised");
+        drop(counts);
+        let fresh_pool = Arc::new(PoolCounts::new());
+        let config = Arc::new(EndpointConfig::default());
+        let normal = EndpointStats::new("n".into(), "a:1".into(), 100, config.clone(), fresh_pool.clone());
+        let heavy = EndpointStats::new("w".into(), "a:2".into(), 400, config, fresh_pool);
+        let (n, h) = (normal.load(now), heavy.load(now));
+        assert!((h * 4.0 - n).abs() < n * 0.01, "weight 400 costs a quarter of weight 100: {h} vs {n}");
+    }
+
+    #[test]
+    fn a_new_endpoint_starts_from_the_pools_typical_latency() {
+        let (counts, s) = pool(1, EndpointConfig { default_rtt: Duration::from_millis(5), ..Default::default() });
+        for _ in 0..50 {
+            call(&s[0], Outcome::Success, Duration::from_micros(200));
+        }
+        let newcomer = EndpointStats::new("new".into(), "a:2".into(), 100, Arc::new(EndpointConfig::default()), counts);
+        let rtt = newcomer.snapshot().rtt_ms;
+        assert!(rtt < 1.0, "a newcomer must not look 25 times slower than its peers: {rtt} ms");
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_a_probe_brings_back() {
+        let config = EndpointConfig { eject_after: 3, eject_base: Duration::from_millis(30), ..Default::default() };
+        let (counts, s) = pool(3, config);
+        for _ in 0..2 {
+            call(&s[0], Outcome::Failure, Duration::from_millis(1));
+        }
+        assert_eq!(s[0].snapshot().state, "ready");
+        call(&s[0], Outcome::Failure, Duration::from_millis(1));
+        assert_eq!(s[0].snapshot().state, "ejected");
+        assert_eq!(counts.ejected.load(Ordering::Relaxed), 1);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(s[0].test_ejected_until().is_none(), "backoff over: probing");
+        assert_eq!(s[0].snapshot().state, "probing");
+        // A failed probe ejects again, for twice as long.
+        call(&s[0], Outcome::Failure, Duration::from_millis(1));
+        let snap = s[0].snapshot();
+        assert_eq!(snap.state, "ejected");
+        assert!(snap.ejected_for_ms > 30, "{}", snap.ejected_for_ms);
+        std::thread::sleep(Duration::from_millis(70));
+        assert!(s[0].test_ejected_until().is_none());
+        call(&s[0], Outcome::Success, Duration::from_millis(1));
+        assert_eq!(s[0].snapshot().state, "ready");
+        assert_eq!(counts.ejected.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_lost_connection_ejects_at_once_but_never_the_last_endpoint() {
+        let (counts, s) = pool(2, EndpointConfig::default());
+        call(&s[0], Outcome::ConnectionLost, Duration::from_millis(1));
+        assert_eq!(s[0].snapshot().state, "ejected");
+        call(&s[1], Outcome::ConnectionLost, Duration::from_millis(1));
+        assert_eq!(s[1].snapshot().state, "ready", "the last endpoint in rotation stays");
+        assert_eq!(counts.ejected.load(Ordering::Relaxed), 1);
+        drop(s);
+        assert_eq!(counts.ejected.load(Ordering::Relaxed), 0, "removed endpoints leave the counts");
+        assert_eq!(counts.endpoints.load(Ordering::Relaxed), 0);
+    }
+}
+
+mod retries {
+    use std::io::ErrorKind;
+
+    use tower_test::mock;
+
+    use super::super::{body::TrackedBody, retry::Retry};
+    use super::*;
+    use meshkit_base::methods::{MethodInfo, MethodTable};
+
+    const IDEMPOTENT: &str = "/t.S/Get";
+    const UNSAFE: &str = "/t.S/Create";
+
+    fn table() -> Arc<MethodTable> {
+        let mut t = MethodTable::default();
+        t.insert(IDEMPOTENT, MethodInfo { idempotent: true, client_streaming: false });
+        t.insert(UNSAFE, MethodInfo { idempotent: false, client_streaming: false });
+        Arc::new(t)
+    }
+
+    fn req(path: &str) -> Request {
+        http::Request::builder().uri(path).body(tonic::body::Body::empty()).expect("static request")
+    }
+
+    fn ok() -> Response {
+        http::Response::new(TrackedBody::new(tonic::body::Body::empty(), None))
+    }
+
+    /// Runs one call whose attempts meet `errors` in turn (then success);
+    /// returns how many attempts reached the inner service and whether the call succeeded.
+    async fn run(path: &str, errors: Vec<ErrorKind>, config: RetryConfig) -> (usize, bool) {
+        let (svc, mut handle) = mock::pair::<Request, Response>();
+        let mut retry = Retry::new(svc, table(), config, "test.Retry");
+        retry.ready().await.expect("ready");
+        let call = tokio::spawn(retry.call(req(path)));
+        let mut attempts = 0;
+        let mut errors = errors.into_iter();
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await;
+            let Ok(Some((_, respond))) = next else { break };
+            attempts += 1;
+            match errors.next() {
+                Some(kind) => respond.send_error(std::io::Error::from(kind)),
+                None => respond.send_response(ok()),
+            }
+        }
+        (attempts, call.await.expect("no panic").is_ok())
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_retried_for_any_method() {
+        assert_eq!(run(UNSAFE, vec![ErrorKind::ConnectionRefused], RetryConfig::default()).await, (2, true));
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_sending_is_retried_only_when_idempotent() {
+        assert_eq!(run(UNSAFE, vec![ErrorKind::ConnectionReset], RetryConfig::default()).await, (1, false));
+        assert_eq!(run(IDEMPOTENT, vec![ErrorKind::ConnectionReset], RetryConfig::default()).await, (2, true));
+    }
+
+    #[tokio::test]
+    async fn attempts_are_capped() {
+        let three = vec![ErrorKind::ConnectionReset; 5];
+        assert_eq!(run(IDEMPOTENT, three, RetryConfig::default()).await, (3, false));
+    }
+
+    #[tokio::test]
+    async fn the_budget_stops_retries_once_spent() {
+        // No floor and no share of traffic: no retry at all.
+        let config = RetryConfig { budget_min_per_sec: 0, budget_percent: 0.0, ..Default::default() };
+        assert_eq!(run(IDEMPOTENT, vec![ErrorKind::ConnectionReset], config).await, (1, false));
+    }
+
+    #[test]
+    fn the_budget_is_a_share_of_traffic_plus_a_floor() {
+        use super::super::retry::RetryBudget;
+        let budget = RetryBudget::new(0, 0.2);
+        assert!(!budget.withdraw(), "no traffic, no floor: no retry");
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let granted = (0..50).filter(|_| budget.withdraw()).count();
+        assert_eq!(granted, 20, "20% of 100 calls");
+        let floor = RetryBudget::new(2, 0.0);
+        let granted = (0..50).filter(|_| floor.withdraw()).count();
+        assert_eq!(granted, 20, "2 per second over the 10 s window");
+    }
+
+    #[tokio::test]
+    async fn unknown_methods_are_sent_once() {
+        assert_eq!(run("/t.S/Unknown", vec![ErrorKind::ConnectionRefused], RetryConfig::default()).await, (1, false));
+    }
+
+    /// Starts an idempotent call carrying `grpc-timeout: timeout` through a
+    /// retry layer over a mock service.
+    async fn call_with_timeout(
+        timeout: &'static str,
+    ) -> (tokio::task::JoinHandle<Result<Response, BoxError>>, mock::Handle<Request, Response>) {
+        let (svc, handle) = mock::pair::<Request, Response>();
+        let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");
+        let mut request = req(IDEMPOTENT);
+        request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static(timeout));
+        retry.ready().await.expect("ready");
+        (tokio::spawn(retry.call(request)), handle)
+    }
+
+    #[tokio::test]
+    async fn no_retry_outlives_the_deadline() {
+        let started = std::time::Instant::now();
+        let (call, mut handle) = call_with_timeout("100m").await;
+        // The first attempt never answers.
+        let (_, _respond) = handle.next_request().await.expect("first attempt");
+        let err = call.await.expect("no panic").expect_err("deadline");
+        let status = tonic::Status::from_error(err);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() < Duration::from_millis(400), "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_deadline_spent_before_sending_fails_without_a_call() {
+        // One nanosecond: gone before the request can leave.
+        let (call, mut handle) = call_with_timeout("1n").await;
+        let err = call.await.expect("no panic").expect_err("deadline");
+        assert_eq!(tonic::Status::from_error(err).code(), tonic::Code::DeadlineExceeded);
+        let sent = tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await;
+        assert!(!matches!(sent, Ok(Some(_))), "the request reached the service");
+    }
+
+    #[tokio::test]
+    async fn an_inherited_deadline_travels_as_grpc_timeout() {
+        let (svc, mut handle) = mock::pair::<Request, Response>();
+        let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
+        retry.ready().await.expect("ready");
+        let call = tokio::spawn(meshkit_base::deadline::with_deadline(deadline, retry.call(req(IDEMPOTENT))));
+        let (sent, respond) = handle.next_request().await.expect("one attempt");
+        let timeout =
+            sent.headers().get("grpc-timeout").and_then(meshkit_base::deadline::parse_grpc_timeout).expect("header");
+        assert!(timeout <= Duration::from_millis(250) && timeout > Duration::from_millis(150), "{timeout:?}");
+        respond.send_response(ok());
+        call.await.expect("no panic").expect("answered");
+    }
+}

@@ -1,0 +1,338 @@
+//! A lazily connected rskafka client with bounded requests.
+//!
+//! rskafka retries a failing request forever by default; here every request
+//! gives up after `events.request_timeout_ms`, so the relay and the consumers
+//! decide themselves when to try again (and a stopped broker never hangs a
+//! shutdown). The client is built on first use and rebuilt after a failure, so
+//! a process starts while the broker is down and connects once it is back.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use rskafka::{
+    BackoffConfig,
+    client::{
+        Client, ClientBuilder,
+        error::{Error as KafkaError, ProtocolError},
+        partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling},
+    },
+    record::{Record, RecordAndOffset},
+};
+use tokio::sync::Mutex;
+
+use crate::{
+    error::{Error, Result},
+    settings::EventSettings,
+};
+
+/// Shared by the relay and the consumers of a process; cheap to clone.
+#[derive(Clone)]
+pub struct Kafka {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: EventSettings,
+    client_id: String,
+    client: Mutex<Option<Arc<Client>>>,
+    partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+    topics: Mutex<HashMap<String, i32>>,
+}
+
+/// What one fetch returned.
+pub struct Fetched {
+    pub records: Vec<RecordAndOffset>,
+    pub high_watermark: i64,
+}
+
+impl Kafka {
+    pub fn new(settings: EventSettings, client_id: impl Into<String>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                client_id: client_id.into(),
+                client: Mutex::new(None),
+                partitions: Mutex::new(HashMap::new()),
+                topics: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &EventSettings {
+        &self.inner.settings
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.inner.settings.request_timeout_ms)
+    }
+
+    async fn client(&self) -> Result<Arc<Client>> {
+        let mut slot = self.inner.client.lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let backoff = BackoffConfig {
+            init_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
+            base: 2.0,
+            deadline: Some(self.timeout()),
+        };
+        let mut builder = ClientBuilder::new(self.inner.settings.brokers.clone())
+            .client_id(self.inner.client_id.as_str())
+            .backoff_config(backoff);
+        if let Some(tls) = broker_tls(&self.inner.settings)? {
+            builder = builder.tls_config(tls);
+        }
+        if let Some(sasl) = sasl(&self.inner.settings) {
+            builder = builder.sasl_config(sasl);
+        }
+        let client = Arc::new(bounded(self.timeout(), "connect", builder.build()).await?);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Forgets the client and every partition client after a failure, so the
+    /// next request connects afresh.
+    async fn reset(&self) {
+        self.inner.client.lock().await.take();
+        self.inner.partitions.lock().await.clear();
+    }
+
+    async fn partition(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>> {
+        let key = (topic.to_owned(), partition);
+        if let Some(client) = self.inner.partitions.lock().await.get(&key) {
+            return Ok(client.clone());
+        }
+        let client = self.client().await?;
+        let pc = bounded(
+            self.timeout(),
+            "partition lookup",
+            client.partition_client(topic, partition, UnknownTopicHandling::Retry),
+        )
+        .await?;
+        let pc = Arc::new(pc);
+        self.inner.partitions.lock().await.insert(key, pc.clone());
+        Ok(pc)
+    }
+
+    /// Creates `topic` with `events.partitions` partitions unless it exists;
+    /// returns its partition count.
+    pub async fn ensure_topic(&self, topic: &str) -> Result<i32> {
+        if let Some(n) = self.inner.topics.lock().await.get(topic) {
+            return Ok(*n);
+        }
+        let client = self.client().await?;
+        let count = |topics: Vec<rskafka::topic::Topic>| {
+            topics.into_iter().find(|t| t.name == topic).map(|t| t.partitions.len() as i32).filter(|n| *n > 0)
+        };
+        let mut partitions = count(bounded(self.timeout(), "list topics", client.list_topics()).await?);
+        if partitions.is_none() {
+            let settings = &self.inner.settings;
+            let controller = client.controller_client().map_err(kafka_error("controller"))?;
+            let created = bounded(
+                self.timeout(),
+                "create topic",
+                controller.create_topic(
+                    topic,
+                    settings.partitions,
+                    settings.replication_factor,
+                    settings.request_timeout_ms as i32,
+                ),
+            )
+            .await;
+            match created {
+                Ok(()) => tracing::info!(topic, partitions = settings.partitions, "topic created"),
+                Err(Error::Kafka { code: Some(ProtocolError::TopicAlreadyExists), .. }) => {}
+                Err(e) => return Err(e),
+            }
+            partitions = count(bounded(self.timeout(), "list topics", client.list_topics()).await?);
+        }
+        let n = partitions.ok_or_else(|| Error::kafka(format!("topic {topic:?} has no partitions after creation")))?;
+        self.inner.topics.lock().await.insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
+    /// Appends `records` to one partition, in order; returns their offsets.
+    pub async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<Vec<i64>> {
+        let pc = self.partition(topic, partition).await?;
+        let result = bounded(self.timeout(), "produce", pc.produce(records, Compression::NoCompression)).await;
+        if result.is_err() {
+            self.reset().await;
+        }
+        result
+    }
+
+    /// Reads records from `offset` on. An offset below the log start moves
+    /// to the earliest record the broker still has.
+    pub async fn fetch(&self, topic: &str, partition: i32, offset: i64) -> Result<Fetched> {
+        let settings = &self.inner.settings;
+        let pc = self.partition(topic, partition).await?;
+        let wait = Duration::from_millis(settings.fetch_max_wait_ms as u64);
+        let fetch = pc.fetch_records(offset, 1..settings.fetch_max_bytes, settings.fetch_max_wait_ms);
+        match tokio::time::timeout(self.timeout() + wait, fetch).await {
+            Ok(Ok((records, high_watermark))) => Ok(Fetched { records, high_watermark }),
+            Ok(Err(KafkaError::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. })) => {
+                let earliest = bounded(self.timeout(), "list offsets", pc.get_offset(OffsetAt::Earliest)).await?;
+                if earliest <= offset {
+                    // Past the end: nothing to read yet.
+                    return Ok(Fetched { records: Vec::new(), high_watermark: offset });
+                }
+                tracing::warn!(topic, partition, offset, earliest, "offset below the log start; skipping ahead");
+                Box::pin(self.fetch(topic, partition, earliest)).await
+            }
+            Ok(Err(e)) => {
+                self.reset().await;
+                Err(kafka_error("fetch")(e))
+            }
+            Err(_) => {
+                self.reset().await;
+                Err(Error::kafka("fetch: timed out"))
+            }
+        }
+    }
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    what: &'static str,
+    fut: impl Future<Output = std::result::Result<T, KafkaError>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(result) => result.map_err(kafka_error(what)),
+        Err(_) => Err(Error::kafka(format!("{what}: timed out after {} ms", timeout.as_millis()))),
+    }
+}
+
+fn kafka_error(what: &'static str) -> impl Fn(KafkaError) -> Error {
+    move |e| {
+        let code = match &e {
+            KafkaError::ServerError { protocol_error, .. } => Some(*protocol_error),
+            _ => None,
+        };
+        Error::Kafka { message: format!("{what}: {e}"), code }
+    }
+}
+
+/// Kafka's default partitioner for keyed records: murmur2 of the key, so a
+/// key lands on the same partition whichever client (Java, Go, Rust) sent it.
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) as i32) % partitions.max(1)
+}
+
+/// The 32-bit murmur2 hash as Kafka's `Utils.murmur2` computes it.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// TLS to the brokers when `events.tls_ca_file` is set: their certificates
+/// checked against that CA (names included), and a client certificate when
+/// one is configured.
+pub fn broker_tls(settings: &EventSettings) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    use meshkit_tls::{pem_chain, pem_key, pem_roots, read_file};
+    if settings.tls_ca_file.is_empty() {
+        return Ok(None);
+    }
+    let (ca, cert, key) = (&settings.tls_ca_file, &settings.tls_cert_file, &settings.tls_key_file);
+    let roots = pem_roots("events.tls_ca_file", ca, &read_file("events.tls_ca_file", ca)?)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("events.tls: {e}")))?
+        .with_root_certificates(roots);
+    let config = if cert.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let chain = pem_chain("events.tls_cert_file", cert, &read_file("events.tls_cert_file", cert)?)?;
+        let key = pem_key("events.tls_key_file", key, &read_file("events.tls_key_file", key)?)?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| Error::Config(format!("events.tls_key_file: does not match events.tls_cert_file: {e}")))?
+    };
+    Ok(Some(Arc::new(config)))
+}
+
+/// SASL credentials when `events.sasl_mechanism` is set.
+pub fn sasl(settings: &EventSettings) -> Option<rskafka::client::SaslConfig> {
+    use rskafka::client::{Credentials, SaslConfig};
+    let credentials = || Credentials::new(settings.sasl_username.clone(), settings.sasl_password.clone());
+    match settings.sasl_mechanism.as_str() {
+        "PLAIN" => Some(SaslConfig::Plain(credentials())),
+        "SCRAM-SHA-256" => Some(SaslConfig::ScramSha256(credentials())),
+        "SCRAM-SHA-512" => Some(SaslConfig::ScramSha512(credentials())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Kafka's UtilsTest.testMurmur2.
+        let cases: &[(&str, i32)] = &[
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            ("abc", 479470107),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(murmur2(input.as_bytes()) as i32, *expected, "murmur2({input:?})");
+        }
+    }
+
+    #[test]
+    fn partitions_stay_in_range_and_are_stable() {
+        for n in 1..20 {
+            for key in ["a", "order-1", "", "0192f3a0-7c1e-7d3b-9e0f-123456789abc"] {
+                let p = partition_for(key.as_bytes(), n);
+                assert!((0..n).contains(&p));
+                assert_eq!(p, partition_for(key.as_bytes(), n));
+            }
+        }
+    }
+
+    #[test]
+    fn broker_security_settings_map_onto_rskafka_and_name_bad_files() {
+        let mut settings = EventSettings::default();
+        assert!(super::broker_tls(&settings).unwrap().is_none(), "no CA: plaintext");
+        assert!(super::sasl(&settings).is_none());
+        settings.sasl_mechanism = "SCRAM-SHA-512".into();
+        settings.sasl_username = "order".into();
+        settings.sasl_password = "pw".into();
+        assert!(
+            matches!(super::sasl(&settings), Some(rskafka::client::SaslConfig::ScramSha512(c)) if c.username == "order")
+        );
+        settings.tls_ca_file = "/nonexistent/ca.pem".into();
+        let err = super::broker_tls(&settings).unwrap_err().to_string();
+        assert!(err.contains("events.tls_ca_file") && err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+}

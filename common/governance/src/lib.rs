@@ -1,0 +1,591 @@
+//! Governance: flow control, circuit breaking, adaptive throttling, load
+//! shedding and per-method timeouts, as tower layers on both sides of a call,
+//! with rules from [`GovernanceSettings`] (hot-reloaded from the config
+//! center when given a watch).
+//!
+//! Serving side ([`GovernanceLayer`], in every [`crate::MeshServer`]): load
+//! shedding, then the most specific rule of the method: `qps` (token bucket
+//! with `burst`), `caller_qps` (one bucket per value of the `caller_key`
+//! metadata), `concurrency`, `timeout_ms` (a deadline the handler and its
+//! downstream calls inherit). A refused call gets RESOURCE_EXHAUSTED naming
+//! the limit, with a `grpc-retry-pushback-ms` hint.
+//!
+//! Calling side (every [`crate::BalancedChannel`] built by a
+//! [`crate::ChannelBuilder`] that has it): adaptive throttling per service,
+//! then a breaker per (service, method) when the method's rule enables one,
+//! and the rule's `timeout_ms`. An open breaker answers UNAVAILABLE naming
+//! itself, without a network call. Per endpoint, the pool's ejection is the
+//! breaker (consecutive failures open it for a growing backoff, then a probe).
+//!
+//! Every refusal is counted (`meshkit_governance_rejections_total`) and shown
+//! with the rules, breakers and shedder in the admin endpoint's `/reports`
+//! (`governance`), which `meshctl governance` prints.
+
+pub mod breaker;
+pub mod settings;
+pub mod shed;
+pub mod throttle;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    num::NonZeroU32,
+    pin::Pin,
+    sync::{Arc, Mutex, RwLock},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
+use http::HeaderValue;
+use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use meshkit_base::methods::{MethodMap, MethodPattern};
+
+use crate::settings::MethodRule;
+pub use breaker::Breaker;
+pub use settings::GovernanceSettings;
+pub use shed::Shedder;
+pub use throttle::Throttle;
+
+/// The header a refusal carries: how long to wait before trying again.
+pub const PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
+
+/// One method rule with its limiters.
+struct ServerRule {
+    pattern: String,
+    rule: MethodRule,
+    qps: Option<DefaultDirectRateLimiter>,
+    caller: Option<DefaultKeyedRateLimiter<String>>,
+    concurrency: Option<Arc<Semaphore>>,
+}
+
+fn quota(per_sec: f64, burst: u32) -> Option<Quota> {
+    if per_sec <= 0.0 {
+        return None;
+    }
+    let burst = NonZeroU32::new(if burst == 0 { per_sec.ceil() as u32 } else { burst })?;
+    let period = Duration::from_secs_f64(1.0 / per_sec);
+    Quota::with_period(period).map(|q| q.allow_burst(burst))
+}
+
+impl ServerRule {
+    fn new(pattern: &str, rule: &MethodRule) -> Self {
+        Self {
+            pattern: pattern.to_owned(),
+            qps: quota(rule.qps, rule.burst).map(RateLimiter::direct),
+            caller: quota(rule.caller_qps, rule.caller_burst).map(RateLimiter::keyed),
+            concurrency: (rule.concurrency > 0).then(|| Arc::new(Semaphore::new(rule.concurrency as usize))),
+            rule: rule.clone(),
+        }
+    }
+}
+
+/// The rules in force, compiled.
+struct Compiled {
+    settings: GovernanceSettings,
+    rules: MethodMap<Arc<ServerRule>>,
+    shedder: Option<Arc<Shedder>>,
+    /// Calling side, created on first use: service → method → breaker.
+    breakers: Mutex<HashMap<String, HashMap<String, Arc<Breaker>>>>,
+    throttles: Mutex<HashMap<String, Arc<Throttle>>>,
+}
+
+impl Compiled {
+    fn new(settings: GovernanceSettings) -> Self {
+        let mut rules = MethodMap::default();
+        for (pattern, rule) in &settings.methods {
+            // Validated settings only hold patterns that parse.
+            if let Ok(p) = MethodPattern::parse(pattern) {
+                rules.insert(&p, Arc::new(ServerRule::new(pattern, rule)));
+            }
+        }
+        let shedder = settings.shedding.enabled.then(|| Arc::new(Shedder::new(settings.shedding.clone())));
+        Self { settings, rules, shedder, breakers: Mutex::default(), throttles: Mutex::default() }
+    }
+
+    /// The most specific rule for `/pkg.Service/Method`.
+    fn rule(&self, path: &str) -> Option<&Arc<ServerRule>> {
+        self.rules.get(path)
+    }
+
+    fn breaker(&self, service: &str, path: &str, rule: &MethodRule) -> Arc<Breaker> {
+        let mut breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = breakers.get(service).and_then(|m| m.get(path)) {
+            return b.clone();
+        }
+        // Bounded like the metrics: made-up paths share one breaker.
+        let total: usize = breakers.values().map(HashMap::len).sum();
+        let key = if total >= 1_000 { "other" } else { path };
+        let methods = breakers.entry(service.to_owned()).or_default();
+        methods.entry(key.to_owned()).or_insert_with(|| Arc::new(Breaker::new(rule.breaker.clone()))).clone()
+    }
+
+    fn throttle(&self, service: &str) -> Arc<Throttle> {
+        let mut throttles = self.throttles.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = throttles.get(service) {
+            return t.clone();
+        }
+        throttles
+            .entry(service.to_owned())
+            .or_insert_with(|| Arc::new(Throttle::new(&self.settings.throttling)))
+            .clone()
+    }
+}
+
+/// A process's governance: the compiled rules, swapped when they change.
+pub struct Governance {
+    compiled: RwLock<Arc<Compiled>>,
+    rejections: Mutex<BTreeMap<(String, String, String), u64>>,
+}
+
+impl std::fmt::Debug for Governance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Governance").field("settings", &self.snapshot().settings).finish()
+    }
+}
+
+impl Governance {
+    /// Fixed rules.
+    pub fn new(settings: GovernanceSettings) -> Arc<Self> {
+        Arc::new(Self { compiled: RwLock::new(Arc::new(Compiled::new(settings))), rejections: Mutex::default() })
+    }
+
+    /// Rules that follow `settings` (from [`meshkit_registry::config_center::ConfigCenter::section`]):
+    /// each change is compiled and swapped in; limiter and breaker state start afresh.
+    pub fn watching(mut settings: watch::Receiver<GovernanceSettings>) -> Arc<Self> {
+        let governance = Self::new(settings.borrow_and_update().clone());
+        let weak = Arc::downgrade(&governance);
+        tokio::spawn(async move {
+            while settings.changed().await.is_ok() {
+                let Some(governance) = weak.upgrade() else { return };
+                let next = settings.borrow_and_update().clone();
+                tracing::info!(
+                    rules = next.methods.len(),
+                    shedding = next.shedding.enabled,
+                    "governance rules changed"
+                );
+                governance.replace(next);
+            }
+        });
+        governance
+    }
+
+    /// Swaps in new rules.
+    pub fn replace(&self, settings: GovernanceSettings) {
+        let compiled = Arc::new(Compiled::new(settings));
+        *self.compiled.write().unwrap_or_else(|p| p.into_inner()) = compiled;
+    }
+
+    fn snapshot(&self) -> Arc<Compiled> {
+        self.compiled.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> GovernanceSettings {
+        self.snapshot().settings.clone()
+    }
+
+    fn count(&self, side: &str, what: &str, rule: &str) {
+        const HELP: &str = "Calls refused by governance, by side (server, client), rule pattern or service, and rule.";
+        meshkit_telemetry::metrics::counter(
+            "meshkit_governance_rejections_total",
+            HELP,
+            &[("side", side), ("target", what), ("rule", rule)],
+        )
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut map = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((side.to_owned(), what.to_owned(), rule.to_owned())).or_default() += 1;
+    }
+
+    /// What `/reports` and `meshctl governance` show.
+    pub fn report(&self) -> Report {
+        let compiled = self.snapshot();
+        let breakers = compiled
+            .breakers
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .flat_map(|(service, methods)| {
+                        methods.iter().map(move |(method, b)| BreakerReport {
+                            service: service.clone(),
+                            method: method.clone(),
+                            state: b.state().as_str(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let throttling = compiled
+            .throttles
+            .lock()
+            .map(|m| m.iter().map(|(s, t)| (s.clone(), t.reject_probability())).collect())
+            .unwrap_or_default();
+        let shedding = compiled.shedder.as_ref().map(|s| SheddingReport {
+            in_flight: s.in_flight(),
+            capacity: s.capacity(),
+            cpu: shed::cpu_usage(),
+            shed: s.refused.load(std::sync::atomic::Ordering::Relaxed),
+        });
+        let rejections = self
+            .rejections
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|((side, target, rule), n)| RejectionReport {
+                        side: side.clone(),
+                        target: target.clone(),
+                        rule: rule.clone(),
+                        count: *n,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Report { rules: compiled.settings.clone(), breakers, throttling, shedding, rejections }
+    }
+
+    /// The `/metrics` families of governance state: each breaker's state,
+    /// throttling probability per service, the shedder's in-flight calls and
+    /// capacity (refusals are the `meshkit_governance_rejections_total` counter).
+    pub fn metrics_source(self: &Arc<Self>) -> meshkit_telemetry::metrics::Source {
+        let weak = Arc::downgrade(self);
+        meshkit_telemetry::metrics::source(move || {
+            let report = weak.upgrade().map(|g| g.report());
+            async move {
+                use meshkit_telemetry::metrics::{family, labels};
+                let mut out = String::new();
+                let Some(report) = report else { return out };
+                let breakers: Vec<(String, f64)> = report
+                    .breakers
+                    .iter()
+                    .map(|b| {
+                        let state = match b.state {
+                            "closed" => 0.0,
+                            "open" => 1.0,
+                            _ => 2.0,
+                        };
+                        (labels(&["service", "method"], &[b.service.clone(), b.method.clone()], None), state)
+                    })
+                    .collect();
+                family(
+                    &mut out,
+                    "meshkit_breaker_state",
+                    "gauge",
+                    "Circuit breaker per called (service, method): 0 closed, 1 open, 2 half-open.",
+                    &breakers,
+                );
+                let throttling: Vec<(String, f64)> = report
+                    .throttling
+                    .iter()
+                    .map(|(s, p)| (labels(&["service"], std::slice::from_ref(s), None), *p))
+                    .collect();
+                family(
+                    &mut out,
+                    "meshkit_throttling_reject_probability",
+                    "gauge",
+                    "Adaptive throttling: the probability a call to the service is refused locally now.",
+                    &throttling,
+                );
+                if let Some(s) = &report.shedding {
+                    family(
+                        &mut out,
+                        "meshkit_shedding_in_flight",
+                        "gauge",
+                        "Calls in flight, as load shedding counts them.",
+                        &[(String::new(), s.in_flight as f64)],
+                    );
+                    family(
+                        &mut out,
+                        "meshkit_shedding_capacity",
+                        "gauge",
+                        "Calls the process can have in flight at its current latency (max completions x min latency).",
+                        &[(String::new(), s.capacity.unwrap_or(0) as f64)],
+                    );
+                    family(
+                        &mut out,
+                        "meshkit_process_cpu_usage",
+                        "gauge",
+                        "The process's CPU use as a share of its cores (load shedding's input).",
+                        &[(String::new(), s.cpu)],
+                    );
+                }
+                out
+            }
+        })
+    }
+
+    // === the calling side ===
+
+    /// Checks a call about to go to `service`; on success, the guard to
+    /// finish with the call's outcome. Sets the rule's deadline on `headers`.
+    pub fn before_call(
+        self: &Arc<Self>,
+        service: &str,
+        path: &str,
+        headers: &mut http::HeaderMap,
+    ) -> Result<Option<CallGuard>, tonic::Status> {
+        let compiled = self.snapshot();
+        let throttle = compiled.settings.throttling.enabled.then(|| compiled.throttle(service));
+        if let Some(throttle) = &throttle {
+            if let Some(p) = throttle.refuse(rand::random::<f64>()) {
+                throttle.record(false);
+                self.count("client", service, "throttling");
+                return Err(tonic::Status::unavailable(format!(
+                    "adaptive throttling of {service}: refused locally (probability {p:.2}) while it turns calls away"
+                )));
+            }
+        }
+        let rule = compiled.rule(path).map(|r| &r.rule);
+        if let Some(timeout) = rule.map(|r| r.timeout_ms).filter(|t| *t > 0) {
+            shorten_deadline(headers, Duration::from_millis(timeout));
+        }
+        let breaker = rule.filter(|r| r.breaker.enabled).map(|r| compiled.breaker(service, path, r));
+        let permit = match &breaker {
+            Some(b) => match b.acquire() {
+                Ok(p) => Some(p),
+                Err(refused) => {
+                    self.count("client", service, "breaker");
+                    return Err(tonic::Status::unavailable(format!(
+                        "circuit breaker on {path} is open ({}); retry in {} ms",
+                        refused.reason,
+                        refused.retry_in.as_millis().max(1)
+                    )));
+                }
+            },
+            None => None,
+        };
+        if throttle.is_none() && breaker.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(CallGuard { throttle, breaker: breaker.zip(permit), started: Instant::now() }))
+    }
+
+    // === the serving side ===
+
+    /// Admits a call served, or refuses it with the status to answer.
+    fn admit(&self, path: &str, headers: &mut http::HeaderMap) -> Result<Admitted, Refusal> {
+        let compiled = self.snapshot();
+        let in_flight = match &compiled.shedder {
+            Some(shedder) => match shedder.admit(shed::cpu_usage()) {
+                Ok(guard) => Some(guard),
+                Err(shed) => {
+                    self.count("server", path_or_other(&compiled, path), "shedding");
+                    return Err(Refusal {
+                        status: tonic::Status::resource_exhausted(format!(
+                            "overloaded: {} calls in flight exceed the {} this process serves at its current latency (CPU {:.0}%); load shed",
+                            shed.in_flight,
+                            shed.capacity,
+                            shed.cpu * 100.0
+                        )),
+                        pushback: Duration::from_millis(100),
+                    });
+                }
+            },
+            None => None,
+        };
+        let Some(rule) = compiled.rule(path) else {
+            return Ok(Admitted { _in_flight: in_flight, _permit: None, timeout: None });
+        };
+        let clock = governor::clock::DefaultClock::default();
+        if let Some(limiter) = &rule.qps {
+            if let Err(not_until) = limiter.check() {
+                self.count("server", &rule.pattern, "qps");
+                return Err(Refusal {
+                    status: tonic::Status::resource_exhausted(format!(
+                        "rate limit of {}/s on {path} exceeded (rule {:?})",
+                        rule.rule.qps, rule.pattern
+                    )),
+                    pushback: not_until.wait_time_from(clock.now()),
+                });
+            }
+        }
+        if let Some(limiter) = &rule.caller {
+            let caller = headers.get(rule.rule.caller_key.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if let Err(not_until) = limiter.check_key(&caller.to_owned()) {
+                self.count("server", &rule.pattern, "caller_qps");
+                return Err(Refusal {
+                    status: tonic::Status::resource_exhausted(format!(
+                        "rate limit of {}/s per caller on {path} exceeded by {:?} ({})",
+                        rule.rule.caller_qps, caller, rule.rule.caller_key
+                    )),
+                    pushback: not_until.wait_time_from(clock.now()),
+                });
+            }
+        }
+        let permit = match &rule.concurrency {
+            Some(semaphore) => match semaphore.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    self.count("server", &rule.pattern, "concurrency");
+                    return Err(Refusal {
+                        status: tonic::Status::resource_exhausted(format!(
+                            "concurrency limit of {} calls on {path} reached (rule {:?})",
+                            rule.rule.concurrency, rule.pattern
+                        )),
+                        pushback: Duration::from_millis(10),
+                    });
+                }
+            },
+            None => None,
+        };
+        // The handler and its downstream calls see the deadline (grpc-timeout
+        // → the task's deadline); this layer enforces it.
+        let timeout = (rule.rule.timeout_ms > 0).then(|| Duration::from_millis(rule.rule.timeout_ms));
+        if let Some(timeout) = timeout {
+            shorten_deadline(headers, timeout);
+        }
+        Ok(Admitted { _in_flight: in_flight, _permit: permit, timeout })
+    }
+}
+
+fn path_or_other<'a>(compiled: &'a Compiled, path: &str) -> &'a str {
+    compiled.rule(path).map_or("*", |r| r.pattern.as_str())
+}
+
+/// Sets `grpc-timeout` to `limit` unless the caller's is sooner.
+fn shorten_deadline(headers: &mut http::HeaderMap, limit: Duration) {
+    let own = headers.get(&meshkit_base::deadline::GRPC_TIMEOUT).and_then(meshkit_base::deadline::parse_grpc_timeout);
+    if own.is_none_or(|d| d > limit) {
+        headers.insert(meshkit_base::deadline::GRPC_TIMEOUT, meshkit_base::deadline::format_grpc_timeout(limit));
+    }
+}
+
+/// Server codes a breaker or throttle counts as the backend failing.
+pub fn is_failure(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(code, Unknown | DeadlineExceeded | Internal | Unavailable | DataLoss | ResourceExhausted)
+}
+
+/// A call let through on the calling side: report its outcome.
+pub struct CallGuard {
+    throttle: Option<Arc<Throttle>>,
+    breaker: Option<(Arc<Breaker>, breaker::Permit)>,
+    started: Instant,
+}
+
+impl CallGuard {
+    pub fn finish(self, code: tonic::Code) {
+        if let Some(throttle) = &self.throttle {
+            throttle.record(!matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted));
+        }
+        if let Some((breaker, permit)) = self.breaker {
+            breaker.record(permit, is_failure(code), self.started.elapsed());
+        }
+    }
+}
+
+/// Held until the call's response is ready: the shedder's in-flight count
+/// and the concurrency permit.
+struct Admitted {
+    _in_flight: Option<shed::InFlight>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The rule's deadline, enforced here.
+    timeout: Option<Duration>,
+}
+
+struct Refusal {
+    status: tonic::Status,
+    pushback: Duration,
+}
+
+/// `/reports` → `governance`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub rules: GovernanceSettings,
+    pub breakers: Vec<BreakerReport>,
+    /// Service → the current probability of refusing a call locally.
+    pub throttling: BTreeMap<String, f64>,
+    pub shedding: Option<SheddingReport>,
+    pub rejections: Vec<RejectionReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BreakerReport {
+    pub service: String,
+    pub method: String,
+    pub state: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SheddingReport {
+    pub in_flight: i64,
+    pub capacity: Option<u64>,
+    pub cpu: f64,
+    pub shed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectionReport {
+    pub side: String,
+    pub target: String,
+    pub rule: String,
+    pub count: u64,
+}
+
+/// The serving-side layer.
+#[derive(Clone)]
+pub struct GovernanceLayer(pub Arc<Governance>);
+
+impl<S> Layer<S> for GovernanceLayer {
+    type Service = GovernanceService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GovernanceService { inner, governance: self.0.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct GovernanceService<S> {
+    inner: S,
+    governance: Arc<Governance>,
+}
+
+impl<S, B> Service<http::Request<B>> for GovernanceService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let uri = req.uri().clone();
+        match self.governance.admit(uri.path(), req.headers_mut()) {
+            Err(refusal) => {
+                let mut res = refusal.status.into_http::<Body>();
+                let ms = refusal.pushback.as_millis().max(1).to_string();
+                if let Ok(v) = HeaderValue::from_str(&ms) {
+                    res.headers_mut().insert(PUSHBACK_HEADER, v);
+                }
+                Box::pin(async move { Ok(res) })
+            }
+            Ok(admitted) => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let res = match admitted.timeout {
+                        Some(limit) => match tokio::time::timeout(limit, fut).await {
+                            Ok(res) => res,
+                            Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                                "{} did not finish within its {} ms timeout",
+                                uri.path(),
+                                limit.as_millis()
+                            ))
+                            .into_http()),
+                        },
+                        None => fut.await,
+                    };
+                    drop(admitted);
+                    res
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! The server builder every meshkit service starts from.
+//!
+//! [`MeshServer`] adds the standard health service (`grpc.health.v1`),
+//! reflection in both v1 and v1alpha (grpcurl 1.8.6 speaks only v1alpha), an
+//! `x-meshkit-instance` response header naming the instance, and registration
+//! in etcd under the registry contract. [`RunningServer::shutdown`] drains in
+//! the order watchers need: health NOT_SERVING, revoke the lease, wait for
+//! watchers to drop the instance, then stop accepting and finish in-flight
+//! calls (bounded).
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use etcd_client::Client;
+use futures::StreamExt;
+use http::HeaderValue;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::{Routes, RoutesBuilder},
+    transport::Server,
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::{Service, util::MapResponseLayer};
+use tracing::Instrument;
+
+use crate::{
+    admin::AdminServer,
+    config::{MeshConfig, ProcessConfig},
+    error::{Error, Result},
+};
+use meshkit_balance::ChannelBuilder;
+use meshkit_base::deadline::DeadlineLayer;
+use meshkit_governance::{Governance, GovernanceLayer};
+use meshkit_registry::config_center::ConfigCenter;
+use meshkit_registry::registry::{Instance, RegistrySession, instance_key};
+
+/// What a service process shares: its etcd client, the config center
+/// (etcd settings over its own, watched), governance following the center's
+/// `governance` section, and a channel builder that applies it. `C` is the
+/// process's whole settings type (the front's [`MeshConfig`] and its own
+/// sections), so the center hands it every section it reads.
+pub struct Mesh<C = MeshConfig> {
+    pub etcd: Client,
+    pub center: Arc<ConfigCenter<C>>,
+    pub governance: Arc<Governance>,
+    pub channels: ChannelBuilder,
+    /// The process's mTLS material when `tls.enabled` (servers and channels share it).
+    pub tls: Option<Arc<meshkit_tls::Tls>>,
+    /// Authorization by caller identity, following the center's `authz` section.
+    pub authz: Arc<meshkit_tls::authz::Authz>,
+}
+
+impl<C: ProcessConfig> Mesh<C> {
+    /// Connects etcd and starts the config center for `component`. An empty
+    /// `registry.instance_id` becomes a fresh one here, the one place it is
+    /// chosen: [`Mesh::config`] carries it to the servers and consumers.
+    pub async fn connect(config: &C, component: &str) -> Result<Self> {
+        let mut config = config.clone();
+        let mesh = config.mesh_mut();
+        if mesh.registry.instance_id.is_empty() {
+            mesh.registry.instance_id = new_instance_id();
+        }
+        let mesh = config.mesh().clone();
+        let tls = meshkit_tls::Tls::from_settings(&mesh.tls)?;
+        let etcd = meshkit_registry::etcd::connect(&mesh.etcd).await?;
+        let center = Arc::new(ConfigCenter::start(etcd.clone(), &mesh.etcd.prefix, config, component).await?);
+        let governance = Governance::watching(center.section(|c| c.mesh().governance.clone()));
+        let mut filter = center.section(|c| c.mesh().log.filter.clone());
+        tokio::spawn(async move {
+            while filter.changed().await.is_ok() {
+                let directives = filter.borrow_and_update().clone();
+                match meshkit_telemetry::set_filter(&directives) {
+                    Ok(()) => tracing::info!(filter = directives, "log filter changed"),
+                    Err(e) => tracing::warn!(filter = directives, error = e, "log filter refused"),
+                }
+            }
+        });
+        let authz = meshkit_tls::authz::Authz::watching(center.section(|c| c.mesh().authz.clone()));
+        let channels = ChannelBuilder::new(etcd.clone(), mesh.etcd.prefix.clone())
+            .with_governance(governance.clone())
+            .with_tls(tls.clone());
+        Ok(Self { etcd, center, governance, channels, tls, authz })
+    }
+
+    /// The settings in force: the process's own with etcd's over them.
+    pub fn config(&self) -> C {
+        (*self.center.current()).clone()
+    }
+}
+
+/// The response header that names the instance that served a call.
+pub const INSTANCE_HEADER: &str = "x-meshkit-instance";
+
+/// Builds a gRPC server that registers itself in etcd.
+pub struct MeshServer {
+    config: MeshConfig,
+    routes: RoutesBuilder,
+    services: Vec<&'static str>,
+    metadata: BTreeMap<String, String>,
+    etcd: Option<Client>,
+    channels: Vec<ChannelBuilder>,
+    reports: Vec<Report>,
+    sources: Vec<meshkit_telemetry::metrics::Source>,
+    governance: Option<Arc<Governance>>,
+    /// Kept alive while the server runs.
+    center: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    tls: Option<Arc<meshkit_tls::Tls>>,
+    authz: Option<Arc<meshkit_tls::authz::Authz>>,
+    on_shutdown: Vec<ShutdownHook>,
+}
+
+/// A section of the admin endpoint's `/reports`: a name and what to show.
+pub type Report = (String, Arc<dyn Fn() -> serde_json::Value + Send + Sync>);
+
+type ShutdownHook = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl MeshServer {
+    /// A server with `config`'s mesh sections (a process's whole settings, or a [`MeshConfig`]).
+    pub fn new(config: impl ProcessConfig) -> Self {
+        Self {
+            config: config.mesh().clone(),
+            routes: RoutesBuilder::default(),
+            services: Vec::new(),
+            metadata: BTreeMap::new(),
+            etcd: None,
+            channels: Vec::new(),
+            reports: Vec::new(),
+            sources: Vec::new(),
+            governance: None,
+            center: None,
+            tls: None,
+            authz: None,
+            on_shutdown: Vec::new(),
+        }
+    }
+
+    /// Shows `report()` under `name` in the admin endpoint's `/reports`.
+    pub fn report(
+        mut self,
+        name: impl Into<String>,
+        report: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.reports.push((name.into(), Arc::new(report)));
+        self
+    }
+
+    /// Everything a [`Mesh`] holds: its etcd client, channels, governance
+    /// (hot-reloaded) and the config center's report.
+    pub fn with_mesh<C: ProcessConfig>(mut self, mesh: &Mesh<C>) -> Self {
+        self.etcd = Some(mesh.etcd.clone());
+        self.channels.push(mesh.channels.clone());
+        self.governance = Some(mesh.governance.clone());
+        self.center = Some(mesh.center.clone() as Arc<dyn std::any::Any + Send + Sync>);
+        self.tls = mesh.tls.clone();
+        self.authz = Some(mesh.authz.clone());
+        let center = mesh.center.clone();
+        self.report("config", move || serde_json::to_value(center.status()).unwrap_or_default())
+    }
+
+    /// Serving-side governance; without it, the rules in the config's `governance` section.
+    pub fn with_governance(mut self, governance: Arc<Governance>) -> Self {
+        self.governance = Some(governance);
+        self
+    }
+
+    /// Adds the families `source` computes to the admin endpoint's `/metrics`.
+    pub fn metrics(mut self, source: meshkit_telemetry::metrics::Source) -> Self {
+        self.sources.push(source);
+        self
+    }
+
+    /// Runs `hook` at shutdown, after in-flight calls finished (bounded by
+    /// the drain timeout): stop background workers here.
+    pub fn on_shutdown(mut self, hook: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.on_shutdown.push(Box::pin(hook));
+        self
+    }
+
+    /// Serves over mTLS with this material (without it, from the config's `tls` section).
+    pub fn with_tls(mut self, tls: Option<Arc<meshkit_tls::Tls>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Uses an existing etcd client instead of connecting a new one.
+    pub fn with_etcd(mut self, client: Client) -> Self {
+        self.etcd = Some(client);
+        self
+    }
+
+    /// Shows the pools of `channels` on the admin endpoint.
+    pub fn with_channels(mut self, channels: ChannelBuilder) -> Self {
+        self.channels.push(channels);
+        self
+    }
+
+    /// Adds a generated tonic service; it is registered under its full name.
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(svc);
+        self.services.push(S::NAME);
+        self
+    }
+
+    /// A metadata entry published with the registration.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Binds, serves, marks every service SERVING and registers in etcd.
+    /// Returns once the instance is registered and answering.
+    pub async fn start(self) -> Result<RunningServer> {
+        let started = Instant::now();
+        let MeshServer {
+            config,
+            mut routes,
+            services,
+            mut metadata,
+            etcd,
+            channels,
+            mut reports,
+            sources,
+            governance,
+            center,
+            tls,
+            authz,
+            on_shutdown,
+        } = self;
+        let tls = match tls {
+            Some(tls) => Some(tls),
+            None => meshkit_tls::Tls::from_settings(&config.tls)?,
+        };
+        let authz = authz.unwrap_or_else(|| meshkit_tls::authz::Authz::new(config.authz.clone()));
+        if let Some(tls) = tls.clone() {
+            reports.push(("tls".into(), Arc::new(move || tls.report())));
+        }
+        let governance = governance.unwrap_or_else(|| Governance::new(config.governance.clone()));
+        let report = governance.clone();
+        reports
+            .push(("governance".into(), Arc::new(move || serde_json::to_value(report.report()).unwrap_or_default())));
+        let mut sources = sources;
+        sources.push(governance.metrics_source());
+        let listen: SocketAddr = config
+            .server
+            .listen
+            .parse()
+            .map_err(|_| Error::Config(format!("server.listen: {:?} is not an address", config.server.listen)))?;
+        let listener = TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen, source })?;
+        let local_addr = listener.local_addr()?;
+        let instance_id = if config.registry.instance_id.is_empty() {
+            new_instance_id()
+        } else {
+            config.registry.instance_id.clone()
+        };
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        routes.add_service(health_service);
+        // Advertise what this process serves, not every service in the contracts.
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(meshkit_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health");
+            for name in &services {
+                builder = builder.with_service_name(*name);
+            }
+            builder
+        };
+        let reflection_v1 = reflection().build_v1().map_err(|e| Error::Config(format!("reflection: {e}")))?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| Error::Config(format!("reflection: {e}")))?;
+        routes.add_service(reflection_v1).add_service(reflection_v1alpha);
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let admin = if config.admin.enabled {
+            let listen: SocketAddr = config
+                .admin
+                .listen
+                .parse()
+                .map_err(|_| Error::Config(format!("admin.listen: {:?} is not an address", config.admin.listen)))?;
+            let admin = AdminServer::start(listen, channels, reports, sources).await?;
+            // Scrapers and meshctl read it from the registry: an address they can reach.
+            metadata.insert("admin".into(), advertised(admin.local_addr(), &config.etcd.endpoints));
+            Some(admin)
+        } else {
+            None
+        };
+        let header = HeaderValue::from_str(&instance_id).ok();
+        let fault_delay = Duration::from_millis(config.server.fault_delay_ms);
+        let server = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .layer(MapResponseLayer::new(move |mut res: http::Response<Body>| {
+                if let Some(value) = &header {
+                    res.headers_mut().insert(INSTANCE_HEADER, value.clone());
+                }
+                res
+            }))
+            .layer(MetricsLayer)
+            .layer(meshkit_tls::authz::AuthzLayer(authz))
+            .layer(GovernanceLayer(governance))
+            .layer(DeadlineLayer)
+            .layer(FaultDelayLayer(fault_delay))
+            .add_routes(routes_of(routes));
+        let stopped = async {
+            let _ = stop_rx.await;
+        };
+        let task = match tls {
+            None => {
+                let incoming = TcpListenerStream::new(listener).map(|conn| {
+                    conn.inspect(|stream| {
+                        let _ = stream.set_nodelay(true);
+                    })
+                });
+                tokio::spawn(async move {
+                    server.serve_with_incoming_shutdown(incoming, stopped).await.map_err(Error::from)
+                })
+            }
+            Some(tls) => {
+                let incoming = meshkit_tls::incoming(listener, tls);
+                tokio::spawn(async move {
+                    server.serve_with_incoming_shutdown(incoming, stopped).await.map_err(Error::from)
+                })
+            }
+        };
+
+        for name in &services {
+            health.set_service_status(*name, ServingStatus::Serving).await;
+        }
+
+        let registry = if config.registry.enabled && !services.is_empty() {
+            let client = match etcd {
+                Some(c) => c,
+                None => meshkit_registry::etcd::connect(&config.etcd).await?,
+            };
+            let addr = if config.server.advertise.is_empty() {
+                advertised(local_addr, &config.etcd.endpoints)
+            } else {
+                config.server.advertise.clone()
+            };
+            let instance = Instance {
+                addr,
+                zone: config.registry.zone.clone(),
+                weight: config.registry.weight,
+                version: config.registry.version.clone(),
+                metadata,
+            };
+            let value = serde_json::to_string(&instance).map_err(|e| Error::Config(e.to_string()))?;
+            let entries = services
+                .iter()
+                .map(|name| (instance_key(&config.etcd.prefix, name, &instance_id), value.clone()))
+                .collect();
+            match RegistrySession::start(client, config.registry.ttl_secs, entries).await {
+                Ok(session) => {
+                    if let Some(admin) = &admin {
+                        admin.add_source(session.metrics_source(&instance_id));
+                    }
+                    Some(session)
+                }
+                Err(e) => {
+                    let _ = stop_tx.send(());
+                    for hook in on_shutdown {
+                        hook.await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
+        tracing::info!(
+            addr = %local_addr,
+            instance_id,
+            services = ?services,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "serving and registered"
+        );
+        Ok(RunningServer {
+            admin,
+            _center: center,
+            local_addr,
+            instance_id,
+            services,
+            health,
+            registry,
+            stop: Some(stop_tx),
+            task,
+            on_shutdown,
+            drain_delay: Duration::from_millis(config.server.drain_delay_ms),
+            drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
+        })
+    }
+}
+
+fn routes_of(builder: RoutesBuilder) -> Routes {
+    builder.routes()
+}
+
+/// `{pid}-{random}`: unique per process, readable in logs.
+/// Server layer: every call's status and latency into `meshkit_server_*`,
+/// and its span, the child of the caller's.
+#[derive(Debug, Clone, Copy)]
+struct MetricsLayer;
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct MetricsService<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for MetricsService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let record = meshkit_telemetry::metrics::CallRecord::server(req.uri().path(), req.headers());
+        let fut = self.inner.call(req).instrument(record.span().clone());
+        Box::pin(async move {
+            let res = fut.await?;
+            let (parts, body) = res.into_parts();
+            let body = Body::new(meshkit_telemetry::metrics::ObservedBody::new(body, record, &parts.headers));
+            Ok(http::Response::from_parts(parts, body))
+        })
+    }
+}
+
+/// The address to register when none is configured: the bound one, or, when
+/// bound to every interface (`0.0.0.0`, `::`, as in a container), the
+/// interface address that routes to etcd, which is the one the rest of the
+/// mesh can reach (a UDP `connect` picks the route without sending anything).
+pub fn advertised(local: SocketAddr, etcd_endpoints: &[String]) -> String {
+    if !local.ip().is_unspecified() {
+        return local.to_string();
+    }
+    use std::net::ToSocketAddrs;
+    for endpoint in etcd_endpoints {
+        let hostport = endpoint.trim_start_matches("http://").trim_start_matches("https://");
+        let Ok(mut addrs) = hostport.to_socket_addrs() else { continue };
+        let Some(target) = addrs.next() else { continue };
+        let bind: SocketAddr =
+            if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+        if let Ok(ip) = std::net::UdpSocket::bind(bind).and_then(|s| s.connect(target).and_then(|()| s.local_addr())) {
+            return SocketAddr::new(ip.ip(), local.port()).to_string();
+        }
+    }
+    local.to_string()
+}
+
+pub fn new_instance_id() -> String {
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    format!("{}-{}", std::process::id(), &random[random.len() - 10..])
+}
+
+/// A started server; dropping it without [`shutdown`](Self::shutdown) stops
+/// serving abruptly and leaves the lease to expire by TTL.
+pub struct RunningServer {
+    admin: Option<AdminServer>,
+    /// Kept so settings keep following etcd while the server runs.
+    _center: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    local_addr: SocketAddr,
+    instance_id: String,
+    services: Vec<&'static str>,
+    health: HealthReporter,
+    registry: Option<RegistrySession>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<()>>,
+    on_shutdown: Vec<ShutdownHook>,
+    drain_delay: Duration,
+    drain_timeout: Duration,
+}
+
+impl RunningServer {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The admin endpoint's address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    /// The registry session, when registration is enabled.
+    pub fn registry(&self) -> Option<&RegistrySession> {
+        self.registry.as_ref()
+    }
+
+    /// Serves until `stop` resolves (e.g. [`Signals::recv`](meshkit_base::shutdown::Signals::recv)),
+    /// then drains.
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            _ = stop => self.shutdown().await,
+            result = &mut self.task => {
+                // The server stopped on its own: report why.
+                if let Some(registry) = self.registry.take() {
+                    registry.close().await;
+                }
+                self.run_shutdown_hooks().await;
+                result.map_err(|e| Error::Io(std::io::Error::other(e)))?
+            }
+        }
+    }
+
+    /// Drains: NOT_SERVING, revoke the lease, give watchers `drain_delay` to
+    /// drop this instance, stop accepting, then wait (up to `drain_timeout`)
+    /// for in-flight calls.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let started = Instant::now();
+        self.health.set_service_status("", ServingStatus::NotServing).await;
+        for name in &self.services {
+            self.health.set_service_status(*name, ServingStatus::NotServing).await;
+        }
+        if let Some(registry) = self.registry.take() {
+            registry.close().await;
+            tokio::time::sleep(self.drain_delay).await;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let outcome = match tokio::time::timeout(self.drain_timeout, &mut self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(Error::Io(std::io::Error::other(join))),
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = self.drain_timeout.as_millis() as u64,
+                    "in-flight calls outlived the drain timeout"
+                );
+                self.task.abort();
+                Ok(())
+            }
+        };
+        self.run_shutdown_hooks().await;
+        if let Some(admin) = self.admin.take() {
+            admin.stop().await;
+        }
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
+        outcome
+    }
+
+    async fn run_shutdown_hooks(&mut self) {
+        let hooks = std::mem::take(&mut self.on_shutdown);
+        if hooks.is_empty() {
+            return;
+        }
+        if tokio::time::timeout(self.drain_timeout, futures::future::join_all(hooks)).await.is_err() {
+            tracing::warn!("background workers outlived the drain timeout");
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.task.abort();
+        }
+    }
+}
+
+/// Delays every call by a fixed time: fault injection for chaos drills.
+#[derive(Debug, Clone, Copy)]
+struct FaultDelayLayer(Duration);
+
+impl<S> tower::Layer<S> for FaultDelayLayer {
+    type Service = FaultDelay<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FaultDelay { inner, delay: self.0 }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FaultDelay<S> {
+    inner: S,
+    delay: Duration,
+}
+
+impl<S, R> Service<R> for FaultDelay<S>
+where
+    S: Service<R> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<S::Future, futures::future::BoxFuture<'static, Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let fut = self.inner.call(req);
+        if self.delay.is_zero() {
+            return futures::future::Either::Left(fut);
+        }
+        let delay = self.delay;
+        futures::future::Either::Right(Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            fut.await
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_bind_advertises_the_address_that_reaches_etcd() {
+        let any: SocketAddr = "0.0.0.0:50051".parse().expect("an address");
+        assert_eq!(advertised(any, &["127.0.0.1:2379".into()]), "127.0.0.1:50051");
+        let via_url = advertised(any, &["http://127.0.0.2:2379".into()]);
+        assert!(via_url.starts_with("127.") && via_url.ends_with(":50051"), "{via_url}");
+        let bound: SocketAddr = "127.0.0.1:7000".parse().expect("an address");
+        assert_eq!(advertised(bound, &["10.0.0.1:2379".into()]), "127.0.0.1:7000");
+    }
+}

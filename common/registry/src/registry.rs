@@ -1,0 +1,349 @@
+//! The registry contract and the lease session that keeps an instance in it.
+//!
+//! Key: `{prefix}/services/{service}/{instance_id}`, bound to the instance's
+//! lease. Value: JSON `{"addr":"host:port","zone":…,"weight":…,"version":…,"metadata":{…}}`.
+//! `service` is the fully qualified gRPC service name, so a gRPC path routes to
+//! its pool without a routing table. Java and Go services join by writing the
+//! same keys (see docs/REGISTRY.md).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use etcd_client::{Client, GetOptions, PutOptions};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{oneshot, watch},
+    task::JoinHandle,
+    time::{Instant, sleep},
+};
+
+use meshkit_base::Backoff;
+
+use crate::error::Result;
+
+/// One registered instance, as stored under its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// `host:port` the instance serves gRPC on.
+    pub addr: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// `{prefix}/services/{service}/`: the prefix a discovery watch reads.
+pub fn service_prefix(prefix: &str, service: &str) -> String {
+    crate::keys::service(prefix, service)
+}
+
+/// `{prefix}/services/{service}/{instance_id}`.
+pub fn instance_key(prefix: &str, service: &str, instance_id: &str) -> String {
+    crate::keys::instance(prefix, service, instance_id)
+}
+
+/// What the session knows about its lease, published on a watch channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Keys are written under this lease and keepalives are answered.
+    Registered { lease_id: i64 },
+    /// etcd is unreachable or the lease was lost; re-registering.
+    Reconnecting,
+    /// The lease was revoked at shutdown.
+    Closed,
+}
+
+/// Keeps a set of keys alive in etcd under one lease.
+///
+/// A registration is a session: grant, put every key with the lease, keep
+/// alive at about a third of the TTL (with jitter, so a fleet started together
+/// does not beat in step), and when the lease is lost (a keepalive answered
+/// TTL 0, or one of its keys is gone) grant a new one and put every key again.
+/// While etcd is unreachable it retries every few hundred milliseconds, so it
+/// is back within a second of etcd answering. [`RegistrySession::close`]
+/// revokes the lease, which removes the keys at once.
+pub struct RegistrySession {
+    state: watch::Receiver<SessionState>,
+    /// Leases granted after the first: each one a re-registration.
+    reregistrations: Arc<AtomicU64>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl RegistrySession {
+    /// Grants a lease and writes `entries` under it before returning, so the
+    /// caller is registered when this succeeds; then keeps it alive.
+    pub async fn start(client: Client, ttl_secs: i64, entries: Vec<(String, String)>) -> Result<Self> {
+        let reregistrations = Arc::new(AtomicU64::new(0));
+        let mut worker = Worker { client, ttl_secs, entries, lease_id: 0, reregistrations: reregistrations.clone() };
+        worker.register().await?;
+        let (state_tx, state) = watch::channel(SessionState::Registered { lease_id: worker.lease_id });
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(worker.run(state_tx, stop_rx));
+        Ok(Self { state, reregistrations, stop: Some(stop_tx), task: Some(task) })
+    }
+
+    /// How many times keys were written again: under a new lease, or one
+    /// key put back after it was deleted from outside.
+    pub fn reregistrations(&self) -> u64 {
+        self.reregistrations.load(Ordering::Relaxed)
+    }
+
+    /// The session's `/metrics` families, labelled with `instance_id`.
+    pub fn metrics_source(&self, instance: &str) -> meshkit_telemetry::metrics::Source {
+        let state = self.state.clone();
+        let reregistrations = self.reregistrations.clone();
+        let labels = meshkit_telemetry::metrics::labels(&["instance_id"], &[instance.to_owned()], None);
+        meshkit_telemetry::metrics::source(move || {
+            let up = matches!(*state.borrow(), SessionState::Registered { .. });
+            let count = reregistrations.load(Ordering::Relaxed);
+            let labels = labels.clone();
+            async move {
+                let mut out = String::new();
+                meshkit_telemetry::metrics::family(
+                    &mut out,
+                    "meshkit_registry_session_up",
+                    "gauge",
+                    "1 while the instance's keys are in etcd under a live lease, 0 while re-registering.",
+                    &[(labels.clone(), f64::from(u8::from(up)))],
+                );
+                meshkit_telemetry::metrics::family(
+                    &mut out,
+                    "meshkit_registry_reregistrations_total",
+                    "counter",
+                    "Times the instance wrote its keys again: a new lease after losing one, or a key deleted from outside.",
+                    &[(labels, count as f64)],
+                );
+                out
+            }
+        })
+    }
+
+    /// The current state; `changed()` on the receiver wakes on every change.
+    pub fn state(&self) -> watch::Receiver<SessionState> {
+        self.state.clone()
+    }
+
+    /// The lease the keys are bound to now, if registered.
+    pub fn lease_id(&self) -> Option<i64> {
+        match *self.state.borrow() {
+            SessionState::Registered { lease_id } => Some(lease_id),
+            _ => None,
+        }
+    }
+
+    /// Revokes the lease (removing every key) and stops the keepalives.
+    pub async fn close(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RegistrySession {
+    fn drop(&mut self) {
+        // Dropped without close(): stop keepalives; the lease expires by TTL.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+struct Worker {
+    client: Client,
+    ttl_secs: i64,
+    entries: Vec<(String, String)>,
+    lease_id: i64,
+    reregistrations: Arc<AtomicU64>,
+}
+
+enum Outcome {
+    Stop,
+    Lost,
+    Broken,
+}
+
+impl Worker {
+    async fn register(&mut self) -> Result<()> {
+        let lease = self.client.lease_grant(self.ttl_secs, None).await?;
+        let lease_id = lease.id();
+        for (key, value) in &self.entries {
+            if let Err(e) =
+                self.client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease_id))).await
+            {
+                let _ = self.client.lease_revoke(lease_id).await;
+                return Err(e.into());
+            }
+        }
+        self.lease_id = lease_id;
+        tracing::info!(lease_id, keys = self.entries.len(), "registered in etcd");
+        Ok(())
+    }
+
+    fn keepalive_interval(&self) -> Duration {
+        let third = Duration::from_millis((self.ttl_secs as u64 * 1000) / 3);
+        let jitter = rand::rng().random_range(0.8..1.0);
+        third.mul_f64(jitter)
+    }
+
+    async fn run(mut self, state: watch::Sender<SessionState>, mut stop: oneshot::Receiver<()>) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        loop {
+            let outcome = tokio::select! {
+                _ = &mut stop => Outcome::Stop,
+                outcome = self.keep_alive_until_trouble() => outcome,
+            };
+            match outcome {
+                Outcome::Stop => break,
+                Outcome::Lost => {
+                    tracing::warn!(lease_id = self.lease_id, "lease lost, registering again");
+                    state.send_replace(SessionState::Reconnecting);
+                }
+                Outcome::Broken => {
+                    state.send_replace(SessionState::Reconnecting);
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        _ = sleep(backoff.next_delay()) => {}
+                    }
+                    // The lease may have outlived the outage: keep it if so.
+                    if self.lease_alive().await {
+                        state.send_replace(SessionState::Registered { lease_id: self.lease_id });
+                        continue;
+                    }
+                }
+            }
+            // Re-grant and re-put until etcd answers.
+            loop {
+                let attempt = tokio::select! {
+                    _ = &mut stop => { state.send_replace(SessionState::Closed); return; }
+                    r = self.register() => r,
+                };
+                match attempt {
+                    Ok(()) => {
+                        backoff.reset();
+                        self.reregistrations.fetch_add(1, Ordering::Relaxed);
+                        state.send_replace(SessionState::Registered { lease_id: self.lease_id });
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "registration failed, retrying");
+                        tokio::select! {
+                            _ = &mut stop => { state.send_replace(SessionState::Closed); return; }
+                            _ = sleep(backoff.next_delay()) => {}
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.client.lease_revoke(self.lease_id).await {
+            tracing::warn!(error = %e, lease_id = self.lease_id, "revoking the lease failed; it expires by TTL");
+        } else {
+            tracing::info!(lease_id = self.lease_id, "lease revoked");
+        }
+        state.send_replace(SessionState::Closed);
+    }
+
+    /// Keeps the current lease alive until it is lost or etcd stops answering.
+    async fn keep_alive_until_trouble(&mut self) -> Outcome {
+        let (mut keeper, mut stream) = match self.client.lease_keep_alive(self.lease_id).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "keepalive stream failed to open");
+                return Outcome::Broken;
+            }
+        };
+        let mut next = Instant::now();
+        loop {
+            tokio::time::sleep_until(next).await;
+            if let Err(e) = keeper.keep_alive().await {
+                tracing::debug!(error = %e, "keepalive send failed");
+                return Outcome::Broken;
+            }
+            let answer = tokio::time::timeout(Duration::from_secs(2), stream.message()).await;
+            match answer {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => return Outcome::Lost,
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return Outcome::Broken,
+            }
+            // A key deleted from outside while the lease lives: put it back.
+            match self.missing_keys().await {
+                Ok(missing) if !missing.is_empty() => {
+                    for (key, value) in missing {
+                        tracing::warn!(key, "registered key was removed from outside, writing it again");
+                        let put = self.client.put(key, value, Some(PutOptions::new().with_lease(self.lease_id)));
+                        if put.await.is_err() {
+                            return Outcome::Broken;
+                        }
+                        self.reregistrations.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return Outcome::Broken,
+            }
+            next = Instant::now() + self.keepalive_interval();
+        }
+    }
+
+    async fn missing_keys(&mut self) -> Result<Vec<(String, String)>> {
+        let mut missing = Vec::new();
+        for (key, value) in &self.entries {
+            let resp = self.client.get(key.as_str(), Some(GetOptions::new().with_count_only())).await?;
+            if resp.count() == 0 {
+                missing.push((key.clone(), value.clone()));
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn lease_alive(&mut self) -> bool {
+        match self.client.lease_time_to_live(self.lease_id, None).await {
+            Ok(resp) => resp.ttl() > 0,
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_json_is_the_contract() {
+        let json = r#"{"addr":"127.0.0.1:5000","zone":"z1","weight":50,"version":"1.2","metadata":{"lang":"java"}}"#;
+        let i: Instance = serde_json::from_str(json).unwrap();
+        assert_eq!(i.addr, "127.0.0.1:5000");
+        assert_eq!(i.weight, 50);
+        assert_eq!(i.metadata["lang"], "java");
+        // Only addr is required: other languages may write less.
+        let minimal: Instance = serde_json::from_str(r#"{"addr":"h:1"}"#).unwrap();
+        assert_eq!(minimal.weight, 100);
+        assert!(serde_json::from_str::<Instance>(r#"{"zone":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn keys_follow_the_contract() {
+        assert_eq!(
+            instance_key("/meshkit", "meshkit.user.v1.UserService", "i-1"),
+            "/meshkit/services/meshkit.user.v1.UserService/i-1"
+        );
+        assert!(instance_key("/m", "s", "i").starts_with(&service_prefix("/m", "s")));
+    }
+}

@@ -3,28 +3,12 @@
 
 use std::process::ExitCode;
 
-use meshkit_common::config::{EtcdSettings, ProcessEnv, Settings, load_process};
 use meshkit_meshctl as cmd;
-use serde::{Deserialize, Serialize};
-
-/// What meshctl reads of the settings every process reads: `[etcd]`, from
-/// `MESHKIT_CONFIG` and `MESHKIT_ETCD_*` through the same loader.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-struct CtlConfig {
-    etcd: EtcdSettings,
-}
-
-impl Settings for CtlConfig {
-    fn validate(&self) -> meshkit_common::config::Result<()> {
-        self.etcd.validate()
-    }
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let mut settings = match load_process::<CtlConfig>("meshctl", &ProcessEnv) {
+    let mut settings = match cmd::CtlConfig::load() {
         Ok(config) => config.etcd,
         Err(e) => return usage(&e.to_string()),
     };

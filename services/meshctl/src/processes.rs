@@ -1,0 +1,127 @@
+//! `meshctl pools` and `events`: what running processes report at their admin endpoints.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use anyhow::{Context, bail};
+use etcd_client::Client;
+use meshkit_common::admin::{fetch_pools, http_get};
+
+use crate::registry::registrations;
+
+/// The admin address of `target`: itself when it is `host:port`, else the
+/// `admin` metadata of the instance with that id.
+pub(crate) async fn admin_of(client: &mut Client, prefix: &str, target: &str) -> anyhow::Result<String> {
+    if target.contains(':') {
+        return Ok(target.to_owned());
+    }
+    let regs = registrations(client, prefix, None).await?;
+    let Some(r) = regs.iter().find(|r| r.instance_id == target) else {
+        bail!("no registered instance has the id {target:?}; `meshctl instances` lists them");
+    };
+    match r.instance.as_ref().and_then(|i| i.metadata.get("admin")) {
+        Some(a) => Ok(a.clone()),
+        None => bail!("instance {target:?} publishes no admin endpoint"),
+    }
+}
+
+/// `target` is an admin address (`host:port`) or an instance id to look up.
+pub async fn pools(client: &mut Client, prefix: &str, target: &str) -> anyhow::Result<String> {
+    let admin = admin_of(client, prefix, target).await?;
+    let report = fetch_pools(&admin).await.with_context(|| format!("asking {admin} for its pools"))?;
+    if report.is_empty() {
+        return Ok(format!("{admin}: this process holds no balanced channel\n"));
+    }
+    let mut out = String::new();
+    for (service, pool) in report {
+        let _ = writeln!(out, "{service} ({} endpoints, {} ejected)", pool.endpoints.len(), pool.ejected);
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<22} {:<8} {:>8} {:>6} {:>9} {:>10} {:>8} {:>8}",
+            "INSTANCE", "ADDR", "STATE", "INFLIGHT", "CONNS", "RTT_MS", "COST_US", "CALLS", "FAILURES"
+        );
+        for (id, e) in pool.endpoints {
+            let text = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+            let count = |k: &str| e.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            let number = |k: &str| e.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+            // The load p2c compares, in nanoseconds of weighted latency: shown in µs.
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<22} {:<8} {:>8} {:>6} {:>9.3} {:>10.1} {:>8} {:>8}",
+                id,
+                text("addr"),
+                text("state"),
+                count("inflight"),
+                count("connections"),
+                number("rtt_ms"),
+                number("load") / 1000.0,
+                count("calls"),
+                count("failures"),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The relays and consumers of every registered process, from their `/reports`.
+pub async fn events(client: &mut Client, prefix: &str) -> anyhow::Result<String> {
+    let mut admins: BTreeMap<String, String> = BTreeMap::new();
+    for r in registrations(client, prefix, None).await? {
+        if let Some(admin) = r.instance.as_ref().and_then(|i| i.metadata.get("admin")) {
+            admins.insert(r.instance_id.clone(), admin.clone());
+        }
+    }
+    let mut relays = String::new();
+    let mut consumers = String::new();
+    for (id, admin) in &admins {
+        let report: serde_json::Value = match http_get(admin, "/reports").await {
+            Ok(body) => serde_json::from_str(&body).unwrap_or_default(),
+            Err(e) => {
+                let _ = writeln!(relays, "  {id:<22} unreachable: {e}");
+                continue;
+            }
+        };
+        if let Some(r) = report.get("outbox_relay") {
+            let _ = writeln!(
+                relays,
+                "  {:<22} {:<8} {:>10} {:>9} {:>12.1}",
+                id,
+                if r["leading"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+                r["published"].as_u64().unwrap_or(0),
+                r["failures"].as_u64().unwrap_or(0),
+                r["last_lag_ms"].as_f64().unwrap_or(0.0),
+            );
+        }
+        for p in report.get("consumer").and_then(|c| c.as_array()).into_iter().flatten() {
+            let n = |k: &str| p[k].as_i64().unwrap_or(0);
+            let _ = writeln!(
+                consumers,
+                "  {:<22} {:<16} {:>4} {:>7} {:>9} {:>9} {:>7} {:>9} {:>6} {:>5}",
+                id,
+                p["topic"].as_str().unwrap_or("-"),
+                n("partition"),
+                n("fence_revision"),
+                n("next_offset"),
+                n("high_watermark"),
+                n("lag"),
+                n("applied"),
+                n("duplicates"),
+                n("dead_lettered"),
+            );
+        }
+    }
+    let mut out = String::from("outbox relays\n");
+    let _ = writeln!(
+        out,
+        "  {:<22} {:<8} {:>10} {:>9} {:>12}",
+        "INSTANCE", "LEADING", "PUBLISHED", "FAILURES", "LAST_LAG_MS"
+    );
+    out.push_str(if relays.is_empty() { "  (none)\n" } else { &relays });
+    out.push_str("consumed partitions\n");
+    let _ = writeln!(
+        out,
+        "  {:<22} {:<16} {:>4} {:>7} {:>9} {:>9} {:>7} {:>9} {:>6} {:>5}",
+        "INSTANCE", "TOPIC", "PART", "FENCE", "NEXT", "HWM", "LAG", "APPLIED", "DUPS", "DLQ"
+    );
+    out.push_str(if consumers.is_empty() { "  (none)\n" } else { &consumers });
+    Ok(out)
+}

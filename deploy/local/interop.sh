@@ -169,8 +169,9 @@ fi
 
 # 7. The scheduler: a leader is elected, and the reference job triggered over
 # REST through the gateway runs on order-service and lands in the job log.
-BIN_DIR="$ROOT/target/${MESHKIT_PROFILE:-dev}"
-[[ "${MESHKIT_PROFILE:-dev}" == "dev" ]] && BIN_DIR="$ROOT/target/debug"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN_DIR="$TARGET_DIR/${MESHKIT_PROFILE:-dev}"
+[[ "${MESHKIT_PROFILE:-dev}" == "dev" ]] && BIN_DIR="$TARGET_DIR/debug"
 out="$(curl -s -X POST "http://$GW/v1/jobs/cancel-unpaid-orders:trigger" -H 'content-type: application/json' -d '{}' 2>&1 || true)"
 if [[ "$out" == *runIds* ]]; then
     status=""

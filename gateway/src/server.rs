@@ -69,11 +69,23 @@ const FORWARDED_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"
 
 /// Counts a request the gateway refused before any upstream call, by reason:
 /// `rate_limited`, `unauthenticated`, `permission_denied`, `too_large`.
-fn rejected(reason: &str) {
-    const HELP: &str = "Requests the gateway refused before calling upstream, by reason.";
-    let counter = meshkit_common::metrics::counter("meshkit_gateway_rejections_total", HELP, &[("reason", reason)]);
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn rejected(reason: &'static str) {
+    REJECTIONS.get_or_create(&RejectionLabels { reason }).inc();
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RejectionLabels {
+    reason: &'static str,
+}
+
+/// `meshkit_gateway_rejections_total{reason}`.
+static REJECTIONS: std::sync::LazyLock<meshkit_common::metrics::CounterFamily<RejectionLabels>> =
+    std::sync::LazyLock::new(|| {
+        meshkit_common::metrics::counters(
+            "meshkit_gateway_rejections",
+            "Requests the gateway refused before calling upstream, by reason.",
+        )
+    });
 
 /// Counts an authorization refusal by its status.
 fn auth_refused(status: &tonic::Status) {

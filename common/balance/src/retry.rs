@@ -10,13 +10,16 @@
 //! goes out with the time that is left as its `grpc-timeout`.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, LazyLock},
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use meshkit_telemetry::metrics::{self, CounterFamily};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 
@@ -70,16 +73,26 @@ struct RetryState {
 /// `meshkit_client_retries_total{service, outcome}`: retries made, and
 /// retries the budget refused.
 struct RetryCounters {
-    retried: Arc<std::sync::atomic::AtomicU64>,
-    refused: Arc<std::sync::atomic::AtomicU64>,
+    retried: Counter,
+    refused: Counter,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    service: String,
+    outcome: &'static str,
+}
+
+static RETRIES: LazyLock<CounterFamily<RetryLabels>> = LazyLock::new(|| {
+    metrics::counters(
+        "meshkit_client_retries",
+        "Retries through balanced channels: made (retried), or not made because the retry budget was spent (budget_exhausted).",
+    )
+});
 
 impl RetryCounters {
     fn new(service: &str) -> Self {
-        const NAME: &str = "meshkit_client_retries_total";
-        const HELP: &str = "Retries through balanced channels: made (retried), or not made because the retry budget was spent (budget_exhausted).";
-        let counter =
-            |outcome| meshkit_telemetry::metrics::counter(NAME, HELP, &[("service", service), ("outcome", outcome)]);
+        let counter = |outcome| RETRIES.get_or_create(&RetryLabels { service: service.to_owned(), outcome }).clone();
         Self { retried: counter("retried"), refused: counter("budget_exhausted") }
     }
 }
@@ -186,10 +199,10 @@ async fn replayable(
             return result;
         }
         if !budget.withdraw() {
-            counters.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            counters.refused.inc();
             return result;
         }
-        counters.retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        counters.retried.inc();
         tracing::debug!(path = replay.uri.path(), attempts, "retrying");
         tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.0))).await;
     }

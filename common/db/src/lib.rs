@@ -198,29 +198,35 @@ fn lock_key(component: &str) -> i64 {
 /// The connection pool's `/metrics` families: connections open, idle and in
 /// use, and the configured maximum, labelled with `component`.
 pub fn metrics_source(db: &DatabaseConnection, component: &str) -> meshkit_telemetry::metrics::Source {
-    use meshkit_telemetry::metrics::{family, labels};
     let db = db.clone();
     let component = component.to_owned();
     meshkit_telemetry::metrics::source(move || {
         let (open, idle, max) = pool_use(&db);
-        let state = |s: &str| labels(&["component", "state"], &[component.clone(), s.to_owned()], None);
-        let mut out = String::new();
-        family(
-            &mut out,
+        let mut scrape = meshkit_telemetry::metrics::Scrape::default();
+        let connections = scrape.gauges::<PoolStateLabels>(
             "meshkit_db_pool_connections",
-            "gauge",
             "Database connections open, by state (idle or in use).",
-            &[(state("idle"), f64::from(idle)), (state("in_use"), f64::from(open.saturating_sub(idle)))],
         );
-        family(
-            &mut out,
-            "meshkit_db_pool_max_connections",
-            "gauge",
-            "The pool's maximum number of connections.",
-            &[(labels(&["component"], std::slice::from_ref(&component), None), f64::from(max))],
-        );
-        std::future::ready(out)
+        let state = |state| PoolStateLabels { component: component.clone(), state };
+        connections.get_or_create(&state("idle")).set(f64::from(idle));
+        connections.get_or_create(&state("in_use")).set(f64::from(open.saturating_sub(idle)));
+        scrape
+            .gauges::<PoolLabels>("meshkit_db_pool_max_connections", "The pool's maximum number of connections.")
+            .get_or_create(&PoolLabels { component: component.clone() })
+            .set(f64::from(max));
+        std::future::ready(scrape)
     })
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PoolStateLabels {
+    component: String,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PoolLabels {
+    component: String,
 }
 
 /// (open, idle, max) connections of the pool behind `db`.

@@ -41,6 +41,8 @@ use meshkit_base::Backoff;
 use meshkit_base::time::now_us;
 use meshkit_db::Migration;
 use meshkit_registry::ownership::{Fence, GroupSpec, Slot, SlotEnd, SlotGroup};
+use meshkit_telemetry::metrics::{self, Scrape};
+use prometheus_client::encoding::EncodeLabelSet;
 
 pub mod entity {
     pub mod offset {
@@ -181,51 +183,43 @@ impl ConsumerStats {
     /// The consumer's `/metrics` families, one series per partition this
     /// member owns: lag behind the high watermark, position, and events by
     /// outcome (a partition's counters restart when it changes owner).
-    pub fn metrics_source(&self, group: &str) -> meshkit_telemetry::metrics::Source {
+    pub fn metrics_source(&self, group: &str) -> metrics::Source {
         let stats = self.clone();
         let group = group.to_owned();
-        meshkit_telemetry::metrics::source(move || {
+        metrics::source(move || {
             let partitions = stats.snapshot();
             let group = group.clone();
             async move {
-                use meshkit_telemetry::metrics::{family, labels};
-                let names = ["group", "topic", "partition"];
-                let label = |p: &PartitionStats| {
-                    labels(&names, &[group.clone(), p.topic.clone(), p.partition.to_string()], None)
-                };
-                let mut out = String::new();
-                let gauge = |p: &PartitionStats, v: i64| (label(p), v as f64);
-                family(
-                    &mut out,
+                let mut scrape = Scrape::default();
+                let lag = scrape.gauges::<PartitionLabels>(
                     "meshkit_consumer_lag",
-                    "gauge",
                     "Records behind the partition's high watermark, as of the last fetch.",
-                    &partitions.iter().map(|p| gauge(p, p.lag)).collect::<Vec<_>>(),
                 );
-                family(
-                    &mut out,
+                let next = scrape.gauges::<PartitionLabels>(
                     "meshkit_consumer_next_offset",
-                    "gauge",
                     "The next offset this member applies on the partition.",
-                    &partitions.iter().map(|p| gauge(p, p.next_offset)).collect::<Vec<_>>(),
                 );
-                let mut events = Vec::new();
+                let events = scrape.counters::<OutcomeLabels>(
+                    "meshkit_consumer_events",
+                    "Events this member processed on the partition, by outcome.",
+                );
                 for p in &partitions {
+                    let at = PartitionLabels { group: group.clone(), topic: p.topic.clone(), partition: p.partition };
+                    lag.get_or_create(&at).set(p.lag as f64);
+                    next.get_or_create(&at).set(p.next_offset as f64);
                     for (outcome, n) in
                         [("applied", p.applied), ("duplicate", p.duplicates), ("dead_lettered", p.dead_lettered)]
                     {
-                        let values = [group.clone(), p.topic.clone(), p.partition.to_string(), outcome.to_owned()];
-                        events.push((labels(&["group", "topic", "partition", "outcome"], &values, None), n as f64));
+                        let labels = OutcomeLabels {
+                            group: group.clone(),
+                            topic: p.topic.clone(),
+                            partition: p.partition,
+                            outcome,
+                        };
+                        events.get_or_create(&labels).inc_by(n);
                     }
                 }
-                family(
-                    &mut out,
-                    "meshkit_consumer_events_total",
-                    "counter",
-                    "Events this member processed on the partition, by outcome.",
-                    &events,
-                );
-                out
+                scrape
             }
         })
     }
@@ -707,4 +701,19 @@ impl Consumer {
         });
         ConsumerHandle { stats, group }
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    group: String,
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    group: String,
+    topic: String,
+    partition: i32,
+    outcome: &'static str,
 }

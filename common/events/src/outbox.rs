@@ -357,54 +357,41 @@ impl RelayHandle {
             let stats = report();
             let db = db.clone();
             async move {
-                use meshkit_telemetry::metrics::family;
-                let mut out = String::new();
+                let mut scrape = meshkit_telemetry::metrics::Scrape::default();
                 if let (Ok(backlog), Ok(oldest)) = (backlog(&db).await, oldest_unsent_us(&db).await) {
-                    family(
-                        &mut out,
-                        "meshkit_outbox_backlog",
-                        "gauge",
-                        "Events committed to the outbox and not yet published.",
-                        &[(String::new(), backlog as f64)],
-                    );
+                    scrape
+                        .gauge("meshkit_outbox_backlog", "Events committed to the outbox and not yet published.")
+                        .set(backlog as f64);
                     let age = oldest.map_or(0.0, |t| (now_us() - t).max(0) as f64 / 1e6);
-                    family(
-                        &mut out,
-                        "meshkit_outbox_oldest_unsent_age_seconds",
-                        "gauge",
-                        "Age of the oldest event not yet published (0 when none waits).",
-                        &[(String::new(), age)],
-                    );
+                    scrape
+                        .gauge(
+                            "meshkit_outbox_oldest_unsent_age_seconds",
+                            "Age of the oldest event not yet published (0 when none waits).",
+                        )
+                        .set(age);
                 }
-                family(
-                    &mut out,
-                    "meshkit_outbox_relay_leading",
-                    "gauge",
-                    "1 when this instance's relay holds the outbox (one relay per service publishes).",
-                    &[(String::new(), f64::from(u8::from(stats.leading)))],
-                );
-                family(
-                    &mut out,
-                    "meshkit_outbox_relay_lag_seconds",
-                    "gauge",
-                    "Time from commit to the broker's acknowledgement, of the last batch this relay published.",
-                    &[(String::new(), stats.last_lag_ms / 1000.0)],
-                );
-                family(
-                    &mut out,
-                    "meshkit_outbox_published_total",
-                    "counter",
-                    "Events this instance's relay published.",
-                    &[(String::new(), stats.published as f64)],
-                );
-                family(
-                    &mut out,
-                    "meshkit_outbox_publish_failures_total",
-                    "counter",
-                    "Publish attempts of this instance's relay that failed (and were retried).",
-                    &[(String::new(), stats.failures as f64)],
-                );
-                out
+                scrape
+                    .gauge(
+                        "meshkit_outbox_relay_leading",
+                        "1 when this instance's relay holds the outbox (one relay per service publishes).",
+                    )
+                    .set(f64::from(u8::from(stats.leading)));
+                scrape
+                    .gauge(
+                        "meshkit_outbox_relay_lag_seconds",
+                        "Time from commit to the broker's acknowledgement, of the last batch this relay published.",
+                    )
+                    .set(stats.last_lag_ms / 1000.0);
+                scrape
+                    .counter("meshkit_outbox_published", "Events this instance's relay published.")
+                    .inc_by(stats.published);
+                scrape
+                    .counter(
+                        "meshkit_outbox_publish_failures",
+                        "Publish attempts of this instance's relay that failed (and were retried).",
+                    )
+                    .inc_by(stats.failures);
+                scrape
             }
         })
     }

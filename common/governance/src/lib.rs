@@ -30,7 +30,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     num::NonZeroU32,
     pin::Pin,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, LazyLock, Mutex, RwLock},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -43,6 +43,8 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 use meshkit_base::methods::{MethodMap, MethodPattern};
+use meshkit_telemetry::metrics::{self, CounterFamily, Scrape};
+use prometheus_client::encoding::EncodeLabelSet;
 
 use crate::settings::MethodRule;
 pub use breaker::Breaker;
@@ -135,6 +137,32 @@ impl Compiled {
     }
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    side: String,
+    target: String,
+    rule: String,
+}
+
+/// `meshkit_governance_rejections_total{side, target, rule}`.
+static REJECTIONS: LazyLock<CounterFamily<RejectionLabels>> = LazyLock::new(|| {
+    metrics::counters(
+        "meshkit_governance_rejections",
+        "Calls refused by governance, by side (server, client), rule pattern or service, and rule.",
+    )
+});
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    service: String,
+    method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
 /// A process's governance: the compiled rules, swapped when they change.
 pub struct Governance {
     compiled: RwLock<Arc<Compiled>>,
@@ -189,13 +217,9 @@ impl Governance {
     }
 
     fn count(&self, side: &str, what: &str, rule: &str) {
-        const HELP: &str = "Calls refused by governance, by side (server, client), rule pattern or service, and rule.";
-        meshkit_telemetry::metrics::counter(
-            "meshkit_governance_rejections_total",
-            HELP,
-            &[("side", side), ("target", what), ("rule", rule)],
-        )
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        REJECTIONS
+            .get_or_create(&RejectionLabels { side: side.to_owned(), target: what.to_owned(), rule: rule.to_owned() })
+            .inc();
         let mut map = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry((side.to_owned(), what.to_owned(), rule.to_owned())).or_default() += 1;
     }
@@ -249,69 +273,52 @@ impl Governance {
     /// The `/metrics` families of governance state: each breaker's state,
     /// throttling probability per service, the shedder's in-flight calls and
     /// capacity (refusals are the `meshkit_governance_rejections_total` counter).
-    pub fn metrics_source(self: &Arc<Self>) -> meshkit_telemetry::metrics::Source {
+    pub fn metrics_source(self: &Arc<Self>) -> metrics::Source {
         let weak = Arc::downgrade(self);
-        meshkit_telemetry::metrics::source(move || {
+        metrics::source(move || {
             let report = weak.upgrade().map(|g| g.report());
             async move {
-                use meshkit_telemetry::metrics::{family, labels};
-                let mut out = String::new();
-                let Some(report) = report else { return out };
-                let breakers: Vec<(String, f64)> = report
-                    .breakers
-                    .iter()
-                    .map(|b| {
-                        let state = match b.state {
-                            "closed" => 0.0,
-                            "open" => 1.0,
-                            _ => 2.0,
-                        };
-                        (labels(&["service", "method"], &[b.service.clone(), b.method.clone()], None), state)
-                    })
-                    .collect();
-                family(
-                    &mut out,
+                let mut scrape = Scrape::default();
+                let Some(report) = report else { return scrape };
+                let breakers = scrape.gauges::<BreakerLabels>(
                     "meshkit_breaker_state",
-                    "gauge",
                     "Circuit breaker per called (service, method): 0 closed, 1 open, 2 half-open.",
-                    &breakers,
                 );
-                let throttling: Vec<(String, f64)> = report
-                    .throttling
-                    .iter()
-                    .map(|(s, p)| (labels(&["service"], std::slice::from_ref(s), None), *p))
-                    .collect();
-                family(
-                    &mut out,
-                    "meshkit_throttling_reject_probability",
-                    "gauge",
-                    "Adaptive throttling: the probability a call to the service is refused locally now.",
-                    &throttling,
-                );
-                if let Some(s) = &report.shedding {
-                    family(
-                        &mut out,
-                        "meshkit_shedding_in_flight",
-                        "gauge",
-                        "Calls in flight, as load shedding counts them.",
-                        &[(String::new(), s.in_flight as f64)],
-                    );
-                    family(
-                        &mut out,
-                        "meshkit_shedding_capacity",
-                        "gauge",
-                        "Calls the process can have in flight at its current latency (max completions x min latency).",
-                        &[(String::new(), s.capacity.unwrap_or(0) as f64)],
-                    );
-                    family(
-                        &mut out,
-                        "meshkit_process_cpu_usage",
-                        "gauge",
-                        "The process's CPU use as a share of its cores (load shedding's input).",
-                        &[(String::new(), s.cpu)],
-                    );
+                for b in &report.breakers {
+                    let state = match b.state {
+                        "closed" => 0.0,
+                        "open" => 1.0,
+                        _ => 2.0,
+                    };
+                    breakers
+                        .get_or_create(&BreakerLabels { service: b.service.clone(), method: b.method.clone() })
+                        .set(state);
                 }
-                out
+                let throttling = scrape.gauges::<ServiceLabels>(
+                    "meshkit_throttling_reject_probability",
+                    "Adaptive throttling: the probability a call to the service is refused locally now.",
+                );
+                for (service, p) in &report.throttling {
+                    throttling.get_or_create(&ServiceLabels { service: service.clone() }).set(*p);
+                }
+                if let Some(s) = &report.shedding {
+                    scrape
+                        .gauge("meshkit_shedding_in_flight", "Calls in flight, as load shedding counts them.")
+                        .set(s.in_flight as f64);
+                    scrape
+                        .gauge(
+                            "meshkit_shedding_capacity",
+                            "Calls the process can have in flight at its current latency (max completions x min latency).",
+                        )
+                        .set(s.capacity.unwrap_or(0) as f64);
+                    scrape
+                        .gauge(
+                            "meshkit_process_cpu_usage",
+                            "The process's CPU use as a share of its cores (load shedding's input).",
+                        )
+                        .set(s.cpu);
+                }
+                scrape
             }
         })
     }

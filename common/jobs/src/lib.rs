@@ -13,7 +13,7 @@
 use std::{
     collections::BTreeMap,
     future::Future,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::Duration,
 };
 
@@ -23,6 +23,8 @@ use meshkit_proto::scheduler::{
     Fence as FenceMsg, ListHandlersRequest, ListHandlersResponse, RunJobRequest, RunJobResponse,
     job_executor_server::{JobExecutor, JobExecutorServer},
 };
+use meshkit_telemetry::metrics::{self, CounterFamily};
+use prometheus_client::encoding::EncodeLabelSet;
 use tonic::{Request, Response, Status};
 
 use meshkit_registry::ownership::Fence;
@@ -149,13 +151,22 @@ impl Executor {
     }
 }
 
-fn count(handler: &str, outcome: &'static str) {
-    meshkit_telemetry::metrics::counter(
-        "meshkit_job_executions_total",
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExecutionLabels {
+    handler: String,
+    outcome: &'static str,
+}
+
+/// `meshkit_job_executions_total{handler, outcome}`.
+static EXECUTIONS: LazyLock<CounterFamily<ExecutionLabels>> = LazyLock::new(|| {
+    metrics::counters(
+        "meshkit_job_executions",
         "Job runs this executor was asked for, by handler and outcome (succeeded, failed, timed_out, refused).",
-        &[("handler", handler), ("outcome", outcome)],
     )
-    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+});
+
+fn count(handler: &str, outcome: &'static str) {
+    EXECUTIONS.get_or_create(&ExecutionLabels { handler: handler.to_owned(), outcome }).inc();
 }
 
 #[tonic::async_trait]

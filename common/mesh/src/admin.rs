@@ -20,7 +20,7 @@ use crate::{
 };
 use meshkit_balance::EndpointSnapshot;
 use meshkit_balance::{ChannelBuilder, PoolSnapshot};
-use meshkit_telemetry::metrics::Source;
+use meshkit_telemetry::metrics::{Scrape, Source};
 
 /// The JSON `/pools` answers: service → pool.
 pub type PoolsReport = BTreeMap<String, PoolReport>;
@@ -107,17 +107,6 @@ async fn reports_json(State(state): State<AdminState>) -> Json<BTreeMap<String, 
 async fn metrics_text(
     State(state): State<AdminState>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(16 << 10);
-    meshkit_telemetry::metrics::encode(&mut out);
-    let gauges: [(&str, &str); 6] = [
-        ("meshkit_pool_endpoint_up", "1 when the endpoint takes calls (ready or probing), 0 when ejected."),
-        ("meshkit_pool_endpoint_in_flight", "Calls in flight on the endpoint."),
-        ("meshkit_pool_endpoint_connections", "HTTP/2 connections open to the endpoint."),
-        ("meshkit_pool_endpoint_load", "The load p2c compares (peak EWMA latency x in-flight, with failure penalty)."),
-        ("meshkit_pool_endpoint_rtt_seconds", "Peak EWMA of the endpoint's latency."),
-        ("meshkit_pool_endpoint_failures_total", "Failed calls on the endpoint."),
-    ];
     let mut rows: Vec<(String, EndpointSnapshot)> = Vec::new();
     for builder in &state.channels {
         for view in builder.pools() {
@@ -127,31 +116,46 @@ async fn metrics_text(
         }
     }
     rows.sort_by(|a, b| (&a.0, &a.1.id).cmp(&(&b.0, &b.1.id)));
-    for (name, help) in gauges {
-        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (service, e) in &rows {
-            let value = match name {
-                "meshkit_pool_endpoint_up" => f64::from(u8::from(e.state != "ejected")),
-                "meshkit_pool_endpoint_in_flight" => e.inflight as f64,
-                "meshkit_pool_endpoint_connections" => e.connections as f64,
-                "meshkit_pool_endpoint_load" => e.load,
-                "meshkit_pool_endpoint_rtt_seconds" => e.rtt_ms / 1000.0,
-                _ => e.failures as f64,
-            };
-            let values = [service.clone(), e.id.clone(), e.addr.clone()];
-            let _ = writeln!(
-                out,
-                "{name}{} {value}",
-                meshkit_telemetry::metrics::labels(&["service", "endpoint", "addr"], &values, None)
-            );
-        }
+    let mut pools = Scrape::default();
+    let up = pools.gauges::<EndpointLabels>(
+        "meshkit_pool_endpoint_up",
+        "1 when the endpoint takes calls (ready or probing), 0 when ejected.",
+    );
+    let in_flight =
+        pools.gauges::<EndpointLabels>("meshkit_pool_endpoint_in_flight", "Calls in flight on the endpoint.");
+    let connections =
+        pools.gauges::<EndpointLabels>("meshkit_pool_endpoint_connections", "HTTP/2 connections open to the endpoint.");
+    let load = pools.gauges::<EndpointLabels>(
+        "meshkit_pool_endpoint_load",
+        "The load p2c compares (peak EWMA latency x in-flight, with failure penalty).",
+    );
+    let rtt =
+        pools.gauges::<EndpointLabels>("meshkit_pool_endpoint_rtt_seconds", "Peak EWMA of the endpoint's latency.");
+    let failures = pools.counters::<EndpointLabels>("meshkit_pool_endpoint_failures", "Failed calls on the endpoint.");
+    for (service, e) in &rows {
+        let at = EndpointLabels { service: service.clone(), endpoint: e.id.clone(), addr: e.addr.clone() };
+        up.get_or_create(&at).set(f64::from(u8::from(e.state != "ejected")));
+        in_flight.get_or_create(&at).set(e.inflight as f64);
+        connections.get_or_create(&at).set(e.connections as f64);
+        load.get_or_create(&at).set(e.load);
+        rtt.get_or_create(&at).set(e.rtt_ms / 1000.0);
+        failures.get_or_create(&at).inc_by(e.failures);
     }
+    let mut scrapes = vec![pools];
     let sources: Vec<Source> = state.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
     for source in sources {
-        out.push_str(&source().await);
+        scrapes.push(source().await);
     }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    let mut out = String::with_capacity(16 << 10);
+    meshkit_telemetry::metrics::encode(&mut out, &scrapes);
+    ([(axum::http::header::CONTENT_TYPE, meshkit_telemetry::metrics::CONTENT_TYPE)], out)
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct EndpointLabels {
+    service: String,
+    endpoint: String,
+    addr: String,
 }
 
 async fn pools(State(state): State<AdminState>) -> Json<PoolsReport> {

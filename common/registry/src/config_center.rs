@@ -32,6 +32,14 @@ use meshkit_config::Error as ConfigError;
 
 use crate::error::Result;
 
+/// `meshkit_config_rejections_total`.
+static REJECTIONS: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> = std::sync::LazyLock::new(|| {
+    meshkit_telemetry::metrics::counter(
+        "meshkit_config_rejections",
+        "Config center changes refused as invalid (the last good settings stayed).",
+    )
+});
+
 /// The component name of settings every process reads.
 pub const GLOBAL: &str = "_global";
 
@@ -224,12 +232,7 @@ fn apply<C: Settings>(base: &C, entries: Vec<Entry>, revision: i64, status: &Mut
         }
         Err(e) => {
             tracing::warn!(revision, error = %e, "config center: change refused, the last good settings stay");
-            meshkit_telemetry::metrics::counter(
-                "meshkit_config_rejections_total",
-                "Config center changes refused as invalid (the last good settings stayed).",
-                &[],
-            )
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            REJECTIONS.inc();
             if let Ok(mut s) = status.lock() {
                 s.last_rejection = Some(format!("revision {revision}: {e}"));
                 s.rejections += 1;

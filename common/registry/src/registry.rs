@@ -57,6 +57,11 @@ pub fn instance_key(prefix: &str, service: &str, instance_id: &str) -> String {
     crate::keys::instance(prefix, service, instance_id)
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct InstanceLabels {
+    instance_id: String,
+}
+
 /// What the session knows about its lease, published on a watch channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
@@ -108,28 +113,28 @@ impl RegistrySession {
     pub fn metrics_source(&self, instance: &str) -> meshkit_telemetry::metrics::Source {
         let state = self.state.clone();
         let reregistrations = self.reregistrations.clone();
-        let labels = meshkit_telemetry::metrics::labels(&["instance_id"], &[instance.to_owned()], None);
+        let labels = InstanceLabels { instance_id: instance.to_owned() };
         meshkit_telemetry::metrics::source(move || {
             let up = matches!(*state.borrow(), SessionState::Registered { .. });
             let count = reregistrations.load(Ordering::Relaxed);
             let labels = labels.clone();
             async move {
-                let mut out = String::new();
-                meshkit_telemetry::metrics::family(
-                    &mut out,
-                    "meshkit_registry_session_up",
-                    "gauge",
-                    "1 while the instance's keys are in etcd under a live lease, 0 while re-registering.",
-                    &[(labels.clone(), f64::from(u8::from(up)))],
-                );
-                meshkit_telemetry::metrics::family(
-                    &mut out,
-                    "meshkit_registry_reregistrations_total",
-                    "counter",
-                    "Times the instance wrote its keys again: a new lease after losing one, or a key deleted from outside.",
-                    &[(labels, count as f64)],
-                );
-                out
+                let mut scrape = meshkit_telemetry::metrics::Scrape::default();
+                scrape
+                    .gauges::<InstanceLabels>(
+                        "meshkit_registry_session_up",
+                        "1 while the instance's keys are in etcd under a live lease, 0 while re-registering.",
+                    )
+                    .get_or_create(&labels)
+                    .set(f64::from(u8::from(up)));
+                scrape
+                    .counters::<InstanceLabels>(
+                        "meshkit_registry_reregistrations",
+                        "Times the instance wrote its keys again: a new lease after losing one, or a key deleted from outside.",
+                    )
+                    .get_or_create(&labels)
+                    .inc_by(count);
+                scrape
             }
         })
     }

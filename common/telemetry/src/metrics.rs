@@ -1,5 +1,5 @@
-//! Prometheus metrics of a meshkit process, served as text (format 0.0.4)
-//! at the admin endpoint's `/metrics`.
+//! Prometheus metrics of a meshkit process, served as text (format 0.0.4,
+//! encoded by `prometheus-client`) at the admin endpoint's `/metrics`.
 //!
 //! RED per method on both sides of every call: `meshkit_server_*` recorded
 //! by the server builder's layer, `meshkit_client_*` by every balanced
@@ -7,15 +7,21 @@
 //! gRPC status code and a latency histogram. The status is read where gRPC
 //! puts it: the response headers of a trailers-only answer, else the
 //! trailers at the end of the body; a body that ends without them counts as
-//! `UNKNOWN`, one dropped by the caller as `CANCELLED`. Gauges that describe
-//! state (pools, endpoints) are read at scrape time.
+//! `UNKNOWN`, one dropped by the caller as `CANCELLED`. The calls never touch
+//! the registry: a [`Collector`] reads their atomics when scraped.
+//!
+//! Every other family is typed and sits beside the code it counts: counters
+//! as `LazyLock` statics made with [`counters`] (label sets are structs
+//! deriving `EncodeLabelSet`, so a misspelt label does not compile), and
+//! state read at scrape time (pools, queues, lag) as a [`Source`] that fills
+//! a [`Scrape`].
 
 use std::{
     collections::HashMap,
-    fmt::Write,
+    hash::Hash,
     pin::Pin,
     sync::{
-        Arc, LazyLock, RwLock,
+        Arc, LazyLock, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
@@ -24,6 +30,12 @@ use std::{
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet, prometheus_text},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 
 /// Latency buckets in seconds, from 250 µs to 10 s.
 const BUCKETS: [f64; 15] =
@@ -34,7 +46,7 @@ const BUCKETS: [f64; 15] =
 const MAX_METHODS: usize = 1_000;
 
 /// What is counted for one method: calls by status code, and latency.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct MethodMetrics {
     codes: [AtomicU64; 17],
     buckets: [AtomicU64; 15],
@@ -107,141 +119,207 @@ const CODES: [tonic::Code; 17] = [
     tonic::Code::Unauthenticated,
 ];
 
-/// One side's families: `{prefix}_requests_total` and
-/// `{prefix}_request_duration_seconds`, one row per (labels, method).
+/// The RED families of both sides, encoded from the atomics above when
+/// scraped (the calls themselves never touch the registry).
+#[derive(Debug)]
+struct Calls;
+
+impl Collector for Calls {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let mut server: Vec<(Vec<String>, Arc<MethodMetrics>)> = SERVER
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (vec![k.clone()], v.clone()))
+            .collect();
+        server.sort_by(|a, b| a.0.cmp(&b.0));
+        encode_side(
+            &mut encoder,
+            "meshkit_server",
+            [
+                "Calls served, by method and gRPC status code.",
+                "Time from a call's headers to its trailers, on the server.",
+            ],
+            &server,
+            &["method"],
+        )?;
+        let mut client: Vec<(Vec<String>, Arc<MethodMetrics>)> = CLIENT
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flat_map(|(service, methods)| {
+                methods.iter().map(move |(m, v)| (vec![service.clone(), m.clone()], v.clone()))
+            })
+            .collect();
+        client.sort_by(|a, b| a.0.cmp(&b.0));
+        encode_side(
+            &mut encoder,
+            "meshkit_client",
+            [
+                "Calls made through balanced channels (retries included in one call), by service, method and gRPC status code.",
+                "Time from a call through a balanced channel to its trailers.",
+            ],
+            &client,
+            &["service", "method"],
+        )
+    }
+}
+
+/// One side's families: `{prefix}_requests_total` by the row's labels and
+/// `code`, and `{prefix}_request_duration_seconds` by the row's labels.
 fn encode_side(
-    out: &mut String,
+    encoder: &mut DescriptorEncoder<'_>,
     prefix: &str,
     help: [&str; 2],
     rows: &[(Vec<String>, Arc<MethodMetrics>)],
-    names: &[&str],
-) {
-    let total = format!("{prefix}_requests_total");
-    let _ = writeln!(out, "# HELP {total} {}\n# TYPE {total} counter", help[0]);
-    let mut with_code: Vec<&str> = names.to_vec();
-    with_code.push("code");
+    names: &[&'static str],
+) -> std::fmt::Result {
+    let total = format!("{prefix}_requests");
+    let mut family = encoder.encode_descriptor(&total, help[0], None, MetricType::Counter)?;
     for (values, m) in rows {
         for code in CODES {
             let n = m.calls(code);
             if n > 0 {
-                let mut v = values.clone();
-                v.push(code_name(code).to_owned());
-                let _ = writeln!(out, "{total}{} {n}", labels(&with_code, &v, None));
+                let mut labels: Vec<(&str, &str)> =
+                    names.iter().copied().zip(values.iter().map(String::as_str)).collect();
+                labels.push(("code", code_name(code)));
+                family.encode_family(&labels)?.encode_counter::<NoLabelSet, u64, u64>(&n, None)?;
             }
         }
     }
     let hist = format!("{prefix}_request_duration_seconds");
-    let _ = writeln!(out, "# HELP {hist} {}\n# TYPE {hist} histogram", help[1]);
+    let mut family = encoder.encode_descriptor(&hist, help[1], None, MetricType::Histogram)?;
     for (values, m) in rows {
-        let mut cumulative = 0;
+        // Per bucket (the encoder sums them), the calls above the last bound in +Inf.
+        let mut buckets = [(0.0, 0u64); BUCKETS.len() + 1];
+        let mut counted = 0;
         for (i, le) in BUCKETS.iter().enumerate() {
-            cumulative += m.buckets[i].load(Ordering::Relaxed);
-            let le = format!("{le}");
-            let _ = writeln!(out, "{hist}_bucket{} {cumulative}", labels(names, values, Some(&le)));
+            let n = m.buckets[i].load(Ordering::Relaxed);
+            buckets[i] = (*le, n);
+            counted += n;
         }
         let count = m.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{hist}_bucket{} {count}", labels(names, values, Some("+Inf")));
+        buckets[BUCKETS.len()] = (f64::INFINITY, count.saturating_sub(counted));
         let sum = m.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{hist}_sum{} {sum}", labels(names, values, None));
-        let _ = writeln!(out, "{hist}_count{} {count}", labels(names, values, None));
+        let labels: Vec<(&str, &str)> = names.iter().copied().zip(values.iter().map(String::as_str)).collect();
+        family.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
     }
+    Ok(())
 }
 
-/// `{a="x",b="y"}` with Prometheus escaping, plus `le` for buckets.
-pub fn labels(names: &[&str], values: &[String], le: Option<&str>) -> String {
-    let mut out = String::from("{");
-    let pairs = names.iter().zip(values.iter().map(String::as_str)).chain(le.map(|le| (&"le", le)));
-    for (i, (name, value)) in pairs.enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let escaped = value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-        let _ = write!(out, "{name}=\"{escaped}\"");
-    }
-    out.push('}');
-    if out == "{}" { String::new() } else { out }
+/// The process's families: the calls, and every counter a component
+/// registers with [`counters`] or [`counter`].
+static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Calls));
+    Mutex::new(registry)
+});
+
+/// A counter family by label set `L`, in the process's registry. Call it
+/// once, from the `LazyLock` static beside the code it counts; the family
+/// shows from then on. `name` has no `_total`: the encoder adds it.
+pub fn counters<L>(name: &str, help: &str) -> CounterFamily<L>
+where
+    L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = CounterFamily::<L>::default();
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).register(name, help_text(help), family.clone());
+    family
 }
 
-/// Every family of this process, as Prometheus text.
-pub fn encode(out: &mut String) {
-    let mut server: Vec<(Vec<String>, Arc<MethodMetrics>)> =
-        SERVER.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (vec![k.clone()], v.clone())).collect();
-    server.sort_by(|a, b| a.0.cmp(&b.0));
-    encode_side(
-        out,
-        "meshkit_server",
-        ["Calls served, by method and gRPC status code.", "Time from a call's headers to its trailers, on the server."],
-        &server,
-        &["method"],
-    );
-    let mut client: Vec<(Vec<String>, Arc<MethodMetrics>)> = CLIENT
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .flat_map(|(service, methods)| methods.iter().map(move |(m, v)| (vec![service.clone(), m.clone()], v.clone())))
-        .collect();
-    client.sort_by(|a, b| a.0.cmp(&b.0));
-    encode_side(
-        out,
-        "meshkit_client",
-        [
-            "Calls made through balanced channels (retries included in one call), by service, method and gRPC status code.",
-            "Time from a call through a balanced channel to its trailers.",
-        ],
-        &client,
-        &["service", "method"],
-    );
-    encode_counters(out);
+/// An unlabelled counter in the process's registry; as [`counters`].
+pub fn counter(name: &str, help: &str) -> Counter {
+    let counter = Counter::default();
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).register(name, help_text(help), counter.clone());
+    counter
 }
 
-/// Process-wide labelled counters (rejections, retries, re-registrations):
-/// name → labels → value. Callers keep the `Arc` and add to it.
-type Counters =
-    std::collections::BTreeMap<&'static str, (&'static str, std::collections::BTreeMap<String, Arc<AtomicU64>>)>;
-
-static COUNTERS: LazyLock<RwLock<Counters>> = LazyLock::new(RwLock::default);
-
-/// The counter `name{labels}` (created at 0 on first use), with `help`.
-pub fn counter(name: &'static str, help: &'static str, label_pairs: &[(&str, &str)]) -> Arc<AtomicU64> {
-    let names: Vec<&str> = label_pairs.iter().map(|(n, _)| *n).collect();
-    let values: Vec<String> = label_pairs.iter().map(|(_, v)| (*v).to_owned()).collect();
-    let key = labels(&names, &values, None);
-    if let Some(c) = COUNTERS.read().unwrap_or_else(|p| p.into_inner()).get(name).and_then(|(_, s)| s.get(&key)) {
-        return c.clone();
-    }
-    let mut map = COUNTERS.write().unwrap_or_else(|p| p.into_inner());
-    map.entry(name).or_insert_with(|| (help, Default::default())).1.entry(key).or_default().clone()
+/// The registry ends every help text with a full stop.
+fn help_text(help: &str) -> &str {
+    help.strip_suffix('.').unwrap_or(help)
 }
 
-fn encode_counters(out: &mut String) {
-    let map = COUNTERS.read().unwrap_or_else(|p| p.into_inner());
-    for (name, (help, series)) in map.iter() {
-        let samples: Vec<(String, f64)> =
-            series.iter().map(|(l, v)| (l.clone(), v.load(Ordering::Relaxed) as f64)).collect();
-        family(out, name, "counter", help, &samples);
-    }
-}
+/// Counters by label set `L`.
+pub type CounterFamily<L> = Family<L, Counter>;
 
-/// Writes one family: `# HELP`, `# TYPE`, then `name{labels} value` per
-/// sample (labels as [`labels`] renders them).
-pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
-    }
-}
+/// Gauges (of `f64`) by label set `L`.
+pub type GaugeFamily<L> = Family<L, F64Gauge>;
+
+/// A gauge of `f64`.
+pub type F64Gauge = Gauge<f64, AtomicU64>;
 
 /// Families a component computes when scraped (a queue's depth, a pool's
-/// use): called for every `/metrics`, it returns Prometheus text.
-pub type Source = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+/// use): a registry filled for one `/metrics` answer.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    registry: Registry,
+}
+
+impl Scrape {
+    /// A gauge family by label set `L`, shown in this scrape.
+    pub fn gauges<L>(&mut self, name: &str, help: &str) -> GaugeFamily<L>
+    where
+        L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let family = GaugeFamily::<L>::default();
+        self.registry.register(name, help_text(help), family.clone());
+        family
+    }
+
+    /// An unlabelled gauge, shown in this scrape.
+    pub fn gauge(&mut self, name: &str, help: &str) -> F64Gauge {
+        let gauge = F64Gauge::default();
+        self.registry.register(name, help_text(help), gauge.clone());
+        gauge
+    }
+
+    /// A counter family by label set `L` whose values the component keeps
+    /// itself (set them with `inc_by`); `name` has no `_total`.
+    pub fn counters<L>(&mut self, name: &str, help: &str) -> CounterFamily<L>
+    where
+        L: EncodeLabelSet + Clone + Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let family = CounterFamily::<L>::default();
+        self.registry.register(name, help_text(help), family.clone());
+        family
+    }
+
+    /// An unlabelled counter whose value the component keeps itself.
+    pub fn counter(&mut self, name: &str, help: &str) -> Counter {
+        let counter = Counter::default();
+        self.registry.register(name, help_text(help), counter.clone());
+        counter
+    }
+}
+
+/// What a component computes when scraped: called for every `/metrics`.
+pub type Source = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Scrape> + Send>> + Send + Sync>;
 
 /// A [`Source`] from an async closure.
 pub fn source<F, Fut>(f: F) -> Source
 where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = String> + Send + 'static,
+    Fut: Future<Output = Scrape> + Send + 'static,
 {
     Arc::new(move || Box::pin(f()))
+}
+
+/// The `Content-Type` of [`encode`]'s text: Prometheus's text format 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Every family of this process, then those of `scrapes`, as Prometheus text.
+pub fn encode(out: &mut String, scrapes: &[Scrape]) {
+    {
+        let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = prometheus_text::encode(out, &registry) {
+            tracing::warn!(error = %e, "metrics: encoding the process's families failed");
+        }
+    }
+    for scrape in scrapes {
+        if let Err(e) = prometheus_text::encode(out, &scrape.registry) {
+            tracing::warn!(error = %e, "metrics: encoding a component's families failed");
+        }
+    }
 }
 
 /// The name of a gRPC status code as metrics label it.
@@ -396,14 +474,25 @@ impl<B: Body> Body for ObservedBody<B> {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct One(Arc<MethodMetrics>);
+
+    impl Collector for One {
+        fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+            let rows = vec![(vec!["/a.B/\"x\"".to_owned()], self.0.clone())];
+            encode_side(&mut encoder, "t", ["calls", "latency"], &rows, &["method"])
+        }
+    }
+
     #[test]
     fn text_format() {
         let m = MethodMetrics::default();
         m.observe(0.003, tonic::Code::Ok);
         m.observe(20.0, tonic::Code::NotFound);
-        let rows = vec![(vec!["/a.B/\"x\"".to_owned()], Arc::new(m))];
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(One(Arc::new(m))));
         let mut out = String::new();
-        encode_side(&mut out, "t", ["calls", "latency"], &rows, &["method"]);
+        prometheus_text::encode(&mut out, &registry).expect("encodes");
         assert!(out.contains("# TYPE t_requests_total counter"), "{out}");
         assert!(out.contains("t_requests_total{method=\"/a.B/\\\"x\\\"\",code=\"OK\"} 1"), "{out}");
         assert!(out.contains("code=\"NOT_FOUND\"} 1"), "{out}");
@@ -413,6 +502,25 @@ mod tests {
         assert!(out.contains("le=\"10\"} 1"), "{out}");
         assert!(out.contains("le=\"+Inf\"} 2"), "{out}");
         assert!(out.contains("t_request_duration_seconds_count{method=\"/a.B/\\\"x\\\"\"} 2"), "{out}");
+    }
+
+    #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct Reason {
+        reason: String,
+    }
+
+    #[test]
+    fn counters_and_scrapes_come_out_as_families() {
+        let c = counters::<Reason>("meshkit_test_things", "Things, by reason.");
+        c.get_or_create(&Reason { reason: "a \"quoted\" one".into() }).inc_by(3);
+        let mut scrape = Scrape::default();
+        scrape.gauge("meshkit_test_depth", "Depth.").set(2.5);
+        let mut out = String::new();
+        encode(&mut out, &[scrape]);
+        assert!(out.contains("# HELP meshkit_test_things_total Things, by reason.\n"), "{out}");
+        assert!(out.contains("# TYPE meshkit_test_things_total counter"), "{out}");
+        assert!(out.contains("meshkit_test_things_total{reason=\"a \\\"quoted\\\" one\"} 3"), "{out}");
+        assert!(out.contains("# TYPE meshkit_test_depth gauge\nmeshkit_test_depth 2.5"), "{out}");
     }
 
     #[test]

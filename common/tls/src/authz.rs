@@ -109,6 +109,21 @@ impl Authz {
     }
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct DeniedLabels {
+    method: String,
+    caller: String,
+}
+
+/// `meshkit_authz_denied_total{method, caller}`.
+static DENIED: std::sync::LazyLock<meshkit_telemetry::metrics::CounterFamily<DeniedLabels>> =
+    std::sync::LazyLock::new(|| {
+        meshkit_telemetry::metrics::counters(
+            "meshkit_authz_denied",
+            "Calls refused by the authorization rules, by method and caller identity.",
+        )
+    });
+
 /// The server layer that applies [`Authz`] to every call.
 #[derive(Clone)]
 pub struct AuthzLayer(pub Arc<Authz>);
@@ -150,12 +165,9 @@ where
             Ok(()) => Either::Left(self.inner.call(req)),
             Err(message) => {
                 let caller = caller.as_ref().map_or("none", |c| &*c.0);
-                meshkit_telemetry::metrics::counter(
-                    "meshkit_authz_denied_total",
-                    "Calls refused by the authorization rules, by method and caller identity.",
-                    &[("method", req.uri().path()), ("caller", caller)],
-                )
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                DENIED
+                    .get_or_create(&DeniedLabels { method: req.uri().path().to_owned(), caller: caller.to_owned() })
+                    .inc();
                 tracing::warn!(method = req.uri().path(), caller, "call refused by authorization");
                 Either::Right(std::future::ready(Ok(tonic::Status::permission_denied(message).into_http::<Body>())))
             }

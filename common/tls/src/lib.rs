@@ -573,13 +573,22 @@ pub fn incoming(
 
 /// Counts a failed handshake (`side` = server or client).
 pub fn handshake_failed(side: &str) {
-    meshkit_telemetry::metrics::counter(
-        "meshkit_tls_handshake_failures_total",
-        "TLS handshakes that failed: no or a bad client certificate, another CA, a timeout.",
-        &[("side", side)],
-    )
-    .fetch_add(1, Ordering::Relaxed);
+    HANDSHAKE_FAILURES.get_or_create(&SideLabels { side: side.to_owned() }).inc();
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SideLabels {
+    side: String,
+}
+
+/// `meshkit_tls_handshake_failures_total{side}`.
+static HANDSHAKE_FAILURES: std::sync::LazyLock<meshkit_telemetry::metrics::CounterFamily<SideLabels>> =
+    std::sync::LazyLock::new(|| {
+        meshkit_telemetry::metrics::counters(
+            "meshkit_tls_handshake_failures",
+            "TLS handshakes that failed: no or a bad client certificate, another CA, a timeout.",
+        )
+    });
 
 /// A tonic channel to one address, over mTLS when `tls` is given (for calls
 /// to a particular instance rather than through a balanced channel); it

@@ -32,6 +32,11 @@ pub use api::SchedulerApi;
 pub use scheduler::Scheduler;
 pub use settings::{Config, JobSpec, SchedulerSettings};
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SlotLabels {
+    outcome: &'static str,
+}
+
 /// The component name: config-center scope, default database file, migration records.
 pub const COMPONENT: &str = "scheduler";
 
@@ -108,22 +113,17 @@ pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {
             let fired = metrics.fired.load(Ordering::Relaxed);
             let misfired = metrics.misfired.load(Ordering::Relaxed);
             async move {
-                let mut out = String::new();
-                meshkit_common::metrics::family(
-                    &mut out,
-                    "meshkit_scheduler_leading",
-                    "gauge",
-                    "1 while this scheduler instance leads (fires the schedules).",
-                    &[(String::new(), f64::from(u8::from(leading)))],
-                );
-                meshkit_common::metrics::family(
-                    &mut out,
-                    "meshkit_scheduler_slots_total",
-                    "counter",
+                let mut scrape = meshkit_common::metrics::Scrape::default();
+                scrape
+                    .gauge("meshkit_scheduler_leading", "1 while this scheduler instance leads (fires the schedules).")
+                    .set(f64::from(u8::from(leading)));
+                let slots = scrape.counters::<SlotLabels>(
+                    "meshkit_scheduler_slots",
                     "Schedule slots this instance handled while leading, by outcome (fired, misfired).",
-                    &[("{outcome=\"fired\"}".into(), fired as f64), ("{outcome=\"misfired\"}".into(), misfired as f64)],
                 );
-                out
+                slots.get_or_create(&SlotLabels { outcome: "fired" }).inc_by(fired);
+                slots.get_or_create(&SlotLabels { outcome: "misfired" }).inc_by(misfired);
+                scrape
             }
         }))
         .metrics(db::metrics_source(&database, COMPONENT))

@@ -78,13 +78,22 @@ fn count_run(job: &str, status: RunStatus) {
         RunStatus::Skipped => "skipped",
         _ => "running",
     };
-    meshkit_common::metrics::counter(
-        "meshkit_job_runs_total",
-        "Job runs the leading scheduler recorded, by job and outcome (succeeded, failed, skipped).",
-        &[("job", job), ("status", status)],
-    )
-    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    RUNS.get_or_create(&RunLabels { job: job.to_owned(), status }).inc();
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RunLabels {
+    job: String,
+    status: &'static str,
+}
+
+/// `meshkit_job_runs_total{job, status}`.
+static RUNS: std::sync::LazyLock<meshkit_common::metrics::CounterFamily<RunLabels>> = std::sync::LazyLock::new(|| {
+    meshkit_common::metrics::counters(
+        "meshkit_job_runs",
+        "Job runs the leading scheduler recorded, by job and outcome (succeeded, failed, skipped).",
+    )
+});
 
 /// Decrements a job's running count when a trigger's runs are over.
 struct RunningGuard(Arc<Scheduler>, String);

@@ -53,3 +53,23 @@ async fn lists_services_instances_leases_and_pools() {
     user.shutdown().await.unwrap();
     order.shutdown().await.unwrap();
 }
+
+/// meshctl checks `config set` against the sections each reference service
+/// reads without linking the services: those sections must be the services' own.
+#[test]
+fn meshctl_checks_each_component_against_the_sections_it_reads() {
+    use meshkit_common::config::{Settings, defaults};
+    fn sections<C: Settings>() -> std::collections::BTreeSet<String> {
+        defaults::<C>().expect("defaults form a table").keys().cloned().collect()
+    }
+    for (component, own) in [
+        ("user", sections::<meshkit_user::Config>()),
+        ("order", sections::<meshkit_order::Config>()),
+        ("notification", sections::<meshkit_notification::Config>()),
+        ("scheduler", sections::<meshkit_scheduler::Config>()),
+        ("gateway", sections::<meshkit_gateway::GatewayConfig>()),
+    ] {
+        assert_eq!(meshkit_meshctl::sections_of(component), Some(own), "{component}");
+    }
+    assert_eq!(meshkit_meshctl::sections_of("payments"), None, "an unknown component");
+}

@@ -8,9 +8,37 @@ use meshkit_common::keys;
 
 use meshkit_common::{
     MeshConfig,
-    config::Settings,
+    config::{DatabaseSettings, EventSettings, Settings},
     config_center::{self, Entry, GLOBAL},
 };
+use serde::{Deserialize, Serialize};
+
+/// The sections user-service reads (`meshkit_user::Config`). meshctl
+/// composes the reference services' sections from the concerns' types
+/// rather than linking the services, so a change to a service does not
+/// rebuild meshctl; an integration test checks these against the services'
+/// own settings types.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct WithDatabase {
+    #[serde(flatten)]
+    mesh: MeshConfig,
+    database: DatabaseSettings,
+}
+
+meshkit_common::compose_settings!(WithDatabase { database });
+
+/// The sections order-service and notification-service read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct WithEvents {
+    #[serde(flatten)]
+    mesh: MeshConfig,
+    database: DatabaseSettings,
+    events: EventSettings,
+}
+
+meshkit_common::compose_settings!(WithEvents { database, events });
 
 /// `entries` laid over `C`'s defaults, as a process with settings `C` applies them.
 fn overlay_as<C: Settings>(entries: &[Entry]) -> Result<BTreeSet<String>, String> {
@@ -23,13 +51,18 @@ fn overlay_as<C: Settings>(entries: &[Entry]) -> Result<BTreeSet<String>, String
 /// the sections that component reads, or why it would refuse them.
 fn overlay_for(component: &str, entries: &[Entry]) -> Option<Result<BTreeSet<String>, String>> {
     Some(match component {
-        "user" => overlay_as::<meshkit_user::Config>(entries),
-        "order" => overlay_as::<meshkit_order::Config>(entries),
-        "notification" => overlay_as::<meshkit_notification::Config>(entries),
+        "user" => overlay_as::<WithDatabase>(entries),
+        "order" | "notification" => overlay_as::<WithEvents>(entries),
         "scheduler" => overlay_as::<meshkit_scheduler::Config>(entries),
         "gateway" => overlay_as::<meshkit_gateway::GatewayConfig>(entries),
         _ => return None,
     })
+}
+
+/// The sections `component` reads, as meshctl checks them (None: a
+/// component meshctl does not know).
+pub fn sections_of(component: &str) -> Option<BTreeSet<String>> {
+    overlay_for(component, &[]).and_then(Result::ok)
 }
 
 /// The components whose settings types meshctl checks a change against.

@@ -15,7 +15,7 @@ mod settings;
 pub use auth::{etcd_auth_enable, etcd_user, role_grants};
 pub use config::{
     KNOWN_COMPONENTS, check_change, config_delete, config_get, config_history, config_set, config_watch, json_value,
-    shown,
+    sections_of, shown,
 };
 pub use governance::governance;
 pub use jobs::{jobs_history, jobs_list, jobs_pause, jobs_trigger};

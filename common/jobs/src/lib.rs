@@ -37,8 +37,8 @@ pub fn leader_key(prefix: &str) -> String {
     meshkit_registry::keys::slot_owner(prefix, LEADER_GROUP, 0)
 }
 
-/// The registry name executors register under.
-pub const EXECUTOR_SERVICE: &str = "meshkit.scheduler.v1.JobExecutor";
+/// The registry name executors register under: the contract's service name.
+pub const EXECUTOR_SERVICE: &str = meshkit_proto::scheduler::job_executor_server::SERVICE_NAME;
 
 /// Formats a slot for people (RFC 3339, UTC).
 pub fn format_slot(ms: i64) -> String {
@@ -248,5 +248,15 @@ impl JobExecutor for Executor {
         _request: Request<ListHandlersRequest>,
     ) -> Result<Response<ListHandlersResponse>, Status> {
         Ok(Response::new(ListHandlersResponse { handlers: self.handlers.keys().cloned().collect() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_leader_key_is_the_scheduler_groups_one_slot() {
+        assert_eq!(super::leader_key("/meshkit"), "/meshkit/groups/scheduler/owners/0");
+        assert_eq!(super::EXECUTOR_SERVICE, "meshkit.scheduler.v1.JobExecutor");
+        assert_eq!(super::format_slot(1_500), "1970-01-01T00:00:01.500+00:00");
     }
 }

@@ -25,7 +25,7 @@ pub use registry::{Registration, instances, leases, registrations, services};
 pub use settings::{CtlConfig, client_tls};
 
 /// The scheduler's API in the registry.
-pub(crate) const SCHEDULER_SERVICE: &str = "meshkit.scheduler.v1.JobScheduler";
+pub(crate) const SCHEDULER_SERVICE: &str = meshkit_proto::scheduler::job_scheduler_server::SERVICE_NAME;
 
 pub const USAGE: &str = "\
 usage: meshctl [--etcd HOST:PORT[,…]] [--prefix /meshkit] COMMAND

@@ -26,7 +26,7 @@ pub use config::Config;
 pub const COMPONENT: &str = "order";
 
 /// The service order-service calls to check users.
-pub const USER_SERVICE: &str = "meshkit.user.v1.UserService";
+pub const USER_SERVICE: &str = meshkit_proto::user::user_service_server::SERVICE_NAME;
 
 /// Connects the database and etcd, applies migrations, serves and registers.
 pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {

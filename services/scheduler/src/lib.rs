@@ -41,7 +41,7 @@ struct SlotLabels {
 pub const COMPONENT: &str = "scheduler";
 
 /// The scheduler's own API in the registry.
-pub const SCHEDULER_SERVICE: &str = "meshkit.scheduler.v1.JobScheduler";
+pub const SCHEDULER_SERVICE: &str = meshkit_proto::scheduler::job_scheduler_server::SERVICE_NAME;
 
 /// Connects etcd and the database, joins the leader election, serves and registers.
 pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {

@@ -36,12 +36,12 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use super::{Kafka, headers};
-use crate::error::{Error, Result};
-use meshkit_base::Backoff;
-use meshkit_base::time::now_us;
+use meshkit_base::{Backoff, time::now_us};
 use meshkit_db::Migration;
 use meshkit_registry::ownership::{Fence, GroupSpec, Slot, SlotEnd, SlotGroup};
 use meshkit_telemetry::metrics::{self, Scrape};
+
+use crate::error::{Error, Result};
 use prometheus_client::encoding::EncodeLabelSet;
 
 pub mod entity {

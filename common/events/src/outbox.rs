@@ -25,10 +25,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Kafka, headers, kafka::partition_for};
-use crate::error::{Error, Result};
-use meshkit_base::Backoff;
-use meshkit_base::time::now_us;
+use meshkit_base::{Backoff, time::now_us};
 use meshkit_db::Migration;
+
+use crate::error::{Error, Result};
 
 pub mod entity {
     use sea_orm::entity::prelude::*;

@@ -11,6 +11,8 @@ use std::{
 };
 
 use axum::{Json, Router, extract::State, routing::get};
+use meshkit_balance::{ChannelBuilder, EndpointSnapshot, PoolSnapshot};
+use meshkit_telemetry::metrics::{Scrape, Source};
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
@@ -18,9 +20,6 @@ use crate::{
     error::{Error, Result},
     server::Report,
 };
-use meshkit_balance::EndpointSnapshot;
-use meshkit_balance::{ChannelBuilder, PoolSnapshot};
-use meshkit_telemetry::metrics::{Scrape, Source};
 
 /// The JSON `/pools` answers: service → pool.
 pub type PoolsReport = BTreeMap<String, PoolReport>;

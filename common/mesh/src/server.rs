@@ -21,6 +21,13 @@ use std::{
 use etcd_client::Client;
 use futures::StreamExt;
 use http::HeaderValue;
+use meshkit_balance::ChannelBuilder;
+use meshkit_base::deadline::DeadlineLayer;
+use meshkit_governance::{Governance, GovernanceLayer};
+use meshkit_registry::{
+    config_center::ConfigCenter,
+    registry::{Instance, RegistrySession, instance_key},
+};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
@@ -38,11 +45,6 @@ use crate::{
     config::{MeshConfig, ProcessConfig},
     error::{Error, Result},
 };
-use meshkit_balance::ChannelBuilder;
-use meshkit_base::deadline::DeadlineLayer;
-use meshkit_governance::{Governance, GovernanceLayer};
-use meshkit_registry::config_center::ConfigCenter;
-use meshkit_registry::registry::{Instance, RegistrySession, instance_key};
 
 /// What a service process shares: its etcd client, the config center
 /// (etcd settings over its own, watched), governance following the center's

@@ -26,9 +26,10 @@ impl Settings for CtlConfig {
 }
 
 impl CtlConfig {
-    /// From the process's file and environment.
+    /// From the process's file and environment, read once per process.
     pub fn load() -> meshkit_common::config::Result<Self> {
-        load_process("meshctl", &ProcessEnv)
+        static LOADED: std::sync::OnceLock<meshkit_common::config::Result<CtlConfig>> = std::sync::OnceLock::new();
+        LOADED.get_or_init(|| load_process("meshctl", &ProcessEnv)).clone()
     }
 }
 

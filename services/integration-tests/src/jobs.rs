@@ -136,6 +136,20 @@ impl JobCluster {
         JobSchedulerClient::new(channel)
     }
 
+    /// Waits until scheduler `id` lists every job of `names` (its config
+    /// center applies a definition a moment after etcd has it).
+    pub async fn wait_jobs_known(&self, id: &str, names: &[&str]) {
+        let api = self.api(id).await;
+        eventually(&format!("{id} knows jobs {names:?}"), Duration::from_secs(10), || {
+            let mut api = api.clone();
+            async move {
+                let jobs = api.list_jobs(meshkit_proto::scheduler::ListJobsRequest {}).await.ok()?.into_inner().jobs;
+                names.iter().all(|n| jobs.iter().any(|j| j.name == *n)).then_some(())
+            }
+        })
+        .await;
+    }
+
     /// Waits until scheduler `id` knows `count` live executors (its registry
     /// watch may trail etcd by a moment).
     pub async fn wait_executors_known(&self, id: &str, count: usize) {

@@ -52,6 +52,7 @@ async fn sharding_broadcast_gives_every_live_executor_its_shard() {
     cluster.define("six", job(6)).await;
     cluster.wait_leader().await;
     cluster.wait_executors_known("sched-a", 3).await;
+    cluster.wait_jobs_known("sched-a", &["broadcast", "six"]).await;
     let mut api = cluster.api("sched-a").await;
     let trigger = |name: &str| TriggerJobRequest { name: name.into(), param: None };
 
@@ -114,6 +115,7 @@ async fn a_failed_run_is_retried_on_another_executor_also_when_one_dies_mid_run(
         .await;
     cluster.wait_leader().await;
     cluster.wait_executors_known("sched-a", 2).await;
+    cluster.wait_jobs_known("sched-a", &["flaky", "long"]).await;
     let mut api = cluster.api("sched-a").await;
 
     // The handler fails its first attempt: the retry runs elsewhere and succeeds.

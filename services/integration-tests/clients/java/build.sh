@@ -26,7 +26,7 @@ protoc --plugin=protoc-gen-grpc-java=/usr/bin/grpc_java_plugin \
     --java_out="$out/gen" --grpc-java_out="$out/gen" -I "$root/proto" \
     "$root/proto/google/api/http.proto" "$root/proto/google/api/annotations.proto" \
     "$root/proto/meshkit/user/v1/user.proto" "$root/proto/meshkit/order/v1/order.proto"
-find "$out/gen" "$here/src" -name '*.java' >"$out/sources.txt"
+find "$out/gen" "$here/src/io/meshkit/interop" -name '*.java' >"$out/sources.txt"
 javac -nowarn -encoding UTF-8 -d "$out/classes" -cp "$cp" @"$out/sources.txt"
 echo "$out/classes:$cp" >"$out/classpath"
 echo "java client built: java -cp \"\$(cat $out/classpath)\" io.meshkit.interop.Client 127.0.0.1:8080"

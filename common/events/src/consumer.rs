@@ -89,6 +89,9 @@ pub mod entity {
             /// `applied` or `dead-lettered`.
             pub outcome: String,
             pub consume_time_us: i64,
+            /// The event's time (its record timestamp, the same on every
+            /// copy): the id is pruned `events.dedup_window_secs` after it.
+            pub event_time_us: i64,
         }
 
         #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -101,17 +104,53 @@ pub mod entity {
 use entity::{consumed, offset};
 
 /// The consumer tables; apply with the component's own migrations.
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "create meshkit_consumer_offsets and meshkit_consumed_events", up: create_tables }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "create meshkit_consumer_offsets and meshkit_consumed_events", up: create_tables },
+    Migration { version: 2, name: "event time of consumed ids, for pruning", up: add_event_time },
+];
 
 /// The migration records' component name of the consumer tables.
 pub const COMPONENT: &str = "meshkit-consumer";
 
+/// The tables as version 1 made them (written out, so later columns come
+/// from later migrations only).
 fn create_tables(schema: &Schema, backend: DbBackend) -> Vec<sea_orm::Statement> {
-    vec![
-        backend.build(schema.create_table_from_entity(offset::Entity).if_not_exists()),
-        backend.build(schema.create_table_from_entity(consumed::Entity).if_not_exists()),
-    ]
+    use consumed::Column as C;
+    use sea_orm::sea_query::{ColumnDef, Index, Table};
+    let consumed = Table::create()
+        .table(consumed::Entity)
+        .if_not_exists()
+        .col(ColumnDef::new(C::GroupName).string().not_null())
+        .col(ColumnDef::new(C::EventId).string().not_null())
+        .col(ColumnDef::new(C::Topic).string().not_null())
+        .col(ColumnDef::new(C::Partition).integer().not_null())
+        .col(ColumnDef::new(C::Offset).big_integer().not_null())
+        .col(ColumnDef::new(C::Outcome).string().not_null())
+        .col(ColumnDef::new(C::ConsumeTimeUs).big_integer().not_null())
+        .primary_key(Index::create().col(C::GroupName).col(C::EventId))
+        .to_owned();
+    vec![backend.build(schema.create_table_from_entity(offset::Entity).if_not_exists()), backend.build(&consumed)]
+}
+
+/// Ids consumed before version 2 take their consume time as event time: no
+/// later than the event's, so they are kept at least as long as they should be.
+fn add_event_time(_schema: &Schema, backend: DbBackend) -> Vec<sea_orm::Statement> {
+    use consumed::Column as C;
+    use sea_orm::sea_query::{ColumnDef, Index, Query, Table};
+    let add = Table::alter()
+        .table(consumed::Entity)
+        .add_column(ColumnDef::new(C::EventTimeUs).big_integer().not_null().default(0))
+        .to_owned();
+    let fill = Query::update().table(consumed::Entity).value(C::EventTimeUs, Expr::col(C::ConsumeTimeUs)).to_owned();
+    let index = Index::create()
+        .name("meshkit_consumed_events_by_time")
+        .table(consumed::Entity)
+        .col(C::GroupName)
+        .col(C::Topic)
+        .col(C::Partition)
+        .col(C::EventTimeUs)
+        .to_owned();
+    vec![backend.build(&add), backend.build(&fill), backend.build(&index)]
 }
 
 /// One record as the handler sees it.
@@ -167,6 +206,8 @@ pub struct PartitionStats {
     pub applied: u64,
     pub duplicates: u64,
     pub dead_lettered: u64,
+    /// Consumed ids this member pruned, past the dedup window.
+    pub pruned: u64,
 }
 
 /// Per-partition numbers, shared with the admin endpoint.
@@ -380,9 +421,27 @@ impl Shared {
             s.fence_revision = slot.fence.revision;
             s.next_offset = next_offset;
         });
+        let prune_every = (self.kafka.settings().dedup_window() / 4).min(Duration::from_secs(300));
+        let mut next_prune = tokio::time::Instant::now();
         let end = loop {
             if slot.cancel.is_cancelled() {
                 break SlotEnd::Stopped;
+            }
+            if tokio::time::Instant::now() >= next_prune {
+                next_prune = tokio::time::Instant::now() + prune_every;
+                match self.prune(partition).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::debug!(
+                            topic = self.topic,
+                            partition,
+                            pruned = n,
+                            "consumed ids past the dedup window pruned"
+                        );
+                        self.stats.update(partition, |s| s.pruned += n);
+                    }
+                    Err(e) => tracing::warn!(topic = self.topic, partition, error = %e, "pruning consumed ids failed"),
+                }
             }
             let from = next.max(0);
             let fetched = tokio::select! {
@@ -400,6 +459,11 @@ impl Shared {
                     continue;
                 }
             };
+            let from = fetched.start;
+            if from != next.max(0) {
+                // The broker's log moved us (see `Kafka::fetch`); go on from there.
+                next = from;
+            }
             let records: Vec<RecordAndOffset> = fetched.records.into_iter().filter(|r| r.offset >= from).collect();
             let hwm = fetched.high_watermark;
             let Some(last) = records.last().map(|r| r.offset) else {
@@ -490,6 +554,41 @@ impl Shared {
         Ok(row.map(|r| r.next_offset))
     }
 
+    /// Forgets the ids of this partition's events older than the dedup
+    /// window. No copy of them can be applied any more: [`Shared::attempt`]
+    /// dead-letters a record that old instead, so pruning never lets a
+    /// duplicate through.
+    async fn prune(&self, partition: i32) -> Result<u64> {
+        let window = self.kafka.settings().dedup_window();
+        let before = now_us() - window.as_micros() as i64;
+        let deleted = consumed::Entity::delete_many()
+            .filter(consumed::Column::GroupName.eq(self.group.clone()))
+            .filter(consumed::Column::Topic.eq(self.topic.clone()))
+            .filter(consumed::Column::Partition.eq(partition))
+            .filter(consumed::Column::EventTimeUs.lt(before))
+            .exec(&self.db)
+            .await?;
+        Ok(deleted.rows_affected)
+    }
+
+    /// Whether `event` is too old for its id to be trusted: its first copy's
+    /// id may have been pruned already (the margin covers clock skew between
+    /// members).
+    fn past_dedup_window(&self, event: &Event) -> Option<HandlerError> {
+        let settings = self.kafka.settings();
+        let age_us = now_us() - event.timestamp.timestamp_micros();
+        let limit = settings.dedup_window().saturating_sub(settings.dedup_margin());
+        (age_us > limit.as_micros() as i64).then(|| {
+            HandlerError::Poison(format!(
+                "the event is {:.1} s old, past events.dedup_window_secs ({} s) less a {:.1} s margin: \
+                 whether it was already applied can no longer be told",
+                age_us as f64 / 1e6,
+                settings.dedup_window_secs,
+                settings.dedup_margin().as_secs_f64()
+            ))
+        })
+    }
+
     fn row(&self, partition: i32) -> Condition {
         Condition::all()
             .add(offset::Column::GroupName.eq(self.group.clone()))
@@ -559,6 +658,11 @@ impl Shared {
                 tracing::debug!(event_id = event.event_id, "duplicate event skipped");
                 return Ok(Outcome::Duplicate);
             }
+            if let Some(too_old) = self.past_dedup_window(event) {
+                savepoint.rollback().await?;
+                last_error = too_old;
+                break;
+            }
             match self.handler.handle(&savepoint, event).await {
                 Ok(()) => {
                     savepoint.commit().await?;
@@ -593,6 +697,7 @@ impl Shared {
             offset: Set(event.offset),
             outcome: Set(outcome.to_owned()),
             consume_time_us: Set(now_us()),
+            event_time_us: Set(event.timestamp.timestamp_micros()),
         })
         .on_conflict(
             OnConflict::columns([consumed::Column::GroupName, consumed::Column::EventId]).do_nothing().to_owned(),

@@ -36,12 +36,17 @@ struct Inner {
     client: Mutex<Option<Arc<Client>>>,
     partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
     topics: Mutex<HashMap<String, i32>>,
+    /// Since when the brokers have failed to answer, if they do now.
+    outage: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// What one fetch returned.
 pub struct Fetched {
     pub records: Vec<RecordAndOffset>,
     pub high_watermark: i64,
+    /// Where the read started: the offset asked for, or where the broker's
+    /// log forced it to move (see [`Kafka::fetch`]).
+    pub start: i64,
 }
 
 impl Kafka {
@@ -53,8 +58,33 @@ impl Kafka {
                 client: Mutex::new(None),
                 partitions: Mutex::new(HashMap::new()),
                 topics: Mutex::new(HashMap::new()),
+                outage: std::sync::Mutex::new(None),
             }),
         }
+    }
+
+    /// Notes how a request went, so a broker outage logs one line when it
+    /// starts and one when it ends, not one per retry of the relay and of
+    /// every partition worker. Errors the broker itself sent back (a
+    /// protocol error code) prove it answers.
+    fn observe<T>(&self, result: Result<T>) -> Result<T> {
+        let failed = matches!(&result, Err(Error::Kafka { code: None, .. }));
+        let Ok(mut outage) = self.inner.outage.lock() else { return result };
+        let brokers = self.inner.settings.brokers.join(",");
+        match (failed, outage.as_ref()) {
+            (true, None) => {
+                *outage = Some(std::time::Instant::now());
+                if let Err(e) = &result {
+                    tracing::warn!(brokers, error = %e, "Kafka is unreachable; retrying quietly until it answers");
+                }
+            }
+            (false, Some(since)) => {
+                tracing::info!(brokers, after_secs = since.elapsed().as_secs(), "Kafka answers again");
+                *outage = None;
+            }
+            _ => {}
+        }
+        result
     }
 
     pub fn settings(&self) -> &EventSettings {
@@ -120,6 +150,11 @@ impl Kafka {
         if let Some(n) = self.inner.topics.lock().await.get(topic) {
             return Ok(*n);
         }
+        let result = self.create_if_missing(topic).await;
+        self.observe(result)
+    }
+
+    async fn create_if_missing(&self, topic: &str) -> Result<i32> {
         let client = self.client().await?;
         let count = |topics: Vec<rskafka::topic::Topic>| {
             topics.into_iter().find(|t| t.name == topic).map(|t| t.partitions.len() as i32).filter(|n| *n > 0)
@@ -144,7 +179,16 @@ impl Kafka {
                 Err(Error::Kafka { code: Some(ProtocolError::TopicAlreadyExists), .. }) => {}
                 Err(e) => return Err(e),
             }
-            partitions = count(bounded(self.timeout(), "list topics", client.list_topics()).await?);
+            // Kafka answers CreateTopics before every broker's metadata has
+            // the topic: ask again until it shows, within the request timeout.
+            let deadline = tokio::time::Instant::now() + self.timeout();
+            loop {
+                partitions = count(bounded(self.timeout(), "list topics", client.list_topics()).await?);
+                if partitions.is_some() || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         let n = partitions.ok_or_else(|| Error::kafka(format!("topic {topic:?} has no partitions after creation")))?;
         self.inner.topics.lock().await.insert(topic.to_owned(), n);
@@ -153,31 +197,52 @@ impl Kafka {
 
     /// Appends `records` to one partition, in order; returns their offsets.
     pub async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<Vec<i64>> {
-        let pc = self.partition(topic, partition).await?;
+        let pc = self.observe(self.partition(topic, partition).await)?;
         let result = bounded(self.timeout(), "produce", pc.produce(records, Compression::NoCompression)).await;
         if result.is_err() {
             self.reset().await;
         }
-        result
+        self.observe(result)
     }
 
     /// Reads records from `offset` on. An offset below the log start moves
-    /// to the earliest record the broker still has.
+    /// to the earliest record the broker still has; one past the log end
+    /// (the topic was deleted and made again, or its log truncated) moves to
+    /// the start too: consumers skip by event id what they already applied,
+    /// where staying would silently skip every record up to the old offset.
     pub async fn fetch(&self, topic: &str, partition: i32, offset: i64) -> Result<Fetched> {
+        let result = self.fetch_from(topic, partition, offset).await;
+        self.observe(result)
+    }
+
+    async fn fetch_from(&self, topic: &str, partition: i32, offset: i64) -> Result<Fetched> {
         let settings = &self.inner.settings;
         let pc = self.partition(topic, partition).await?;
         let wait = Duration::from_millis(settings.fetch_max_wait_ms as u64);
         let fetch = pc.fetch_records(offset, 1..settings.fetch_max_bytes, settings.fetch_max_wait_ms);
         match tokio::time::timeout(self.timeout() + wait, fetch).await {
-            Ok(Ok((records, high_watermark))) => Ok(Fetched { records, high_watermark }),
+            Ok(Ok((records, high_watermark))) => Ok(Fetched { records, high_watermark, start: offset }),
             Ok(Err(KafkaError::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. })) => {
                 let earliest = bounded(self.timeout(), "list offsets", pc.get_offset(OffsetAt::Earliest)).await?;
-                if earliest <= offset {
-                    // Past the end: nothing to read yet.
-                    return Ok(Fetched { records: Vec::new(), high_watermark: offset });
+                let latest = bounded(self.timeout(), "list offsets", pc.get_offset(OffsetAt::Latest)).await?;
+                if (earliest..=latest).contains(&offset) {
+                    // The log moved while we asked: nothing to read there yet.
+                    return Ok(Fetched { records: Vec::new(), high_watermark: latest, start: offset });
                 }
-                tracing::warn!(topic, partition, offset, earliest, "offset below the log start; skipping ahead");
-                Box::pin(self.fetch(topic, partition, earliest)).await
+                if offset < earliest {
+                    tracing::warn!(topic, partition, offset, earliest, "offset below the log start; skipping ahead");
+                } else {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        offset,
+                        latest,
+                        "offset past the log end (topic made again or truncated?); reading from its start"
+                    );
+                }
+                let mut fetched = Box::pin(self.fetch_from(topic, partition, earliest)).await?;
+                fetched.start = earliest;
+                Ok(fetched)
             }
             Ok(Err(e)) => {
                 self.reset().await;

@@ -214,7 +214,12 @@ impl Relay {
                 Err(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     if !failing {
-                        tracing::warn!(error = %e, "outbox relay cannot publish; retrying with backoff");
+                        // A broker outage is logged once by the Kafka client, naming the brokers.
+                        if matches!(e, Error::Kafka { code: None, .. }) {
+                            tracing::info!(error = %e, "outbox relay cannot publish; retrying with backoff");
+                        } else {
+                            tracing::warn!(error = %e, "outbox relay cannot publish; retrying with backoff");
+                        }
                         failing = true;
                     } else {
                         tracing::debug!(error = %e, "outbox relay still failing");

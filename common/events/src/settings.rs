@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 pub struct EventSettings {
     /// Bootstrap brokers, `host:port`.
     pub brokers: Vec<String>,
+    /// Put before every topic name this process uses (its dead-letter topics
+    /// too), so several environments or tenants can share one Kafka cluster:
+    /// `staging.` gives `staging.order-events`. Empty: the names as they are.
+    pub topic_prefix: String,
     /// Partitions of the topics this process creates when they are missing.
     pub partitions: i32,
     /// Replication factor of the topics this process creates.
@@ -27,10 +31,16 @@ pub struct EventSettings {
     pub max_attempts: u32,
     /// Upper bound on the bytes of one fetch.
     pub fetch_max_bytes: i32,
-    /// How long a fetch waits on the broker for new records. Kafka answers
-    /// as soon as records arrive; Tansu only at the end of the wait, so this
-    /// is also the delivery latency on a Tansu broker.
+    /// How long a fetch waits on the broker for new records; the broker
+    /// answers as soon as records arrive.
     pub fetch_max_wait_ms: i32,
+    /// How long a consumer remembers the id of an event it applied, counted
+    /// from the event's time (its record timestamp, which every re-published
+    /// copy keeps). Older ids are pruned; a record older than this window,
+    /// less a margin for clock skew, is dead-lettered rather than applied,
+    /// since nothing can tell any more whether it was. Keep it at least as
+    /// long as the topic's retention (the default matches `make up`'s 7 days).
+    pub dedup_window_secs: u64,
     /// The dead-letter topic of topic `t` is `t` followed by this.
     pub dead_letter_suffix: String,
     /// TLS to the brokers, checked against this CA bundle (PEM); empty: plaintext.
@@ -48,6 +58,7 @@ impl std::fmt::Debug for EventSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventSettings")
             .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
             .field("partitions", &self.partitions)
             .field("replication_factor", &self.replication_factor)
             .field("request_timeout_ms", &self.request_timeout_ms)
@@ -57,6 +68,7 @@ impl std::fmt::Debug for EventSettings {
             .field("max_attempts", &self.max_attempts)
             .field("fetch_max_bytes", &self.fetch_max_bytes)
             .field("fetch_max_wait_ms", &self.fetch_max_wait_ms)
+            .field("dedup_window_secs", &self.dedup_window_secs)
             .field("dead_letter_suffix", &self.dead_letter_suffix)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
@@ -72,6 +84,7 @@ impl Default for EventSettings {
     fn default() -> Self {
         Self {
             brokers: vec!["127.0.0.1:9092".into()],
+            topic_prefix: String::new(),
             partitions: 6,
             replication_factor: 1,
             request_timeout_ms: 5_000,
@@ -81,6 +94,7 @@ impl Default for EventSettings {
             max_attempts: 3,
             fetch_max_bytes: 1 << 20,
             fetch_max_wait_ms: 100,
+            dedup_window_secs: 7 * 24 * 3600,
             dead_letter_suffix: ".dlq".into(),
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
@@ -89,6 +103,25 @@ impl Default for EventSettings {
             sasl_username: String::new(),
             sasl_password: String::new(),
         }
+    }
+}
+
+impl EventSettings {
+    /// The broker's name for topic `name`: `events.topic_prefix` then `name`.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{name}", self.topic_prefix)
+    }
+
+    /// The dedup window: how long consumed event ids are kept.
+    pub fn dedup_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.dedup_window_secs)
+    }
+
+    /// How much younger than the window a record must be to be applied: a
+    /// tenth of the window, at most an hour, covers clock skew between the
+    /// members that prune and the member that checks.
+    pub fn dedup_margin(&self) -> std::time::Duration {
+        (self.dedup_window() / 10).min(std::time::Duration::from_secs(3600))
     }
 }
 
@@ -123,6 +156,17 @@ impl Settings for EventSettings {
         }
         if !(0..=30_000).contains(&self.fetch_max_wait_ms) {
             return bad("events.fetch_max_wait_ms", format!("{} is outside 0..=30000", self.fetch_max_wait_ms));
+        }
+        if self.dedup_window_secs < 2 {
+            return bad("events.dedup_window_secs", format!("{} is below 2", self.dedup_window_secs));
+        }
+        if let Some(c) =
+            self.topic_prefix.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return bad(
+                "events.topic_prefix",
+                format!("{c:?} cannot be in a Kafka topic name (letters, digits, . _ -)"),
+            );
         }
         if self.dead_letter_suffix.is_empty() {
             return bad("events.dead_letter_suffix", "must not be empty");
@@ -166,6 +210,22 @@ mod tests {
             let err = settings.validate().expect_err(expect);
             assert!(err.to_string().contains(expect), "{err}");
         }
+    }
+
+    #[test]
+    fn topic_names_take_the_prefix_and_bad_prefixes_are_refused() {
+        let settings = EventSettings { topic_prefix: "staging.".into(), ..EventSettings::default() };
+        assert_eq!(settings.topic("order-events"), "staging.order-events");
+        settings.validate().unwrap();
+        let bad = EventSettings { topic_prefix: "a/b".into(), ..EventSettings::default() };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("events.topic_prefix") && err.contains("'/'"), "{err}");
+        let short = EventSettings { dedup_window_secs: 1, ..EventSettings::default() };
+        assert!(short.validate().unwrap_err().to_string().contains("events.dedup_window_secs"));
+        let week = EventSettings::default();
+        assert_eq!(week.dedup_margin(), std::time::Duration::from_secs(3600));
+        let test = EventSettings { dedup_window_secs: 4, ..EventSettings::default() };
+        assert_eq!(test.dedup_margin(), std::time::Duration::from_millis(400));
     }
 
     #[test]

@@ -453,15 +453,27 @@ impl SlotGroup {
         let stop = cancel.clone();
         let task = tokio::spawn(async move {
             let mut backoff = meshkit_base::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            let mut attempts = 0u32;
             let group = loop {
                 let result = tokio::select! {
                     _ = stop.cancelled() => return,
                     r = join() => r,
                 };
                 match result {
-                    Ok(group) => break group,
+                    Ok(group) => {
+                        if attempts > 0 {
+                            tracing::info!(group = name, attempts, "joined the group");
+                        }
+                        break group;
+                    }
                     Err(e) => {
-                        tracing::warn!(group = name, error = %e, "cannot join the group yet; retrying");
+                        // One line while it keeps failing, not one per retry.
+                        if attempts == 0 {
+                            tracing::warn!(group = name, error = %e, "cannot join the group yet; retrying quietly");
+                        } else {
+                            tracing::debug!(group = name, error = %e, attempts, "still cannot join the group");
+                        }
+                        attempts += 1;
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(backoff.next_delay()) => {}

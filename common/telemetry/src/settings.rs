@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
-    /// An `EnvFilter` directive; `RUST_LOG` overrides it.
+    /// An `EnvFilter` directive; `RUST_LOG` overrides it. The default hides
+    /// the Kafka client's own lines (rskafka logs every reconnect attempt):
+    /// meshkit logs broker trouble itself, once per outage; add
+    /// `rskafka=info` to see them.
     pub filter: String,
     /// `text` or `json`.
     pub format: String,
@@ -14,7 +17,7 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { filter: "info".into(), format: "text".into() }
+        Self { filter: "info,rskafka=off".into(), format: "text".into() }
     }
 }
 

@@ -43,7 +43,7 @@ pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {
     let kafka = Kafka::new(config.events.clone(), format!("notification-service-{instance}"));
     let spec = ConsumerSpec {
         group: GROUP.into(),
-        topic: ORDER_EVENTS.into(),
+        topic: config.events.topic(ORDER_EVENTS),
         member: instance.clone(),
         prefix: config.etcd.prefix.clone(),
         ttl_secs: config.registry.ttl_secs,

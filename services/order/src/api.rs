@@ -40,13 +40,22 @@ pub struct OrderApi {
     db: DatabaseConnection,
     users: UserServiceClient<BalancedChannel>,
     relay: Option<Relay>,
+    /// The broker's name of [`ORDER_EVENTS`] (`events.topic_prefix` applied).
+    topic: String,
 }
 
 impl OrderApi {
     /// `relay` is woken after each commit so this instance's relay (when it is
     /// the elected one) publishes at once instead of at its next poll.
     pub fn new(db: DatabaseConnection, users: UserServiceClient<BalancedChannel>, relay: Option<Relay>) -> Self {
-        Self { db, users, relay }
+        Self { db, users, relay, topic: ORDER_EVENTS.to_owned() }
+    }
+
+    /// Publishes the events to `topic` rather than [`ORDER_EVENTS`]
+    /// (`EventSettings::topic` gives the prefixed name).
+    pub fn with_topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = topic.into();
+        self
     }
 
     /// FAILED_PRECONDITION naming the user when it does not exist; the
@@ -120,7 +129,7 @@ impl OrderService for OrderApi {
         // The record carries the context of its own "create" span (a child
         // of this call's), so notification's processing joins this trace;
         // with tracing off, the caller's context travels unchanged.
-        let producer = meshkit_common::trace::producer_span(ORDER_EVENTS, &event_id);
+        let producer = meshkit_common::trace::producer_span(&self.topic, &event_id);
         let mut trace = meshkit_common::trace::context_headers(&producer);
         if trace.is_empty() {
             trace = caller_trace;
@@ -137,7 +146,7 @@ impl OrderService for OrderApi {
             &txn,
             OutboxEvent {
                 event_id,
-                topic: ORDER_EVENTS.into(),
+                topic: self.topic.clone(),
                 key: id.clone(),
                 schema: ORDER_CREATED.into(),
                 payload: prost::Message::encode_to_vec(&event),

@@ -57,7 +57,8 @@ pub async fn start(config: Config) -> meshkit_common::Result<RunningServer> {
         meshkit_common::jobs::Executor::new(mesh.etcd.clone(), &config.etcd.prefix)
             .handler_fn(jobs::CANCEL_UNPAID, move |ctx| jobs::cancel_unpaid(db.clone(), ctx))
     };
-    let api = OrderApi::new(database, users, Some(relay.relay().clone()));
+    let api =
+        OrderApi::new(database, users, Some(relay.relay().clone())).with_topic(config.events.topic(api::ORDER_EVENTS));
     MeshServer::new(config)
         .with_mesh(&mesh)
         .metadata("component", COMPONENT)

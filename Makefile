@@ -29,7 +29,7 @@ down: ## stop the local cluster; no process is left behind
 status: ## show the local cluster's processes and registrations
 	@deploy/local/cluster.sh status
 
-deps: ## install what is missing (etcd, protoc and its include files, grpcurl, the Tansu broker)
+deps: ## install what is missing (etcd, protoc and its include files, grpcurl, Java, Maven and Apache Kafka's jars)
 	@deploy/local/install-deps.sh
 
 build: ## every binary, in the profile `make up` runs (dev; MESHKIT_PROFILE=release: optimised)
@@ -38,7 +38,7 @@ build: ## every binary, in the profile `make up` runs (dev; MESHKIT_PROFILE=rele
 build-release: ## release build of every binary (services, bench)
 	$(CARGO) build --release --workspace --bins
 
-test: ## the whole suite: unit and integration tests on real etcd, Tansu and PostgreSQL, then interop
+test: ## the whole suite: unit and integration tests on real etcd, Apache Kafka and PostgreSQL, then interop
 	@$(PHASE) install deploy/local/install-deps.sh --test
 	@$(PHASE) build $(MAKE) --no-print-directory build MESHKIT_PROFILE=dev
 	@mkdir -p target

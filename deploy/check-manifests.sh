@@ -29,4 +29,24 @@ for f in "$here"/grafana/*.json; do
         status=1
     fi
 done
+# The topics agree: what deploy/local/cluster.sh creates, compose and
+# Kubernetes create with the same partitions and retention.
+root="$(cd "$here/.." && pwd)"
+while read -r name partitions retention; do
+    for f in "$here/docker-compose.yml" "$here/k8s/kafka.yaml"; do
+        if ! grep -Eq -- "--topic $name --partitions $partitions --replication-factor [0-9]+ --config retention.ms=$retention;?\$" "$f"; then
+            echo "FAIL $(basename "$f"): topic $name is not created with $partitions partitions and retention.ms=$retention as in deploy/local/cluster.sh"
+            status=1
+        fi
+    done
+done < <(sed -n 's/^TOPICS=(\(.*\))$/\1/p' "$root/deploy/local/cluster.sh" | grep -o '"[^"]*"' | tr -d '"')
+grep -q "^TOPICS=(" "$root/deploy/local/cluster.sh" || { echo "FAIL deploy/local/cluster.sh: no TOPICS"; status=1; }
+kafka="$(sed -n 's|.*<kafka.version>\(.*\)</kafka.version>.*|\1|p' "$root/common/java/pom.xml")"
+for f in "$here/docker-compose.yml" "$here/k8s/kafka.yaml"; do
+    if grep -o 'apache/kafka:[0-9.]*' "$f" | grep -vqx "apache/kafka:$kafka"; then
+        echo "FAIL $(basename "$f"): an apache/kafka image other than $kafka, the version make up runs"
+        status=1
+    fi
+done
+(( status )) || echo "ok   topics and the Kafka version agree across cluster.sh, compose and Kubernetes"
 exit $status

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The local cluster behind `make up` / `make down` / `make status`: etcd, a
-# Kafka-protocol broker (Tansu, durable on SQLite), two instances each of
+# The local cluster behind `make up` / `make down` / `make status`: etcd,
+# Apache Kafka (one KRaft node, durable under the run directory), two instances each of
 # user-service, order-service, notification-service and scheduler-service
 # (with order-service's cancel-unpaid-orders job), and the gateway on
 # 127.0.0.1:8080, as plain processes with pid files and logs under one run
@@ -8,7 +8,8 @@
 #
 #   MESHKIT_RUN_DIR         run directory (default: .run in the repository)
 #   MESHKIT_ETCD_ENDPOINTS  use this etcd instead of starting one on 127.0.0.1:2379
-#   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting Tansu on 127.0.0.1:9092
+#   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting one on 127.0.0.1:9092
+#   MESHKIT_KAFKA_HEAP      the local broker's heap ceiling (default: 512m)
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
 #   MESHKIT_PROMETHEUS_PORT Prometheus's port (default: 9091; started when installed)
 #   MESHKIT_PROFILE         cargo profile of the binaries (default: dev, as `make up` builds)
@@ -25,10 +26,14 @@ BIN_DIR="$TARGET_DIR/$PROFILE"
 ETCD_CLIENT_PORT="${MESHKIT_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${MESHKIT_ETCD_PEER_PORT:-2380}"
 KAFKA_PORT="${MESHKIT_KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${MESHKIT_KAFKA_CONTROLLER_PORT:-9093}"
 GATEWAY_PORT="${MESHKIT_GATEWAY_PORT:-8080}"
 PROMETHEUS_PORT="${MESHKIT_PROMETHEUS_PORT:-9091}"
 SERVICES=(user user order order notification notification scheduler scheduler)
-TANSU="$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")"
+KAFKA="$ROOT/deploy/local/kafka.sh"
+# The topics `make up` creates (compose and Kubernetes create the same; see
+# docs/EVENTS.md): partitions, and retention in milliseconds.
+TOPICS=("order-events 6 604800000" "order-events.dlq 6 2592000000")
 
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -88,9 +93,9 @@ start_etcd() {
     exit 1
 }
 
-wait_listening() { # name port: until the process listens (10 s), or fail showing its log
-    local name="$1" port="$2"
-    for _ in $(seq 1 100); do
+wait_listening() { # name port [seconds]: until the process listens (10 s), or fail showing its log
+    local name="$1" port="$2" secs="${3:-10}"
+    for _ in $(seq 1 $(( secs * 10 ))); do
         port_open "$port" && return 0
         pid_alive "$RUN_DIR/pids/$name.pid" || break
         sleep 0.1
@@ -109,18 +114,47 @@ start_broker() {
         echo "port $KAFKA_PORT is taken by another process; stop it or set MESHKIT_EVENTS_BROKERS" >&2
         exit 1
     fi
-    local url="tcp://127.0.0.1:$KAFKA_PORT"
-    mkdir -p "$RUN_DIR/kafka"
-    # Tansu takes the SQLite path relative to its working directory.
-    pushd "$RUN_DIR/kafka" >/dev/null
-    RUST_LOG=warn setsid "$TANSU" broker \
-        --listener-url "$url" --advertised-listener-url "$url" \
-        --storage-engine "sqlite://tansu.db" \
+    if port_open "$KAFKA_CONTROLLER_PORT"; then
+        echo "port $KAFKA_CONTROLLER_PORT (Kafka's controller) is taken; stop that process or set MESHKIT_KAFKA_CONTROLLER_PORT" >&2
+        exit 1
+    fi
+    local t0=$SECONDS
+    # kafka.sh formats the storage on first use, then execs the JVM.
+    setsid "$KAFKA" run "$RUN_DIR/kafka" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" \
         </dev/null >"$RUN_DIR/logs/kafka.log" 2>&1 &
     echo $! >"$RUN_DIR/pids/kafka.pid"
-    popd >/dev/null
-    wait_listening kafka "$KAFKA_PORT" || exit 1
-    echo "kafka:     $url (Tansu, data in $RUN_DIR/kafka)"
+    wait_listening kafka "$KAFKA_PORT" 60 || exit 1
+    create_topics || exit 1
+    echo "kafka:     127.0.0.1:$KAFKA_PORT (Apache Kafka $("$KAFKA" version), data in $RUN_DIR/kafka, up in $((SECONDS - t0)) s)"
+}
+
+# The topics, unless they exist: stated partitions, replication 1 (one
+# node), retention; meshkit would create missing ones at start, but with the
+# broker's default retention.
+create_topics() {
+    local existing spec name partitions retention
+    existing="$("$KAFKA" topics --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list 2>>"$RUN_DIR/logs/kafka.log")" \
+        || { echo "kafka: listing topics failed; see $RUN_DIR/logs/kafka.log" >&2; return 1; }
+    for spec in "${TOPICS[@]}"; do
+        read -r name partitions retention <<<"$spec"
+        grep -qx "$name" <<<"$existing" && continue
+        "$KAFKA" topics --bootstrap-server "127.0.0.1:$KAFKA_PORT" --create --if-not-exists --topic "$name" \
+            --partitions "$partitions" --replication-factor 1 --config "retention.ms=$retention" \
+            >>"$RUN_DIR/logs/kafka.log" 2>&1 \
+            || { echo "kafka: creating topic $name failed; see $RUN_DIR/logs/kafka.log" >&2; return 1; }
+    done
+}
+
+# A run directory from before Apache Kafka held a Tansu broker's SQLite log,
+# which Kafka cannot read, and offsets into it that would not match Kafka's:
+# set the whole directory aside (nothing is deleted) and start afresh.
+migrate_run_dir() {
+    [[ -f "$RUN_DIR/kafka/tansu.db" ]] || return 0
+    local old
+    old="$RUN_DIR.tansu-$(date +%Y%m%d%H%M%S)"
+    mv "$RUN_DIR" "$old"
+    echo "make up: $RUN_DIR held a cluster of the Tansu broker days (its events and offsets do not carry over to Apache Kafka);"
+    echo "         moved it to $old, starting afresh (delete that directory when you no longer need its data)"
 }
 
 tls_on() { [[ "${MESHKIT_TLS:-0}" == 1 ]]; }
@@ -226,6 +260,7 @@ cmd_up() {
             exit 1
         fi
     done
+    migrate_run_dir
     mkdir -p "$RUN_DIR"/{pids,logs,data,ports}
     rm -f "$RUN_DIR"/pids/*.pid "$RUN_DIR"/ports/*
     local t0=$SECONDS start_ns
@@ -340,7 +375,8 @@ cmd_down() {
         [[ -e "$f" ]] && { stop_pid_file "$f" 12 & pids+=($!); }
     done
     (( ${#pids[@]} )) && wait "${pids[@]}"
-    [[ -e "$RUN_DIR/pids/kafka.pid" ]] && stop_pid_file "$RUN_DIR/pids/kafka.pid" 10
+    # The JVM shuts down in a few seconds (a controlled shutdown flushes the logs).
+    [[ -e "$RUN_DIR/pids/kafka.pid" ]] && stop_pid_file "$RUN_DIR/pids/kafka.pid" 30
     [[ -e "$RUN_DIR/pids/etcd.pid" ]] && stop_pid_file "$RUN_DIR/pids/etcd.pid" 10
     rm -f "$RUN_DIR"/ports/*
     echo "meshkit stopped (data kept in $RUN_DIR; \`make clean-run\` removes it)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what meshkit needs on Debian/Ubuntu, and nothing that is already
 # there: quick and quiet on a machine that has everything.
-#   install-deps.sh          what `make up` needs (etcd, protoc, Prometheus, grpcurl, the Tansu broker)
+#   install-deps.sh          what `make up` needs (etcd, protoc, Prometheus, grpcurl,
+#                            Java and Maven, and Apache Kafka's jars from Maven Central)
 #   install-deps.sh --test   plus what `make test` needs (PostgreSQL, and the
 #                            Python, Node.js grpc-web and Java test clients)
 #   install-deps.sh --bench  plus what `make bench` compares against (nginx)
@@ -56,6 +57,9 @@ command -v prometheus >/dev/null || missing+=(prometheus)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 command -v curl >/dev/null || missing+=(curl)
+# Apache Kafka runs on Java 17 or newer; Maven resolves its jars (deploy/kafka/pom.xml).
+"$here/kafka.sh" java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
 command -v git >/dev/null || missing+=(git)
 if (( want_test )); then
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
@@ -72,6 +76,7 @@ if (( want_test )); then
 fi
 if (( want_bench )); then
     command -v nginx >/dev/null || missing+=(nginx)
+    command -v javac >/dev/null || missing+=(default-jdk-headless)
 fi
 
 if (( ${#missing[@]} )); then
@@ -118,12 +123,20 @@ if (( want_test )); then
     fi
 fi
 
-# Tansu, a Kafka-protocol broker, from crates.io: memory storage (dynostore)
-# for tests, SQLite (libsql) for the durable local broker of `make up`.
-# Built from source once (about 10 minutes on 2 cores).
-TANSU_VERSION=0.6.0
-tansu_bin="$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")"
-if [[ ! -x "$tansu_bin" ]] || ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-    echo "install-deps: building the tansu $TANSU_VERSION broker from crates.io (once; about 10 minutes)"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql --quiet
+# Apache Kafka, the broker `make up` and the tests run: its jars, resolved by
+# Maven into ~/.cache/meshkit once (seconds when Maven's cache has them).
+"$here/kafka.sh" install
+
+# The Java test clients (the grpc-java client, the kafka-clients round trip)
+# from the one Maven build; again only when a source changed.
+if (( want_test || want_bench )); then
+    jar="$root/services/integration-tests/clients/java/target/meshkit-java-clients-0.1.0.jar"
+    if [[ ! -f "$jar" || ! -f "${jar%/*}/classpath" ]] \
+        || [[ -n "$(find "$root/common/java" "$root/deploy/kafka" "$root/proto" "$root/services/integration-tests/clients/java" \
+                    -name target -prune -o -newer "$jar" \( -name '*.java' -o -name '*.proto' -o -name pom.xml \) -print \
+                    | head -1)" ]]; then
+        echo "install-deps: building the Java parts with Maven (common/java/pom.xml)"
+        mvn -q -B -Dstyle.color=never -f "$root/common/java/pom.xml" package -DskipTests \
+            || { echo "install-deps: the Maven build failed" >&2; exit 1; }
+    fi
 fi

@@ -122,6 +122,18 @@ else
     fail "Java client (grpc-java, javac)" "$out"
 fi
 
+# 4b. The same client from the Maven build (grpc-java from Maven Central, stubs
+# from meshkit-contracts), as Java teams build it.
+mvn_jar="$CLIENTS/java/target/meshkit-java-clients-0.1.0.jar"
+out=""
+if [[ -f "$mvn_jar" ]] \
+    && out="$(java -cp "$mvn_jar:$(cat "$CLIENTS/java/target/classpath")" io.meshkit.interop.Client "$GW" "java-mvn-$run_id@example.com" 2>&1 | tail -1)" \
+    && [[ "$(json 'd["order_status"]' <<<"$out")" == ORDER_STATUS_PENDING ]]; then
+    ok "Java client (grpc-java, Maven)"
+else
+    fail "Java client (grpc-java, Maven)" "${out:-not built: deploy/local/install-deps.sh --test builds it}"
+fi
+
 # 5. A Python instance joins the user pool, is called, and leaves.
 instance="py-interop-$run_id"
 python3 "$CLIENTS/python/server.py" --etcd "$ETCD" --instance "$instance" --proto-dir "$ROOT/proto" >"$WORK/py-server.log" 2>&1 &

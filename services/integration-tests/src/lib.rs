@@ -1,5 +1,5 @@
 //! The harness for tests that span meshkit services: real etcd (Debian's
-//! `etcd-server`), a real Kafka-protocol broker (Tansu) and real PostgreSQL, each started on free loopback ports in
+//! `etcd-server`), Apache Kafka and real PostgreSQL, each started on free loopback ports in
 //! a temp dir and stopped when dropped; service processes and in-process
 //! services wired to them.
 #![forbid(unsafe_code)]
@@ -30,7 +30,7 @@ use meshkit_gateway::GatewaySettings;
 use meshkit_scheduler::SchedulerSettings;
 use serde::{Deserialize, Serialize};
 
-pub use broker::{Broker, Storage};
+pub use broker::Broker;
 pub use etcd::{Etcd, EtcdTls};
 pub use load::{LoadGen, Tally};
 pub use postgres::Postgres;
@@ -115,6 +115,17 @@ pub fn bin_dir() -> PathBuf {
     let dir = exe.parent().expect("an executable lives in a directory");
     // Tests run from target/<profile>/deps, binaries from target/<profile>.
     if dir.ends_with("deps") { dir.parent().unwrap_or(dir).to_path_buf() } else { dir.to_path_buf() }
+}
+
+/// The classpath of the Java test clients (`services/integration-tests/clients/java`),
+/// as the Maven build (`mvn -f common/java/pom.xml package`) left it.
+pub fn java_clients_classpath() -> anyhow::Result<String> {
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/java/target");
+    let jar = target.join("meshkit-java-clients-0.1.0.jar");
+    let deps = std::fs::read_to_string(target.join("classpath")).ok().filter(|_| jar.is_file()).ok_or_else(|| {
+        anyhow::anyhow!("the Java clients are not built: deploy/local/install-deps.sh --test builds them with Maven")
+    })?;
+    Ok(format!("{}:{}", jar.display(), deps.trim()))
 }
 
 /// Creates a user through `users` (a balanced channel to user-service),

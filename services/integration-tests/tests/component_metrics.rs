@@ -9,7 +9,7 @@ use std::{collections::HashMap, time::Duration};
 use meshkit_common::{ChannelBuilder, admin::http_get};
 use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
-    Broker, Etcd, Storage, create_user, eventually,
+    Broker, Etcd, create_user, eventually,
     http::{json_request, send},
     init_logs, mesh_config,
     prometheus::parse,
@@ -36,7 +36,7 @@ fn sum(m: &HashMap<String, f64>, name: &str, having: &[&str]) -> Option<f64> {
 async fn components_report_their_state_after_an_order_flow() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
-    let broker = Broker::start(Storage::Memory).await.unwrap();
+    let broker = Broker::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = |db: &str| {
         let mut c: TestConfig = mesh_config(&etcd, &sqlite_url(dir.path(), db));

@@ -1,5 +1,7 @@
-//! Events end to end on a real broker (Tansu), real etcd and SQLite: the
-//! outbox, the relay, fenced partition ownership and idempotent consumers.
+//! Events end to end on Apache Kafka, real etcd and SQLite: the outbox, the
+//! relay, fenced partition ownership, idempotent consumers and the pruning of
+//! their dedup log. The tests share one broker, each on topics of its own;
+//! the one that stops the broker has its own.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -19,8 +21,8 @@ use meshkit_common::{
 };
 use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
-    Broker, Etcd, Postgres, ServiceProcess, Storage, bin_dir, create_user, eventually, free_port, init_logs,
-    mesh_config, sqlite_url,
+    Broker, Etcd, Postgres, ServiceProcess, bin_dir, create_user, eventually, free_port, init_logs, mesh_config,
+    sqlite_url,
 };
 use meshkit_proto::{
     notification::{ListNotificationsRequest, OrderCreated, notification_service_client::NotificationServiceClient},
@@ -38,13 +40,17 @@ const USER: &str = "meshkit.user.v1.UserService";
 const ORDER: &str = "meshkit.order.v1.OrderService";
 const NOTIFICATION: &str = "meshkit.notification.v1.NotificationService";
 const TOPIC: &str = "order-events";
-const OWNERS: &str = "/meshkit/groups/consumers/notification/order-events/owners/";
 
-/// etcd, a broker, user-service and order-service in-process; notification
-/// instances are added by each test.
+/// etcd, user-service and order-service in-process on the shared broker (or
+/// one of the test's own); notification instances are added by each test.
 struct Pipeline {
     etcd: Etcd,
-    broker: Broker,
+    /// The broker's `host:port`.
+    kafka: String,
+    /// `events.topic_prefix`: this test's topics.
+    prefix: String,
+    /// The test's own broker, when it stops it.
+    own_broker: Option<Broker>,
     dir: TempDir,
     /// Every service's database when set (PostgreSQL); else one SQLite file each.
     database: Option<String>,
@@ -54,23 +60,53 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    async fn start(storage: Storage) -> Self {
-        Self::start_on(storage, None).await
+    async fn start() -> Self {
+        Self::start_on(None, None).await
     }
 
-    async fn start_on(storage: Storage, database: Option<String>) -> Self {
+    /// On a broker of the test's own, which it may stop.
+    async fn start_own_broker() -> Self {
+        Self::start_on(Some(Broker::start().await.unwrap()), None).await
+    }
+
+    async fn start_on(own_broker: Option<Broker>, database: Option<String>) -> Self {
         init_logs();
         let etcd = Etcd::start().await.unwrap();
-        let broker = Broker::start(storage).await.unwrap();
+        let kafka = match &own_broker {
+            Some(b) => b.endpoint(),
+            None => Broker::shared().await.endpoint(),
+        };
         let dir = tempfile::tempdir().unwrap();
         let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
-        let mut pipeline =
-            Pipeline { etcd, broker, dir, database, servers: Vec::new(), channels, user_id: String::new() };
+        let mut pipeline = Pipeline {
+            etcd,
+            kafka,
+            prefix: Broker::topic_prefix(),
+            own_broker,
+            dir,
+            database,
+            servers: Vec::new(),
+            channels,
+            user_id: String::new(),
+        };
         let user = meshkit_user::start(pipeline.config("user").into()).await.unwrap();
         let order = meshkit_order::start(pipeline.config("order").into()).await.unwrap();
         pipeline.servers.extend([user, order]);
         pipeline.user_id = create_user(&pipeline.channels.balanced(USER), "Ada", "ada@example.com").await.id;
         pipeline
+    }
+
+    /// The broker's name of the order-events topic in this test.
+    fn topic(&self) -> String {
+        format!("{}{TOPIC}", self.prefix)
+    }
+
+    fn owners_key(&self) -> String {
+        format!("/meshkit/groups/consumers/notification/{}/owners/", self.topic())
+    }
+
+    fn broker(&mut self) -> &mut Broker {
+        self.own_broker.as_mut().expect("the test's own broker")
     }
 
     fn db_url(&self, name: &str) -> String {
@@ -79,7 +115,8 @@ impl Pipeline {
 
     fn config(&self, db: &str) -> TestConfig {
         let mut config = mesh_config(&self.etcd, &self.db_url(db));
-        config.events.brokers = vec![self.broker.endpoint()];
+        config.events.brokers = vec![self.kafka.clone()];
+        config.events.topic_prefix = self.prefix.clone();
         config.events.request_timeout_ms = 2_000;
         config.events.relay_poll_ms = 20;
         config.events.fetch_max_wait_ms = 100;
@@ -90,7 +127,8 @@ impl Pipeline {
     fn process_env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("MESHKIT_ETCD_ENDPOINTS", self.etcd.endpoint()),
-            ("MESHKIT_EVENTS_BROKERS", self.broker.endpoint()),
+            ("MESHKIT_EVENTS_BROKERS", self.kafka.clone()),
+            ("MESHKIT_EVENTS_TOPIC_PREFIX", self.prefix.clone()),
             ("MESHKIT_EVENTS_FETCH_MAX_WAIT_MS", "100".into()),
             ("MESHKIT_REGISTRY_TTL_SECS", "2".into()),
             ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{}", free_port())),
@@ -170,9 +208,9 @@ impl SteadyOrders {
 }
 
 /// Waits until all 6 partitions have owners, `members` distinct ones.
-async fn all_partitions_owned_by(etcd: &etcd_client::Client, members: usize) {
+async fn all_partitions_owned_by(p: &Pipeline, etcd: &etcd_client::Client, members: usize) {
     eventually(&format!("6 partitions owned by {members} member(s)"), Duration::from_secs(20), || async {
-        let o = owners(etcd).await;
+        let o = owners(p, etcd).await;
         (o.len() == 6 && o.iter().collect::<HashSet<_>>().len() == members).then_some(())
     })
     .await;
@@ -240,7 +278,7 @@ async fn wait_for_notifications(db: &DatabaseConnection, n: usize, timeout: Dura
 
 #[tokio::test]
 async fn a_thousand_orders_give_exactly_a_thousand_notifications() {
-    let mut p = Pipeline::start(Storage::Memory).await;
+    let mut p = Pipeline::start().await;
     let a = p.notification().await;
     let b = p.notification().await;
     let orders = p.create_orders(1_000, 16).await;
@@ -282,7 +320,7 @@ async fn a_thousand_orders_give_exactly_a_thousand_notifications() {
 #[tokio::test]
 async fn the_pipeline_is_exactly_once_on_postgres_too() {
     let pg = Postgres::start().unwrap();
-    let mut p = Pipeline::start_on(Storage::Memory, Some(pg.url())).await;
+    let mut p = Pipeline::start_on(None, Some(pg.url())).await;
     let a = p.notification().await;
     let b = p.notification().await;
     let orders = p.create_orders(300, 8).await;
@@ -298,13 +336,13 @@ async fn the_pipeline_is_exactly_once_on_postgres_too() {
 
 #[tokio::test]
 async fn orders_made_while_the_broker_is_down_are_delivered_once_it_is_back() {
-    let mut p = Pipeline::start(Storage::Sqlite).await;
+    let mut p = Pipeline::start_own_broker().await;
     let n = p.notification().await;
     let db = p.notification_db().await;
     let mut orders = p.create_orders(50, 4).await;
     wait_for_notifications(&db, 50, Duration::from_secs(30)).await;
 
-    p.broker.kill();
+    p.broker().kill();
     // Orders keep being accepted: their events wait in the outbox.
     orders.extend(p.create_orders(200, 8).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -313,7 +351,7 @@ async fn orders_made_while_the_broker_is_down_are_delivered_once_it_is_back() {
     let backlog = count(&order_db, "SELECT COUNT(*) FROM meshkit_outbox WHERE sent_time_us IS NULL").await;
     assert_eq!(backlog, 200, "the events wait in the outbox");
 
-    p.broker.restart().await.unwrap();
+    p.broker().restart().await.unwrap();
     wait_for_notifications(&db, 250, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly_once(&db, &orders).await;
@@ -334,12 +372,16 @@ struct OwnerLog {
     overlaps: Vec<String>,
 }
 
-fn watch_owners(client: etcd_client::Client) -> (Arc<std::sync::Mutex<OwnerLog>>, tokio::task::JoinHandle<()>) {
+fn watch_owners(
+    p: &Pipeline,
+    client: etcd_client::Client,
+) -> (Arc<std::sync::Mutex<OwnerLog>>, tokio::task::JoinHandle<()>) {
     let log = Arc::new(std::sync::Mutex::new(OwnerLog::default()));
     let out = log.clone();
+    let owners = p.owners_key();
     let task = tokio::spawn(async move {
         let mut client = client;
-        let current = client.get(OWNERS, Some(GetOptions::new().with_prefix())).await.unwrap();
+        let current = client.get(owners.as_str(), Some(GetOptions::new().with_prefix())).await.unwrap();
         let mut present: HashMap<String, String> = HashMap::new();
         for kv in current.kvs() {
             let key = kv.key_str().unwrap().to_owned();
@@ -350,7 +392,7 @@ fn watch_owners(client: etcd_client::Client) -> (Arc<std::sync::Mutex<OwnerLog>>
         }
         let rev = current.header().unwrap().revision() + 1;
         let mut stream =
-            client.watch(OWNERS, Some(WatchOptions::new().with_prefix().with_start_revision(rev))).await.unwrap();
+            client.watch(owners, Some(WatchOptions::new().with_prefix().with_start_revision(rev))).await.unwrap();
         while let Ok(Some(resp)) = stream.message().await {
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
@@ -406,12 +448,12 @@ fn assert_consumption_follows_ownership(rows: &[Stored], log: &OwnerLog) {
 
 #[tokio::test]
 async fn a_killed_consumer_loses_its_partitions_and_nothing_is_lost_or_doubled() {
-    let p = Pipeline::start(Storage::Memory).await;
-    let (log, watcher) = watch_owners(p.etcd.client().await);
+    let p = Pipeline::start().await;
+    let (log, watcher) = watch_owners(&p, p.etcd.client().await);
     let mut a = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
     let _b = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
     let etcd = p.etcd.client().await;
-    all_partitions_owned_by(&etcd, 2).await;
+    all_partitions_owned_by(&p, &etcd, 2).await;
     let db = p.notification_db().await;
     // Orders stream in while one instance is killed.
     let load = p.steady_orders();
@@ -419,7 +461,7 @@ async fn a_killed_consumer_loses_its_partitions_and_nothing_is_lost_or_doubled()
     a.signal(9);
     a.wait_exit(Duration::from_secs(5)).await.expect("killed");
     // The survivor takes every partition once the lease (2 s) expires.
-    all_partitions_owned_by(&etcd, 1).await;
+    all_partitions_owned_by(&p, &etcd, 1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let orders = load.finish().await;
     wait_for_notifications(&db, orders.len(), Duration::from_secs(30)).await;
@@ -434,8 +476,8 @@ async fn a_killed_consumer_loses_its_partitions_and_nothing_is_lost_or_doubled()
 
 #[tokio::test]
 async fn scaling_from_one_to_three_consumers_spreads_partitions_without_two_owners() {
-    let mut p = Pipeline::start(Storage::Memory).await;
-    let (log, watcher) = watch_owners(p.etcd.client().await);
+    let mut p = Pipeline::start().await;
+    let (log, watcher) = watch_owners(&p, p.etcd.client().await);
     let first = p.notification().await;
     let db = p.notification_db().await;
     let load = p.steady_orders();
@@ -446,7 +488,7 @@ async fn scaling_from_one_to_three_consumers_spreads_partitions_without_two_owne
     let etcd = p.etcd.client().await;
     eventually("2 partitions per member", Duration::from_secs(20), || async {
         let mut per: HashMap<String, usize> = HashMap::new();
-        for owner in owners(&etcd).await {
+        for owner in owners(&p, &etcd).await {
             *per.entry(owner).or_default() += 1;
         }
         (per.len() == 3 && per.values().all(|n| *n == 2)).then_some(())
@@ -467,31 +509,36 @@ async fn scaling_from_one_to_three_consumers_spreads_partitions_without_two_owne
 }
 
 /// The member owning each partition now.
-async fn owners(etcd: &etcd_client::Client) -> Vec<String> {
-    let resp = etcd.clone().get(OWNERS, Some(GetOptions::new().with_prefix())).await.unwrap();
+async fn owners(p: &Pipeline, etcd: &etcd_client::Client) -> Vec<String> {
+    let resp = etcd.clone().get(p.owners_key(), Some(GetOptions::new().with_prefix())).await.unwrap();
     resp.kvs().iter().map(|kv| kv.value_str().unwrap().to_owned()).collect()
 }
 
-/// Produces `record` to the partition its key maps to; returns (partition, offset).
-async fn produce(broker: &Broker, key: &str, value: Vec<u8>, headers: &[(&str, &str)]) -> (i32, i64) {
-    let client = rskafka::client::ClientBuilder::new(vec![broker.endpoint()]).build().await.unwrap();
-    let partitions =
-        client.list_topics().await.unwrap().into_iter().find(|t| t.name == TOPIC).unwrap().partitions.len();
-    let partition = meshkit_common::events::kafka::partition_for(key.as_bytes(), partitions as i32);
-    let pc = client.partition_client(TOPIC, partition, UnknownTopicHandling::Retry).await.unwrap();
+/// Produces a record to the partition of `topic` its key maps to; returns (partition, offset).
+async fn produce(kafka: &str, topic: &str, key: &str, value: Vec<u8>, headers: &[(&str, &str)]) -> (i32, i64) {
     let record = Record {
         key: Some(key.as_bytes().to_vec()),
         value: Some(value),
         headers: headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
         timestamp: Utc::now(),
     };
+    produce_record(kafka, topic, record).await
+}
+
+async fn produce_record(kafka: &str, topic: &str, record: Record) -> (i32, i64) {
+    let client = rskafka::client::ClientBuilder::new(vec![kafka.to_owned()]).build().await.unwrap();
+    let partitions =
+        client.list_topics().await.unwrap().into_iter().find(|t| t.name == topic).unwrap().partitions.len();
+    let key = record.key.clone().unwrap_or_default();
+    let partition = meshkit_common::events::kafka::partition_for(&key, partitions as i32);
+    let pc = client.partition_client(topic, partition, UnknownTopicHandling::Retry).await.unwrap();
     let offsets = pc.produce(vec![record], Compression::NoCompression).await.unwrap();
     (partition, offsets[0])
 }
 
 /// Every record of `topic`.
-async fn read_all(broker: &Broker, topic: &str) -> Vec<Record> {
-    let client = rskafka::client::ClientBuilder::new(vec![broker.endpoint()]).build().await.unwrap();
+async fn read_all(kafka: &str, topic: &str) -> Vec<Record> {
+    let client = rskafka::client::ClientBuilder::new(vec![kafka.to_owned()]).build().await.unwrap();
     let Some(t) = client.list_topics().await.unwrap().into_iter().find(|t| t.name == topic) else { return vec![] };
     let mut out = Vec::new();
     for partition in t.partitions {
@@ -504,16 +551,17 @@ async fn read_all(broker: &Broker, topic: &str) -> Vec<Record> {
 
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
-    let mut p = Pipeline::start(Storage::Memory).await;
+    let mut p = Pipeline::start().await;
     let n = p.notification().await;
     let db = p.notification_db().await;
     let first = p.create_orders(5, 1).await;
+    let topic = p.topic();
     wait_for_notifications(&db, 5, Duration::from_secs(20)).await;
 
     // Garbage on a partition, a wrong schema, then a good event with the same key.
     let (partition, poison_offset) =
-        produce(&p.broker, "k-1", vec![0xff, 0xff, 0xff], &[("event-id", "poison-1")]).await;
-    produce(&p.broker, "k-1", vec![], &[("event-id", "poison-2"), ("schema", "acme.Other")]).await;
+        produce(&p.kafka, &topic, "k-1", vec![0xff, 0xff, 0xff], &[("event-id", "poison-1")]).await;
+    produce(&p.kafka, &topic, "k-1", vec![], &[("event-id", "poison-2"), ("schema", "acme.Other")]).await;
     let good = OrderCreated {
         event_id: "good-1".into(),
         order_id: "0192f3a0-0000-7000-8000-000000000001".into(),
@@ -522,17 +570,17 @@ async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
         create_time: None,
     };
     let (good_partition, _) =
-        produce(&p.broker, "k-1", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
+        produce(&p.kafka, &topic, "k-1", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
     assert_eq!(good_partition, partition);
     // A duplicate of an event already applied is skipped.
-    produce(&p.broker, "k-2", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
+    produce(&p.kafka, &topic, "k-2", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
 
     eventually("the good event after the poison", Duration::from_secs(20), || async {
         (count(&db, "SELECT COUNT(*) FROM notifications WHERE event_id = 'good-1'").await == 1).then_some(())
     })
     .await;
     let dlq = eventually("two dead letters", Duration::from_secs(20), || async {
-        let d = read_all(&p.broker, "order-events.dlq").await;
+        let d = read_all(&p.kafka, &format!("{topic}.dlq")).await;
         (d.len() == 2).then_some(d)
     })
     .await;
@@ -559,7 +607,7 @@ async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
     let (relays, _) = text.split_once("consumed partitions").unwrap();
     let leading = relays.lines().filter(|l| l.contains(" yes ")).count();
     assert_eq!(leading, 1, "the order instance leads the relay: {text}");
-    let partitions: Vec<&str> = text.lines().filter(|l| l.contains(" order-events ")).collect();
+    let partitions: Vec<&str> = text.lines().filter(|l| l.contains(&format!(" {topic} "))).collect();
     assert_eq!(partitions.len(), 6, "{text}");
     let dlq: i64 = partitions.iter().map(|l| l.split_whitespace().last().unwrap().parse::<i64>().unwrap()).sum();
     assert_eq!(dlq, 2, "{text}");
@@ -591,50 +639,51 @@ impl EventHandler for Flaky {
 async fn a_handler_failing_every_attempt_dead_letters_after_max_attempts() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
-    let broker = Broker::start(Storage::Memory).await.unwrap();
+    let kafka = Broker::shared().await.endpoint();
+    let topic = format!("{}{TOPIC}", Broker::topic_prefix());
     let dir = tempfile::tempdir().unwrap();
     let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "flaky"));
-    config.events.brokers = vec![broker.endpoint()];
+    config.events.brokers = vec![kafka.clone()];
     config.events.partitions = 2;
     config.events.max_attempts = 4;
     config.events.fetch_max_wait_ms = 100;
     let db = meshkit_common::db::connect(&config.database).await.unwrap();
     meshkit_common::db::migrate(&db, consumer::COMPONENT, consumer::MIGRATIONS).await.unwrap();
     db.execute_unprepared("CREATE TABLE seen (event_id TEXT PRIMARY KEY)").await.unwrap();
-    let kafka = Kafka::new(config.events.clone(), "test");
+    let client = Kafka::new(config.events.clone(), "test");
     let attempts = Arc::new(AtomicU32::new(0));
     let spec = ConsumerSpec {
         group: "flaky".into(),
-        topic: TOPIC.into(),
+        topic: topic.clone(),
         member: "m1".into(),
         prefix: "/meshkit".into(),
         ttl_secs: 2,
     };
     let consumer =
-        Consumer::start(etcd.client().await, db.clone(), kafka, spec, Arc::new(Flaky { attempts: attempts.clone() }))
+        Consumer::start(etcd.client().await, db.clone(), client, spec, Arc::new(Flaky { attempts: attempts.clone() }))
             .await
             .unwrap();
     // Both on one partition (one key): the failing one first.
-    let (partition, _) = produce(&broker, "k", b"fail".to_vec(), &[("event-id", "e-fail")]).await;
-    produce(&broker, "k", b"ok".to_vec(), &[("event-id", "e-after")]).await;
+    let (partition, _) = produce(&kafka, &topic, "k", b"fail".to_vec(), &[("event-id", "e-fail")]).await;
+    produce(&kafka, &topic, "k", b"ok".to_vec(), &[("event-id", "e-after")]).await;
     eventually("the event after the failing one", Duration::from_secs(20), || async {
         (count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-after'").await == 1).then_some(())
     })
     .await;
     assert_eq!(count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-fail'").await, 0);
     assert_eq!(attempts.load(Ordering::Relaxed), 4, "events.max_attempts attempts, no more");
-    let dlq = read_all(&broker, "order-events.dlq").await;
+    let dlq = read_all(&kafka, &format!("{topic}.dlq")).await;
     assert_eq!(dlq.len(), 1);
     let error = String::from_utf8(dlq[0].headers[headers::DLQ_ERROR].clone()).unwrap();
     assert!(error.contains("downstream said no"), "{error}");
     let offsets = consumer::offsets(&db, "flaky").await.unwrap();
-    assert_eq!(offsets[&(TOPIC.to_owned(), partition)].next_offset, 2, "the partition moved past both");
+    assert_eq!(offsets[&(topic.clone(), partition)].next_offset, 2, "the partition moved past both");
     consumer.close().await;
 }
 
 #[tokio::test]
 async fn records_carry_the_event_id_schema_and_trace_context() {
-    let p = Pipeline::start(Storage::Memory).await;
+    let p = Pipeline::start().await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let mut request = tonic::Request::new(CreateOrderRequest {
         user_id: p.user_id.clone(),
@@ -644,7 +693,7 @@ async fn records_carry_the_event_id_schema_and_trace_context() {
     request.metadata_mut().insert("tracestate", "meshkit=1".parse().unwrap());
     let order = p.orders().create_order(request).await.unwrap().into_inner();
     let record = eventually("the OrderCreated record", Duration::from_secs(20), || async {
-        read_all(&p.broker, TOPIC).await.into_iter().find(|r| r.key.as_deref() == Some(order.id.as_bytes()))
+        read_all(&p.kafka, &p.topic()).await.into_iter().find(|r| r.key.as_deref() == Some(order.id.as_bytes()))
     })
     .await;
     let header = |h: &str| String::from_utf8(record.headers.get(h).cloned().unwrap_or_default()).unwrap();
@@ -664,18 +713,18 @@ async fn records_carry_the_event_id_schema_and_trace_context() {
 
 #[tokio::test]
 async fn a_paused_consumer_that_lost_its_lease_cannot_commit_when_it_wakes() {
-    let p = Pipeline::start(Storage::Memory).await;
-    let (log, watcher) = watch_owners(p.etcd.client().await);
+    let p = Pipeline::start().await;
+    let (log, watcher) = watch_owners(&p, p.etcd.client().await);
     let a = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
     let _b = ServiceProcess::spawn("notification-service", &p.process_env(), p.dir.path()).unwrap();
     let etcd = p.etcd.client().await;
-    all_partitions_owned_by(&etcd, 2).await;
+    all_partitions_owned_by(&p, &etcd, 2).await;
     let db = p.notification_db().await;
     let load = p.steady_orders();
     wait_for_notifications(&db, 100, Duration::from_secs(20)).await;
     // Frozen mid-stream, it keeps whatever it fetched; its lease (2 s) runs out.
     a.signal(19); // SIGSTOP
-    all_partitions_owned_by(&etcd, 1).await;
+    all_partitions_owned_by(&p, &etcd, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.signal(18); // SIGCONT: it wakes believing it owns its partitions
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -701,4 +750,133 @@ async fn a_paused_consumer_that_lost_its_lease_cannot_commit_when_it_wakes() {
     assert!(!noticed.is_empty(), "the paused member never noticed it lost its partitions:\n{logs}");
     watcher.abort();
     p.shutdown().await;
+}
+
+#[tokio::test]
+async fn consumed_ids_are_pruned_past_the_dedup_window_and_a_copy_that_late_is_dead_lettered_not_applied() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let kafka = Broker::shared().await.endpoint();
+    let topic = format!("{}{TOPIC}", Broker::topic_prefix());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "pruned"));
+    config.events.brokers = vec![kafka.clone()];
+    config.events.partitions = 1;
+    config.events.fetch_max_wait_ms = 100;
+    // Ids kept 3 s after the event's time; pruned every 0.75 s; a record
+    // older than 2.7 s (the window less its 10% margin) is not applied.
+    config.events.dedup_window_secs = 3;
+    let db = meshkit_common::db::connect(&config.database).await.unwrap();
+    meshkit_common::db::migrate(&db, consumer::COMPONENT, consumer::MIGRATIONS).await.unwrap();
+    db.execute_unprepared("CREATE TABLE seen (event_id TEXT PRIMARY KEY)").await.unwrap();
+    let spec = ConsumerSpec {
+        group: "pruned".into(),
+        topic: topic.clone(),
+        member: "m1".into(),
+        prefix: "/meshkit".into(),
+        ttl_secs: 2,
+    };
+    let handler = Arc::new(Flaky { attempts: Arc::new(AtomicU32::new(0)) });
+    let kafka_client = Kafka::new(config.events.clone(), "test");
+    let consumer = Consumer::start(etcd.client().await, db.clone(), kafka_client, spec, handler).await.unwrap();
+    let seen = |id: &'static str| {
+        let db = db.clone();
+        async move { count(&db, &format!("SELECT COUNT(*) FROM seen WHERE event_id = '{id}'")).await }
+    };
+    let copy = |ts| Record {
+        key: Some(b"k".to_vec()),
+        value: Some(b"ok".to_vec()),
+        headers: [("event-id".to_owned(), b"e-1".to_vec())].into(),
+        timestamp: ts,
+    };
+
+    // The event, then a copy of it (a relay that published twice): applied once.
+    let event_time = Utc::now();
+    produce_record(&kafka, &topic, copy(event_time)).await;
+    produce_record(&kafka, &topic, copy(event_time)).await;
+    eventually("the event and its copy consumed", Duration::from_secs(20), || async {
+        let duplicates: u64 = consumer.stats().snapshot().iter().map(|s| s.duplicates).sum();
+        (duplicates == 1).then_some(())
+    })
+    .await;
+    assert_eq!(seen("e-1").await, 1);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM meshkit_consumed_events").await, 1);
+
+    // Past the window its id is forgotten: the log does not grow without end.
+    eventually("the id pruned", Duration::from_secs(10), || async {
+        (count(&db, "SELECT COUNT(*) FROM meshkit_consumed_events").await == 0).then_some(())
+    })
+    .await;
+    assert!(consumer.stats().snapshot().iter().map(|s| s.pruned).sum::<u64>() >= 1);
+
+    // A copy arriving now carries the event's old time: nothing can tell it
+    // was applied, so it goes to the dead-letter topic instead of twice into `seen`.
+    let (_, late_offset) = produce_record(&kafka, &topic, copy(event_time)).await;
+    let dlq = eventually("the late copy dead-lettered", Duration::from_secs(20), || async {
+        let d = read_all(&kafka, &format!("{topic}.dlq")).await;
+        (d.len() == 1).then_some(d)
+    })
+    .await;
+    let error = String::from_utf8(dlq[0].headers[headers::DLQ_ERROR].clone()).unwrap();
+    assert!(error.contains("events.dedup_window_secs"), "{error}");
+    assert_eq!(String::from_utf8(dlq[0].headers[headers::DLQ_OFFSET].clone()).unwrap(), late_offset.to_string());
+    assert_eq!(seen("e-1").await, 1, "never applied twice");
+
+    // A fresh event still goes through.
+    let mut fresh = copy(Utc::now());
+    fresh.headers.insert("event-id".into(), b"e-2".to_vec());
+    produce_record(&kafka, &topic, fresh).await;
+    eventually("the fresh event applied", Duration::from_secs(20), || async { (seen("e-2").await == 1).then_some(()) })
+        .await;
+    consumer.close().await;
+}
+
+/// The API version ranges rskafka 0.6 speaks (its `protocol/messages`),
+/// by Kafka API key.
+const RSKAFKA_APIS: &[(i16, &str, i16, i16)] = &[
+    (0, "Produce", 3, 7),
+    (1, "Fetch", 4, 4),
+    (2, "ListOffsets", 0, 3),
+    (3, "Metadata", 0, 4),
+    (17, "SaslHandshake", 1, 1),
+    (18, "ApiVersions", 0, 3),
+    (19, "CreateTopics", 0, 5),
+    (21, "DeleteRecords", 0, 2),
+    (36, "SaslAuthenticate", 0, 2),
+];
+
+#[tokio::test]
+async fn the_broker_serves_a_version_of_every_api_rskafka_speaks() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let kafka = Broker::shared().await.endpoint();
+    // ApiVersions v0, by hand: the one request every broker answers.
+    let client_id = b"meshkit-test";
+    let mut body = Vec::new();
+    body.extend_from_slice(&18i16.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&7i32.to_be_bytes());
+    body.extend_from_slice(&(client_id.len() as i16).to_be_bytes());
+    body.extend_from_slice(client_id);
+    let mut stream = tokio::net::TcpStream::connect(&kafka).await.unwrap();
+    stream.write_all(&(body.len() as i32).to_be_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let size = stream.read_i32().await.unwrap();
+    let mut reply = vec![0u8; size as usize];
+    stream.read_exact(&mut reply).await.unwrap();
+    let i16_at = |i: usize| i16::from_be_bytes([reply[i], reply[i + 1]]);
+    assert_eq!(i32::from_be_bytes(reply[0..4].try_into().unwrap()), 7, "correlation id");
+    assert_eq!(i16_at(4), 0, "ApiVersions error code");
+    let count = i32::from_be_bytes(reply[6..10].try_into().unwrap()) as usize;
+    let served: HashMap<i16, (i16, i16)> =
+        (0..count).map(|n| 10 + n * 6).map(|at| (i16_at(at), (i16_at(at + 2), i16_at(at + 4)))).collect();
+    let mut missing = Vec::new();
+    for (key, name, low, high) in RSKAFKA_APIS {
+        match served.get(key) {
+            Some((min, max)) if min <= high && low <= max => {
+                eprintln!("{name:<17} rskafka {low}..={high}, broker {min}..={max}");
+            }
+            other => missing.push(format!("{name}: rskafka {low}..={high}, broker {other:?}")),
+        }
+    }
+    assert!(missing.is_empty(), "the broker serves no version rskafka speaks: {missing:?}");
 }

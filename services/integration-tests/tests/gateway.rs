@@ -15,7 +15,7 @@ use meshkit_gateway::GatewaySettings;
 use meshkit_gateway::RunningGateway;
 use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
-    Broker, Etcd, ServiceProcess, Storage,
+    Broker, Etcd, ServiceProcess,
     echo::{self, ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient, ExpandRequest, FailRequest},
     eventually,
     http::{Reply, json_request, send, send_h2},
@@ -47,7 +47,7 @@ impl Cluster {
         init_logs();
         let etcd = Etcd::start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let broker = if events { Some(Broker::start(Storage::Memory).await.unwrap()) } else { None };
+        let broker = if events { Some(Broker::start().await.unwrap()) } else { None };
         let mut servers = Vec::new();
         let notifications = if events { 2 } else { 0 };
         for (name, n) in [("user", 2), ("order", 2), ("echo", 2), ("notification", notifications)] {

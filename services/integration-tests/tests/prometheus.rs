@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use meshkit_common::RunningServer;
 use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
-    Broker, Etcd, Storage, bin_dir, eventually,
+    Broker, Etcd, bin_dir, eventually,
     http::{json_request, send},
     init_logs, mesh_config,
     prometheus::Prometheus,
@@ -38,7 +38,7 @@ async fn targets_up(prometheus: &Prometheus) -> BTreeMap<String, usize> {
 async fn prometheus_finds_every_process_and_the_dashboard_queries_return_data() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
-    let broker = Broker::start(Storage::Memory).await.unwrap();
+    let broker = Broker::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = |db: &str| {
         let mut c: TestConfig = mesh_config(&etcd, &sqlite_url(dir.path(), db));

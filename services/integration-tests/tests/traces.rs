@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use etcd_client::GetOptions;
 use meshkit_integration_tests::{
-    Broker, Etcd, ServiceProcess, Storage, eventually, free_port,
+    Broker, Etcd, ServiceProcess, eventually, free_port,
     http::{json_request, send},
     otlp::{Collector, Received},
     sqlite_url,
@@ -27,7 +27,7 @@ struct Flow {
 
 async fn start(collector: &Collector) -> Flow {
     let etcd = Etcd::start().await.unwrap();
-    let broker = Broker::start(Storage::Memory).await.unwrap();
+    let broker = Broker::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let common = |db: &str| {
         vec![

@@ -6,8 +6,9 @@
 //! 2. Order created → notification stored, at a steady rate: latency p50/p99,
 //!    the consumers' lag (high watermark of their last fetch − committed
 //!    offset, from `/reports`) and the end-to-end backlog (orders created −
-//!    notifications stored, sampled every 200 ms), against a bare produce →
-//!    fetch round trip through the same broker at the same rate.
+//!    notifications stored, sampled every 200 ms), against a bare rskafka
+//!    produce → fetch round trip and a Java `kafka-clients` producer →
+//!    consumer round trip through the same broker at the same rate.
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +23,7 @@ use meshkit_common::{
     time::now_us,
 };
 use meshkit_integration_tests::TestConfig;
-use meshkit_integration_tests::{Broker, Etcd, Storage, create_user, mesh_config, sqlite_url};
+use meshkit_integration_tests::{Broker, Etcd, create_user, java_clients_classpath, mesh_config, sqlite_url};
 use meshkit_proto::order::{CreateOrderRequest, OrderItem, order_service_client::OrderServiceClient};
 use rskafka::{chrono::Utc, record::Record};
 use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 const TOPIC: &str = "bench-events";
 
 pub async fn run(etcd: &Etcd, secs: u64) -> anyhow::Result<()> {
-    let broker = Broker::start(Storage::Memory).await?;
+    let broker = Broker::start().await?;
     relay_throughput(etcd, &broker).await?;
     end_to_end(etcd, &broker, secs).await?;
     Ok(())
@@ -114,7 +115,9 @@ async fn relay_throughput(etcd: &Etcd, broker: &Broker) -> anyhow::Result<()> {
     cancel.cancel();
     let _ = task.await;
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
-    println!("\n== outbox relay ({rows} committed rows, SQLite outbox, Tansu memory broker, {partitions} partitions)");
+    println!(
+        "\n== outbox relay ({rows} committed rows, SQLite outbox, Apache Kafka (1 node), {partitions} partitions)"
+    );
     println!("  {:<34} {:>12} {:>12} {:>8}", "", "raw produce", "relay", "ratio");
     println!("  {:<34} {:>12.0} {:>12.0} {:>8.2}", "events/s", rate(raw), rate(relayed), rate(relayed) / rate(raw));
     Ok(())
@@ -212,20 +215,26 @@ async fn end_to_end(etcd: &Etcd, broker: &Broker, secs: u64) -> anyhow::Result<(
     }
 
     let floor = raw_round_trip(broker, rate, total).await?;
+    let java = java_round_trip(broker, rate, total).await?;
     println!(
         "\n== order created -> notification stored ({} orders at {rate}/s over {:.1} s, 2 consumers, fetch wait {} ms, {failed} failed)",
         total,
         offered.as_secs_f64(),
         fetch_wait(),
     );
-    println!("  {:<34} {:>12} {:>12} {:>8}", "", "raw kafka", "meshkit", "ratio");
-    for (name, q) in [("latency p50 (ms)", 0.5), ("latency p99 (ms)", 0.99)] {
+    println!("  {:<26} {:>10} {:>10} {:>10} {:>12} {:>12}", "", "rskafka", "java", "meshkit", "vs rskafka", "vs java");
+    for (name, q, j) in [("latency p50 (ms)", 0.5, java.p50_ms), ("latency p99 (ms)", 0.99, java.p99_ms)] {
         let raw = floor.value_at_quantile(q) as f64 / 1000.0;
         let mk = meshkit.value_at_quantile(q) as f64 / 1000.0;
-        println!("  {name:<34} {raw:>12.1} {mk:>12.1} {:>8.2}", mk / raw.max(0.001));
+        println!(
+            "  {name:<26} {raw:>10.1} {j:>10.1} {mk:>10.1} {:>12.2} {:>12.2}",
+            mk / raw.max(0.001),
+            mk / j.max(0.001)
+        );
     }
-    println!("  {:<34} {:>12} {:>12}", "max consumer lag (records)", "-", max_lag);
-    println!("  {:<34} {:>12} {:>12}", "max orders not yet notified", "-", max_backlog);
+    println!("  {:<26} {:>10} {:>10} {:>10}", "records back", floor.len(), java.received, meshkit.len());
+    println!("  {:<26} {:>10} {:>10} {:>10}", "max consumer lag (records)", "-", "-", max_lag);
+    println!("  {:<26} {:>10} {:>10} {:>10}", "max orders not yet notified", "-", "-", max_backlog);
     Ok(())
 }
 
@@ -285,4 +294,38 @@ async fn raw_round_trip(broker: &Broker, rate: u64, total: usize) -> anyhow::Res
         kafka.produce(topic, 0, vec![record]).await?;
     }
     reader.await?
+}
+
+/// What `io.meshkit.events.RoundTrip` (kafka-clients) measured.
+struct JavaRoundTrip {
+    received: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// The same round trip with Apache Kafka's own Java client: a producer
+/// (acks=all, no linger) and a consumer assigned the partition, one JVM.
+async fn java_round_trip(broker: &Broker, rate: u64, total: usize) -> anyhow::Result<JavaRoundTrip> {
+    let settings =
+        meshkit_common::config::EventSettings { brokers: vec![broker.endpoint()], partitions: 1, ..Default::default() };
+    let topic = "bench-java-round-trip";
+    Kafka::new(settings, "bench-java").ensure_topic(topic).await?;
+    let classpath = java_clients_classpath()?;
+    let out = tokio::process::Command::new("java")
+        .args(["-Xmx256m", "-cp", &classpath, "io.meshkit.events.RoundTrip"])
+        .args([broker.endpoint(), topic.to_owned(), rate.to_string(), total.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "the Java round trip failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+    );
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}");
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let us = |k: &str| v[k].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    Ok(JavaRoundTrip { received: v["received"].as_u64().unwrap_or(0), p50_ms: us("p50_us"), p99_ms: us("p99_us") })
 }

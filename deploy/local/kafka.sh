@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Apache Kafka (KRaft) for `make up` and the tests, from the jars Maven resolves
+# (deploy/kafka/pom.xml; the version is pinned in common/java/pom.xml).
+#
+#   kafka.sh install                  resolve the broker's classpath into the cache (once)
+#   kafka.sh libs                     print the classpath folder
+#   kafka.sh version                  print the pinned Kafka version
+#   kafka.sh java                     print the Java (17 or newer) it runs, or fail
+#   kafka.sh run DIR PORT CTRL_PORT   format DIR (first time) and run one node, broker and
+#                                     controller, in the foreground: 127.0.0.1:PORT for
+#                                     clients, 127.0.0.1:CTRL_PORT for the controller quorum;
+#                                     data and logs under DIR
+#   kafka.sh topics ARGS...           Kafka's TopicCommand (kafka-topics.sh), e.g.
+#                                     kafka.sh topics --bootstrap-server 127.0.0.1:9092 --list
+#
+# Settings from the environment: MESHKIT_KAFKA_HEAP (default 512m, the heap's
+# ceiling), MESHKIT_CACHE (default ~/.cache/meshkit).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+version="$(sed -n 's|.*<kafka.version>\(.*\)</kafka.version>.*|\1|p' "$root/common/java/pom.xml")"
+cache="${MESHKIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshkit}/kafka-$version"
+libs="$cache/libs"
+
+installed() { [[ -f "$cache/complete" ]]; }
+
+# The broker needs Java 17 or newer: `java` on PATH when it is, else a JDK or
+# JRE 17+ under /usr/lib/jvm (Ubuntu 22.04's default is 11).
+java_major() { "$1" -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1; }
+find_java() {
+    local j
+    for j in "${MESHKIT_JAVA:-}" "$(command -v java || true)" /usr/lib/jvm/*/bin/java; do
+        [[ -n "$j" && -x "$j" ]] || continue
+        (( $(java_major "$j" || echo 0) >= 17 )) && { echo "$j"; return 0; }
+    done
+    return 1
+}
+
+install() {
+    installed && return 0
+    command -v mvn >/dev/null || { echo "kafka.sh: mvn is missing (deploy/local/install-deps.sh installs it)" >&2; exit 1; }
+    echo "kafka.sh: resolving Apache Kafka $version from Maven Central into $cache"
+    rm -rf "$cache"
+    mkdir -p "$cache"
+    local t0=$SECONDS
+    mvn -q -B -Dstyle.color=never -f "$root/common/java/pom.xml" -pl ../../deploy/kafka \
+        dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$libs" \
+        || { echo "kafka.sh: Maven could not resolve the broker's jars" >&2; rm -rf "$cache"; exit 1; }
+    echo "$version" >"$cache/complete"
+    echo "kafka.sh: Apache Kafka $version ready ($(ls "$libs" | wc -l) jars, $((SECONDS - t0)) s)"
+}
+
+need_libs() {
+    installed || { echo "kafka.sh: Apache Kafka $version is not installed: run deploy/local/install-deps.sh" >&2; exit 1; }
+    JAVA="$(find_java)" || { echo "kafka.sh: Kafka needs Java 17 or newer (deploy/local/install-deps.sh installs it)" >&2; exit 1; }
+}
+
+java_opts=(
+    -Xms64m "-Xmx${MESHKIT_KAFKA_HEAP:-512m}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true
+    "-Dlog4j2.configurationFile=$root/deploy/kafka/log4j2.xml"
+)
+
+run() {
+    local dir="$1" port="$2" ctrl="$3"
+    need_libs
+    mkdir -p "$dir/data" "$dir/logs"
+    dir="$(cd "$dir" && pwd)"
+    cat >"$dir/server.properties" <<PROPS
+# Written by deploy/local/kafka.sh: one KRaft node, broker and controller.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$ctrl
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$ctrl
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$dir/data
+# Topics are created on purpose (cluster.sh, or meshkit at start), never by a typo.
+auto.create.topics.enable=false
+num.partitions=6
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+log.segment.bytes=67108864
+num.network.threads=2
+num.io.threads=2
+num.recovery.threads.per.data.dir=1
+PROPS
+    if [[ ! -f "$dir/data/meta.properties" ]]; then
+        local id
+        id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+        "$JAVA" -cp "$libs/*" "${java_opts[@]}" -Xmx256m kafka.tools.StorageTool format \
+            -t "$id" -c "$dir/server.properties" >"$dir/logs/format.log" 2>&1 \
+            || { echo "kafka.sh: formatting $dir failed:" >&2; tail -5 "$dir/logs/format.log" >&2; exit 1; }
+    fi
+    exec "$JAVA" -cp "$libs/*" "${java_opts[@]}" "-Dkafka.logs.dir=$dir/logs" kafka.Kafka "$dir/server.properties"
+}
+
+case "${1:-}" in
+    install) install ;;
+    libs) need_libs; echo "$libs" ;;
+    version) echo "$version" ;;
+    java) find_java ;;
+    run) [[ $# == 4 ]] || { echo "usage: kafka.sh run DIR PORT CTRL_PORT" >&2; exit 2; }; run "$2" "$3" "$4" ;;
+    topics) shift; need_libs; exec "$JAVA" -cp "$libs/*" "${java_opts[@]}" -Xmx256m org.apache.kafka.tools.TopicCommand "$@" ;;
+    *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

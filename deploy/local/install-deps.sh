@@ -77,6 +77,8 @@ fi
 if (( want_bench )); then
     command -v nginx >/dev/null || missing+=(nginx)
     command -v javac >/dev/null || missing+=(default-jdk-headless)
+    # The events phase runs the pipeline on PostgreSQL as well as SQLite.
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 fi
 
 if (( ${#missing[@]} )); then

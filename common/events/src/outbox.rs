@@ -256,22 +256,44 @@ impl Relay {
                 None => groups.push((target, vec![row])),
             }
         }
-        let mut sent = 0;
-        for ((topic, partition), rows) in groups {
+        // Every partition's batch at once (one round trip, not one per
+        // partition), then the published rows marked in one statement. A
+        // partition that failed keeps its rows unsent, in order, for the next
+        // round; a crash before the mark publishes them again, and consumers
+        // skip the copies by event id.
+        let produced = futures::future::join_all(groups.into_iter().map(|((topic, partition), rows)| async move {
             let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
             let oldest = rows.iter().map(|r| r.create_time_us).min().unwrap_or_else(now_us);
             let records = rows.into_iter().map(to_record).collect();
-            self.kafka.produce(&topic, partition, records).await?;
-            self.stats.published.fetch_add(seqs.len() as u64, Ordering::Relaxed);
-            self.stats.last_lag_us.store((now_us() - oldest).max(0) as u64, Ordering::Relaxed);
+            let result = self.kafka.produce(&topic, partition, records).await;
+            (seqs, oldest, result)
+        }))
+        .await;
+        let mut published = Vec::new();
+        let mut failure = None;
+        for (seqs, oldest, result) in produced {
+            match result {
+                Ok(_) => {
+                    self.stats.last_lag_us.store((now_us() - oldest).max(0) as u64, Ordering::Relaxed);
+                    published.extend(seqs);
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if !published.is_empty() {
+            self.stats.published.fetch_add(published.len() as u64, Ordering::Relaxed);
             entity::Entity::update_many()
                 .col_expr(entity::Column::SentTimeUs, sea_orm::sea_query::Expr::value(now_us()))
-                .filter(entity::Column::Seq.is_in(seqs.clone()))
+                .filter(entity::Column::Seq.is_in(published.clone()))
                 .exec(&self.db)
                 .await?;
-            sent += seqs.len();
         }
-        Ok(sent)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(published.len()),
+        }
     }
 
     async fn prune(&self, retention_secs: u64) {

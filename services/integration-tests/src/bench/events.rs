@@ -3,7 +3,9 @@
 //! 1. Outbox relay throughput: rows already committed in the outbox, published
 //!    by the relay (read, group by partition, produce, mark sent), against the
 //!    same records produced straight to the broker in the same batches.
-//! 2. Order created → notification stored, at a steady rate: latency p50/p99,
+//! 2. Order created → notification stored, at a steady rate, with SQLite and
+//!    with PostgreSQL under the services: latency p50/p99 and the relay's
+//!    share of it (commit → published),
 //!    the consumers' lag (high watermark of their last fetch − committed
 //!    offset, from `/reports`) and the end-to-end backlog (orders created −
 //!    notifications stored, sampled every 200 ms), against a bare rskafka
@@ -23,7 +25,7 @@ use meshkit_common::{
     time::now_us,
 };
 use meshkit_integration_tests::TestConfig;
-use meshkit_integration_tests::{Broker, Etcd, create_user, java_clients_classpath, mesh_config, sqlite_url};
+use meshkit_integration_tests::{Broker, Etcd, Postgres, create_user, java_clients_classpath, mesh_config, sqlite_url};
 use meshkit_proto::order::{CreateOrderRequest, OrderItem, order_service_client::OrderServiceClient};
 use rskafka::{chrono::Utc, record::Record};
 use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
@@ -82,7 +84,9 @@ async fn relay_throughput(etcd: &Etcd, broker: &Broker) -> anyhow::Result<()> {
     let kafka = Kafka::new(config.events.clone(), "bench");
     let partitions = kafka.ensure_topic(TOPIC).await?;
 
-    // Baseline: the same records straight to the broker, 500 per request per partition.
+    // Baseline: the same records straight to the broker in the relay's
+    // shape: windows of 500 rows, every partition's share of a window
+    // produced at once.
     let started = Instant::now();
     let mut by_partition: BTreeMap<i32, Vec<Record>> = BTreeMap::new();
     for i in 0..rows {
@@ -95,8 +99,10 @@ async fn relay_throughput(etcd: &Etcd, broker: &Broker) -> anyhow::Result<()> {
         };
         by_partition.entry(partition_for(e.key.as_bytes(), partitions)).or_default().push(record);
         if i % 500 == 499 || i == rows - 1 {
-            for (p, records) in std::mem::take(&mut by_partition) {
-                kafka.produce(TOPIC, p, records).await?;
+            let window = std::mem::take(&mut by_partition);
+            let sends = window.into_iter().map(|(p, records)| kafka.produce(TOPIC, p, records));
+            for result in futures::future::join_all(sends).await {
+                result?;
             }
         }
     }
@@ -123,18 +129,93 @@ async fn relay_throughput(etcd: &Etcd, broker: &Broker) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One end-to-end run's figures.
+struct EndToEnd {
+    /// Order created → notification stored.
+    total: Histogram<u64>,
+    /// Order committed → published by the relay (the outbox row's sent time).
+    relay: Histogram<u64>,
+    failed: usize,
+    offered: Duration,
+    max_lag: i64,
+    max_backlog: i64,
+}
+
 async fn end_to_end(etcd: &Etcd, broker: &Broker, secs: u64) -> anyhow::Result<()> {
     let rate: u64 = 500;
     let total = (rate * secs) as usize;
     let dir = tempfile::tempdir()?;
-    let cfg = |name: &str| events_config(etcd, broker, &sqlite_url(dir.path(), name));
+    let sqlite = pipeline(etcd, broker, rate, total, "sqlite.", &|name| sqlite_url(dir.path(), name)).await?;
+    let pg = Postgres::start()?;
+    let postgres = pipeline(etcd, broker, rate, total, "postgres.", &|_| pg.url()).await?;
+    let floor = raw_round_trip(broker, rate, total).await?;
+    let java = java_round_trip(broker, rate, total).await?;
+    println!(
+        "\n== order created -> notification stored ({total} orders at {rate}/s, 2 consumers, 6 partitions, fetch wait {} ms; failed: {} on SQLite, {} on PostgreSQL)",
+        fetch_wait(),
+        sqlite.failed,
+        postgres.failed,
+    );
+    println!("  {:<30} {:>9} {:>9} {:>13} {:>13}", "(ms)", "rskafka", "java", "meshkit SQL.", "meshkit PG");
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    for (name, q, j) in [("latency p50", 0.5, java.p50_ms), ("latency p99", 0.99, java.p99_ms)] {
+        println!(
+            "  {name:<30} {:>9.1} {j:>9.1} {:>13.1} {:>13.1}",
+            ms(&floor, q),
+            ms(&sqlite.total, q),
+            ms(&postgres.total, q)
+        );
+    }
+    for (name, q) in [("  of it commit -> published p50", 0.5), ("  of it commit -> published p99", 0.99)] {
+        println!("  {name:<30} {:>9} {:>9} {:>13.1} {:>13.1}", "-", "-", ms(&sqlite.relay, q), ms(&postgres.relay, q));
+    }
+    println!(
+        "  {:<30} {:>9} {:>9} {:>13} {:>13}",
+        "records back",
+        floor.len(),
+        java.received,
+        sqlite.total.len(),
+        postgres.total.len()
+    );
+    println!(
+        "  {:<30} {:>9} {:>9} {:>13} {:>13}",
+        "max consumer lag (records)", "-", "-", sqlite.max_lag, postgres.max_lag
+    );
+    println!(
+        "  {:<30} {:>9} {:>9} {:>13} {:>13}",
+        "max orders not yet notified", "-", "-", sqlite.max_backlog, postgres.max_backlog
+    );
+    println!(
+        "  offered over {:.1} s (SQLite) and {:.1} s (PostgreSQL); goal: p50 <= 10 ms, p99 <= 50 ms",
+        sqlite.offered.as_secs_f64(),
+        postgres.offered.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// user, order and two notification instances on `db(name)`, their topics
+/// under `prefix`; `total` orders at `rate` a second.
+async fn pipeline(
+    etcd: &Etcd,
+    broker: &Broker,
+    rate: u64,
+    total: usize,
+    prefix: &str,
+    db: &dyn Fn(&str) -> String,
+) -> anyhow::Result<EndToEnd> {
+    let cfg = |name: &str| {
+        let mut config = events_config(etcd, broker, &db(name));
+        config.events.topic_prefix = prefix.to_owned();
+        config
+    };
     let user = meshkit_user::start(cfg("user").into()).await?;
     let order = meshkit_order::start(cfg("order").into()).await?;
     let n1 = meshkit_notification::start(cfg("notification").into()).await?;
     let n2 = meshkit_notification::start(cfg("notification").into()).await?;
     let admins: Vec<String> = [&n1, &n2].iter().filter_map(|s| s.admin_addr()).map(|a| a.to_string()).collect();
     let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
-    let user_id = create_user(&channels.balanced("meshkit.user.v1.UserService"), "Bench", "bench@example.com").await.id;
+    let email = format!("bench-{prefix}{}@example.com", now_us());
+    let user_id = create_user(&channels.balanced("meshkit.user.v1.UserService"), "Bench", &email).await.id;
     let orders = OrderServiceClient::new(channels.balanced("meshkit.order.v1.OrderService"));
     // Warm up: the consumers own their partitions and the relay is elected.
     for _ in 0..20 {
@@ -147,6 +228,7 @@ async fn end_to_end(etcd: &Etcd, broker: &Broker, secs: u64) -> anyhow::Result<(
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let notification_db = meshkit_common::db::connect(&cfg("notification").database).await?;
+    let order_db = meshkit_common::db::connect(&cfg("order").database).await?;
     let stored = |db: sea_orm::DatabaseConnection| async move {
         let row = db
             .query_one_raw(Statement::from_string(db.get_database_backend(), "SELECT COUNT(*) FROM notifications"))
@@ -199,43 +281,32 @@ async fn end_to_end(etcd: &Etcd, broker: &Broker, secs: u64) -> anyhow::Result<(
         max_lag = max_lag.max(total_lag(&admins).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let rows = notification_db
-        .query_all_raw(Statement::from_string(
-            notification_db.get_database_backend(),
-            format!("SELECT create_time_us - event_time_us AS d FROM notifications WHERE event_time_us >= {since_us}"),
-        ))
-        .await?;
-    let mut meshkit = Histogram::<u64>::new(3)?;
-    for row in rows {
-        let d: i64 = row.try_get("", "d")?;
-        meshkit.record(d.max(1) as u64)?;
-    }
+    let histogram = |db: sea_orm::DatabaseConnection, sql: String| async move {
+        let rows = db.query_all_raw(Statement::from_string(db.get_database_backend(), sql)).await?;
+        let mut h = Histogram::<u64>::new(3)?;
+        for row in rows {
+            let d: i64 = row.try_get("", "d")?;
+            h.record(d.max(1) as u64)?;
+        }
+        Ok::<_, anyhow::Error>(h)
+    };
+    let total_h = histogram(
+        notification_db.clone(),
+        format!("SELECT create_time_us - event_time_us AS d FROM notifications WHERE event_time_us >= {since_us}"),
+    )
+    .await?;
+    let relay = histogram(
+        order_db.clone(),
+        format!(
+            "SELECT sent_time_us - create_time_us AS d FROM meshkit_outbox \
+             WHERE create_time_us >= {since_us} AND sent_time_us IS NOT NULL"
+        ),
+    )
+    .await?;
     for server in [n1, n2, order, user] {
         server.shutdown().await?;
     }
-
-    let floor = raw_round_trip(broker, rate, total).await?;
-    let java = java_round_trip(broker, rate, total).await?;
-    println!(
-        "\n== order created -> notification stored ({} orders at {rate}/s over {:.1} s, 2 consumers, fetch wait {} ms, {failed} failed)",
-        total,
-        offered.as_secs_f64(),
-        fetch_wait(),
-    );
-    println!("  {:<26} {:>10} {:>10} {:>10} {:>12} {:>12}", "", "rskafka", "java", "meshkit", "vs rskafka", "vs java");
-    for (name, q, j) in [("latency p50 (ms)", 0.5, java.p50_ms), ("latency p99 (ms)", 0.99, java.p99_ms)] {
-        let raw = floor.value_at_quantile(q) as f64 / 1000.0;
-        let mk = meshkit.value_at_quantile(q) as f64 / 1000.0;
-        println!(
-            "  {name:<26} {raw:>10.1} {j:>10.1} {mk:>10.1} {:>12.2} {:>12.2}",
-            mk / raw.max(0.001),
-            mk / j.max(0.001)
-        );
-    }
-    println!("  {:<26} {:>10} {:>10} {:>10}", "records back", floor.len(), java.received, meshkit.len());
-    println!("  {:<26} {:>10} {:>10} {:>10}", "max consumer lag (records)", "-", "-", max_lag);
-    println!("  {:<26} {:>10} {:>10} {:>10}", "max orders not yet notified", "-", "-", max_backlog);
-    Ok(())
+    Ok(EndToEnd { total: total_h, relay, failed, offered, max_lag, max_backlog })
 }
 
 /// Sum of the lag of every partition the given processes consume.

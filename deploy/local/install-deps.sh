@@ -138,7 +138,12 @@ if (( want_test || want_bench )); then
                     -name target -prune -o -newer "$jar" \( -name '*.java' -o -name '*.proto' -o -name pom.xml \) -print \
                     | head -1)" ]]; then
         echo "install-deps: building the Java parts with Maven (common/java/pom.xml)"
-        mvn -q -B -Dstyle.color=never -f "$root/common/java/pom.xml" package -DskipTests \
-            || { echo "install-deps: the Maven build failed" >&2; exit 1; }
+        log="$(mktemp)"
+        if ! mvn -q -B -f "$root/common/java/pom.xml" package -DskipTests >"$log" 2>&1; then
+            echo "install-deps: the Maven build failed:" >&2
+            tail -30 "$log" >&2
+            exit 1
+        fi
+        rm -f "$log"
     fi
 fi

@@ -43,9 +43,15 @@ install() {
     rm -rf "$cache"
     mkdir -p "$cache"
     local t0=$SECONDS
-    mvn -q -B -Dstyle.color=never -f "$root/common/java/pom.xml" -pl ../../deploy/kafka \
-        dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$libs" \
-        || { echo "kafka.sh: Maven could not resolve the broker's jars" >&2; rm -rf "$cache"; exit 1; }
+    # Maven's output goes to a log, shown only when it fails.
+    if ! mvn -q -B -f "$root/common/java/pom.xml" -pl ../../deploy/kafka \
+        dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$libs" >"$cache.log" 2>&1; then
+        echo "kafka.sh: Maven could not resolve the broker's jars:" >&2
+        tail -20 "$cache.log" >&2
+        rm -rf "$cache"
+        exit 1
+    fi
+    rm -f "$cache.log"
     echo "$version" >"$cache/complete"
     echo "kafka.sh: Apache Kafka $version ready ($(ls "$libs" | wc -l) jars, $((SECONDS - t0)) s)"
 }

@@ -156,15 +156,18 @@ impl Gateway {
         let router = Router::from_contracts(&contracts)?;
         let auth = Auth::from_settings(&settings.jwt).map_err(StartError::Config)?;
         let reflection = || {
-            let mut builder = tonic_reflection::server::Builder::configure();
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
             for set in contracts.encoded() {
                 builder = builder.register_encoded_file_descriptor_set(set);
             }
-            // The services it fronts (not the mesh-internal ones), and reflection itself.
+            // The services it fronts (not the mesh-internal ones), and what it
+            // answers itself: health and reflection.
             for service in contracts.services() {
                 builder = builder.with_service_name(service.full_name());
             }
             builder
+                .with_service_name("grpc.health.v1.Health")
                 .with_service_name("grpc.reflection.v1.ServerReflection")
                 .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         };

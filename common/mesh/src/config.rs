@@ -71,6 +71,9 @@ pub struct ServerSettings {
     pub drain_timeout_ms: u64,
     /// Delay added to every call: fault injection for chaos drills, 0 in production.
     pub fault_delay_ms: u64,
+    /// A connection that has not sent the HTTP/2 preface this long after it
+    /// was accepted (after its TLS handshake, with TLS) is closed.
+    pub preface_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,6 +94,7 @@ impl Default for ServerSettings {
             drain_delay_ms: 300,
             drain_timeout_ms: 10_000,
             fault_delay_ms: 0,
+            preface_timeout_ms: 15_000,
         }
     }
 }
@@ -123,6 +127,9 @@ impl Settings for MeshConfig {
         }
         if self.admin.enabled && self.admin.listen.parse::<SocketAddr>().is_err() {
             return bad("admin.listen", format!("{:?} is not an address like 127.0.0.1:0", self.admin.listen));
+        }
+        if self.server.preface_timeout_ms < 100 {
+            return bad("server.preface_timeout_ms", format!("{} is below 100", self.server.preface_timeout_ms));
         }
         if !self.server.advertise.is_empty() && !self.server.advertise.contains(':') {
             return bad("server.advertise", format!("{:?} is not host:port", self.server.advertise));

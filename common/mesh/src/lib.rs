@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod preface;
 pub mod server;
 
 pub use meshkit_balance as balance;

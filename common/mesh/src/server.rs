@@ -44,6 +44,7 @@ use crate::{
     admin::AdminServer,
     config::{MeshConfig, ProcessConfig},
     error::{Error, Result},
+    preface::PrefaceTimeout,
 };
 
 /// What a service process shares: its etcd client, the config center
@@ -325,11 +326,13 @@ impl MeshServer {
         let stopped = async {
             let _ = stop_rx.await;
         };
+        let preface = Duration::from_millis(config.server.preface_timeout_ms);
         let task = match tls {
             None => {
-                let incoming = TcpListenerStream::new(listener).map(|conn| {
-                    conn.inspect(|stream| {
+                let incoming = TcpListenerStream::new(listener).map(move |conn| {
+                    conn.map(|stream| {
                         let _ = stream.set_nodelay(true);
+                        PrefaceTimeout::new(stream, preface)
                     })
                 });
                 tokio::spawn(async move {
@@ -337,7 +340,8 @@ impl MeshServer {
                 })
             }
             Some(tls) => {
-                let incoming = meshkit_tls::incoming(listener, tls);
+                let incoming = meshkit_tls::incoming(listener, tls)
+                    .map(move |conn| conn.map(|stream| PrefaceTimeout::new(stream, preface)));
                 tokio::spawn(async move {
                     server.serve_with_incoming_shutdown(incoming, stopped).await.map_err(Error::from)
                 })

@@ -387,9 +387,13 @@ async fn grpc_passes_through_unchanged_with_every_streaming_kind() {
 
     // grpcurl lists every fronted service through the gateway's reflection, and calls through it.
     let list = grpcurl(&["-plaintext", &c.addr.to_string(), "list"]).await;
-    for service in ["meshkit.user.v1.UserService", "meshkit.order.v1.OrderService", echo::ECHO] {
+    for service in ["meshkit.user.v1.UserService", "meshkit.order.v1.OrderService", echo::ECHO, "grpc.health.v1.Health"]
+    {
         assert!(list.contains(service), "{service} not in {list}");
     }
+    // Health is described too, so grpcurl can call it by name.
+    let health = grpcurl(&["-plaintext", &c.addr.to_string(), "grpc.health.v1.Health/Check"]).await;
+    assert!(health.contains("SERVING"), "{health}");
     let out = grpcurl(&[
         "-plaintext",
         "-d",

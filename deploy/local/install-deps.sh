@@ -36,6 +36,16 @@ else
         prereq+=("Rust $rust_min or newer (this machine has rustc $rust_have: rustup update)")
     fi
 fi
+# h2spec (make test's HTTP/2 conformance cases) is built from the Go module
+# proxy, so the suite needs Go as it needs Rust.
+go_min="$(sed -n 's/^go \(.*\)/\1/p' "$root/services/integration-tests/tools/h2spec/go.mod")"
+if (( want_test )); then
+    if ! command -v go >/dev/null; then
+        prereq+=("Go $go_min or newer with go on PATH, for make test's h2spec (go.dev/dl)")
+    elif [[ "$(printf '%s\n%s\n' "$go_min" "$(go env GOVERSION | sed 's/^go//')" | sort -V | head -n1)" != "$go_min" ]]; then
+        prereq+=("Go $go_min or newer (this machine has $(go env GOVERSION))")
+    fi
+fi
 if (( ${#prereq[@]} )); then
     echo "install-deps: this machine lacks what must be there beforehand:" >&2
     printf '  - %s\n' "${prereq[@]}" >&2
@@ -128,6 +138,19 @@ fi
 # Apache Kafka, the broker `make up` and the tests run: its jars, resolved by
 # Maven into ~/.cache/meshkit once (seconds when Maven's cache has them).
 "$here/kafka.sh" install
+
+# h2spec from the Go module proxy, as pinned in its go.sum; again only when
+# the module changed.
+if (( want_test )); then
+    h2spec="${CARGO_TARGET_DIR:-$root/target}/tools/h2spec"
+    tools="$root/services/integration-tests/tools/h2spec"
+    if [[ ! -x "$h2spec" || "$tools/go.sum" -nt "$h2spec" || "$tools/go.mod" -nt "$h2spec" ]]; then
+        echo "install-deps: building h2spec from the Go module proxy"
+        mkdir -p "$(dirname "$h2spec")"
+        (cd "$tools" && go build -mod=readonly -o "$h2spec" github.com/summerwind/h2spec/cmd/h2spec) \
+            || { echo "install-deps: building h2spec failed" >&2; exit 1; }
+    fi
+fi
 
 # The Java test clients (the grpc-java client, the kafka-clients round trip)
 # from the one Maven build; again only when a source changed.

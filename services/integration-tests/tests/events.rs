@@ -635,21 +635,41 @@ impl EventHandler for Flaky {
     }
 }
 
-#[tokio::test]
-async fn a_handler_failing_every_attempt_dead_letters_after_max_attempts() {
+/// A consumer run directly, without the services: etcd, the shared broker
+/// with a topic of the test's own, and a SQLite database holding the
+/// consumer tables and the `seen` table [`Flaky`] writes.
+struct Standalone {
+    etcd: Etcd,
+    kafka: String,
+    topic: String,
+    db: DatabaseConnection,
+    config: TestConfig,
+    _dir: TempDir,
+}
+
+async fn standalone(tweak: impl FnOnce(&mut meshkit_common::config::EventSettings)) -> Standalone {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let kafka = Broker::shared().await.endpoint();
     let topic = format!("{}{TOPIC}", Broker::topic_prefix());
     let dir = tempfile::tempdir().unwrap();
-    let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "flaky"));
+    let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "consumer"));
     config.events.brokers = vec![kafka.clone()];
-    config.events.partitions = 2;
-    config.events.max_attempts = 4;
     config.events.fetch_max_wait_ms = 100;
+    tweak(&mut config.events);
     let db = meshkit_common::db::connect(&config.database).await.unwrap();
     meshkit_common::db::migrate(&db, consumer::COMPONENT, consumer::MIGRATIONS).await.unwrap();
     db.execute_unprepared("CREATE TABLE seen (event_id TEXT PRIMARY KEY)").await.unwrap();
+    Standalone { etcd, kafka, topic, db, config, _dir: dir }
+}
+
+#[tokio::test]
+async fn a_handler_failing_every_attempt_dead_letters_after_max_attempts() {
+    let Standalone { etcd, kafka, topic, db, config, _dir } = standalone(|e| {
+        e.partitions = 2;
+        e.max_attempts = 4;
+    })
+    .await;
     let client = Kafka::new(config.events.clone(), "test");
     let attempts = Arc::new(AtomicU32::new(0));
     let spec = ConsumerSpec {
@@ -754,21 +774,13 @@ async fn a_paused_consumer_that_lost_its_lease_cannot_commit_when_it_wakes() {
 
 #[tokio::test]
 async fn consumed_ids_are_pruned_past_the_dedup_window_and_a_copy_that_late_is_dead_lettered_not_applied() {
-    init_logs();
-    let etcd = Etcd::start().await.unwrap();
-    let kafka = Broker::shared().await.endpoint();
-    let topic = format!("{}{TOPIC}", Broker::topic_prefix());
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = mesh_config(&etcd, &sqlite_url(dir.path(), "pruned"));
-    config.events.brokers = vec![kafka.clone()];
-    config.events.partitions = 1;
-    config.events.fetch_max_wait_ms = 100;
-    // Ids kept 3 s after the event's time; pruned every 0.75 s; a record
-    // older than 2.7 s (the window less its 10% margin) is not applied.
-    config.events.dedup_window_secs = 3;
-    let db = meshkit_common::db::connect(&config.database).await.unwrap();
-    meshkit_common::db::migrate(&db, consumer::COMPONENT, consumer::MIGRATIONS).await.unwrap();
-    db.execute_unprepared("CREATE TABLE seen (event_id TEXT PRIMARY KEY)").await.unwrap();
+    let Standalone { etcd, kafka, topic, db, config, _dir } = standalone(|e| {
+        e.partitions = 1;
+        // Ids kept 3 s after the event's time; pruned every 0.75 s; a record
+        // older than 2.7 s (the window less its 10% margin) is not applied.
+        e.dedup_window_secs = 3;
+    })
+    .await;
     let spec = ConsumerSpec {
         group: "pruned".into(),
         topic: topic.clone(),

@@ -36,12 +36,13 @@ else
         prereq+=("Rust $rust_min or newer (this machine has rustc $rust_have: rustup update)")
     fi
 fi
-# h2spec (make test's HTTP/2 conformance cases) is built from the Go module
-# proxy, so the suite needs Go as it needs Rust.
-go_min="$(sed -n 's/^go \(.*\)/\1/p' "$root/services/integration-tests/tools/h2spec/go.mod")"
+# make test's HTTP/2 conformance (h2spec) and gRPC interop cases are built
+# from the Go module proxy, so the suite needs Go as it needs Rust: the
+# newest `go` line of the tool modules.
+go_min="$(sed -n 's/^go \(.*\)/\1/p' "$root"/services/integration-tests/tools/*/go.mod | sort -V | tail -n1)"
 if (( want_test )); then
     if ! command -v go >/dev/null; then
-        prereq+=("Go $go_min or newer with go on PATH, for make test's h2spec (go.dev/dl)")
+        prereq+=("Go $go_min or newer with go on PATH, for make test's h2spec and gRPC interop client (go.dev/dl)")
     elif [[ "$(printf '%s\n%s\n' "$go_min" "$(go env GOVERSION | sed 's/^go//')" | sort -V | head -n1)" != "$go_min" ]]; then
         prereq+=("Go $go_min or newer (this machine has $(go env GOVERSION))")
     fi
@@ -139,17 +140,20 @@ fi
 # Maven into ~/.cache/meshkit once (seconds when Maven's cache has them).
 "$here/kafka.sh" install
 
-# h2spec from the Go module proxy, as pinned in its go.sum; again only when
-# the module changed.
+# The Go test tools from the Go module proxy, as each module's go.sum pins
+# them (h2spec; grpc-go's interop cases); again only when a module changed.
 if (( want_test )); then
-    h2spec="${CARGO_TARGET_DIR:-$root/target}/tools/h2spec"
-    tools="$root/services/integration-tests/tools/h2spec"
-    if [[ ! -x "$h2spec" || "$tools/go.sum" -nt "$h2spec" || "$tools/go.mod" -nt "$h2spec" ]]; then
-        echo "install-deps: building h2spec from the Go module proxy"
-        mkdir -p "$(dirname "$h2spec")"
-        (cd "$tools" && go build -mod=readonly -o "$h2spec" github.com/summerwind/h2spec/cmd/h2spec) \
-            || { echo "install-deps: building h2spec failed" >&2; exit 1; }
-    fi
+    for tool in h2spec:github.com/summerwind/h2spec/cmd/h2spec grpc-interop:.; do
+        name="${tool%%:*}" package="${tool#*:}"
+        bin="${CARGO_TARGET_DIR:-$root/target}/tools/$name"
+        src="$root/services/integration-tests/tools/$name"
+        if [[ ! -x "$bin" || -n "$(find "$src" -newer "$bin" -type f | head -1)" ]]; then
+            echo "install-deps: building $name from the Go module proxy"
+            mkdir -p "$(dirname "$bin")"
+            (cd "$src" && go build -mod=readonly -o "$bin" "$package") \
+                || { echo "install-deps: building $name failed" >&2; exit 1; }
+        fi
+    done
 fi
 
 # The Java test clients (the grpc-java client, the kafka-clients round trip)

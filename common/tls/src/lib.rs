@@ -277,9 +277,10 @@ fn build(settings: &TlsSettings, files: Files) -> Result<Current> {
     let not_after = not_after(leaf).unwrap_or(0);
     let roots = Arc::new(roots);
 
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .build()
-        .map_err(|e| bad("tls.ca_file", e.to_string()))?;
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
+    let client_verifier =
+        if settings.client_auth == "optional" { client_verifier.allow_unauthenticated() } else { client_verifier };
+    let client_verifier = client_verifier.build().map_err(|e| bad("tls.ca_file", e.to_string()))?;
     let mut server = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad("tls", e.to_string()))?

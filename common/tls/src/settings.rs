@@ -19,6 +19,11 @@ pub struct TlsSettings {
     pub ca_file: String,
     /// How often the files are checked for a change.
     pub reload_ms: u64,
+    /// Whether a server requires callers' certificates: `required` (mutual
+    /// TLS, the default) or `optional`: a caller without one is served
+    /// without an identity (what `authz` then allows an anonymous caller),
+    /// for clients moving to mTLS and tools that cannot present a certificate.
+    pub client_auth: String,
 }
 
 impl Default for TlsSettings {
@@ -29,6 +34,7 @@ impl Default for TlsSettings {
             key_file: String::new(),
             ca_file: String::new(),
             reload_ms: 1000,
+            client_auth: "required".into(),
         }
     }
 }
@@ -66,6 +72,9 @@ impl Settings for TlsSettings {
         }
         if self.reload_ms < 50 {
             return bad("tls.reload_ms", format!("{} is below 50", self.reload_ms));
+        }
+        if !matches!(self.client_auth.as_str(), "required" | "optional") {
+            return bad("tls.client_auth", format!("{:?} is neither required nor optional", self.client_auth));
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod broker;
 pub mod echo;
 pub mod etcd;
 pub mod http;
+pub mod interop;
 pub mod jobs;
 pub mod load;
 pub mod otlp;
@@ -38,6 +39,17 @@ pub use process::ServiceProcess;
 pub use proxy::TcpProxy;
 
 /// A port nothing listens on right now.
+/// A test tool `deploy/local/install-deps.sh --test` builds from the Go
+/// module proxy (`tools/NAME`), in `target/tools/NAME`.
+pub fn tool(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let bin = target.join("tools").join(name);
+    assert!(bin.is_file(), "{} is missing: deploy/local/install-deps.sh --test builds it", bin.display());
+    bin
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -5,13 +5,11 @@
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeSet, net::SocketAddr};
 
-use meshkit_integration_tests::{Etcd, TestConfig, echo, init_logs, mesh_config};
+use meshkit_common::config::TlsSettings;
+use meshkit_integration_tests::{Etcd, TestConfig, echo, init_logs, mesh_config, tool};
+use meshkit_meshctl::certs::issue;
 
 /// Cases h2spec 2.2.1 fails on hyper's HTTP/2 server, by (section, title),
 /// with why (docs/GATEWAY.md says the same).
@@ -64,14 +62,6 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// `target/tools/h2spec`, where install-deps builds it.
-fn h2spec_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    target.join("tools/h2spec")
-}
-
 /// (section, title) of each case h2spec ran, and whether it passed.
 fn cases(report: &str) -> Vec<(String, String, bool)> {
     let attr = |tag: &str, name: &str| {
@@ -95,14 +85,15 @@ fn cases(report: &str) -> Vec<(String, String, bool)> {
     out
 }
 
-async fn run_h2spec(target: &str, addr: SocketAddr) {
-    let bin = h2spec_bin();
-    assert!(bin.is_file(), "{} is missing: deploy/local/install-deps.sh --test builds it", bin.display());
+async fn run_h2spec(target: &str, addr: SocketAddr, tls: bool) {
+    let bin = tool("h2spec");
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("h2spec.xml");
     let out = tokio::process::Command::new(&bin)
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-o", "3", "-j"])
         .arg(&report)
+        // TLS without checking the certificate: the handshake is not what is tested.
+        .args(if tls { &["-t", "-k"][..] } else { &[] })
         .output()
         .await
         .unwrap();
@@ -131,7 +122,7 @@ async fn h2spec_against_a_mesh_server() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let server = echo::start_echo(mesh_config(&etcd, "sqlite::memory:")).await.unwrap();
-    run_h2spec("a MeshServer", server.local_addr()).await;
+    run_h2spec("a MeshServer", server.local_addr(), false).await;
     server.shutdown().await.unwrap();
 }
 
@@ -147,7 +138,52 @@ async fn h2spec_against_the_gateway() {
     config.gateway.listen = "127.0.0.1:0".into();
     config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
     let gateway = meshkit_gateway::start(config.into()).await.unwrap();
-    run_h2spec("the gateway", gateway.local_addr()).await;
+    run_h2spec("the gateway", gateway.local_addr(), false).await;
+    gateway.shutdown().await;
+    backend.shutdown().await.unwrap();
+}
+
+/// TLS settings from the certificates `issue` wrote in `dir` for `name`.
+fn tls(dir: &std::path::Path, name: &str) -> TlsSettings {
+    TlsSettings {
+        enabled: true,
+        cert_file: dir.join(format!("{name}.pem")).display().to_string(),
+        key_file: dir.join(format!("{name}.key")).display().to_string(),
+        ca_file: dir.join("ca.pem").display().to_string(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn h2spec_against_a_mesh_server_over_tls() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    issue(dir.path(), "meshkit", &["echo"], 1).unwrap();
+    let mut config = mesh_config(&etcd, "sqlite::memory:");
+    // h2spec cannot present a client certificate.
+    config.tls = TlsSettings { client_auth: "optional".into(), ..tls(dir.path(), "echo") };
+    let server = echo::start_echo(config).await.unwrap();
+    run_h2spec("a MeshServer over TLS", server.local_addr(), true).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn h2spec_against_the_gateway_over_https() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    issue(dir.path(), "meshkit", &["gateway"], 1).unwrap();
+    let backend = echo::start_echo(mesh_config(&etcd, "sqlite::memory:")).await.unwrap();
+    let descriptors = dir.path().join("echo.binpb");
+    std::fs::write(&descriptors, echo::ECHO_DESCRIPTOR_SET).unwrap();
+    let mut config: TestConfig = mesh_config(&etcd, "sqlite::memory:");
+    config.gateway.listen = "127.0.0.1:0".into();
+    config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
+    config.gateway.tls_cert_file = dir.path().join("gateway.pem").display().to_string();
+    config.gateway.tls_key_file = dir.path().join("gateway.key").display().to_string();
+    let gateway = meshkit_gateway::start(config.into()).await.unwrap();
+    run_h2spec("the gateway over HTTPS", gateway.local_addr(), true).await;
     gateway.shutdown().await;
     backend.shutdown().await.unwrap();
 }

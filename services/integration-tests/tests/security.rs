@@ -23,6 +23,7 @@ fn tls(dir: &Path, name: &str) -> TlsSettings {
         key_file: dir.join(format!("{name}.key")).display().to_string(),
         ca_file: dir.join("ca.pem").display().to_string(),
         reload_ms: 100,
+        ..Default::default()
     }
 }
 

@@ -159,6 +159,7 @@ async fn tls_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phase: Dura
         key_file: file("bench.key"),
         ca_file: file("ca.pem"),
         reload_ms: 1000,
+        ..Default::default()
     })?;
     let plain = ChannelBuilder::new(etcd.client().await, "/bench-plain").balanced(USER);
     let secure = ChannelBuilder::new(etcd.client().await, "/bench-tls").with_tls(Some(identity)).balanced(USER);

@@ -63,6 +63,10 @@ where
         .keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
         .keep_alive_while_idle(true)
+        // Each call held to its own window, the connection's no limit: see
+        // meshkit_tls::STREAM_WINDOW.
+        .initial_stream_window_size(meshkit_tls::STREAM_WINDOW)
+        .initial_connection_window_size(i32::MAX as u32)
         .handshake(TokioIo::new(io))
         .await?;
     tokio::spawn(async move {

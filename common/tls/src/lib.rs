@@ -611,11 +611,20 @@ pub async fn connect(addr: &str, tls: Option<Arc<Tls>>) -> Result<tonic::transpo
     })
 }
 
+/// Flow-control window of each call on a channel's connection.
+pub const STREAM_WINDOW: u32 = 512 * 1024;
+
 fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint> {
     Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Error::Config(format!("address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true))
+        .tcp_nodelay(true)
+        // Each call is held to its own window, and the connection's is no
+        // limit: with hyper's 2 MiB / 5 MiB, three calls whose reader has
+        // stalled (a slow client behind the gateway) would hold the whole
+        // connection window and stall every other call sharing it.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(i32::MAX as u32))
 }
 
 type Connected = hyper_util::rt::TokioIo<client::TlsStream<tokio::net::TcpStream>>;

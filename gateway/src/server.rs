@@ -13,6 +13,7 @@
 //! and JWT policy, and gets an upstream deadline (`gateway.request_timeout_ms`,
 //! or the client's own `grpc-timeout` if sooner).
 
+use meshkit_common::h2guard::{FrameGuard, GuardLimits};
 use std::{
     collections::HashMap,
     convert::Infallible,
@@ -669,9 +670,16 @@ pub(crate) async fn start_worker(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
         .max_buf_size(header_limit.max(8192));
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(header_limit as u32);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(header_limit as u32)
+        .max_concurrent_streams(config.gateway.max_concurrent_streams)
+        .max_send_buf_size(64 * 1024);
+    let limits = GuardLimits { control_frames_per_sec: config.server.control_frames_per_sec };
     let (stop_tx, stop_rx) = oneshot::channel();
-    let task = tokio::spawn(serve(listener, builder, gateway, cors, edge_tls, stop_rx, drain));
+    let connections = Connections { builder, limits, edge_tls };
+    let task = tokio::spawn(serve(listener, connections, gateway, cors, stop_rx, drain));
     tracing::debug!(%addr, admin = ?admin.as_ref().map(AdminServer::local_addr), "gateway worker listening");
     Ok(RunningGateway { addr, admin, registry, stop: Some(stop_tx), task })
 }
@@ -755,15 +763,23 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, String> {
     ))
 }
 
+/// How the listener's connections are served: HTTP (both versions), the
+/// frame guard's limits and, for HTTPS, the edge certificate.
+struct Connections {
+    builder: auto::Builder<TokioExecutor>,
+    limits: GuardLimits,
+    edge_tls: Option<Arc<meshkit_common::tls::EdgeTls>>,
+}
+
 async fn serve(
     listener: TcpListener,
-    builder: auto::Builder<TokioExecutor>,
+    connections: Connections,
     gateway: Arc<Gateway>,
     cors: Option<CorsLayer>,
-    edge_tls: Option<Arc<meshkit_common::tls::EdgeTls>>,
     mut stop: oneshot::Receiver<()>,
     drain: Duration,
 ) {
+    let Connections { builder, limits, edge_tls } = connections;
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -781,6 +797,7 @@ async fn serve(
         let dispatch = Dispatch { gateway: gateway.clone(), peer };
         let service = tower::util::option_layer(cors.clone()).layer(dispatch);
         let Some(edge) = edge_tls.clone() else {
+            let stream = FrameGuard::new(stream, Some(peer), limits);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
             let conn = graceful.watch(conn.into_owned());
             tokio::spawn(async move {
@@ -807,6 +824,7 @@ async fn serve(
                     return;
                 }
             };
+            let stream = FrameGuard::new(stream, Some(peer), limits);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -34,6 +34,11 @@ pub struct GatewaySettings {
     pub max_body_bytes: u64,
     /// Largest request header block accepted.
     pub max_header_bytes: u64,
+    /// Streams one client connection may have open at once (the services'
+    /// own listeners take `server.max_concurrent_streams`): each stalled
+    /// stream may hold up to ~0.6 MiB here (its upstream window and its send
+    /// buffer), so this bounds what one connection can pin.
+    pub max_concurrent_streams: u32,
     /// Upstream deadline of a call whose client sets none, and the upper bound
     /// on one a client sets (`grpc-timeout`).
     pub request_timeout_ms: u64,
@@ -109,6 +114,7 @@ impl Default for GatewaySettings {
             listen: "127.0.0.1:8080".into(),
             workers: 0,
             descriptor_sets: Vec::new(),
+            max_concurrent_streams: 128,
             max_body_bytes: 4 << 20,
             max_header_bytes: 16 << 10,
             request_timeout_ms: 15_000,
@@ -146,6 +152,9 @@ impl Settings for GatewaySettings {
         }
         if self.max_body_bytes < 1024 {
             return bad("gateway.max_body_bytes", format!("{} is below 1024", self.max_body_bytes));
+        }
+        if self.max_concurrent_streams == 0 {
+            return bad("gateway.max_concurrent_streams", "0 would refuse every call");
         }
         if !(8192..=1 << 20).contains(&self.max_header_bytes) {
             return bad("gateway.max_header_bytes", format!("{} is outside 8192..=1048576", self.max_header_bytes));

@@ -74,6 +74,14 @@ pub struct ServerSettings {
     /// A connection that has not sent the HTTP/2 preface this long after it
     /// was accepted (after its TLS handshake, with TLS) is closed.
     pub preface_timeout_ms: u64,
+    /// Streams one HTTP/2 connection may have open at once (advertised in
+    /// SETTINGS); a stream past it is refused with REFUSED_STREAM.
+    pub max_concurrent_streams: u32,
+    /// Largest request header list (HPACK-decoded size) accepted.
+    pub max_header_list_bytes: u32,
+    /// PING and SETTINGS frames a client may send a second on one connection
+    /// (and at once); past it the connection gets GOAWAY ENHANCE_YOUR_CALM.
+    pub control_frames_per_sec: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +103,9 @@ impl Default for ServerSettings {
             drain_timeout_ms: 10_000,
             fault_delay_ms: 0,
             preface_timeout_ms: 15_000,
+            max_concurrent_streams: 1024,
+            max_header_list_bytes: 16 * 1024,
+            control_frames_per_sec: 1000,
         }
     }
 }
@@ -127,6 +138,21 @@ impl Settings for MeshConfig {
         }
         if self.admin.enabled && self.admin.listen.parse::<SocketAddr>().is_err() {
             return bad("admin.listen", format!("{:?} is not an address like 127.0.0.1:0", self.admin.listen));
+        }
+        if self.server.max_concurrent_streams == 0 {
+            return bad("server.max_concurrent_streams", "0 would refuse every call");
+        }
+        if self.server.max_header_list_bytes < 1024 {
+            return bad("server.max_header_list_bytes", format!("{} is below 1024", self.server.max_header_list_bytes));
+        }
+        if self.server.control_frames_per_sec < 10 {
+            return bad(
+                "server.control_frames_per_sec",
+                format!(
+                    "{} is below 10: gRPC clients ping for keepalive and flow control",
+                    self.server.control_frames_per_sec
+                ),
+            );
         }
         if self.server.preface_timeout_ms < 100 {
             return bad("server.preface_timeout_ms", format!("{} is below 100", self.server.preface_timeout_ms));

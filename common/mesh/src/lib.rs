@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod h2guard;
 pub mod preface;
 pub mod server;
 

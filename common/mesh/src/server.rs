@@ -44,6 +44,7 @@ use crate::{
     admin::AdminServer,
     config::{MeshConfig, ProcessConfig},
     error::{Error, Result},
+    h2guard::{FrameGuard, GuardLimits},
     preface::PrefaceTimeout,
 };
 
@@ -311,6 +312,8 @@ impl MeshServer {
         let server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+            .http2_max_header_list_size(Some(config.server.max_header_list_bytes))
             .layer(MapResponseLayer::new(move |mut res: http::Response<Body>| {
                 if let Some(value) = &header {
                     res.headers_mut().insert(INSTANCE_HEADER, value.clone());
@@ -327,12 +330,14 @@ impl MeshServer {
             let _ = stop_rx.await;
         };
         let preface = Duration::from_millis(config.server.preface_timeout_ms);
+        let limits = GuardLimits { control_frames_per_sec: config.server.control_frames_per_sec };
         let task = match tls {
             None => {
                 let incoming = TcpListenerStream::new(listener).map(move |conn| {
                     conn.map(|stream| {
                         let _ = stream.set_nodelay(true);
-                        PrefaceTimeout::new(stream, preface)
+                        let peer = stream.peer_addr().ok();
+                        PrefaceTimeout::new(FrameGuard::new(stream, peer, limits), preface)
                     })
                 });
                 tokio::spawn(async move {
@@ -340,8 +345,12 @@ impl MeshServer {
                 })
             }
             Some(tls) => {
-                let incoming = meshkit_tls::incoming(listener, tls)
-                    .map(move |conn| conn.map(|stream| PrefaceTimeout::new(stream, preface)));
+                let incoming = meshkit_tls::incoming(listener, tls).map(move |conn| {
+                    conn.map(|stream| {
+                        let peer = tonic::transport::server::Connected::connect_info(&stream).remote;
+                        PrefaceTimeout::new(FrameGuard::new(stream, peer, limits), preface)
+                    })
+                });
                 tokio::spawn(async move {
                     server.serve_with_incoming_shutdown(incoming, stopped).await.map_err(Error::from)
                 })

@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod echo;
 pub mod etcd;
+pub mod h2raw;
 pub mod http;
 pub mod interop;
 pub mod jobs;

@@ -1,17 +1,39 @@
-//! Hostile clients against meshkit's listeners: what a peer that breaks the
-//! protocol on purpose gets, and that everyone else keeps being served.
+//! Hostile clients against meshkit's listeners, a `MeshServer` and the
+//! gateway: what a peer that breaks the protocol on purpose gets (GOAWAY, a
+//! refused stream, a gRPC error, a closed connection), that everyone else
+//! keeps being served meanwhile, that memory stays bounded, and that each
+//! refusal is counted in `/metrics`.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use meshkit_common::admin::http_get;
 use meshkit_integration_tests::{
-    Etcd,
-    echo::{EchoRequest, direct_client, start_echo},
+    Etcd, TestConfig,
+    echo::{self, EchoRequest, ExpandRequest, direct_client, start_echo},
+    h2raw::*,
     init_logs, mesh_config,
 };
+use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ECHO_PATH: &str = "/meshkit.echo.v1.EchoService/Echo";
+const CHAT_PATH: &str = "/meshkit.echo.v1.EchoService/Chat";
+const EXPAND_PATH: &str = "/meshkit.echo.v1.EchoService/Expand";
+
+/// The limits the tests set, small enough to reach quickly.
+const MAX_STREAMS: u32 = 100;
+const CONTROL_PER_SEC: u32 = 200;
 
 /// Reads until the peer closes (Ok(0) or an error); how long after `started` that was.
 async fn closed_within(stream: &mut tokio::net::TcpStream, started: Instant, limit: Duration) -> Option<Duration> {
@@ -61,4 +83,279 @@ async fn a_mesh_server_closes_a_connection_that_never_sends_its_preface() {
         .unwrap_or_else(|| panic!("no meshkit_server_preface_timeouts_total in /metrics"));
     assert!(counted >= 2.0, "{counted} preface timeouts counted");
     server.shutdown().await.unwrap();
+}
+
+/// A well-behaved client calling Echo every few milliseconds on its own
+/// connection while the abusers run.
+struct Bystander {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Bystander {
+    async fn start(addr: SocketAddr) -> Self {
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut client = echo::EchoServiceClient::new(channel);
+        let (ok, failed, stop) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (o, f, s) = (ok.clone(), failed.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let call = client.echo(EchoRequest { text: "still here".into(), ..Default::default() });
+                match tokio::time::timeout(Duration::from_secs(5), call).await {
+                    Ok(Ok(_)) => o.fetch_add(1, Ordering::Relaxed),
+                    Ok(Err(status)) => {
+                        errors.push(status.to_string());
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(_) => {
+                        errors.push("no answer within 5 s".into());
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            errors
+        });
+        Self { ok, failed, stop, task }
+    }
+
+    /// Stops it; its failures (none expected) and how many calls it made.
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.task.await.unwrap();
+        assert_eq!(self.failed.load(Ordering::Relaxed) as usize, errors.len());
+        (self.ok.load(Ordering::Relaxed), errors)
+    }
+}
+
+/// Sends `frames` over and over (up to `rounds` times) until the server
+/// refuses; what it saw, and how many rounds went out.
+async fn flood(addr: SocketAddr, frames: impl Fn(u32) -> Vec<u8>, rounds: u32) -> (Seen, u32) {
+    let mut conn = RawConn::open(addr).await.unwrap();
+    let mut sent = 0;
+    for i in 0..rounds {
+        if conn.send_within(&frames(i), Duration::from_secs(5)).await.is_err() {
+            break;
+        }
+        sent += 1;
+        if i % 64 == 0 && conn.seen().goaway.is_some() {
+            break;
+        }
+    }
+    (conn.wait_for(Duration::from_secs(5), |s| s.goaway.is_some() || s.closed).await, sent)
+}
+
+fn assert_goaway(target: &str, attack: &str, seen: &Seen, debug: &str) {
+    let Some((code, data)) = &seen.goaway else {
+        panic!("{target}: {attack}: no GOAWAY (closed: {}, {} frames)", seen.closed, seen.frames)
+    };
+    assert_eq!((*code, data.as_str()), (ENHANCE_YOUR_CALM, debug), "{target}: {attack}");
+}
+
+/// A gRPC call with a hand-made request body over hyper's HTTP/2 client: the
+/// grpc-status and message it ends with.
+async fn raw_grpc(addr: SocketAddr, path: &str, body: Vec<u8>) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
+    let (parts, body) = res.into_parts();
+    let collected = tokio::time::timeout(Duration::from_secs(10), body.collect()).await.unwrap().unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_else(|| parts.headers.clone());
+    let get = |name: &str| trailers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    (get("grpc-status"), percent_decode(&get("grpc-message")))
+}
+
+fn percent_decode(s: &str) -> String {
+    form_urlencoded::parse(format!("m={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// Every attack against the listener at `addr`; `admin` serves its /metrics.
+async fn attack(target: &str, addr: SocketAddr, admin: SocketAddr) {
+    let bystander = Bystander::start(addr).await;
+    let rss_before = rss_kib();
+
+    // Rapid reset (CVE-2023-44487): HEADERS then RST_STREAM, over and over.
+    let (seen, sent) = flood(
+        addr,
+        |i| {
+            let id = 2 * i + 1;
+            let mut b = frame(HEADERS, END_HEADERS, id, &grpc_request(CHAT_PATH));
+            b.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+            b
+        },
+        100_000,
+    )
+    .await;
+    assert_goaway(target, "rapid reset", &seen, "too_many_resets");
+    eprintln!("{target}: rapid reset refused after {sent} streams");
+
+    // CONTINUATION frames that never end the header block.
+    let junk = hpack(&[("x-junk", &"a".repeat(16_000))]);
+    let (seen, sent) = flood(
+        addr,
+        |i| {
+            if i == 0 { frame(HEADERS, 0, 1, &grpc_request(CHAT_PATH)) } else { frame(CONTINUATION, 0, 1, &junk) }
+        },
+        100_000,
+    )
+    .await;
+    assert_goaway(target, "CONTINUATION flood", &seen, "too_many_continuations");
+    eprintln!("{target}: CONTINUATION flood refused after {sent} frames");
+
+    // SETTINGS and PING floods, read and acknowledged frame by frame.
+    for (name, frames) in
+        [("SETTINGS", settings(&[(INITIAL_WINDOW_SIZE, 65_535)])), ("PING", frame(PING, 0, 0, &[7; 8]))]
+    {
+        let (seen, sent) = flood(addr, |_| frames.clone(), 1_000_000).await;
+        assert_goaway(target, &format!("{name} flood"), &seen, "too_many_control_frames");
+        assert!(sent < 100_000, "{target}: {name} flood: {sent} frames went out before the refusal");
+        eprintln!("{target}: {name} flood refused after {sent} frames");
+    }
+
+    // A PING flood from a client that never reads: refused too, not left
+    // to fill the server's buffers.
+    let mut conn = RawConn::open_with(addr, &settings(&[]), false).await.unwrap();
+    let mut outcome = "";
+    for _ in 0..1_000_000 {
+        if let Err(e) = conn.send_within(&frame(PING, 0, 0, &[1; 8]), Duration::from_secs(5)).await {
+            outcome = e;
+            break;
+        }
+    }
+    assert_eq!(outcome, "closed", "{target}: a PING flood that never reads was not cut off");
+    drop(conn);
+
+    // More streams than advertised: the extra ones are refused.
+    let mut conn = RawConn::open(addr).await.unwrap();
+    for i in 0..MAX_STREAMS + 50 {
+        conn.send(&frame(HEADERS, END_HEADERS, 2 * i + 1, &grpc_request(CHAT_PATH))).await.unwrap();
+    }
+    let seen = conn.wait_for(Duration::from_secs(5), |s| s.resets.len() >= 50).await;
+    assert!(
+        seen.server_settings.contains(&(MAX_CONCURRENT_STREAMS, MAX_STREAMS)),
+        "{target}: advertised {:?}",
+        seen.server_settings
+    );
+    let refused = seen.resets.iter().filter(|(_, code)| *code == REFUSED_STREAM).count();
+    assert_eq!(refused, 50, "{target}: streams past the limit: {:?}", seen.resets);
+    drop(conn);
+
+    // A header list past the limit (16 KiB): answered 431 by h2 (HEADERS
+    // with END_STREAM, no DATA), never served; the connection stays usable.
+    let mut conn = RawConn::open(addr).await.unwrap();
+    let mut block = grpc_request(ECHO_PATH);
+    block.extend(hpack(&[("x-big", &"b".repeat(40_000))]));
+    let chunks: Vec<&[u8]> = block.chunks(16_384).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let kind = if i == 0 { HEADERS } else { CONTINUATION };
+        let flags = (if i == 0 { END_STREAM } else { 0 }) | (if i + 1 == chunks.len() { END_HEADERS } else { 0 });
+        conn.send(&frame(kind, flags, 1, chunk)).await.unwrap();
+    }
+    let seen = conn
+        .wait_for(Duration::from_secs(5), |s| s.goaway.is_some() || !s.resets.is_empty() || !s.headers.is_empty())
+        .await;
+    assert_eq!(seen.trailers.iter().map(|t| t.0).collect::<Vec<_>>(), [1], "{target}: a 40 KiB header list: {seen:?}");
+    assert_eq!(seen.data_bytes, 0, "{target}: a request with an oversized header list was served");
+    assert!(seen.goaway.is_none() && !seen.closed, "{target}: one oversized request closed the connection");
+    drop(conn);
+
+    // A slow reader: a window of 0, so nothing can be sent to it, and as
+    // many streams as allowed each asking for a large answer.
+    let mut slow = RawConn::open_with(addr, &settings(&[(INITIAL_WINDOW_SIZE, 0)]), true).await.unwrap();
+    let request = ExpandRequest { text: "x".repeat(200), times: 10_000 }.encode_to_vec();
+    for i in 0..MAX_STREAMS {
+        let id = 2 * i + 1;
+        slow.send(&frame(HEADERS, END_HEADERS, id, &grpc_request(EXPAND_PATH))).await.unwrap();
+        slow.send(&frame(DATA, END_STREAM, id, &grpc_message(false, request.len() as u32, &request))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss_kib().saturating_sub(rss_before);
+    eprintln!("{target}: {MAX_STREAMS} stalled streams of 2 MiB answers each: RSS +{grown} KiB");
+    // Bounded by the windows: per stream, the server's send buffer (and, for
+    // the gateway, its upstream window and the backend's buffer, all in
+    // this process): ~6 MiB for a MeshServer, ~90 MiB for the gateway here.
+    assert!(grown < 192 * 1024, "{target}: memory grew by {grown} KiB under a slow reader");
+    assert_eq!(slow.seen().data_bytes, 0, "{target}: data went past a window of 0");
+    drop(slow);
+
+    // Bad gRPC frames: each gets a clear status, the server goes on.
+    let cases: [(&str, Vec<u8>, &str, &str); 3] = [
+        ("a length prefix longer than the message", grpc_message(false, 1000, b"0123456789"), "13", ""),
+        ("the compressed flag with no grpc-encoding", grpc_message(true, 3, b"abc"), "13", "compress"),
+        // tonic answers OUT_OF_RANGE where gRPC's table says RESOURCE_EXHAUSTED.
+        ("a 64 MiB message", grpc_message(false, 64 << 20, &[0; 1000]), "11", "too large"),
+    ];
+    for (what, body, status, message) in cases {
+        let (got, text) = raw_grpc(addr, ECHO_PATH, body).await;
+        assert_eq!(got, status, "{target}: {what}: grpc-status {got:?} ({text})");
+        assert!(text.to_lowercase().contains(message), "{target}: {what}: message {text:?}");
+    }
+
+    let (calls, errors) = bystander.finish().await;
+    assert!(errors.is_empty(), "{target}: the well-behaved client failed meanwhile: {errors:?}");
+    assert!(calls > 50, "{target}: the well-behaved client made only {calls} calls");
+
+    let metrics = http_get(&admin.to_string(), "/metrics").await.unwrap();
+    for reason in ["too_many_resets", "too_many_continuations", "too_many_control_frames", "refused_stream"] {
+        let line = format!("meshkit_h2_refusals_total{{reason=\"{reason}\"}}");
+        assert!(metrics.lines().any(|l| l.starts_with(&line)), "{target}: no {line} in /metrics");
+    }
+    eprintln!(
+        "{target}: the bystander made {calls} calls, none failed; RSS +{} KiB in all",
+        rss_kib().saturating_sub(rss_before)
+    );
+}
+
+fn limited(config: &mut TestConfig) {
+    config.mesh.server.max_concurrent_streams = MAX_STREAMS;
+    config.mesh.server.control_frames_per_sec = CONTROL_PER_SEC;
+    config.gateway.max_concurrent_streams = MAX_STREAMS;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_server_refuses_hostile_clients_and_keeps_serving_the_others() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let mut config = mesh_config(&etcd, "sqlite::memory:");
+    limited(&mut config);
+    let server = start_echo(config).await.unwrap();
+    attack("a MeshServer", server.local_addr(), server.admin_addr().unwrap()).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_hostile_clients_and_keeps_serving_the_others() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = start_echo(mesh_config(&etcd, "sqlite::memory:")).await.unwrap();
+    let descriptors = dir.path().join("echo.binpb");
+    std::fs::write(&descriptors, echo::ECHO_DESCRIPTOR_SET).unwrap();
+    let mut config = mesh_config(&etcd, "sqlite::memory:");
+    limited(&mut config);
+    config.gateway.listen = "127.0.0.1:0".into();
+    config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
+    config.admin.enabled = true;
+    config.admin.listen = "127.0.0.1:0".into();
+    let gateway = meshkit_gateway::start(config.into()).await.unwrap();
+    attack("the gateway", gateway.local_addr(), gateway.admin_addr().unwrap()).await;
+    gateway.shutdown().await;
+    backend.shutdown().await.unwrap();
 }

@@ -1,0 +1,421 @@
+//! Watches the HTTP/2 frames of one server connection as they pass, both
+//! ways, reading only their 9-byte headers (and the first bytes of GOAWAY
+//! and RST_STREAM): the flood limits hyper's h2 does not have, and one place
+//! where every refusal of a misbehaving client is counted and logged.
+//!
+//! - Incoming PING and SETTINGS frames (not acknowledgements) pass a token
+//!   bucket of `server.control_frames_per_sec` a second (the same burst). A
+//!   client past it is sent GOAWAY `ENHANCE_YOUR_CALM`
+//!   (`too_many_control_frames`) and its connection is closed: each such
+//!   frame costs the server an answer, and h2 answers every one.
+//! - The refusals h2 itself makes are seen in what it writes: a GOAWAY with
+//!   an error (`too_many_resets` for rapid reset, `too_many_continuations`,
+//!   a protocol error, …) and RST_STREAM `REFUSED_STREAM` (a stream past
+//!   `server.max_concurrent_streams`).
+//!
+//! Each is counted in `meshkit_h2_refusals_total{reason}`, and the first on a
+//! connection is logged with the peer's address, so a flood writes one line.
+//! A connection that is not HTTP/2 (the gateway's HTTP/1.1) passes untouched.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::LazyLock,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use meshkit_telemetry::metrics::{CounterFamily, counters};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const HEADERS: u8 = 0x1;
+const ACK: u8 = 0x1;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+const REFUSED_STREAM: u32 = 0x7;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+static REFUSALS: LazyLock<CounterFamily<Reason>> = LazyLock::new(|| {
+    counters(
+        "meshkit_h2_refusals",
+        "HTTP/2 clients refused for breaking the protocol or a limit, by reason: a GOAWAY's debug data \
+         (too_many_resets, too_many_continuations, too_many_control_frames, …) or error name, or refused_stream.",
+    )
+});
+
+/// The limits a [`FrameGuard`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardLimits {
+    /// PING and SETTINGS frames a client may send a second (and at once).
+    pub control_frames_per_sec: u32,
+}
+
+/// Where a byte stream stands between frames: in the preface, in a frame's
+/// header, or in its payload.
+#[derive(Debug)]
+struct Scanner {
+    /// Bytes of the client preface still to come (incoming only).
+    preface: usize,
+    /// The stream is not HTTP/2: stop looking.
+    off: bool,
+    head: [u8; 9],
+    have: usize,
+    /// Payload bytes left in the current frame.
+    left: usize,
+    /// The start of the current frame's payload, for GOAWAY and RST_STREAM.
+    capture: Vec<u8>,
+}
+
+/// A frame, once its payload has passed.
+struct Frame<'a> {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    start: &'a [u8],
+}
+
+impl Scanner {
+    fn new(preface: bool) -> Self {
+        Self {
+            preface: if preface { PREFACE.len() } else { 0 },
+            off: false,
+            head: [0; 9],
+            have: 0,
+            left: 0,
+            capture: Vec::new(),
+        }
+    }
+
+    /// At a frame boundary: bytes may be put in without breaking a frame.
+    fn between_frames(&self) -> bool {
+        self.preface == 0 && self.have == 0 && self.left == 0
+    }
+
+    fn capture_len(&self) -> usize {
+        match self.head[3] {
+            GOAWAY => 72,
+            RST_STREAM => 4,
+            _ => 0,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8], mut on_frame: impl FnMut(Frame<'_>)) {
+        while !data.is_empty() && !self.off {
+            if self.preface > 0 {
+                let at = PREFACE.len() - self.preface;
+                let n = self.preface.min(data.len());
+                if data[..n] != PREFACE[at..at + n] {
+                    self.off = true;
+                    return;
+                }
+                self.preface -= n;
+                data = &data[n..];
+            } else if self.have < 9 {
+                let n = (9 - self.have).min(data.len());
+                self.head[self.have..self.have + n].copy_from_slice(&data[..n]);
+                self.have += n;
+                data = &data[n..];
+                if self.have == 9 {
+                    self.left = u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]) as usize;
+                    self.capture.clear();
+                }
+            } else {
+                let n = self.left.min(data.len());
+                let want = self.capture_len().saturating_sub(self.capture.len()).min(n);
+                self.capture.extend_from_slice(&data[..want]);
+                self.left -= n;
+                data = &data[n..];
+            }
+            if self.have == 9 && self.left == 0 {
+                let stream = u32::from_be_bytes([self.head[5], self.head[6], self.head[7], self.head[8]]) & 0x7fff_ffff;
+                on_frame(Frame { kind: self.head[3], flags: self.head[4], stream, start: &self.capture });
+                self.have = 0;
+            }
+        }
+    }
+}
+
+/// The name a GOAWAY is counted under: its debug data when it is a short
+/// word (h2's `too_many_resets` and the like), else its error's name.
+fn goaway_reason(code: u32, debug: &[u8]) -> String {
+    let word = std::str::from_utf8(debug)
+        .ok()
+        .filter(|d| !d.is_empty() && d.len() <= 48 && d.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+    if let Some(word) = word {
+        return word.to_owned();
+    }
+    let name = match code {
+        0x1 => "protocol_error",
+        0x2 => "internal_error",
+        0x3 => "flow_control_error",
+        0x4 => "settings_timeout",
+        0x6 => "frame_size_error",
+        0x9 => "compression_error",
+        0xb => "enhance_your_calm",
+        _ => return format!("error_{code}"),
+    };
+    name.to_owned()
+}
+
+/// `inner`, watched: see the module.
+pub struct FrameGuard<S> {
+    inner: S,
+    peer: Option<SocketAddr>,
+    limits: GuardLimits,
+    incoming: Scanner,
+    outgoing: Scanner,
+    tokens: f64,
+    refilled: Instant,
+    last_stream: u32,
+    logged: bool,
+    /// A GOAWAY of ours still to write, and how much of it is written.
+    goaway: Option<(Vec<u8>, usize)>,
+    refused: bool,
+}
+
+impl<S> FrameGuard<S> {
+    pub fn new(inner: S, peer: Option<SocketAddr>, limits: GuardLimits) -> Self {
+        LazyLock::force(&REFUSALS);
+        Self {
+            inner,
+            peer,
+            limits,
+            incoming: Scanner::new(true),
+            outgoing: Scanner::new(false),
+            tokens: f64::from(limits.control_frames_per_sec),
+            refilled: Instant::now(),
+            last_stream: 0,
+            logged: false,
+            goaway: None,
+            refused: false,
+        }
+    }
+
+    fn refusal(&mut self, reason: &str) {
+        REFUSALS.get_or_create(&Reason { reason: reason.to_owned() }).inc();
+        if !self.logged {
+            self.logged = true;
+            tracing::warn!(peer = ?self.peer, reason, "refusing an HTTP/2 client that broke the protocol or a limit");
+        }
+    }
+
+    /// Takes a token for a control frame; false when the bucket is empty.
+    fn admit_control_frame(&mut self) -> bool {
+        let rate = f64::from(self.limits.control_frames_per_sec);
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate).min(rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn scan_incoming(&mut self, data: &[u8]) {
+        let mut flooded = false;
+        let mut last_stream = self.last_stream;
+        let mut control = 0u32;
+        self.incoming.feed(data, |frame| {
+            if matches!(frame.kind, PING | SETTINGS) && frame.flags & ACK == 0 {
+                control += 1;
+            }
+            if frame.kind == HEADERS && frame.stream > last_stream {
+                last_stream = frame.stream;
+            }
+        });
+        self.last_stream = last_stream;
+        for _ in 0..control {
+            if !self.admit_control_frame() {
+                flooded = true;
+                break;
+            }
+        }
+        if self.incoming.off {
+            self.outgoing.off = true;
+        }
+        if flooded && !self.refused {
+            self.refused = true;
+            self.refusal("too_many_control_frames");
+            let debug = b"too_many_control_frames";
+            let mut payload = Vec::with_capacity(8 + debug.len());
+            payload.extend_from_slice(&self.last_stream.to_be_bytes());
+            payload.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+            payload.extend_from_slice(debug);
+            let mut goaway = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+            goaway.extend_from_slice(&[GOAWAY, 0, 0, 0, 0, 0]);
+            goaway.extend_from_slice(&payload);
+            self.goaway = Some((goaway, 0));
+        }
+    }
+
+    fn scan_outgoing(&mut self, data: &[u8]) {
+        let mut reasons = Vec::new();
+        self.outgoing.feed(data, |frame| match frame.kind {
+            GOAWAY if frame.start.len() >= 8 => {
+                let code = u32::from_be_bytes([frame.start[4], frame.start[5], frame.start[6], frame.start[7]]);
+                if code != 0 {
+                    reasons.push(goaway_reason(code, &frame.start[8..]));
+                }
+            }
+            RST_STREAM if frame.start == REFUSED_STREAM.to_be_bytes() => reasons.push("refused_stream".to_owned()),
+            _ => {}
+        });
+        for reason in reasons {
+            self.refusal(&reason);
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> FrameGuard<S> {
+    /// Writes what is left of our GOAWAY, between h2's frames; Ready once
+    /// nothing of it is left.
+    fn poll_goaway(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.outgoing.between_frames() {
+            return Poll::Ready(Ok(()));
+        }
+        while let Some((bytes, written)) = self.goaway.as_mut() {
+            if *written == bytes.len() {
+                self.goaway = None;
+                break;
+            }
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn refused_error() -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionAborted, "HTTP/2 client refused: too many control frames")
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.refused {
+            // Best effort: the GOAWAY goes out if the socket takes it now.
+            let _ = this.poll_goaway(cx);
+            return Poll::Ready(Err(Self::refused_error()));
+        }
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if !this.incoming.off {
+            this.scan_incoming(&buf.filled()[before..]);
+            if this.refused {
+                let _ = this.poll_goaway(cx);
+                return Poll::Ready(Err(Self::refused_error()));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.goaway.is_some() {
+            std::task::ready!(this.poll_goaway(cx))?;
+        }
+        if this.refused && this.goaway.is_none() {
+            return Poll::Ready(Err(Self::refused_error()));
+        }
+        let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+        if !this.outgoing.off {
+            this.scan_outgoing(&data[..n]);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.goaway.is_some() {
+            let _ = std::task::ready!(self.poll_goaway(cx));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: Connected> Connected for FrameGuard<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn frames_are_found_however_the_bytes_are_split() {
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend(frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]));
+        bytes.extend(frame(HEADERS, 0x4, 1, &[0x82; 20]));
+        let mut goaway = vec![0, 0, 0, 1, 0, 0, 0, 0xb];
+        goaway.extend_from_slice(b"too_many_resets");
+        bytes.extend(frame(GOAWAY, 0, 0, &goaway));
+        for split in [1, 2, 7, 9, 10, 33, bytes.len()] {
+            let mut scanner = Scanner::new(true);
+            let mut seen = Vec::new();
+            for chunk in bytes.chunks(split) {
+                scanner.feed(chunk, |f| seen.push((f.kind, f.stream, f.start.to_vec())));
+            }
+            assert_eq!(seen.len(), 3, "split {split}");
+            assert_eq!((seen[1].0, seen[1].1), (HEADERS, 1));
+            assert_eq!(goaway_reason(0xb, &seen[2].2[8..]), "too_many_resets");
+            assert!(scanner.between_frames());
+        }
+    }
+
+    #[test]
+    fn a_connection_that_is_not_http2_is_left_alone() {
+        let mut scanner = Scanner::new(true);
+        let mut frames = 0;
+        scanner.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", |_| frames += 1);
+        assert!(scanner.off);
+        assert_eq!(frames, 0);
+    }
+
+    #[test]
+    fn goaways_are_named_by_their_debug_word_or_their_code() {
+        assert_eq!(goaway_reason(0xb, b"too_many_continuations"), "too_many_continuations");
+        assert_eq!(goaway_reason(0x1, b""), "protocol_error");
+        assert_eq!(goaway_reason(0x9, b"Some Sentence."), "compression_error");
+        assert_eq!(goaway_reason(0x42, b""), "error_66");
+    }
+
+    #[test]
+    fn the_control_frame_bucket_refills_at_its_rate() {
+        let mut guard = FrameGuard::new((), None, GuardLimits { control_frames_per_sec: 10 });
+        assert_eq!((0..20).filter(|_| guard.admit_control_frame()).count(), 10);
+        guard.refilled -= std::time::Duration::from_millis(500);
+        assert_eq!((0..20).filter(|_| guard.admit_control_frame()).count(), 5);
+    }
+}

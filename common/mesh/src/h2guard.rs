@@ -7,7 +7,10 @@
 //!   bucket of `server.control_frames_per_sec` a second (the same burst). A
 //!   client past it is sent GOAWAY `ENHANCE_YOUR_CALM`
 //!   (`too_many_control_frames`) and its connection is closed: each such
-//!   frame costs the server an answer, and h2 answers every one.
+//!   frame costs the server an answer, and h2 answers every one. A PING that
+//!   follows DATA or HEADERS the server sent is free: grpc-go and grpc-java
+//!   measure the bandwidth-delay product with a PING per round trip while
+//!   data flows to them (gRPC's own servers excuse those pings the same way).
 //! - The refusals h2 itself makes are seen in what it writes: a GOAWAY with
 //!   an error (`too_many_resets` for rapid reset, `too_many_continuations`,
 //!   a protocol error, …) and RST_STREAM `REFUSED_STREAM` (a stream past
@@ -35,6 +38,7 @@ const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const ACK: u8 = 0x1;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
@@ -177,6 +181,8 @@ pub struct FrameGuard<S> {
     tokens: f64,
     refilled: Instant,
     last_stream: u32,
+    /// The server has sent DATA or HEADERS since the client's last PING.
+    earned_ping: bool,
     logged: bool,
     /// A GOAWAY of ours still to write, and how much of it is written.
     goaway: Option<(Vec<u8>, usize)>,
@@ -195,6 +201,7 @@ impl<S> FrameGuard<S> {
             tokens: f64::from(limits.control_frames_per_sec),
             refilled: Instant::now(),
             last_stream: 0,
+            earned_ping: false,
             logged: false,
             goaway: None,
             refused: false,
@@ -226,16 +233,22 @@ impl<S> FrameGuard<S> {
     fn scan_incoming(&mut self, data: &[u8]) {
         let mut flooded = false;
         let mut last_stream = self.last_stream;
+        let mut earned = self.earned_ping;
         let mut control = 0u32;
         self.incoming.feed(data, |frame| {
             if matches!(frame.kind, PING | SETTINGS) && frame.flags & ACK == 0 {
-                control += 1;
+                if frame.kind == PING && earned {
+                    earned = false;
+                } else {
+                    control += 1;
+                }
             }
             if frame.kind == HEADERS && frame.stream > last_stream {
                 last_stream = frame.stream;
             }
         });
         self.last_stream = last_stream;
+        self.earned_ping = earned;
         for _ in 0..control {
             if !self.admit_control_frame() {
                 flooded = true;
@@ -262,7 +275,9 @@ impl<S> FrameGuard<S> {
 
     fn scan_outgoing(&mut self, data: &[u8]) {
         let mut reasons = Vec::new();
+        let mut earned = false;
         self.outgoing.feed(data, |frame| match frame.kind {
+            DATA | HEADERS => earned = true,
             GOAWAY if frame.start.len() >= 8 => {
                 let code = u32::from_be_bytes([frame.start[4], frame.start[5], frame.start[6], frame.start[7]]);
                 if code != 0 {
@@ -272,6 +287,7 @@ impl<S> FrameGuard<S> {
             RST_STREAM if frame.start == REFUSED_STREAM.to_be_bytes() => reasons.push("refused_stream".to_owned()),
             _ => {}
         });
+        self.earned_ping |= earned;
         for reason in reasons {
             self.refusal(&reason);
         }
@@ -409,6 +425,28 @@ mod tests {
         assert_eq!(goaway_reason(0x1, b""), "protocol_error");
         assert_eq!(goaway_reason(0x9, b"Some Sentence."), "compression_error");
         assert_eq!(goaway_reason(0x42, b""), "error_66");
+    }
+
+    #[test]
+    fn a_ping_after_data_from_the_server_is_free_and_a_flood_is_not() {
+        let mut guard = FrameGuard::new((), None, GuardLimits { control_frames_per_sec: 10 });
+        let mut preface = PREFACE.to_vec();
+        preface.extend(frame(SETTINGS, 0, 0, &[]));
+        guard.scan_incoming(&preface);
+        // One PING per DATA the server sends, far past the rate: all free.
+        for _ in 0..100 {
+            guard.scan_outgoing(&frame(DATA, 0, 1, &[0; 100]));
+            guard.scan_incoming(&frame(PING, 0, 0, &[0; 8]));
+        }
+        assert!(!guard.refused);
+        // PINGs with nothing sent in between: refused once the bucket is empty.
+        for _ in 0..20 {
+            guard.scan_incoming(&frame(PING, 0, 0, &[0; 8]));
+        }
+        assert!(guard.refused);
+        let goaway = guard.goaway.as_ref().map(|(bytes, _)| bytes.clone()).unwrap_or_default();
+        assert_eq!(goaway[3], GOAWAY);
+        assert!(goaway.ends_with(b"too_many_control_frames"));
     }
 
     #[test]

@@ -675,6 +675,9 @@ pub(crate) async fn start_worker(
         .timer(TokioTimer::new())
         .max_header_list_size(header_limit as u32)
         .max_concurrent_streams(config.gateway.max_concurrent_streams)
+        // A peer that stops answering (gone, or never reading) is closed.
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
         .max_send_buf_size(64 * 1024);
     let limits = GuardLimits { control_frames_per_sec: config.server.control_frames_per_sec };
     let (stop_tx, stop_rx) = oneshot::channel();

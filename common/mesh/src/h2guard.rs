@@ -3,7 +3,7 @@
 //! and RST_STREAM): the flood limits hyper's h2 does not have, and one place
 //! where every refusal of a misbehaving client is counted and logged.
 //!
-//! - Incoming PING and SETTINGS frames (not acknowledgements) pass a token
+//! - Incoming PING and SETTINGS frames (acknowledgements too) pass a token
 //!   bucket of `server.control_frames_per_sec` a second (the same burst). A
 //!   client past it is sent GOAWAY `ENHANCE_YOUR_CALM`
 //!   (`too_many_control_frames`) and its connection is closed: each such
@@ -236,8 +236,10 @@ impl<S> FrameGuard<S> {
         let mut earned = self.earned_ping;
         let mut control = 0u32;
         self.incoming.feed(data, |frame| {
-            if matches!(frame.kind, PING | SETTINGS) && frame.flags & ACK == 0 {
-                if frame.kind == PING && earned {
+            // Acknowledgements count too: h2 logs a warning for every PING
+            // ACK it did not ask for.
+            if matches!(frame.kind, PING | SETTINGS) {
+                if frame.kind == PING && frame.flags & ACK == 0 && earned {
                     earned = false;
                 } else {
                     control += 1;

@@ -314,6 +314,9 @@ impl MeshServer {
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .max_concurrent_streams(Some(config.server.max_concurrent_streams))
             .http2_max_header_list_size(Some(config.server.max_header_list_bytes))
+            // tonic passes no limit here, dropping hyper's 1024: streams a
+            // client makes the server reset (CVE-2025-8671, "MadeYouReset").
+            .http2_max_local_error_reset_streams(Some(1024))
             .layer(MapResponseLayer::new(move |mut res: http::Response<Body>| {
                 if let Some(value) = &header {
                     res.headers_mut().insert(INSTANCE_HEADER, value.clone());

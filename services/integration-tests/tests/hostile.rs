@@ -220,9 +220,12 @@ async fn attack(target: &str, addr: SocketAddr, admin: SocketAddr) {
     eprintln!("{target}: CONTINUATION flood refused after {sent} frames");
 
     // SETTINGS and PING floods, read and acknowledged frame by frame.
-    for (name, frames) in
-        [("SETTINGS", settings(&[(INITIAL_WINDOW_SIZE, 65_535)])), ("PING", frame(PING, 0, 0, &[7; 8]))]
-    {
+    for (name, frames) in [
+        ("SETTINGS", settings(&[(INITIAL_WINDOW_SIZE, 65_535)])),
+        ("PING", frame(PING, 0, 0, &[7; 8])),
+        // Unasked-for acknowledgements: h2 logs a warning for each.
+        ("PING ACK", frame(PING, ACK, 0, &[7; 8])),
+    ] {
         let (seen, sent) = flood(addr, |_| frames.clone(), 1_000_000).await;
         assert_goaway(target, &format!("{name} flood"), &seen, "too_many_control_frames");
         assert!(sent < 100_000, "{target}: {name} flood: {sent} frames went out before the refusal");

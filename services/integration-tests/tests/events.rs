@@ -895,3 +895,91 @@ async fn the_broker_serves_a_version_of_every_api_rskafka_speaks() {
     }
     assert!(missing.is_empty(), "the broker serves no version rskafka speaks: {missing:?}");
 }
+
+/// Runs `io.meshkit.events.Peer` (the Java clients of the Maven build) with
+/// `args`; its JSON lines.
+async fn java_peer(args: &[&str]) -> Vec<serde_json::Value> {
+    let classpath = meshkit_integration_tests::java_clients_classpath().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("java")
+            .args(["-Xmx256m", "-cp", &classpath, "io.meshkit.events.Peer"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the Java peer finished within 120 s")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "Peer {args:?} failed ({}): {}", out.status, stderr.lines().last().unwrap_or(""));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_java_consumer_reads_every_order_created_with_its_trace_context() {
+    let p = Pipeline::start().await;
+    let mut traced = BTreeMap::new();
+    for i in 0..20u64 {
+        let traceparent = format!("00-{:032x}-{:016x}-01", 0x4bf9_2f35_0000u128 + u128::from(i), 0x00f0_67aa_0000 + i);
+        let mut request = tonic::Request::new(CreateOrderRequest {
+            user_id: p.user_id.clone(),
+            items: vec![OrderItem { sku: "java".into(), quantity: 2 }],
+        });
+        request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+        let order = p.orders().create_order(request).await.unwrap().into_inner();
+        traced.insert(order.id, traceparent);
+    }
+    // Its own consumer group, from the start of the topic, decoding with the
+    // classes generated from proto/.
+    let events = java_peer(&["consume", &p.kafka, &p.topic(), "java-billing", "20", "60"]).await;
+    let mut seen = BTreeMap::new();
+    for e in &events {
+        let field = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+        assert_eq!(field("key"), field("order_id"), "keyed by order id: {e}");
+        assert_eq!(field("header_event_id"), field("event_id"), "the event-id header is the event's id: {e}");
+        assert_eq!(field("user_id"), p.user_id, "{e}");
+        assert_eq!(e["total_quantity"], 2, "{e}");
+        assert!(seen.insert(field("order_id"), field("traceparent")).is_none(), "one event per order: {e}");
+    }
+    assert_eq!(seen, traced, "every order's event, with its caller's traceparent");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_java_producers_event_lands_where_meshkit_would_put_it_and_is_applied_once() {
+    let Standalone { etcd, kafka, topic, db, config, _dir } = standalone(|e| e.partitions = 6).await;
+    let client = Kafka::new(config.events.clone(), "test");
+    client.ensure_topic(&topic).await.unwrap();
+    // Sent twice with one event-id, as a producer retrying after a timeout would.
+    let sent = java_peer(&["produce", &kafka, &topic, "order-from-java", "u-java", "2"]).await;
+    assert_eq!(sent.len(), 2);
+    let partition = meshkit_common::events::kafka::partition_for(b"order-from-java", 6);
+    for copy in &sent {
+        assert_eq!(copy["partition"], partition, "kafka-clients' murmur2 and meshkit's agree: {copy}");
+    }
+    let event_id = sent[0]["event_id"].as_str().unwrap().to_owned();
+    let spec = ConsumerSpec {
+        group: "from-java".into(),
+        topic: topic.clone(),
+        member: "m1".into(),
+        prefix: "/meshkit".into(),
+        ttl_secs: 2,
+    };
+    let attempts = Arc::new(AtomicU32::new(0));
+    let consumer =
+        Consumer::start(etcd.client().await, db.clone(), client, spec, Arc::new(Flaky { attempts })).await.unwrap();
+    eventually("both copies consumed", Duration::from_secs(30), || async {
+        let offsets = consumer::offsets(&db, "from-java").await.unwrap();
+        (offsets.get(&(topic.clone(), partition)).map(|o| o.next_offset) == Some(2)).then_some(())
+    })
+    .await;
+    let applied = count(&db, &format!("SELECT COUNT(*) FROM seen WHERE event_id = '{event_id}'")).await;
+    assert_eq!(applied, 1, "the Java event applied once, its copy skipped");
+    consumer.close().await;
+}

@@ -75,6 +75,7 @@ else
 fi
 if out="$(grpcurl -plaintext -d "{\"userId\":\"$user_id\",\"items\":[{\"sku\":\"book-1\",\"quantity\":2}]}" "$GW" meshkit.order.v1.OrderService/CreateOrder 2>&1)" \
     && [[ "$(json 'd["status"]' <<<"$out")" == ORDER_STATUS_PENDING ]]; then
+    order_id="$(json 'd["id"]' <<<"$out")"
     ok "grpcurl CreateOrder"
 else
     fail "grpcurl CreateOrder" "$out"
@@ -132,6 +133,20 @@ if [[ -f "$mvn_jar" ]] \
     ok "Java client (grpc-java, Maven)"
 else
     fail "Java client (grpc-java, Maven)" "${out:-not built: deploy/local/install-deps.sh --test builds it}"
+fi
+
+# 4c. A Java consumer (kafka-clients, a group of its own) reads the order's
+# OrderCreated off the topic and decodes it with meshkit-contracts' classes.
+kafka="${MESHKIT_EVENTS_BROKERS:-127.0.0.1:${MESHKIT_KAFKA_PORT:-9092}}"
+kafka="${kafka%%,*}"
+out=""
+if [[ -f "$mvn_jar" && -n "${order_id:-}" ]] \
+    && out="$(java -cp "$mvn_jar:$(cat "$CLIENTS/java/target/classpath")" io.meshkit.events.Peer \
+                consume "$kafka" "${MESHKIT_EVENTS_TOPIC_PREFIX:-}order-events" "interop-$run_id" 0 8 2>&1)" \
+    && grep -q "\"order_id\":\"$order_id\"" <<<"$out"; then
+    ok "Java consumer (kafka-clients) read the order's OrderCreated"
+else
+    fail "Java consumer (kafka-clients)" "${out:-no order id, or the Java clients are not built}"
 fi
 
 # 5. A Python instance joins the user pool, is called, and leaves.

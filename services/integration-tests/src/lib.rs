@@ -51,6 +51,18 @@ pub fn tool(name: &str) -> PathBuf {
     bin
 }
 
+/// TLS on, from the files `meshkit_meshctl::certs::issue` wrote in `dir`
+/// for `name` (`NAME.pem`, `NAME.key`, `ca.pem`).
+pub fn tls_files(dir: &Path, name: &str) -> meshkit_common::config::TlsSettings {
+    meshkit_common::config::TlsSettings {
+        enabled: true,
+        cert_file: dir.join(format!("{name}.pem")).display().to_string(),
+        key_file: dir.join(format!("{name}.key")).display().to_string(),
+        ca_file: dir.join("ca.pem").display().to_string(),
+        ..Default::default()
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -10,11 +10,10 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use meshkit_common::config::TlsSettings;
 use meshkit_integration_tests::{
     Etcd, TestConfig, init_logs,
     interop::{INTEROP_DESCRIPTOR_SET, pb::Empty, start_interop},
-    mesh_config, tool,
+    mesh_config, tls_files, tool,
 };
 use meshkit_meshctl::certs::issue;
 
@@ -57,17 +56,6 @@ struct Target {
     addr: SocketAddr,
     /// CA file, and the client certificate and key to present, if any.
     tls: Option<(String, Option<(String, String)>)>,
-}
-
-fn tls(dir: &Path, name: &str) -> TlsSettings {
-    TlsSettings {
-        enabled: true,
-        cert_file: dir.join(format!("{name}.pem")).display().to_string(),
-        key_file: dir.join(format!("{name}.key")).display().to_string(),
-        ca_file: dir.join("ca.pem").display().to_string(),
-        reload_ms: 1000,
-        ..Default::default()
-    }
 }
 
 /// Runs every case against `target`, one client process each; the failures
@@ -118,7 +106,7 @@ async fn gateway(etcd: &Etcd, dir: &Path, edge: Option<(&Path, &str)>) -> meshki
     if let Some((certs, name)) = edge {
         config.gateway.tls_cert_file = certs.join(format!("{name}.pem")).display().to_string();
         config.gateway.tls_key_file = certs.join(format!("{name}.key")).display().to_string();
-        config.tls = tls(certs, name);
+        config.tls = tls_files(certs, name);
     }
     meshkit_gateway::start(config.into()).await.unwrap()
 }
@@ -136,7 +124,7 @@ async fn the_grpc_interop_cases_pass_directly_and_through_the_gateway_in_clearte
     let plain = start_interop(mesh_config(&plain_etcd, "sqlite::memory:")).await.unwrap();
     let plain_gateway = gateway(&plain_etcd, dir.path(), None).await;
     let mut config = mesh_config(&tls_etcd, "sqlite::memory:");
-    config.tls = tls(&certs, "interop");
+    config.tls = tls_files(&certs, "interop");
     let secure = start_interop(config).await.unwrap();
     let secure_gateway = gateway(&tls_etcd, dir.path(), Some((&certs, "gateway"))).await;
 

@@ -8,7 +8,7 @@
 use std::{collections::BTreeSet, net::SocketAddr};
 
 use meshkit_common::config::TlsSettings;
-use meshkit_integration_tests::{Etcd, TestConfig, echo, init_logs, mesh_config, tool};
+use meshkit_integration_tests::{Etcd, TestConfig, echo, init_logs, mesh_config, tls_files, tool};
 use meshkit_meshctl::certs::issue;
 
 /// Cases h2spec 2.2.1 fails on hyper's HTTP/2 server, by (section, title),
@@ -131,32 +131,35 @@ async fn h2spec_against_a_mesh_server() {
     server.shutdown().await.unwrap();
 }
 
+/// The gateway fronting an echo instance, over HTTPS with the certificate
+/// `issue` writes for `gateway` in `certs` when given.
+async fn gateway_over(
+    etcd: &Etcd,
+    dir: &std::path::Path,
+    certs: Option<&std::path::Path>,
+) -> meshkit_gateway::RunningGateway {
+    let descriptors = dir.join("echo.binpb");
+    std::fs::write(&descriptors, echo::ECHO_DESCRIPTOR_SET).unwrap();
+    let mut config: TestConfig = mesh_config(etcd, "sqlite::memory:");
+    config.gateway.listen = "127.0.0.1:0".into();
+    config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
+    if let Some(certs) = certs {
+        config.gateway.tls_cert_file = certs.join("gateway.pem").display().to_string();
+        config.gateway.tls_key_file = certs.join("gateway.key").display().to_string();
+    }
+    meshkit_gateway::start(config.into()).await.unwrap()
+}
+
 #[tokio::test]
 async fn h2spec_against_the_gateway() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let backend = echo::start_echo(mesh_config(&etcd, "sqlite::memory:")).await.unwrap();
-    let descriptors = dir.path().join("echo.binpb");
-    std::fs::write(&descriptors, echo::ECHO_DESCRIPTOR_SET).unwrap();
-    let mut config: TestConfig = mesh_config(&etcd, "sqlite::memory:");
-    config.gateway.listen = "127.0.0.1:0".into();
-    config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
-    let gateway = meshkit_gateway::start(config.into()).await.unwrap();
+    let gateway = gateway_over(&etcd, dir.path(), None).await;
     run_h2spec("the gateway", gateway.local_addr(), false).await;
     gateway.shutdown().await;
     backend.shutdown().await.unwrap();
-}
-
-/// TLS settings from the certificates `issue` wrote in `dir` for `name`.
-fn tls(dir: &std::path::Path, name: &str) -> TlsSettings {
-    TlsSettings {
-        enabled: true,
-        cert_file: dir.join(format!("{name}.pem")).display().to_string(),
-        key_file: dir.join(format!("{name}.key")).display().to_string(),
-        ca_file: dir.join("ca.pem").display().to_string(),
-        ..Default::default()
-    }
 }
 
 #[tokio::test]
@@ -167,7 +170,7 @@ async fn h2spec_against_a_mesh_server_over_tls() {
     issue(dir.path(), "meshkit", &["echo"], 1).unwrap();
     let mut config = mesh_config(&etcd, "sqlite::memory:");
     // h2spec cannot present a client certificate.
-    config.tls = TlsSettings { client_auth: "optional".into(), ..tls(dir.path(), "echo") };
+    config.tls = TlsSettings { client_auth: "optional".into(), ..tls_files(dir.path(), "echo") };
     let server = echo::start_echo(config).await.unwrap();
     run_h2spec("a MeshServer over TLS", server.local_addr(), true).await;
     server.shutdown().await.unwrap();
@@ -180,14 +183,7 @@ async fn h2spec_against_the_gateway_over_https() {
     let dir = tempfile::tempdir().unwrap();
     issue(dir.path(), "meshkit", &["gateway"], 1).unwrap();
     let backend = echo::start_echo(mesh_config(&etcd, "sqlite::memory:")).await.unwrap();
-    let descriptors = dir.path().join("echo.binpb");
-    std::fs::write(&descriptors, echo::ECHO_DESCRIPTOR_SET).unwrap();
-    let mut config: TestConfig = mesh_config(&etcd, "sqlite::memory:");
-    config.gateway.listen = "127.0.0.1:0".into();
-    config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
-    config.gateway.tls_cert_file = dir.path().join("gateway.pem").display().to_string();
-    config.gateway.tls_key_file = dir.path().join("gateway.key").display().to_string();
-    let gateway = meshkit_gateway::start(config.into()).await.unwrap();
+    let gateway = gateway_over(&etcd, dir.path(), Some(dir.path())).await;
     run_h2spec("the gateway over HTTPS", gateway.local_addr(), true).await;
     gateway.shutdown().await;
     backend.shutdown().await.unwrap();

@@ -12,19 +12,13 @@ use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
     Etcd, EtcdTls, LoadGen, ServiceProcess,
     echo::{ECHO, EchoRequest, EchoServiceClient, start_echo},
-    eventually, free_port, init_logs, mesh_config, sqlite_url,
+    eventually, free_port, init_logs, mesh_config, sqlite_url, tls_files,
 };
 use meshkit_meshctl::certs::issue;
 
+/// The certificates checked for a change every 100 ms, for the rotation tests.
 fn tls(dir: &Path, name: &str) -> TlsSettings {
-    TlsSettings {
-        enabled: true,
-        cert_file: dir.join(format!("{name}.pem")).display().to_string(),
-        key_file: dir.join(format!("{name}.key")).display().to_string(),
-        ca_file: dir.join("ca.pem").display().to_string(),
-        reload_ms: 100,
-        ..Default::default()
-    }
+    TlsSettings { reload_ms: 100, ..tls_files(dir, name) }
 }
 
 fn echo_config(etcd: &Etcd, dir: &Path, name: &str) -> TestConfig {

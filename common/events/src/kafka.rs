@@ -75,7 +75,32 @@ impl Kafka {
             (true, None) => {
                 *outage = Some(std::time::Instant::now());
                 if let Err(e) = &result {
-                    tracing::warn!(brokers, error = %e, "Kafka is unreachable; retrying quietly until it answers");
+                    let settings = &self.inner.settings;
+                    match Refusal::of(e) {
+                        Some(Refusal::Login) => tracing::error!(
+                            brokers,
+                            mechanism = settings.sasl_mechanism,
+                            user = settings.sasl_username,
+                            error = %e,
+                            "Kafka refused the SASL login (events.sasl_username, events.sasl_password); retrying quietly until it accepts"
+                        ),
+                        Some(Refusal::Certificate) => tracing::error!(
+                            brokers,
+                            ca_file = settings.tls_ca_file,
+                            error = %e,
+                            "the Kafka brokers' TLS certificate is not trusted by events.tls_ca_file; retrying quietly until it is"
+                        ),
+                        Some(Refusal::Handshake) => tracing::error!(
+                            brokers,
+                            ca_file = settings.tls_ca_file,
+                            cert_file = settings.tls_cert_file,
+                            error = %e,
+                            "the TLS handshake with Kafka failed (events.tls_*); retrying quietly until it succeeds"
+                        ),
+                        None => {
+                            tracing::warn!(brokers, error = %e, "Kafka is unreachable; retrying quietly until it answers")
+                        }
+                    }
                 }
             }
             (false, Some(since)) => {
@@ -104,7 +129,13 @@ impl Kafka {
             init_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
             base: 2.0,
-            deadline: Some(self.timeout()),
+            // A few quick retries in rskafka (a leader that moved, a broker
+            // restarting), then it gives up with the last error: a refused
+            // login or an untrusted certificate, which the bare timeout of
+            // our own bound would hide. Its deadline counts the sleeps only,
+            // not the attempts (a refused SCRAM login takes about 0.5 s), so
+            // it is a twentieth of ours.
+            deadline: Some(self.timeout() / 20),
         };
         let mut builder = ClientBuilder::new(self.inner.settings.brokers.clone())
             .client_id(self.inner.client_id.as_str())
@@ -256,6 +287,37 @@ impl Kafka {
     }
 }
 
+/// Why brokers that answer would not let this client in: settings to fix,
+/// not an outage to wait out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// SASL: a wrong user or password, or a mechanism the broker lacks.
+    Login,
+    /// The broker's certificate does not chain to `events.tls_ca_file`, or
+    /// does not name the broker.
+    Certificate,
+    /// Another TLS failure: a broker that wants a client certificate, no
+    /// common protocol version, a plaintext listener.
+    Handshake,
+}
+
+impl Refusal {
+    /// rskafka reports these inside its connection errors' text (the typed
+    /// errors are private to it).
+    fn of(error: &Error) -> Option<Self> {
+        let Error::Kafka { message, code: None } = error else { return None };
+        if message.contains("Sasl") || message.contains("SASL") {
+            Some(Self::Login)
+        } else if message.contains("invalid peer certificate") {
+            Some(Self::Certificate)
+        } else if message.contains("received fatal alert") || message.contains("InvalidContentType") {
+            Some(Self::Handshake)
+        } else {
+            None
+        }
+    }
+}
+
 async fn bounded<T>(
     timeout: Duration,
     what: &'static str,
@@ -383,6 +445,32 @@ mod tests {
                 assert_eq!(p, partition_for(key.as_bytes(), n));
             }
         }
+    }
+
+    #[test]
+    fn refusals_are_told_from_outages_by_rskafka_s_words() {
+        let kafka = |message: &str| Error::Kafka { message: message.into(), code: None };
+        for (message, expected) in [
+            (
+                "connect: Connection error: Sasl handshake failed: API error: SaslAuthenticationFailed",
+                Some(Refusal::Login),
+            ),
+            (
+                "connect: Connection error: all retries failed: Retry exceeded deadline. Source: error connecting to \
+                 broker \"127.0.0.1:1\": IO Error: invalid peer certificate: UnknownIssuer",
+                Some(Refusal::Certificate),
+            ),
+            (
+                "connect: error connecting to broker: IO Error: received fatal alert: CertificateRequired",
+                Some(Refusal::Handshake),
+            ),
+            ("connect: error connecting to broker \"127.0.0.1:1\": IO Error: Connection refused (os error 111)", None),
+            ("connect: timed out after 5000 ms", None),
+        ] {
+            assert_eq!(Refusal::of(&kafka(message)), expected, "{message}");
+        }
+        let answered = Error::Kafka { message: "produce: SASL".into(), code: Some(ProtocolError::NotLeaderOrFollower) };
+        assert_eq!(Refusal::of(&answered), None, "an error the broker sent back is not a refusal to connect");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::bin_dir;
 pub struct ServiceProcess {
     child: Child,
     pub name: String,
+    log: std::path::PathBuf,
 }
 
 impl ServiceProcess {
@@ -21,7 +22,8 @@ impl ServiceProcess {
     pub fn spawn(binary: &str, env: &[(&str, String)], log_dir: &Path) -> anyhow::Result<Self> {
         let path = bin_dir().join(binary);
         anyhow::ensure!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
-        let log = tempfile::Builder::new().prefix(&format!("{binary}-")).suffix(".log").tempfile_in(log_dir)?.keep()?.0;
+        let (log, log_path) =
+            tempfile::Builder::new().prefix(&format!("{binary}-")).suffix(".log").tempfile_in(log_dir)?.keep()?;
         let mut command = Command::new(&path);
         command.env("RUST_LOG", "warn").env("RUST_BACKTRACE", "0").env_remove("MESHKIT_CONFIG");
         // No broker unless the test names one: never a broker a local cluster runs.
@@ -35,7 +37,12 @@ impl ServiceProcess {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", path.display()))?;
-        Ok(Self { child, name: binary.to_owned() })
+        Ok(Self { child, name: binary.to_owned(), log: log_path })
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> i32 {

@@ -17,7 +17,7 @@ use std::{
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use meshkit_common::{
     ChannelBuilder, RunningServer,
-    events::{Consumer, ConsumerSpec, Event, EventHandler, HandlerError, Kafka, consumer, headers},
+    events::{Consumer, ConsumerSpec, Event, EventHandler, EventSettings, HandlerError, Kafka, consumer, headers},
 };
 use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
@@ -36,6 +36,8 @@ use rskafka::{
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, Statement};
 use tempfile::TempDir;
 
+mod security;
+
 const USER: &str = "meshkit.user.v1.UserService";
 const ORDER: &str = "meshkit.order.v1.OrderService";
 const NOTIFICATION: &str = "meshkit.notification.v1.NotificationService";
@@ -45,8 +47,11 @@ const TOPIC: &str = "order-events";
 /// one of the test's own); notification instances are added by each test.
 struct Pipeline {
     etcd: Etcd,
-    /// The broker's `host:port`.
+    /// The (first) broker's `host:port`.
     kafka: String,
+    /// `events.*` as the services get them before the test's own tuning:
+    /// the brokers, TLS and SASL.
+    events: EventSettings,
     /// `events.topic_prefix`: this test's topics.
     prefix: String,
     /// The test's own broker, when it stops it.
@@ -70,17 +75,25 @@ impl Pipeline {
     }
 
     async fn start_on(own_broker: Option<Broker>, database: Option<String>) -> Self {
-        init_logs();
-        let etcd = Etcd::start().await.unwrap();
         let kafka = match &own_broker {
             Some(b) => b.endpoint(),
             None => Broker::shared().await.endpoint(),
         };
+        let events = EventSettings { brokers: vec![kafka], ..EventSettings::default() };
+        Self::start_with(events, own_broker, database).await
+    }
+
+    /// On brokers the test started, connected with `events` (brokers, TLS, SASL).
+    async fn start_with(events: EventSettings, own_broker: Option<Broker>, database: Option<String>) -> Self {
+        init_logs();
+        let etcd = Etcd::start().await.unwrap();
+        let kafka = events.brokers[0].clone();
         let dir = tempfile::tempdir().unwrap();
         let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
         let mut pipeline = Pipeline {
             etcd,
             kafka,
+            events,
             prefix: Broker::topic_prefix(),
             own_broker,
             dir,
@@ -115,7 +128,7 @@ impl Pipeline {
 
     fn config(&self, db: &str) -> TestConfig {
         let mut config = mesh_config(&self.etcd, &self.db_url(db));
-        config.events.brokers = vec![self.kafka.clone()];
+        config.events = self.events.clone();
         config.events.topic_prefix = self.prefix.clone();
         config.events.request_timeout_ms = 2_000;
         config.events.relay_poll_ms = 20;
@@ -125,15 +138,28 @@ impl Pipeline {
 
     /// The environment for a notification-service process.
     fn process_env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        self.process_env_for("notification")
+    }
+
+    /// The environment for a service process on database `db`.
+    fn process_env_for(&self, db: &str) -> Vec<(&'static str, String)> {
+        let env = vec![
             ("MESHKIT_ETCD_ENDPOINTS", self.etcd.endpoint()),
-            ("MESHKIT_EVENTS_BROKERS", self.kafka.clone()),
+            ("MESHKIT_EVENTS_BROKERS", self.events.brokers.join(",")),
+            ("MESHKIT_EVENTS_REPLICATION_FACTOR", self.events.replication_factor.to_string()),
+            ("MESHKIT_EVENTS_TLS_CA_FILE", self.events.tls_ca_file.clone()),
+            ("MESHKIT_EVENTS_TLS_CERT_FILE", self.events.tls_cert_file.clone()),
+            ("MESHKIT_EVENTS_TLS_KEY_FILE", self.events.tls_key_file.clone()),
+            ("MESHKIT_EVENTS_SASL_MECHANISM", self.events.sasl_mechanism.clone()),
+            ("MESHKIT_EVENTS_SASL_USERNAME", self.events.sasl_username.clone()),
+            ("MESHKIT_EVENTS_SASL_PASSWORD", self.events.sasl_password.clone()),
             ("MESHKIT_EVENTS_TOPIC_PREFIX", self.prefix.clone()),
             ("MESHKIT_EVENTS_FETCH_MAX_WAIT_MS", "100".into()),
             ("MESHKIT_REGISTRY_TTL_SECS", "2".into()),
             ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{}", free_port())),
-            ("MESHKIT_DATABASE_URL", self.db_url("notification")),
-        ]
+            ("MESHKIT_DATABASE_URL", self.db_url(db)),
+        ];
+        env.into_iter().filter(|(_, value)| !value.is_empty()).collect()
     }
 
     async fn notification(&self) -> RunningServer {

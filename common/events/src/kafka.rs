@@ -36,9 +36,23 @@ struct Inner {
     client: Mutex<Option<Arc<Client>>>,
     partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
     topics: Mutex<HashMap<String, i32>>,
-    /// Since when the brokers have failed to answer, if they do now.
-    outage: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Requests failing since when, if they do.
+    outage: std::sync::Mutex<Option<Outage>>,
 }
+
+/// A spell of failing requests: all of them (every broker down) or some
+/// (one broker of several down, its partitions' requests failing while the
+/// others' succeed).
+struct Outage {
+    since: std::time::Instant,
+    last_failure: std::time::Instant,
+    failures: u64,
+}
+
+/// How long requests must go without a failure before a success ends an
+/// outage: longer than the relay's and the consumers' longest backoff, so
+/// one broker down among several stays one outage.
+const OUTAGE_QUIET: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What one fetch returned.
 pub struct Fetched {
@@ -70,46 +84,62 @@ impl Kafka {
     fn observe<T>(&self, result: Result<T>) -> Result<T> {
         let failed = matches!(&result, Err(Error::Kafka { code: None, .. }));
         let Ok(mut outage) = self.inner.outage.lock() else { return result };
-        let brokers = self.inner.settings.brokers.join(",");
-        match (failed, outage.as_ref()) {
-            (true, None) => {
-                *outage = Some(std::time::Instant::now());
-                if let Err(e) = &result {
-                    let settings = &self.inner.settings;
-                    match Refusal::of(e) {
-                        Some(Refusal::Login) => tracing::error!(
-                            brokers,
-                            mechanism = settings.sasl_mechanism,
-                            user = settings.sasl_username,
-                            error = %e,
-                            "Kafka refused the SASL login (events.sasl_username, events.sasl_password); retrying quietly until it accepts"
-                        ),
-                        Some(Refusal::Certificate) => tracing::error!(
-                            brokers,
-                            ca_file = settings.tls_ca_file,
-                            error = %e,
-                            "the Kafka brokers' TLS certificate is not trusted by events.tls_ca_file; retrying quietly until it is"
-                        ),
-                        Some(Refusal::Handshake) => tracing::error!(
-                            brokers,
-                            ca_file = settings.tls_ca_file,
-                            cert_file = settings.tls_cert_file,
-                            error = %e,
-                            "the TLS handshake with Kafka failed (events.tls_*); retrying quietly until it succeeds"
-                        ),
-                        None => {
-                            tracing::warn!(brokers, error = %e, "Kafka is unreachable; retrying quietly until it answers")
-                        }
-                    }
-                }
+        let now = std::time::Instant::now();
+        match (&result, outage.as_mut()) {
+            (Err(e), None) if failed => {
+                *outage = Some(Outage { since: now, last_failure: now, failures: 1 });
+                self.log_failure(e);
             }
-            (false, Some(since)) => {
-                tracing::info!(brokers, after_secs = since.elapsed().as_secs(), "Kafka answers again");
+            (Err(_), Some(o)) if failed => {
+                o.last_failure = now;
+                o.failures += 1;
+            }
+            (Ok(_), Some(o)) if o.last_failure.elapsed() >= OUTAGE_QUIET => {
+                tracing::info!(
+                    brokers = self.inner.settings.brokers.join(","),
+                    after_secs = o.since.elapsed().as_secs(),
+                    failed_requests = o.failures,
+                    "Kafka requests succeed again"
+                );
                 *outage = None;
             }
             _ => {}
         }
         result
+    }
+
+    /// The one line for the start of an outage: settings to fix when the
+    /// brokers refused us, else the broker that does not answer.
+    fn log_failure(&self, e: &Error) {
+        let settings = &self.inner.settings;
+        let brokers = settings.brokers.join(",");
+        match Refusal::of(e) {
+            Some(Refusal::Login) => tracing::error!(
+                brokers,
+                mechanism = settings.sasl_mechanism,
+                user = settings.sasl_username,
+                error = %e,
+                "Kafka refused the SASL login (events.sasl_username, events.sasl_password); retrying quietly until it accepts"
+            ),
+            Some(Refusal::Certificate) => tracing::error!(
+                brokers,
+                ca_file = settings.tls_ca_file,
+                error = %e,
+                "the Kafka brokers' TLS certificate is not trusted by events.tls_ca_file; retrying quietly until it is"
+            ),
+            Some(Refusal::Handshake) => tracing::error!(
+                brokers,
+                ca_file = settings.tls_ca_file,
+                cert_file = settings.tls_cert_file,
+                error = %e,
+                "the TLS handshake with Kafka failed (events.tls_*); retrying quietly until it succeeds"
+            ),
+            None => tracing::warn!(
+                brokers,
+                error = %e,
+                "Kafka requests fail (the error names the broker); retrying quietly until they succeed"
+            ),
+        }
     }
 
     pub fn settings(&self) -> &EventSettings {
@@ -169,7 +199,20 @@ impl Kafka {
             "partition lookup",
             client.partition_client(topic, partition, UnknownTopicHandling::Retry),
         )
-        .await?;
+        .await;
+        // rskafka 0.6 looks the leader up in its client's metadata cache and,
+        // when that cache says "no leader" (taken while the cluster was
+        // electing, e.g. just after every broker restarted), returns
+        // LeaderNotAvailable without invalidating it: every later lookup gets
+        // the same stale answer, though the partition has long had a leader.
+        // Dropping the client drops its cache; the next lookup asks afresh.
+        let pc = match pc {
+            Ok(pc) => pc,
+            Err(e) => {
+                self.reset().await;
+                return Err(e);
+            }
+        };
         let pc = Arc::new(pc);
         self.inner.partitions.lock().await.insert(key, pc.clone());
         Ok(pc)

@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 export MESHKIT_PROFILE ?= dev
 PHASE := deploy/local/phase.sh
 
-.PHONY: help up down status deps build build-release test test-fast interop lint arch-check fmt bench clean-run check-fresh check-fresh-test
+.PHONY: help up down status deps build build-release test test-system test-fast interop lint arch-check fmt bench clean-run check-fresh check-fresh-test
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -47,6 +47,12 @@ test: ## the whole suite: unit and integration tests on real etcd, Apache Kafka 
 	  MESHKIT_PROFILE=dev $(PHASE) interop deploy/local/interop.sh --own-cluster || status=1; \
 	  $(PHASE) manifests deploy/check-manifests.sh || status=1; \
 	  exit $$status
+
+test-system: ## the slow tier: a 3-node Kafka cluster losing its leader and going dark for 20 s, `MESHKIT_TLS=1 make up` end to end
+	@$(PHASE) install deploy/local/install-deps.sh --test
+	@$(PHASE) build $(MAKE) --no-print-directory build MESHKIT_PROFILE=dev
+	@$(PHASE) "kafka cluster" $(CARGO) test -p meshkit-integration-tests --test events -- --ignored --test-threads=1
+	@$(PHASE) "local cluster with TLS" $(CARGO) test -p meshkit-integration-tests --test local_cluster -- --ignored --test-threads=1
 
 interop: ## grpcurl, Python, grpc-web and Java clients and a Python instance against the `make up` cluster
 	@deploy/local/interop.sh

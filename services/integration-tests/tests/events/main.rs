@@ -36,6 +36,7 @@ use rskafka::{
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, Statement};
 use tempfile::TempDir;
 
+mod cluster;
 mod security;
 
 const USER: &str = "meshkit.user.v1.UserService";

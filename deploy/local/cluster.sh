@@ -13,8 +13,9 @@
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
 #   MESHKIT_PROMETHEUS_PORT Prometheus's port (default: 9091; started when installed)
 #   MESHKIT_PROFILE         cargo profile of the binaries (default: dev, as `make up` builds)
-#   MESHKIT_TLS             1: mTLS between every process, HTTPS at the gateway, with a
-#                           development CA and certificates made under $RUN_DIR/tls
+#   MESHKIT_TLS             1: mTLS between every process, HTTPS at the gateway, TLS with
+#                           client certificates at the Kafka broker, with a development
+#                           CA and certificates made under $RUN_DIR/tls
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -118,14 +119,20 @@ start_broker() {
         echo "port $KAFKA_CONTROLLER_PORT (Kafka's controller) is taken; stop that process or set MESHKIT_KAFKA_CONTROLLER_PORT" >&2
         exit 1
     fi
-    local t0=$SECONDS
+    local t0=$SECONDS tls=()
+    # With MESHKIT_TLS=1 the broker's one client listener is TLS and asks for
+    # a certificate of the development CA; the brokers' own traffic uses it too.
+    tls_on && tls=(
+        MESHKIT_KAFKA_TLS_CA="$RUN_DIR/tls/ca.pem" MESHKIT_KAFKA_TLS_CERT="$RUN_DIR/tls/kafka.pem"
+        MESHKIT_KAFKA_TLS_KEY="$RUN_DIR/tls/kafka.key" MESHKIT_KAFKA_CLIENT_AUTH=required
+    )
     # kafka.sh formats the storage on first use, then execs the JVM.
-    setsid "$KAFKA" run "$RUN_DIR/kafka" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" \
+    env "${tls[@]}" setsid "$KAFKA" run "$RUN_DIR/kafka" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" \
         </dev/null >"$RUN_DIR/logs/kafka.log" 2>&1 &
     echo $! >"$RUN_DIR/pids/kafka.pid"
     wait_listening kafka "$KAFKA_PORT" 60 || exit 1
     create_topics || exit 1
-    echo "kafka:     127.0.0.1:$KAFKA_PORT (Apache Kafka $("$KAFKA" version), data in $RUN_DIR/kafka, up in $((SECONDS - t0)) s)"
+    echo "kafka:     127.0.0.1:$KAFKA_PORT (Apache Kafka $("$KAFKA" version)$(tls_on && echo ", TLS"), data in $RUN_DIR/kafka, up in $((SECONDS - t0)) s)"
 }
 
 # The topics, unless they exist: stated partitions, replication 1 (one
@@ -133,12 +140,14 @@ start_broker() {
 # broker's default retention.
 create_topics() {
     local existing spec name partitions retention
-    existing="$("$KAFKA" topics --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list 2>>"$RUN_DIR/logs/kafka.log")" \
+    # admin.properties: what Kafka's tools need to reach this broker (TLS, its certificate).
+    local admin=(--bootstrap-server "127.0.0.1:$KAFKA_PORT" --command-config "$RUN_DIR/kafka/admin.properties")
+    existing="$("$KAFKA" topics "${admin[@]}" --list 2>>"$RUN_DIR/logs/kafka.log")" \
         || { echo "kafka: listing topics failed; see $RUN_DIR/logs/kafka.log" >&2; return 1; }
     for spec in "${TOPICS[@]}"; do
         read -r name partitions retention <<<"$spec"
         grep -qx "$name" <<<"$existing" && continue
-        "$KAFKA" topics --bootstrap-server "127.0.0.1:$KAFKA_PORT" --create --if-not-exists --topic "$name" \
+        "$KAFKA" topics "${admin[@]}" --create --if-not-exists --topic "$name" \
             --partitions "$partitions" --replication-factor 1 --config "retention.ms=$retention" \
             >>"$RUN_DIR/logs/kafka.log" 2>&1 \
             || { echo "kafka: creating topic $name failed; see $RUN_DIR/logs/kafka.log" >&2; return 1; }
@@ -164,7 +173,7 @@ tls_on() { [[ "${MESHKIT_TLS:-0}" == 1 ]]; }
 make_certs() {
     tls_on || return 0
     "$BIN_DIR/meshctl" certs --dir "$RUN_DIR/tls" --days 30 \
-        user-service order-service notification-service scheduler-service gateway meshctl >/dev/null
+        user-service order-service notification-service scheduler-service gateway meshctl kafka >/dev/null
     echo "tls:       mTLS on; CA and certificates in $RUN_DIR/tls"
 }
 
@@ -173,10 +182,15 @@ tls_env() { # name: the MESHKIT_TLS_* variables for its certificate
     echo "MESHKIT_TLS_ENABLED=true MESHKIT_TLS_CERT_FILE=$RUN_DIR/tls/$1.pem MESHKIT_TLS_KEY_FILE=$RUN_DIR/tls/$1.key MESHKIT_TLS_CA_FILE=$RUN_DIR/tls/ca.pem"
 }
 
+events_tls_env() { # name: the MESHKIT_EVENTS_TLS_* variables, the broker our own unless given
+    tls_on && [[ -z "${MESHKIT_EVENTS_BROKERS:-}" ]] || return 0
+    echo "MESHKIT_EVENTS_TLS_CA_FILE=$RUN_DIR/tls/ca.pem MESHKIT_EVENTS_TLS_CERT_FILE=$RUN_DIR/tls/$1.pem MESHKIT_EVENTS_TLS_KEY_FILE=$RUN_DIR/tls/$1.key"
+}
+
 start_service() { # name slot
     local name="$1" slot="$2" port
     port="$(free_port)"
-    env $(tls_env "$name-service") \
+    env $(tls_env "$name-service") $(events_tls_env "$name-service") \
     MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
     MESHKIT_EVENTS_BROKERS="$(kafka_brokers)" \
     MESHKIT_SERVER_LISTEN="127.0.0.1:$port" \
@@ -266,8 +280,8 @@ cmd_up() {
     local t0=$SECONDS start_ns
     start_ns=$(date +%s%N)
     start_etcd
-    start_broker
     make_certs
+    start_broker
     # A user instance first: order-service's first calls find it registered.
     declare -A slot=()
     for name in "${SERVICES[@]}"; do

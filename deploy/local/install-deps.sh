@@ -5,7 +5,7 @@
 #                            Java and Maven, and Apache Kafka's jars from Maven Central)
 #   install-deps.sh --test   plus what `make test` needs (PostgreSQL, and the
 #                            Python, Node.js grpc-web and Java test clients)
-#   install-deps.sh --bench  plus what `make bench` compares against (nginx)
+#   install-deps.sh --bench  plus what `make bench` compares against (nginx, HAProxy) and h2load
 set -euo pipefail
 
 want_test=0
@@ -87,6 +87,9 @@ if (( want_test )); then
 fi
 if (( want_bench )); then
     command -v nginx >/dev/null || missing+=(nginx)
+    # The gateway's other yardstick, and the load generator for its load shapes.
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v h2load >/dev/null || missing+=(nghttp2-client)
     command -v javac >/dev/null || missing+=(default-jdk-headless)
     # The events phase runs the pipeline on PostgreSQL as well as SQLite.
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
@@ -98,7 +101,7 @@ if (( ${#missing[@]} )); then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # Debian starts packaged servers; the cluster scripts and tests start their own.
-    for svc in etcd postgresql nginx prometheus; do
+    for svc in etcd postgresql nginx haproxy prometheus; do
         $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
     done
 fi

@@ -178,10 +178,307 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
         rest_per / grpc_per,
         rest_sat.rate() / grpc_sat.rate()
     );
+    let haproxy = Haproxy::start(logs, backend_addr.port())?;
+    shapes(
+        logs,
+        backend_addr.port(),
+        [(gateway_port, gateway.pid()), (nginx.port, nginx.pid()), (haproxy.port, haproxy.pid())],
+    )
+    .await?;
+    drop(haproxy);
     drop(nginx);
     drop(gateway);
     backend.shutdown().await?;
     Ok(())
+}
+
+/// A load shape for h2load: connections, streams per connection, and a
+/// request rate per connection (none: as fast as it goes).
+struct Shape {
+    name: &'static str,
+    connections: u32,
+    streams: u32,
+    rate_per_connection: Option<u32>,
+    requests: u32,
+}
+
+const SHAPES: [Shape; 4] = [
+    Shape {
+        name: "1 connection x 16 streams, 2,000/s",
+        connections: 1,
+        streams: 16,
+        rate_per_connection: Some(2_000),
+        requests: 16_000,
+    },
+    Shape {
+        name: "4 connections x 16 streams, 2,000/s",
+        connections: 4,
+        streams: 16,
+        rate_per_connection: Some(500),
+        requests: 16_000,
+    },
+    Shape {
+        name: "64 connections x 4 streams, 1,920/s",
+        connections: 64,
+        streams: 4,
+        rate_per_connection: Some(30),
+        requests: 15_360,
+    },
+    Shape {
+        name: "saturation, 4 connections x 64 streams",
+        connections: 4,
+        streams: 64,
+        rate_per_connection: None,
+        requests: 60_000,
+    },
+];
+
+/// What one h2load run did, and what it cost.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    calls: f64,
+    rate: f64,
+    mean_us: f64,
+    proxy_user: Duration,
+    proxy_kernel: Duration,
+    backend: Duration,
+    loadgen: Duration,
+}
+
+impl Run {
+    fn per_call(&self, cpu: Duration) -> f64 {
+        cpu.as_secs_f64() * 1e6 / self.calls.max(1.0)
+    }
+    fn proxy(&self) -> f64 {
+        self.per_call(self.proxy_user + self.proxy_kernel)
+    }
+    fn system(&self) -> f64 {
+        self.per_call(self.proxy_user + self.proxy_kernel + self.backend + self.loadgen)
+    }
+}
+
+/// h2load (nghttp2) against `port`: unary Echo calls in `shape`. Its CPU is
+/// what bash's `times` reports for its child; the backend's is this
+/// process's own (it serves the backend and idles otherwise).
+fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>) -> anyhow::Result<Run> {
+    let mut args = vec![
+        format!("-c{}", shape.connections),
+        format!("-m{}", shape.streams),
+        format!("-n{}", shape.requests),
+        "-t1".to_owned(),
+    ];
+    if let Some(rate) = shape.rate_per_connection {
+        args.push(format!("--rps={rate}"));
+    }
+    let proxy_before = proxy.map(tree_times).unwrap_or_default();
+    let backend_before = tree_times(std::process::id() as i32);
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#"h2load "$@" -H 'content-type: application/grpc' -H 'te: trailers' && times"#)
+        .arg("h2load")
+        .args(&args)
+        .arg("-d")
+        .arg(body)
+        .arg(format!("http://127.0.0.1:{port}/meshkit.echo.v1.EchoService/Echo"))
+        .output()
+        .context("running h2load (deploy/local/install-deps.sh --bench installs it)")?;
+    let backend_after = tree_times(std::process::id() as i32);
+    let proxy_after = proxy.map(tree_times).unwrap_or_default();
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success(), "h2load failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let after =
+        |needle: &str| text.lines().find_map(|l| l.trim_start().strip_prefix(needle).map(str::trim).map(str::to_owned));
+    let succeeded: f64 = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .and_then(|l| l.split(',').find(|p| p.contains("succeeded")))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .context("h2load printed no requests line")?;
+    anyhow::ensure!(succeeded as u32 == shape.requests, "h2load: {succeeded} of {} succeeded: {text}", shape.requests);
+    let rate = after("finished in")
+        .and_then(|l| l.split(", ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|r| r.parse().ok()))
+        .unwrap_or(0.0);
+    // "time for request:   469us   5.82ms   1.76ms   583us   79.10%": min, max, mean, sd.
+    let micros = |v: &str| -> Option<f64> {
+        if let Some(n) = v.strip_suffix("us") {
+            n.parse().ok()
+        } else if let Some(n) = v.strip_suffix("ms") {
+            n.parse::<f64>().ok().map(|n| n * 1e3)
+        } else {
+            v.strip_suffix('s').and_then(|n| n.parse::<f64>().ok()).map(|n| n * 1e6)
+        }
+    };
+    let mean_us =
+        after("time for request:").and_then(|l| l.split_whitespace().nth(2).and_then(micros)).unwrap_or(f64::NAN);
+    // `times`: the shell's own line, then its children's: "0m0.512s 0m0.208s".
+    let seconds = |v: &str| -> Option<f64> {
+        let (m, s) = v.strip_suffix('s')?.split_once('m')?;
+        Some(m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+    };
+    let loadgen = text
+        .lines()
+        .next_back()
+        .map(|l| l.split_whitespace().filter_map(seconds).sum::<f64>())
+        .map(Duration::from_secs_f64)
+        .unwrap_or_default();
+    Ok(Run {
+        calls: succeeded,
+        rate,
+        mean_us,
+        proxy_user: proxy_after.0.saturating_sub(proxy_before.0),
+        proxy_kernel: proxy_after.1.saturating_sub(proxy_before.1),
+        backend: (backend_after.0 + backend_after.1).saturating_sub(backend_before.0 + backend_before.1),
+        loadgen,
+    })
+}
+
+/// gRPC passthrough in every load shape, h2load driving the direct path, the
+/// gateway, nginx and HAProxy in alternating rounds: CPU per request of the
+/// proxy and of the whole system (load generator, proxy, backend).
+async fn shapes(logs: &Path, backend_port: u16, proxies: [(u16, i32); 3]) -> anyhow::Result<()> {
+    const ROUNDS: usize = 3;
+    let body = logs.join("echo-request.bin");
+    let message = prost::Message::encode_to_vec(&EchoRequest { text: "bench".into(), ..Default::default() });
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    std::fs::write(&body, framed)?;
+    let names = ["direct", "gateway", "nginx", "haproxy"];
+    let targets: [(u16, Option<i32>); 4] = [
+        (backend_port, None),
+        (proxies[0].0, Some(proxies[0].1)),
+        (proxies[1].0, Some(proxies[1].1)),
+        (proxies[2].0, Some(proxies[2].1)),
+    ];
+    println!(
+        "\n== gRPC passthrough by load shape (h2load, unary Echo; medians of {ROUNDS} alternating rounds, spread = max - min)"
+    );
+    println!(
+        "  proxies: the gateway (2 runtime threads), nginx 1.22 grpc_pass (2 workers), HAProxy 2.6 (2 threads, h2 both sides); no CPU pinning"
+    );
+    for shape in &SHAPES {
+        let mut runs: [Vec<Run>; 4] = Default::default();
+        for _ in 0..ROUNDS {
+            for (i, (port, pid)) in targets.iter().enumerate() {
+                let (port, pid, shape_ref, body) = (*port, *pid, shape, body.clone());
+                let run = tokio::task::block_in_place(|| h2load(port, shape_ref, &body, pid))?;
+                runs[i].push(run);
+            }
+        }
+        let median = |v: &mut Vec<f64>| -> f64 {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!("\n  {}", shape.name);
+        println!(
+            "    {:<8} {:>10} {:>14} {:>8} {:>14} {:>13} {:>10}",
+            "", "proxy µs", "user / kernel", "spread", "system µs", "mean req µs", "calls/s"
+        );
+        let mut proxy_med = [0.0; 4];
+        let mut system_med = [0.0; 4];
+        let mut mean_med = [0.0; 4];
+        for (i, name) in names.iter().enumerate() {
+            let r = &runs[i];
+            let mut proxy: Vec<f64> = r.iter().map(Run::proxy).collect();
+            let spread =
+                proxy.iter().copied().fold(f64::MIN, f64::max) - proxy.iter().copied().fold(f64::MAX, f64::min);
+            proxy_med[i] = median(&mut proxy);
+            system_med[i] = median(&mut r.iter().map(Run::system).collect());
+            mean_med[i] = median(&mut r.iter().map(|x| x.mean_us).collect());
+            let user = median(&mut r.iter().map(|x| x.per_call(x.proxy_user)).collect());
+            let kernel = median(&mut r.iter().map(|x| x.per_call(x.proxy_kernel)).collect());
+            let rate = median(&mut r.iter().map(|x| x.rate).collect());
+            if i == 0 {
+                println!(
+                    "    {name:<8} {:>10} {:>14} {:>8} {:>14.1} {:>13.0} {:>10.0}",
+                    "-", "-", "-", system_med[i], mean_med[i], rate
+                );
+            } else {
+                println!(
+                    "    {name:<8} {:>10.1} {:>14} {:>8.1} {:>14.1} {:>13.0} {:>10.0}",
+                    proxy_med[i],
+                    format!("{user:.0} / {kernel:.0}"),
+                    spread,
+                    system_med[i],
+                    mean_med[i],
+                    rate
+                );
+            }
+        }
+        println!(
+            "    gateway: proxy CPU x{:.2} nginx, x{:.2} HAProxy (goal <= 1 of the better, aim 0.6 / 0.8); system CPU x{:.2} nginx, x{:.2} HAProxy; added mean {:+.0} µs (nginx {:+.0}, HAProxy {:+.0})",
+            proxy_med[1] / proxy_med[2],
+            proxy_med[1] / proxy_med[3],
+            system_med[1] / system_med[2],
+            system_med[1] / system_med[3],
+            mean_med[1] - mean_med[0],
+            mean_med[2] - mean_med[0],
+            mean_med[3] - mean_med[0],
+        );
+    }
+    Ok(())
+}
+
+/// HAProxy 2.6 in front of one backend: HTTP/2 on both sides, upstream
+/// connections reused across clients; stopped when dropped.
+struct Haproxy {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Haproxy {
+    fn start(dir: &Path, backend_port: u16) -> anyhow::Result<Self> {
+        let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("haproxy is missing: run deploy/local/install-deps.sh --bench")?;
+        let port = free_port();
+        let conf = format!(
+            "global
+    maxconn 4096
+    nbthread 2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend grpc
+    bind 127.0.0.1:{port} proto h2
+    default_backend echo
+backend echo
+    http-reuse always
+    server echo 127.0.0.1:{backend_port} proto h2
+"
+        );
+        let conf_path = dir.join("haproxy.cfg");
+        std::fs::write(&conf_path, conf)?;
+        let child = std::process::Command::new(haproxy)
+            .arg("-f")
+            .arg(&conf_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("starting haproxy")?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "haproxy did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { child, port })
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A connection to `port`, waiting (up to 10 s) for a process just spawned

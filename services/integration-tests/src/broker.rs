@@ -288,6 +288,13 @@ impl Broker {
     }
 }
 
+/// Whether a meshkit client with `settings` gets in within 3 s: connects
+/// (TLS, SASL) and finds or creates `topic`.
+pub async fn kafka_admits(settings: &EventSettings, topic: &str) -> bool {
+    let settings = EventSettings { request_timeout_ms: 3_000, ..settings.clone() };
+    meshkit_common::events::Kafka::new(settings, "probe").ensure_topic(topic).await.is_ok()
+}
+
 /// Two loopback ports free now, not the same.
 fn distinct_ports<const N: usize>() -> [u16; N] {
     let mut ports = [0u16; N];

@@ -32,7 +32,7 @@ use meshkit_gateway::GatewaySettings;
 use meshkit_scheduler::SchedulerSettings;
 use serde::{Deserialize, Serialize};
 
-pub use broker::{Broker, KafkaCluster, Security as BrokerSecurity};
+pub use broker::{Broker, KafkaCluster, Security as BrokerSecurity, kafka_admits};
 pub use etcd::{Etcd, EtcdTls};
 pub use load::{LoadGen, Tally};
 pub use postgres::Postgres;

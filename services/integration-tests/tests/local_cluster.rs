@@ -11,8 +11,8 @@ use std::{
     time::Duration,
 };
 
-use meshkit_common::events::{EventSettings, Kafka};
-use meshkit_integration_tests::{eventually, free_port};
+use meshkit_common::events::EventSettings;
+use meshkit_integration_tests::{eventually, free_port, kafka_admits};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -87,10 +87,8 @@ impl Drop for LocalCluster {
     }
 }
 
-/// Whether a client with these settings reaches the broker within 3 s.
 async fn connects(settings: EventSettings) -> bool {
-    let kafka = Kafka::new(EventSettings { request_timeout_ms: 3_000, ..settings }, "probe");
-    kafka.ensure_topic("order-events").await.is_ok()
+    kafka_admits(&settings, "order-events").await
 }
 
 #[tokio::test]

@@ -461,11 +461,7 @@ backend echo
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .context("starting haproxy")?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "haproxy did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, "haproxy did not listen")?;
         Ok(Self { child, port })
     }
 
@@ -597,17 +593,23 @@ http {{
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .context("starting nginx")?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "nginx did not listen; see {p}/error.log");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, &format!("nginx did not listen; see {p}/error.log"))?;
         Ok(Self { child, port })
     }
 
     fn pid(&self) -> i32 {
         self.child.id() as i32
     }
+}
+
+/// Until something accepts on 127.0.0.1:`port`, within 10 s.
+fn wait_listening(port: u16, failure: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "{failure}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {

@@ -48,8 +48,6 @@ const TOPIC: &str = "order-events";
 /// one of the test's own); notification instances are added by each test.
 struct Pipeline {
     etcd: Etcd,
-    /// The (first) broker's `host:port`.
-    kafka: String,
     /// `events.*` as the services get them before the test's own tuning:
     /// the brokers, TLS and SASL.
     events: EventSettings,
@@ -88,12 +86,10 @@ impl Pipeline {
     async fn start_with(events: EventSettings, own_broker: Option<Broker>, database: Option<String>) -> Self {
         init_logs();
         let etcd = Etcd::start().await.unwrap();
-        let kafka = events.brokers[0].clone();
         let dir = tempfile::tempdir().unwrap();
         let channels = ChannelBuilder::new(etcd.client().await, "/meshkit");
         let mut pipeline = Pipeline {
             etcd,
-            kafka,
             events,
             prefix: Broker::topic_prefix(),
             own_broker,
@@ -108,6 +104,11 @@ impl Pipeline {
         pipeline.servers.extend([user, order]);
         pipeline.user_id = create_user(&pipeline.channels.balanced(USER), "Ada", "ada@example.com").await.id;
         pipeline
+    }
+
+    /// The first broker's `host:port`.
+    fn kafka(&self) -> &str {
+        &self.events.brokers[0]
     }
 
     /// The broker's name of the order-events topic in this test.
@@ -144,23 +145,16 @@ impl Pipeline {
 
     /// The environment for a service process on database `db`.
     fn process_env_for(&self, db: &str) -> Vec<(&'static str, String)> {
-        let env = vec![
+        let mut env = events_env(&self.events);
+        env.extend([
             ("MESHKIT_ETCD_ENDPOINTS", self.etcd.endpoint()),
-            ("MESHKIT_EVENTS_BROKERS", self.events.brokers.join(",")),
-            ("MESHKIT_EVENTS_REPLICATION_FACTOR", self.events.replication_factor.to_string()),
-            ("MESHKIT_EVENTS_TLS_CA_FILE", self.events.tls_ca_file.clone()),
-            ("MESHKIT_EVENTS_TLS_CERT_FILE", self.events.tls_cert_file.clone()),
-            ("MESHKIT_EVENTS_TLS_KEY_FILE", self.events.tls_key_file.clone()),
-            ("MESHKIT_EVENTS_SASL_MECHANISM", self.events.sasl_mechanism.clone()),
-            ("MESHKIT_EVENTS_SASL_USERNAME", self.events.sasl_username.clone()),
-            ("MESHKIT_EVENTS_SASL_PASSWORD", self.events.sasl_password.clone()),
             ("MESHKIT_EVENTS_TOPIC_PREFIX", self.prefix.clone()),
             ("MESHKIT_EVENTS_FETCH_MAX_WAIT_MS", "100".into()),
             ("MESHKIT_REGISTRY_TTL_SECS", "2".into()),
             ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{}", free_port())),
             ("MESHKIT_DATABASE_URL", self.db_url(db)),
-        ];
-        env.into_iter().filter(|(_, value)| !value.is_empty()).collect()
+        ]);
+        env
     }
 
     async fn notification(&self) -> RunningServer {
@@ -219,6 +213,22 @@ impl Pipeline {
             server.shutdown().await.unwrap();
         }
     }
+}
+
+/// `MESHKIT_EVENTS_*` for a service process: the brokers, replication, TLS
+/// and SASL of `events`, the empty ones left out.
+fn events_env(events: &EventSettings) -> Vec<(&'static str, String)> {
+    let env = [
+        ("MESHKIT_EVENTS_BROKERS", events.brokers.join(",")),
+        ("MESHKIT_EVENTS_REPLICATION_FACTOR", events.replication_factor.to_string()),
+        ("MESHKIT_EVENTS_TLS_CA_FILE", events.tls_ca_file.clone()),
+        ("MESHKIT_EVENTS_TLS_CERT_FILE", events.tls_cert_file.clone()),
+        ("MESHKIT_EVENTS_TLS_KEY_FILE", events.tls_key_file.clone()),
+        ("MESHKIT_EVENTS_SASL_MECHANISM", events.sasl_mechanism.clone()),
+        ("MESHKIT_EVENTS_SASL_USERNAME", events.sasl_username.clone()),
+        ("MESHKIT_EVENTS_SASL_PASSWORD", events.sasl_password.clone()),
+    ];
+    env.into_iter().filter(|(_, value)| !value.is_empty()).collect()
 }
 
 struct SteadyOrders {
@@ -587,8 +597,8 @@ async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
 
     // Garbage on a partition, a wrong schema, then a good event with the same key.
     let (partition, poison_offset) =
-        produce(&p.kafka, &topic, "k-1", vec![0xff, 0xff, 0xff], &[("event-id", "poison-1")]).await;
-    produce(&p.kafka, &topic, "k-1", vec![], &[("event-id", "poison-2"), ("schema", "acme.Other")]).await;
+        produce(p.kafka(), &topic, "k-1", vec![0xff, 0xff, 0xff], &[("event-id", "poison-1")]).await;
+    produce(p.kafka(), &topic, "k-1", vec![], &[("event-id", "poison-2"), ("schema", "acme.Other")]).await;
     let good = OrderCreated {
         event_id: "good-1".into(),
         order_id: "0192f3a0-0000-7000-8000-000000000001".into(),
@@ -597,17 +607,17 @@ async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
         create_time: None,
     };
     let (good_partition, _) =
-        produce(&p.kafka, &topic, "k-1", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
+        produce(p.kafka(), &topic, "k-1", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
     assert_eq!(good_partition, partition);
     // A duplicate of an event already applied is skipped.
-    produce(&p.kafka, &topic, "k-2", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
+    produce(p.kafka(), &topic, "k-2", prost::Message::encode_to_vec(&good), &[("event-id", "good-1")]).await;
 
     eventually("the good event after the poison", Duration::from_secs(20), || async {
         (count(&db, "SELECT COUNT(*) FROM notifications WHERE event_id = 'good-1'").await == 1).then_some(())
     })
     .await;
     let dlq = eventually("two dead letters", Duration::from_secs(20), || async {
-        let d = read_all(&p.kafka, &format!("{topic}.dlq")).await;
+        let d = read_all(p.kafka(), &format!("{topic}.dlq")).await;
         (d.len() == 2).then_some(d)
     })
     .await;
@@ -740,7 +750,7 @@ async fn records_carry_the_event_id_schema_and_trace_context() {
     request.metadata_mut().insert("tracestate", "meshkit=1".parse().unwrap());
     let order = p.orders().create_order(request).await.unwrap().into_inner();
     let record = eventually("the OrderCreated record", Duration::from_secs(20), || async {
-        read_all(&p.kafka, &p.topic()).await.into_iter().find(|r| r.key.as_deref() == Some(order.id.as_bytes()))
+        read_all(p.kafka(), &p.topic()).await.into_iter().find(|r| r.key.as_deref() == Some(order.id.as_bytes()))
     })
     .await;
     let header = |h: &str| String::from_utf8(record.headers.get(h).cloned().unwrap_or_default()).unwrap();
@@ -964,7 +974,7 @@ async fn a_java_consumer_reads_every_order_created_with_its_trace_context() {
     }
     // Its own consumer group, from the start of the topic, decoding with the
     // classes generated from proto/.
-    let events = java_peer(&["consume", &p.kafka, &p.topic(), "java-billing", "20", "60"]).await;
+    let events = java_peer(&["consume", p.kafka(), &p.topic(), "java-billing", "20", "60"]).await;
     let mut seen = BTreeMap::new();
     for e in &events {
         let field = |k: &str| e[k].as_str().unwrap_or_default().to_owned();

@@ -11,7 +11,7 @@
 //!               └─ p2c balancer over the endpoints    (tower::balance::p2c)
 //!                   └─ endpoint: load, ejection,      (endpoint.rs)
 //!                      connections
-//!                       └─ connection: HTTP/2 on hyper, no queue (connection.rs)
+//!                       └─ connection: HTTP/2 on h2, no queue, no task per call (connection.rs)
 //! ```
 //!
 //! Tracing and metrics wrap the channel from outside (outermost); circuit
@@ -451,7 +451,7 @@ impl Future for ChannelFuture {
 
 /// The status a failed call reports. A connection refused, reset or closed
 /// before the answer is UNAVAILABLE naming the service (as other gRPC
-/// clients report it), where hyper's error would read as CANCELLED.
+/// clients report it), where the bare h2 error would read as UNKNOWN or CANCELLED.
 fn status_of_error(e: BoxError, service: &str) -> tonic::Status {
     if e.downcast_ref::<tonic::Status>().is_none() && connection_lost(e.as_ref()) {
         let mut status = tonic::Status::unavailable(format!("the connection to {service} was lost: {e}"));
@@ -562,8 +562,8 @@ impl From<NoLiveInstance> for tonic::Status {
 pub(crate) fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
     chain(err).any(|e| {
         e.downcast_ref::<NoLiveInstance>().is_some()
+            || e.downcast_ref::<connection::NotSent>().is_some()
             || e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-            || e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_canceled())
             || e.downcast_ref::<h2::Error>().is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
     })
 }
@@ -577,10 +577,7 @@ pub(crate) fn connection_lost(err: &(dyn std::error::Error + 'static)) -> bool {
                 io.kind(),
                 ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe | UnexpectedEof
             )
-        }) || e
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_closed() || h.is_incomplete_message() || h.is_canceled())
-            || e.downcast_ref::<h2::Error>().is_some_and(|h| h.is_io() || h.is_go_away())
+        }) || e.downcast_ref::<h2::Error>().is_some_and(|h| h.is_io() || h.is_go_away())
     })
 }
 

@@ -1,4 +1,5 @@
-//! Connecting to etcd with the timeouts every meshkit process wants.
+//! Connecting to etcd with the timeouts every meshkit process wants, over
+//! every member, failing over between them ([`failover`]).
 
 use std::time::Duration;
 
@@ -9,9 +10,14 @@ use crate::{
     settings::EtcdSettings,
 };
 
+mod failover;
+
 /// Connects to the configured endpoints. Every unary request carries a
 /// timeout, so a stopped or frozen etcd fails a call instead of hanging it;
-/// HTTP/2 keepalives notice a dead connection under an idle watch.
+/// HTTP/2 keepalives notice a dead connection under an idle watch. Calls go
+/// only to members that answer, and pass over one that has lost its leader
+/// ([`failover`]); every request asks for a leader, so a member cut off from
+/// the quorum refuses at once instead of serving stale reads.
 ///
 /// With `etcd.ca_file` the endpoints are `https://` and etcd's certificate is
 /// checked against that CA (plus a client certificate when one is set); with
@@ -48,5 +54,90 @@ pub async fn connect(settings: &EtcdSettings) -> Result<Client> {
         }
         options = options.with_tls(tls);
     }
-    Ok(Client::connect(endpoints, Some(options)).await?)
+    Ok(Client::connect_with_balanced_channel(endpoints, Some(options), failover::Failover).await?)
+}
+
+/// How long a process that is starting waits for etcd to serve it again
+/// (a leader election, a member restarting) before it gives up.
+pub const START_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What a process does with etcd on its way up: it tries again while etcd is
+/// unavailable, for up to [`START_PATIENCE`], so that one started during a
+/// leader election comes up once there is a leader instead of exiting.
+///
+/// ```ignore
+/// let mut patience = Patience::starting();
+/// let value = loop {
+///     match op().await {
+///         Err(e) if patience.again("reading", &e).await => continue,
+///         result => break result?,
+///     }
+/// };
+/// ```
+pub struct Patience {
+    deadline: tokio::time::Instant,
+    backoff: meshkit_base::Backoff,
+}
+
+impl Patience {
+    pub fn starting() -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + START_PATIENCE,
+            backoff: meshkit_base::Backoff::new(Duration::from_millis(50), Duration::from_millis(500)),
+        }
+    }
+
+    /// Whether to try again after `error`: true (after a pause) for an outage
+    /// before the deadline, false for anything else.
+    pub async fn again(&mut self, what: &str, error: &Error) -> bool {
+        let Error::Etcd(e) = error else { return false };
+        let Some(reason) = unavailable(e) else { return false };
+        if tokio::time::Instant::now() >= self.deadline {
+            return false;
+        }
+        tracing::info!(what, reason, error = %e, "etcd is unavailable, trying again");
+        tokio::time::sleep(self.backoff.next_delay()).await;
+        true
+    }
+}
+
+/// When `error` means etcd could not serve the call (no leader, no member
+/// answering, a timeout), why, in an operator's words; `None` for a refusal
+/// etcd decided on (a bad request, a permission).
+pub fn unavailable(error: &etcd_client::Error) -> Option<&'static str> {
+    match error {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => Some("no member could be reached"),
+        etcd_client::Error::GRpcStatus(status) => match status.code() {
+            tonic::Code::Unavailable if status.message().contains("no leader") => {
+                Some("the cluster has no leader: it has lost its quorum, or an election is under way")
+            }
+            tonic::Code::Unavailable => Some("no member could be reached"),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => Some("no member answered in time"),
+            tonic::Code::Unknown if status.message().contains("connect") || status.message().contains("transport") => {
+                Some("no member could be reached")
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_told_apart_from_refusals() {
+        let status = |code, message: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, message));
+        assert_eq!(
+            unavailable(&status(tonic::Code::Unavailable, "etcdserver: no leader")),
+            Some("the cluster has no leader: it has lost its quorum, or an election is under way")
+        );
+        assert_eq!(
+            unavailable(&status(tonic::Code::DeadlineExceeded, "timeout expired")),
+            Some("no member answered in time")
+        );
+        assert_eq!(unavailable(&status(tonic::Code::PermissionDenied, "etcdserver: permission denied")), None);
+        assert_eq!(unavailable(&status(tonic::Code::InvalidArgument, "etcdserver: key is not provided")), None);
+    }
 }

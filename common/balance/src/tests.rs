@@ -10,7 +10,7 @@ use meshkit_registry::registry::Instance;
 fn watch(synced: bool) -> (mpsc::Sender<Change<String, Instance>>, tokio::sync::watch::Sender<bool>, ServiceWatch) {
     let (tx, changes) = mpsc::channel(8);
     let (synced_tx, synced) = tokio::sync::watch::channel(synced);
-    (tx, synced_tx, ServiceWatch { changes, synced, resyncs: Arc::default() })
+    (tx, synced_tx, ServiceWatch { changes, synced, resyncs: Arc::default(), resumes: Arc::default() })
 }
 
 fn request() -> Request {

@@ -170,7 +170,13 @@ impl<C: Settings> ConfigCenter<C> {
     pub async fn start(mut client: Client, prefix: &str, base: C, component: &str) -> Result<Self> {
         let prefix = prefix.to_owned();
         let status = Arc::new(Mutex::new(Status::default()));
-        let (entries, revision) = read(&mut client, &prefix, component).await?;
+        let mut patience = crate::etcd::Patience::starting();
+        let (entries, revision) = loop {
+            match read(&mut client, &prefix, component).await {
+                Err(e) if patience.again("reading the config center", &e).await => continue,
+                result => break result?,
+            }
+        };
         let initial = apply(&base, entries, revision, &status).unwrap_or_else(|| base.clone());
         let (tx, current) = watch::channel(Arc::new(initial));
         let worker = Worker { client, prefix, component: component.to_owned(), base, status: status.clone(), tx };

@@ -35,6 +35,9 @@ pub struct ServiceWatch {
     pub synced: watch::Receiver<bool>,
     /// Full reads after the first: compactions, cancelled watches.
     pub resyncs: Arc<AtomicU64>,
+    /// Broken streams resumed from the revision after the last one seen (an
+    /// etcd member lost, a leader election, a network cut).
+    pub resumes: Arc<AtomicU64>,
 }
 
 /// Starts watching `prefix` (as made by [`crate::registry::service_prefix`]).
@@ -42,6 +45,7 @@ pub fn watch_prefix(client: Client, prefix: String) -> ServiceWatch {
     let (tx, changes) = mpsc::channel(256);
     let (synced_tx, synced) = watch::channel(false);
     let resyncs = Arc::new(AtomicU64::new(0));
+    let resumes = Arc::new(AtomicU64::new(0));
     let task = Watcher {
         client,
         prefix,
@@ -49,10 +53,11 @@ pub fn watch_prefix(client: Client, prefix: String) -> ServiceWatch {
         revision: 0,
         synced: synced_tx,
         resyncs: resyncs.clone(),
+        resumes: resumes.clone(),
         tx,
     };
     tokio::spawn(task.run());
-    ServiceWatch { changes, synced, resyncs }
+    ServiceWatch { changes, synced, resyncs, resumes }
 }
 
 struct Watcher {
@@ -63,6 +68,7 @@ struct Watcher {
     revision: i64,
     synced: watch::Sender<bool>,
     resyncs: Arc<AtomicU64>,
+    resumes: Arc<AtomicU64>,
     tx: mpsc::Sender<Change<String, Instance>>,
 }
 
@@ -99,6 +105,7 @@ impl Watcher {
                 End::Closed => return,
                 End::Broken => {
                     tracing::debug!(prefix = %self.prefix, revision = self.revision, "watch broke, resuming");
+                    self.resumes.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
                 End::Resync => {

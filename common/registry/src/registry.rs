@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{oneshot, watch},
     task::JoinHandle,
-    time::{Instant, sleep},
+    time::sleep,
 };
 
 use meshkit_base::Backoff;
@@ -79,8 +79,11 @@ pub enum SessionState {
 /// alive at about a third of the TTL (with jitter, so a fleet started together
 /// does not beat in step), and when the lease is lost (a keepalive answered
 /// TTL 0, or one of its keys is gone) grant a new one and put every key again.
-/// While etcd is unreachable it retries every few hundred milliseconds, so it
-/// is back within a second of etcd answering. [`RegistrySession::close`]
+/// While etcd is unreachable or has no leader it sends a keepalive every few
+/// hundred milliseconds, each through the next member, so it is back within a
+/// second of etcd answering, and keeps the lease it had when that outlived the
+/// outage: a leader change, a lost quorum or a replaced member re-registers
+/// no instance. [`RegistrySession::close`]
 /// revokes the lease, which removes the keys at once.
 pub struct RegistrySession {
     state: watch::Receiver<SessionState>,
@@ -92,11 +95,18 @@ pub struct RegistrySession {
 
 impl RegistrySession {
     /// Grants a lease and writes `entries` under it before returning, so the
-    /// caller is registered when this succeeds; then keeps it alive.
+    /// caller is registered when this succeeds (riding out a leader election
+    /// or a member restarting: [`crate::etcd::Patience`]); then keeps it alive.
     pub async fn start(client: Client, ttl_secs: i64, entries: Vec<(String, String)>) -> Result<Self> {
         let reregistrations = Arc::new(AtomicU64::new(0));
         let mut worker = Worker { client, ttl_secs, entries, lease_id: 0, reregistrations: reregistrations.clone() };
-        worker.register().await?;
+        let mut patience = crate::etcd::Patience::starting();
+        loop {
+            match worker.register().await {
+                Err(e) if patience.again("registering", &e).await => continue,
+                result => break result?,
+            }
+        }
         let (state_tx, state) = watch::channel(SessionState::Registered { lease_id: worker.lease_id });
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(worker.run(state_tx, stop_rx));
@@ -182,8 +192,12 @@ struct Worker {
 
 enum Outcome {
     Stop,
+    /// etcd answered TTL 0: the lease expired or was revoked.
     Lost,
-    Broken,
+    /// A call failed or stalled; `answered`: a keepalive got through first.
+    Broken {
+        answered: bool,
+    },
 }
 
 impl Worker {
@@ -214,25 +228,30 @@ impl Worker {
         loop {
             let outcome = tokio::select! {
                 _ = &mut stop => Outcome::Stop,
-                outcome = self.keep_alive_until_trouble() => outcome,
+                outcome = self.keep_alive_until_trouble(&state) => outcome,
             };
             match outcome {
                 Outcome::Stop => break,
-                Outcome::Lost => {
-                    tracing::warn!(lease_id = self.lease_id, "lease lost, registering again");
-                    state.send_replace(SessionState::Reconnecting);
-                }
-                Outcome::Broken => {
+                Outcome::Broken { answered } => {
+                    // A failed call says nothing about the lease (a leader
+                    // election, a lost quorum, a member gone, a member still
+                    // catching up), and etcd expires no lease while it has no
+                    // leader. Keep sending keepalives, each on a fresh stream
+                    // and so through the next member, until one is answered:
+                    // only an answer of TTL 0 means the lease is gone.
+                    if answered {
+                        backoff.reset();
+                    }
                     state.send_replace(SessionState::Reconnecting);
                     tokio::select! {
                         _ = &mut stop => break,
                         _ = sleep(backoff.next_delay()) => {}
                     }
-                    // The lease may have outlived the outage: keep it if so.
-                    if self.lease_alive().await {
-                        state.send_replace(SessionState::Registered { lease_id: self.lease_id });
-                        continue;
-                    }
+                    continue;
+                }
+                Outcome::Lost => {
+                    tracing::warn!(lease_id = self.lease_id, "lease expired or revoked, registering again");
+                    state.send_replace(SessionState::Reconnecting);
                 }
             }
             // Re-grant and re-put until etcd answers.
@@ -266,44 +285,65 @@ impl Worker {
         state.send_replace(SessionState::Closed);
     }
 
-    /// Keeps the current lease alive until it is lost or etcd stops answering.
-    async fn keep_alive_until_trouble(&mut self) -> Outcome {
-        let (mut keeper, mut stream) = match self.client.lease_keep_alive(self.lease_id).await {
-            Ok(pair) => pair,
-            Err(e) => {
+    /// How long a keepalive or a key check may take before the session tries
+    /// another member: well inside the TTL, so a member that stalls (catching
+    /// up, cut off) costs one try, not the lease.
+    fn answer_timeout(&self) -> Duration {
+        Duration::from_millis((self.ttl_secs as u64 * 1000) / 4)
+            .clamp(Duration::from_millis(500), Duration::from_secs(2))
+    }
+
+    /// Keeps the current lease alive until it is lost or a call fails.
+    async fn keep_alive_until_trouble(&mut self, state: &watch::Sender<SessionState>) -> Outcome {
+        // Opening the stream sends a keepalive and waits for its answer.
+        let opened = tokio::time::timeout(self.answer_timeout(), self.client.lease_keep_alive(self.lease_id)).await;
+        let (mut keeper, mut stream) = match opened {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e.contains("lease not found") => {
+                return Outcome::Lost;
+            }
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "keepalive stream failed to open");
-                return Outcome::Broken;
+                return Outcome::Broken { answered: false };
+            }
+            Err(_) => {
+                tracing::debug!("keepalive stream did not open in time");
+                return Outcome::Broken { answered: false };
             }
         };
-        let mut next = Instant::now();
+        let lease_id = self.lease_id;
+        state.send_if_modified(|s| {
+            let changed = *s != SessionState::Registered { lease_id };
+            *s = SessionState::Registered { lease_id };
+            changed
+        });
         loop {
-            tokio::time::sleep_until(next).await;
-            if let Err(e) = keeper.keep_alive().await {
-                tracing::debug!(error = %e, "keepalive send failed");
-                return Outcome::Broken;
-            }
-            let answer = tokio::time::timeout(Duration::from_secs(2), stream.message()).await;
-            match answer {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
-                Ok(Ok(Some(_))) => return Outcome::Lost,
-                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return Outcome::Broken,
-            }
             // A key deleted from outside while the lease lives: put it back.
-            match self.missing_keys().await {
-                Ok(missing) if !missing.is_empty() => {
+            let missing = tokio::time::timeout(self.answer_timeout(), self.missing_keys()).await;
+            match missing {
+                Ok(Ok(missing)) if !missing.is_empty() => {
                     for (key, value) in missing {
                         tracing::warn!(key, "registered key was removed from outside, writing it again");
                         let put = self.client.put(key, value, Some(PutOptions::new().with_lease(self.lease_id)));
                         if put.await.is_err() {
-                            return Outcome::Broken;
+                            return Outcome::Broken { answered: true };
                         }
                         self.reregistrations.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Ok(_) => {}
-                Err(_) => return Outcome::Broken,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => return Outcome::Broken { answered: true },
             }
-            next = Instant::now() + self.keepalive_interval();
+            tokio::time::sleep(self.keepalive_interval()).await;
+            if let Err(e) = keeper.keep_alive().await {
+                tracing::debug!(error = %e, "keepalive send failed");
+                return Outcome::Broken { answered: true };
+            }
+            match tokio::time::timeout(self.answer_timeout(), stream.message()).await {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => return Outcome::Lost,
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return Outcome::Broken { answered: true },
+            }
         }
     }
 
@@ -316,13 +356,6 @@ impl Worker {
             }
         }
         Ok(missing)
-    }
-
-    async fn lease_alive(&mut self) -> bool {
-        match self.client.lease_time_to_live(self.lease_id, None).await {
-            Ok(resp) => resp.ttl() > 0,
-            Err(_) => false,
-        }
     }
 }
 

@@ -220,7 +220,15 @@ fn finish(result: anyhow::Result<String>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("meshctl: {e:#}");
+            // An outage is said as one, not as a gRPC status to decode.
+            match e
+                .chain()
+                .find_map(|c| c.downcast_ref::<etcd_client::Error>())
+                .and_then(meshkit_common::etcd::unavailable)
+            {
+                Some(reason) => eprintln!("meshctl: etcd is unavailable: {reason} ({e:#})"),
+                None => eprintln!("meshctl: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -48,11 +48,14 @@ test: ## the whole suite: unit and integration tests on real etcd, Apache Kafka 
 	  $(PHASE) manifests deploy/check-manifests.sh || status=1; \
 	  exit $$status
 
-test-system: ## the slow tier: a 3-node Kafka cluster losing its leader and going dark for 20 s, `MESHKIT_TLS=1 make up` end to end
+test-system: ## the slow tier: 3-node Kafka and 3-member etcd clusters losing leaders and quorum, `make up` with TLS and with 3 etcd members
 	@$(PHASE) install deploy/local/install-deps.sh --test
 	@$(PHASE) build $(MAKE) --no-print-directory build MESHKIT_PROFILE=dev
 	@$(PHASE) "kafka cluster" $(CARGO) test -p meshkit-integration-tests --test events -- --ignored --test-threads=1
-	@$(PHASE) "local cluster with TLS" $(CARGO) test -p meshkit-integration-tests --test local_cluster -- --ignored --test-threads=1
+	@$(PHASE) "etcd cluster" $(CARGO) test -p meshkit-integration-tests --test etcd_cluster -- --ignored --test-threads=1
+	@$(PHASE) "etcd cluster on Debian's 3.4" env MESHKIT_TEST_ETCD="$$(command -v etcd)" \
+	  $(CARGO) test -p meshkit-integration-tests --test etcd_cluster -- --ignored --test-threads=1
+	@$(PHASE) "local cluster (TLS; 3 etcd members)" $(CARGO) test -p meshkit-integration-tests --test local_cluster -- --ignored --test-threads=1
 
 interop: ## grpcurl, Python, grpc-web and Java clients and a Python instance against the `make up` cluster
 	@deploy/local/interop.sh

@@ -8,6 +8,10 @@
 #
 #   MESHKIT_RUN_DIR         run directory (default: .run in the repository)
 #   MESHKIT_ETCD_ENDPOINTS  use this etcd instead of starting one on 127.0.0.1:2379
+#   MESHKIT_ETCD_MEMBERS    1 (default), or 3: a 3-member etcd cluster with clients on
+#                           127.0.0.1:2379, 2381 and 2383 (peers on 2380, 2382, 2384),
+#                           from target/tools/etcd (the version the deploy files ship,
+#                           built by install-deps.sh --test) when there, else Debian's etcd
 #   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting one on 127.0.0.1:9092
 #   MESHKIT_KAFKA_HEAP      the local broker's heap ceiling (default: 512m)
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
@@ -44,7 +48,19 @@ free_port() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-etcd_endpoints() { echo "${MESHKIT_ETCD_ENDPOINTS:-127.0.0.1:$ETCD_CLIENT_PORT}"; }
+ETCD_MEMBERS="${MESHKIT_ETCD_MEMBERS:-1}"
+case "$ETCD_MEMBERS" in 1 | 3) ;; *) echo "MESHKIT_ETCD_MEMBERS must be 1 or 3, not '$ETCD_MEMBERS'" >&2; exit 2 ;; esac
+
+# Member i of a 3-member cluster: clients on base+2i, peers on base+2i+1.
+etcd_member_port() { echo $(( ETCD_CLIENT_PORT + 2 * $1 )); }
+
+etcd_endpoints() {
+    if [[ -n "${MESHKIT_ETCD_ENDPOINTS:-}" ]]; then echo "$MESHKIT_ETCD_ENDPOINTS"; return; fi
+    if (( ETCD_MEMBERS == 1 )); then echo "127.0.0.1:$ETCD_CLIENT_PORT"; return; fi
+    local i list=()
+    for i in 0 1 2; do list+=("127.0.0.1:$(etcd_member_port "$i")"); done
+    (IFS=,; echo "${list[*]}")
+}
 
 kafka_brokers() { echo "${MESHKIT_EVENTS_BROKERS:-127.0.0.1:$KAFKA_PORT}"; }
 
@@ -63,9 +79,48 @@ running() {
     (( any ))
 }
 
+start_etcd_cluster() {
+    local bin=etcd i
+    [[ -x "$TARGET_DIR/tools/etcd" ]] && bin="$TARGET_DIR/tools/etcd"
+    local initial=()
+    for i in 0 1 2; do initial+=("m$i=http://127.0.0.1:$(( $(etcd_member_port "$i") + 1 ))"); done
+    for i in 0 1 2; do
+        local port; port="$(etcd_member_port "$i")"
+        if port_open "$port" || port_open $(( port + 1 )); then
+            echo "port $port or $(( port + 1 )) is taken by another process; stop it or set MESHKIT_ETCD_ENDPOINTS" >&2
+            exit 1
+        fi
+        local client="http://127.0.0.1:$port" peer="http://127.0.0.1:$(( port + 1 ))"
+        # A member's data outlives `make down`; an existing member rejoins with it.
+        local state=new
+        [[ -d "$RUN_DIR/etcd-$i/member" ]] && state=existing
+        setsid "$bin" --name "m$i" --data-dir "$RUN_DIR/etcd-$i" \
+            --listen-client-urls "$client" --advertise-client-urls "$client" \
+            --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+            --initial-cluster "$(IFS=,; echo "${initial[*]}")" --initial-cluster-state "$state" \
+            --initial-cluster-token meshkit-local --logger zap --log-level warn \
+            </dev/null >"$RUN_DIR/logs/etcd-$i.log" 2>&1 &
+        echo $! >"$RUN_DIR/pids/etcd-$i.pid"
+    done
+    for _ in $(seq 1 150); do
+        ETCDCTL_API=3 etcdctl --endpoints "$(etcd_endpoints)" --command-timeout=1s endpoint health >/dev/null 2>&1 && {
+            echo "etcd:      3 members ($("$bin" --version | head -1)), $(etcd_endpoints) (data in $RUN_DIR/etcd-0..2)"
+            return
+        }
+        sleep 0.1
+    done
+    echo "the etcd cluster did not start; see $RUN_DIR/logs/etcd-*.log" >&2
+    tail -3 "$RUN_DIR"/logs/etcd-*.log >&2 || true
+    exit 1
+}
+
 start_etcd() {
     if [[ -n "${MESHKIT_ETCD_ENDPOINTS:-}" ]]; then
         echo "etcd:      using $MESHKIT_ETCD_ENDPOINTS"
+        return
+    fi
+    if (( ETCD_MEMBERS == 3 )); then
+        start_etcd_cluster
         return
     fi
     if port_open "$ETCD_CLIENT_PORT"; then
@@ -358,6 +413,7 @@ cmd_status() {
         state=stopped; pid_alive "$f" && state=running
         case "$n" in
             etcd) addr="127.0.0.1:$ETCD_CLIENT_PORT" ;;
+            etcd-*) addr="127.0.0.1:$(etcd_member_port "${n#etcd-}")" ;;
             kafka) addr="127.0.0.1:$KAFKA_PORT" ;;
             gateway) addr="127.0.0.1:$GATEWAY_PORT" ;;
             prometheus) addr="127.0.0.1:$PROMETHEUS_PORT" ;;
@@ -385,13 +441,15 @@ cmd_down() {
     # Services first (they drain and revoke their leases), then the broker and etcd.
     local pids=()
     for f in "$RUN_DIR"/pids/*.pid; do
-        case "$(basename "$f")" in etcd.pid | kafka.pid) continue ;; esac
+        case "$(basename "$f")" in etcd*.pid | kafka.pid) continue ;; esac
         [[ -e "$f" ]] && { stop_pid_file "$f" 12 & pids+=($!); }
     done
     (( ${#pids[@]} )) && wait "${pids[@]}"
     # The JVM shuts down in a few seconds (a controlled shutdown flushes the logs).
     [[ -e "$RUN_DIR/pids/kafka.pid" ]] && stop_pid_file "$RUN_DIR/pids/kafka.pid" 30
-    [[ -e "$RUN_DIR/pids/etcd.pid" ]] && stop_pid_file "$RUN_DIR/pids/etcd.pid" 10
+    for f in "$RUN_DIR"/pids/etcd*.pid; do
+        [[ -e "$f" ]] && stop_pid_file "$f" 10
+    done
     rm -f "$RUN_DIR"/ports/*
     echo "meshkit stopped (data kept in $RUN_DIR; \`make clean-run\` removes it)"
 }

@@ -144,9 +144,10 @@ fi
 "$here/kafka.sh" install
 
 # The Go test tools from the Go module proxy, as each module's go.sum pins
-# them (h2spec; grpc-go's interop cases); again only when a module changed.
+# them (h2spec; grpc-go's interop cases; etcd at the version the deploy
+# files ship, for the etcd-cluster tests); again only when a module changed.
 if (( want_test )); then
-    for tool in h2spec:github.com/summerwind/h2spec/cmd/h2spec grpc-interop:.; do
+    for tool in h2spec:github.com/summerwind/h2spec/cmd/h2spec grpc-interop:. etcd:go.etcd.io/etcd/server/v3; do
         name="${tool%%:*}" package="${tool#*:}"
         bin="${CARGO_TARGET_DIR:-$root/target}/tools/$name"
         src="$root/services/integration-tests/tools/$name"

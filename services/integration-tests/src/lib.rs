@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod echo;
 pub mod etcd;
+pub mod fleet;
 pub mod h2raw;
 pub mod http;
 pub mod interop;
@@ -33,7 +34,7 @@ use meshkit_scheduler::SchedulerSettings;
 use serde::{Deserialize, Serialize};
 
 pub use broker::{Broker, KafkaCluster, Security as BrokerSecurity, kafka_admits};
-pub use etcd::{Etcd, EtcdTls};
+pub use etcd::{Etcd, EtcdCluster, EtcdTls};
 pub use load::{LoadGen, Tally};
 pub use postgres::Postgres;
 pub use process::ServiceProcess;
@@ -198,9 +199,14 @@ where
 /// runtime serving in-process admin endpoints is not blocked): exit code,
 /// stdout, stderr.
 pub async fn meshctl(etcd: &Etcd, args: &[&str]) -> (i32, String, String) {
+    meshctl_at(&etcd.endpoint(), args).await
+}
+
+/// [`meshctl`] against `endpoints` (comma-separated, as `--etcd` takes them).
+pub async fn meshctl_at(endpoints: &str, args: &[&str]) -> (i32, String, String) {
     let out = tokio::process::Command::new(bin_dir().join("meshctl"))
         .arg("--etcd")
-        .arg(etcd.endpoint())
+        .arg(endpoints)
         .args(args)
         .output()
         .await

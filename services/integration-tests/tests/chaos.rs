@@ -9,97 +9,30 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
-use meshkit_common::{BalancedChannel, ChannelBuilder, admin::fetch_pools, server::INSTANCE_HEADER};
+use etcd_client::{EventType, WatchOptions};
+use meshkit_common::{ChannelBuilder, admin::fetch_pools};
 use meshkit_integration_tests::{
-    Etcd, LoadGen, ServiceProcess, create_user, eventually, free_port, init_logs, sqlite_url,
-};
-use meshkit_proto::{
-    order::{CreateOrderRequest, OrderItem, order_service_client::OrderServiceClient},
-    user::{GetUserRequest, user_service_client::UserServiceClient},
+    Etcd, ServiceProcess, create_user, eventually,
+    fleet::{self, ORDER, USER, order_load, user_load},
+    init_logs,
 };
 
-const USER: &str = "meshkit.user.v1.UserService";
-const ORDER: &str = "meshkit.order.v1.OrderService";
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
 const SIGCONT: i32 = 18;
 const SIGSTOP: i32 = 19;
 
 fn spawn(etcd: &Etcd, dir: &Path, binary: &str, id: &str, extra: &[(&'static str, String)]) -> ServiceProcess {
-    let component = binary.trim_end_matches("-service");
-    let mut env = vec![
-        ("MESHKIT_ETCD_ENDPOINTS", etcd.endpoint()),
-        ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{}", free_port())),
-        ("MESHKIT_DATABASE_URL", sqlite_url(dir, component)),
-        ("MESHKIT_REGISTRY_INSTANCE_ID", id.to_owned()),
-        ("MESHKIT_REGISTRY_TTL_SECS", "2".to_owned()),
-        ("MESHKIT_SERVER_DRAIN_DELAY_MS", "200".to_owned()),
-    ];
-    env.extend_from_slice(extra);
-    ServiceProcess::spawn(binary, &env, dir).unwrap()
-}
-
-async fn registered(etcd: &Etcd, service: &str) -> Vec<String> {
-    let mut client = etcd.client().await;
-    let prefix = format!("/meshkit/services/{service}/");
-    match client.get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())).await {
-        Ok(resp) => resp.kvs().iter().map(|kv| kv.key_str().unwrap().trim_start_matches(&prefix).to_owned()).collect(),
-        Err(_) => Vec::new(),
-    }
+    fleet::spawn(&etcd.endpoint(), dir, binary, id, extra)
 }
 
 async fn wait_registered(etcd: &Etcd, service: &str, ids: &[&str]) {
-    eventually(&format!("{ids:?} registered"), Duration::from_secs(15), || async {
-        let now = registered(etcd, service).await;
-        ids.iter().all(|id| now.iter().any(|n| n == id)).then_some(())
-    })
-    .await;
-}
-
-async fn admin_addr(etcd: &Etcd, service: &str, id: &str) -> String {
-    let mut client = etcd.client().await;
-    let resp = client.get(format!("/meshkit/services/{service}/{id}"), None).await.unwrap();
-    let instance: meshkit_common::Instance = serde_json::from_slice(resp.kvs()[0].value()).unwrap();
-    instance.metadata["admin"].clone()
+    fleet::wait_registered(&etcd.client().await, service, ids).await
 }
 
 /// The user ids in the pool that `admin`'s process keeps for user-service.
 async fn user_pool_of(admin: &str) -> Vec<String> {
-    match fetch_pools(admin).await {
-        Ok(report) => report.get(USER).map(|p| p.endpoints.keys().cloned().collect()).unwrap_or_default(),
-        Err(_) => Vec::new(),
-    }
-}
-
-/// CreateOrder through order-service (which calls GetUser on the pool under test).
-fn order_load(orders: BalancedChannel, user_id: String) -> LoadGen {
-    LoadGen::start(4, Duration::from_millis(5), move || {
-        let mut client = OrderServiceClient::new(orders.clone());
-        let user_id = user_id.clone();
-        async move {
-            let mut req = tonic::Request::new(CreateOrderRequest {
-                user_id,
-                items: vec![OrderItem { sku: "book-1".into(), quantity: 1 }],
-            });
-            req.set_timeout(Duration::from_secs(3));
-            client.create_order(req).await.map(|_| None)
-        }
-    })
-}
-
-/// GetUser straight from this process's own pool, noting who served it.
-fn user_load(users: BalancedChannel, user_id: String, pause: Duration) -> LoadGen {
-    LoadGen::start(4, pause, move || {
-        let mut client = UserServiceClient::new(users.clone());
-        let id = user_id.clone();
-        async move {
-            let mut req = tonic::Request::new(GetUserRequest { id });
-            req.set_timeout(Duration::from_secs(3));
-            let resp = client.get_user(req).await?;
-            Ok(resp.metadata().get(INSTANCE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned))
-        }
-    })
+    fleet::pool_of(admin, USER).await
 }
 
 struct Cluster {
@@ -130,7 +63,7 @@ async fn cluster_with(user_instances: usize, user_env: &[(&'static str, String)]
     let ids: Vec<&str> = users.iter().map(|(id, _)| id.as_str()).collect();
     wait_registered(&etcd, USER, &ids).await;
     wait_registered(&etcd, ORDER, &["order-1"]).await;
-    let order_admin = admin_addr(&etcd, ORDER, "order-1").await;
+    let order_admin = fleet::admin_addr(&etcd.client().await, ORDER, "order-1").await;
     // Load starts only once order-service itself knows every user instance.
     eventually("order-service to see every user instance", Duration::from_secs(10), || async {
         let pool = user_pool_of(&order_admin).await;

@@ -1,7 +1,9 @@
-//! `MESHKIT_TLS=1 make up` as a user runs it: `deploy/local/cluster.sh up`
-//! on free ports in a temp run directory, then an order through the
-//! gateway's HTTPS listener whose notification can only arrive over the
-//! broker's TLS listener. The slow tier: `make test-system`.
+//! `make up` as a user runs it, `deploy/local/cluster.sh up` on free ports in
+//! a temp run directory: with `MESHKIT_TLS=1`, an order through the gateway's
+//! HTTPS listener whose notification can only arrive over the broker's TLS
+//! listener; with `MESHKIT_ETCD_MEMBERS=3`, a cluster that keeps serving and
+//! keeps every registration with one etcd member killed. The slow tier:
+//! `make test-system`.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -12,7 +14,7 @@ use std::{
 };
 
 use meshkit_common::events::EventSettings;
-use meshkit_integration_tests::{eventually, free_port, kafka_admits};
+use meshkit_integration_tests::{bin_dir, eventually, free_port, kafka_admits};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -22,35 +24,45 @@ fn root() -> PathBuf {
 struct LocalCluster {
     run_dir: tempfile::TempDir,
     env: Vec<(&'static str, String)>,
+    tls: bool,
+    etcd: u16,
     gateway: u16,
     kafka: u16,
+    /// What `cluster.sh up` printed.
+    printed: String,
 }
 
 impl LocalCluster {
     fn up_with_tls() -> Self {
-        let run_dir = tempfile::Builder::new().prefix("meshkit-local-tls-").tempdir().unwrap();
-        let (gateway, kafka) = (free_port(), free_port());
-        let env = vec![
+        let cluster = Self::up(&[("MESHKIT_TLS", "1".into())]);
+        assert!(cluster.printed.contains(", TLS"), "cluster.sh says the broker runs TLS:\n{}", cluster.printed);
+        cluster
+    }
+
+    fn up(extra: &[(&'static str, String)]) -> Self {
+        let run_dir = tempfile::Builder::new().prefix("meshkit-local-").tempdir().unwrap();
+        let (etcd, gateway, kafka) = (free_port(), free_port(), free_port());
+        let mut env = vec![
             ("MESHKIT_RUN_DIR", run_dir.path().display().to_string()),
-            ("MESHKIT_TLS", "1".into()),
             ("MESHKIT_PROFILE", "dev".into()),
-            ("MESHKIT_ETCD_PORT", free_port().to_string()),
+            ("MESHKIT_ETCD_PORT", etcd.to_string()),
             ("MESHKIT_ETCD_PEER_PORT", free_port().to_string()),
             ("MESHKIT_KAFKA_PORT", kafka.to_string()),
             ("MESHKIT_KAFKA_CONTROLLER_PORT", free_port().to_string()),
             ("MESHKIT_GATEWAY_PORT", gateway.to_string()),
             ("MESHKIT_PROMETHEUS_PORT", free_port().to_string()),
         ];
-        let cluster = LocalCluster { run_dir, env, gateway, kafka };
+        env.extend_from_slice(extra);
+        let tls = extra.iter().any(|(k, v)| *k == "MESHKIT_TLS" && v == "1");
+        let mut cluster = LocalCluster { run_dir, env, tls, etcd, gateway, kafka, printed: String::new() };
         let out = cluster.script("up");
+        cluster.printed = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
             "cluster.sh up failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
+            cluster.printed,
             String::from_utf8_lossy(&out.stderr)
         );
-        let printed = String::from_utf8_lossy(&out.stdout);
-        assert!(printed.contains(", TLS"), "cluster.sh says the broker runs TLS:\n{printed}");
         cluster
     }
 
@@ -68,16 +80,39 @@ impl LocalCluster {
         self.run_dir.path().join("tls").join(file).display().to_string()
     }
 
-    /// grpcurl against the gateway over HTTPS, trusting the development CA.
+    /// grpcurl against the gateway: over HTTPS trusting the development CA
+    /// when the cluster runs TLS.
     fn grpcurl(&self, data: &str, method: &str) -> Result<serde_json::Value, String> {
+        let security =
+            if self.tls { vec!["-cacert".to_owned(), self.tls("ca.pem")] } else { vec!["-plaintext".into()] };
         let out = Command::new("grpcurl")
-            .args(["-cacert", &self.tls("ca.pem"), "-d", data, &format!("127.0.0.1:{}", self.gateway), method])
+            .args(security)
+            .args(["-d", data, &format!("127.0.0.1:{}", self.gateway), method])
             .output()
             .map_err(|e| format!("grpcurl: {e}"))?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
         serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+impl LocalCluster {
+    /// A new user and an order of theirs, through the gateway (order-service
+    /// calls user-service through its pool): the user's id.
+    fn order_for_new_user(&self, email: &str) -> String {
+        let user = self
+            .grpcurl(&format!(r#"{{"name":"Ada","email":"{email}"}}"#), "meshkit.user.v1.UserService/CreateUser")
+            .unwrap();
+        let user_id = user["id"].as_str().unwrap().to_owned();
+        let order = self
+            .grpcurl(
+                &format!(r#"{{"userId":"{user_id}","items":[{{"sku":"book-1","quantity":2}}]}}"#),
+                "meshkit.order.v1.OrderService/CreateOrder",
+            )
+            .unwrap();
+        assert!(order["id"].as_str().is_some_and(|id| !id.is_empty()), "{order}");
+        user_id
     }
 }
 
@@ -113,17 +148,7 @@ async fn make_up_with_tls_runs_the_broker_on_tls_with_client_certificates() {
     assert!(connects(meshctl).await, "a client with a certificate of the development CA connects");
 
     // An order's event travels order-service → broker (TLS) → notification-service.
-    let user = cluster
-        .grpcurl(r#"{"name":"Ada","email":"ada-tls@example.com"}"#, "meshkit.user.v1.UserService/CreateUser")
-        .unwrap();
-    let user_id = user["id"].as_str().unwrap().to_owned();
-    let order = cluster
-        .grpcurl(
-            &format!(r#"{{"userId":"{user_id}","items":[{{"sku":"book-1","quantity":2}}]}}"#),
-            "meshkit.order.v1.OrderService/CreateOrder",
-        )
-        .unwrap();
-    assert!(order["id"].as_str().is_some_and(|id| !id.is_empty()), "{order}");
+    let user_id = cluster.order_for_new_user("ada-tls@example.com");
     eventually("the order's notification, delivered over the broker's TLS", Duration::from_secs(30), || async {
         let listed = cluster
             .grpcurl(
@@ -135,4 +160,40 @@ async fn make_up_with_tls_runs_the_broker_on_tls_with_client_certificates() {
         (listed["notifications"].as_array()?.len() == 1).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+#[ignore = "system tier (the whole local cluster): make test-system"]
+async fn make_up_with_three_etcd_members_keeps_serving_with_one_killed() {
+    let cluster = LocalCluster::up(&[("MESHKIT_ETCD_MEMBERS", "3".into())]);
+    assert!(
+        cluster.printed.contains("etcd:      3 members"),
+        "cluster.sh says it runs 3 members:\n{}",
+        cluster.printed
+    );
+    let status = String::from_utf8_lossy(&cluster.script("status").stdout).into_owned();
+    let registered = |status: &str| -> usize {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("registered in etcd: "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = registered(&status);
+    assert!(before >= 8, "every instance registered:\n{status}");
+
+    // The member every process would reach first goes; the others carry on.
+    let pid = std::fs::read_to_string(cluster.run_dir.path().join("pids/etcd-0.pid")).unwrap();
+    assert!(Command::new("kill").args(["-9", pid.trim()]).status().unwrap().success());
+    cluster.order_for_new_user("ada-3@example.com");
+    // Past one lease TTL (10 s): every instance kept its lease through the
+    // other members, and meshctl finds them through any member.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let status = String::from_utf8_lossy(&cluster.script("status").stdout).into_owned();
+    assert_eq!(registered(&status), before, "every registration outlived the member:\n{status}");
+    let member_2 = format!("127.0.0.1:{}", cluster.etcd + 4);
+    let out = Command::new(bin_dir().join("meshctl")).args(["--etcd", &member_2, "instances"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && listed.contains("meshkit.order.v1.OrderService"), "{listed}");
 }

@@ -29,6 +29,19 @@ for f in "$here"/grafana/*.json; do
         status=1
     fi
 done
+# One etcd version in three places: compose, Kubernetes, and the one the
+# etcd-cluster tests build from the Go module proxy.
+root_dir="$(cd "$here/.." && pwd)"
+tested="$(sed -n 's/^require go.etcd.io\/etcd\/server\/v3 v\(.*\)$/\1/p' "$root_dir/services/integration-tests/tools/etcd/go.mod")"
+for f in "$here/docker-compose.yml" "$here/k8s/etcd.yaml"; do
+    shipped="$(sed -n 's/.*image: quay.io\/coreos\/etcd:v\(.*\)$/\1/p' "$f")"
+    if [[ -n "$tested" && "$shipped" == "$tested" ]]; then
+        echo "ok   $(basename "$f"): etcd $shipped, the version the tests run"
+    else
+        echo "FAIL $(basename "$f"): ships etcd '${shipped}', the tests build '${tested}' (services/integration-tests/tools/etcd/go.mod)"
+        status=1
+    fi
+done
 # The topics agree: what deploy/local/cluster.sh creates, compose and
 # Kubernetes create with the same partitions and retention.
 root="$(cd "$here/.." && pwd)"

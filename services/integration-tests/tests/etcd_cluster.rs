@@ -392,7 +392,7 @@ async fn the_quorum_lost_for_30_s_fails_no_call_and_leaves_nothing_stale() {
     let orders = orders.stop().await;
     let direct = direct.stop().await;
     eprintln!(
-        "quorum lost 30 s: meshctl answered in {answered:?}; user-3 (killed during the outage) expired \
+        "quorum lost 30 s: live instances in every pool at {checks} checks; meshctl answered in {answered:?}; user-3 (killed during the outage) expired \
          {expired_after:?} and left every pool {left_after:?} after a leader was back; {} orders, {} GetUser",
         orders.ok, direct.ok
     );

@@ -317,6 +317,15 @@ impl MeshServer {
             // tonic passes no limit here, dropping hyper's 1024: streams a
             // client makes the server reset (CVE-2025-8671, "MadeYouReset").
             .http2_max_local_error_reset_streams(Some(1024))
+            // h2 sends GOAWAY `too_many_resets` when more than this many
+            // streams are reset before the server has taken them (rapid
+            // reset). A proxy in front (the gateway, a sidecar) relays every
+            // cancellation of its clients over one shared connection: with
+            // h2's default of 20, one client going away with 100 open
+            // streams closed the gateway's upstream connection under load,
+            // failing other clients' calls. As many as a connection may
+            // have open still refuses a flood.
+            .http2_max_pending_accept_reset_streams(Some(config.server.max_concurrent_streams as usize))
             .layer(MapResponseLayer::new(move |mut res: http::Response<Body>| {
                 if let Some(value) = &header {
                     res.headers_mut().insert(INSTANCE_HEADER, value.clone());

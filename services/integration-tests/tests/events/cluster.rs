@@ -53,10 +53,12 @@ async fn killing_a_partition_leader_mid_stream_loses_nothing_and_applies_nothing
     let db = p.notification_db().await;
     let topic = p.topic();
 
+    // Kafka's admin tool takes seconds to say who leads: ask before the
+    // orders flow, or they may all be delivered before the kill.
+    let leaders = cluster.leaders(&topic).await.unwrap();
     let killed = async {
         // Mid-stream: events are flowing and most orders are still to come.
         wait_for_notifications(&db, 150, Duration::from_secs(60)).await;
-        let leaders = cluster.leaders(&topic).await.unwrap();
         let leader = leaders[&0];
         let delivered = count(&db, "SELECT COUNT(*) FROM notifications").await;
         cluster.node(leader).kill();

@@ -27,7 +27,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -118,6 +118,7 @@ impl Service<Request<Body>> for Members {
 
     fn call(&mut self, request: Request<Body>) -> Call {
         let picked = self.shared.pick();
+        let client = Arc::downgrade(&self.shared);
         Box::pin(async move {
             let Some((member, channel)) = picked else {
                 return Err("no etcd endpoint is configured".into());
@@ -139,7 +140,7 @@ impl Service<Request<Body>> for Members {
                     if timed_out(&e) {
                         member.slow();
                     } else {
-                        member.failed(&e);
+                        member.failed(&e, client);
                     }
                     Err(e.into())
                 }
@@ -274,8 +275,9 @@ impl Member {
         }
     }
 
-    /// A call failed below gRPC: down until a probe connects again.
-    fn failed(self: &Arc<Self>, error: &(dyn std::error::Error + 'static)) {
+    /// A call failed below gRPC: down until a probe connects again. The
+    /// probe ends with the member's removal or the client's last clone.
+    fn failed(self: &Arc<Self>, error: &(dyn std::error::Error + 'static), client: Weak<Shared>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         // Due back in a moment if the probe finds it at once; the probe moves this on.
         state.down_until = Some(Instant::now() + Duration::from_millis(100));
@@ -286,18 +288,18 @@ impl Member {
         drop(state);
         tracing::info!(endpoint = %self.endpoint.uri(), error = %error, "etcd member unreachable, calls go to the others");
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(self.clone().probe());
+            runtime.spawn(self.clone().probe(client));
         }
     }
 
     /// Reconnects with backoff; the fresh connection replaces the broken one.
-    async fn probe(self: Arc<Self>) {
+    async fn probe(self: Arc<Self>, client: Weak<Shared>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let delay = backoff.next_delay();
             {
                 let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-                if state.removed {
+                if state.removed || client.strong_count() == 0 {
                     state.probing = false;
                     return;
                 }
@@ -370,6 +372,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_probe_ends_when_the_client_is_dropped() {
+        let m = members(&["http://127.0.0.1:1"]);
+        m.shared.apply_changes();
+        let dead = m.shared.members.lock().unwrap()[0].clone();
+        dead.failed(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused), Arc::downgrade(&m.shared));
+        drop(m);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!dead.state.lock().unwrap().probing, "the probe outlived its client");
+    }
+
+    #[tokio::test]
     async fn a_slow_member_is_passed_over_longer_each_time_until_it_answers() {
         let m = members(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
         m.shared.apply_changes();
@@ -403,7 +416,7 @@ mod tests {
         let m = members(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
         m.shared.apply_changes();
         let dead = m.shared.members.lock().unwrap()[0].clone();
-        dead.failed(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        dead.failed(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused), Arc::downgrade(&m.shared));
         assert!(dead.state.lock().unwrap().probing);
         let uri = dead.endpoint.uri().to_string();
         tokio::time::sleep(Duration::from_millis(50)).await;

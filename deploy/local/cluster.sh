@@ -11,7 +11,8 @@
 #   MESHKIT_ETCD_MEMBERS    1 (default), or 3: a 3-member etcd cluster with clients on
 #                           127.0.0.1:2379, 2381 and 2383 (peers on 2380, 2382, 2384),
 #                           from target/tools/etcd (the version the deploy files ship,
-#                           built by install-deps.sh --test) when there, else Debian's etcd
+#                           which install-deps.sh builds when Go is installed) when
+#                           there, else Debian's etcd
 #   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting one on 127.0.0.1:9092
 #   MESHKIT_KAFKA_HEAP      the local broker's heap ceiling (default: 512m)
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)

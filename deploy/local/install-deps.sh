@@ -145,9 +145,17 @@ fi
 
 # The Go test tools from the Go module proxy, as each module's go.sum pins
 # them (h2spec; grpc-go's interop cases; etcd at the version the deploy
-# files ship, for the etcd-cluster tests); again only when a module changed.
+# files ship, for the etcd-cluster tests and, where Go is installed,
+# `MESHKIT_ETCD_MEMBERS=3 make up`); again only when a module changed.
+go_tools=()
 if (( want_test )); then
-    for tool in h2spec:github.com/summerwind/h2spec/cmd/h2spec grpc-interop:. etcd:go.etcd.io/etcd/server/v3; do
+    go_tools=(h2spec:github.com/summerwind/h2spec/cmd/h2spec grpc-interop:. etcd:go.etcd.io/etcd/server/v3)
+elif [[ "${MESHKIT_ETCD_MEMBERS:-1}" == 3 ]] && command -v go >/dev/null \
+    && [[ "$(printf '%s\n%s\n' "$go_min" "$(go env GOVERSION | sed 's/^go//')" | sort -V | head -n1)" == "$go_min" ]]; then
+    go_tools=(etcd:go.etcd.io/etcd/server/v3)
+fi
+if (( ${#go_tools[@]} )); then
+    for tool in "${go_tools[@]}"; do
         name="${tool%%:*}" package="${tool#*:}"
         bin="${CARGO_TARGET_DIR:-$root/target}/tools/$name"
         src="$root/services/integration-tests/tools/$name"

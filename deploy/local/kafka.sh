@@ -165,8 +165,9 @@ PROPS
     if [[ ! -f "$dir/data/meta.properties" ]]; then
         local id="${MESHKIT_KAFKA_CLUSTER_ID:-}"
         [[ -n "$id" ]] || id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+        # --cluster-id=ID: an id may start with "-", which a separate argument would not survive.
         "$JAVA" -cp "$libs/*" "${java_opts[@]}" -Xmx256m kafka.tools.StorageTool format \
-            -t "$id" -c "$dir/server.properties" "${scram[@]}" >"$dir/logs/format.log" 2>&1 \
+            --cluster-id="$id" -c "$dir/server.properties" "${scram[@]}" >"$dir/logs/format.log" 2>&1 \
             || { echo "kafka.sh: formatting $dir failed:" >&2; tail -5 "$dir/logs/format.log" >&2; exit 1; }
     fi
     exec "$JAVA" -cp "$libs/*" "${java_opts[@]}" "-Dkafka.logs.dir=$dir/logs" kafka.Kafka "$dir/server.properties"

@@ -299,18 +299,18 @@ async fn an_order_goes_through_the_gateway_over_https_with_mtls_on_every_hop() {
     .await;
     let order_body =
         format!(r#"{{"userId":"{}","items":[{{"sku":"book-1","quantity":2}}]}}"#, user["id"].as_str().unwrap());
-    let (out, err) = curl(vec![
-        "--http2".into(),
-        "-X".into(),
-        "POST".into(),
-        format!("{base}/v1/orders"),
-        "-H".into(),
-        "content-type: application/json".into(),
-        "-d".into(),
-        order_body,
-    ])
+    // order-service may register after user-service: until the gateway
+    // knows it, the answer is "no live instance", so ask until it does.
+    let order: serde_json::Value = eventually("an order created over HTTP/2", Duration::from_secs(20), || {
+        let (url, body) = (format!("{base}/v1/orders"), order_body.clone());
+        async move {
+            let args = ["--http2", "-X", "POST", &url, "-H", "content-type: application/json", "-d", &body];
+            let (out, err) = curl(args.iter().map(|a| (*a).to_owned()).collect()).await;
+            let order: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+            (order["code"] != 14).then_some(order)
+        }
+    })
     .await;
-    let order: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
     assert_eq!(order["status"], "ORDER_STATUS_PENDING", "{order}");
     let (out, _) = curl(vec![format!("{base}/v1/orders/{}", order["id"].as_str().unwrap())]).await;
     assert!(out.contains(order["id"].as_str().unwrap()), "{out}");

@@ -268,10 +268,12 @@ impl Member {
         tracing::info!(endpoint = %self.endpoint.uri(), ?pause, "etcd member did not answer in time, calls go to the others");
     }
 
+    /// Passed over for `pause` from now, unless it already is for longer.
     fn pass_over(&self, pause: Duration) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.down_until.is_none() {
-            state.down_until = Some(Instant::now() + pause);
+        let until = Instant::now() + pause;
+        if state.down_until.is_none_or(|d| d < until) {
+            state.down_until = Some(until);
         }
     }
 
@@ -366,6 +368,8 @@ mod tests {
         assert_eq!(sorted.len(), 3, "round robin over every member: {first:?}");
 
         let leaderless = m.shared.members.lock().unwrap()[1].clone();
+        // Once slow, long ago: that pause is over, and a new one still counts.
+        leaderless.state.lock().unwrap().down_until = Instant::now().checked_sub(Duration::from_secs(1));
         leaderless.pass_over(Duration::from_secs(60));
         let uri = leaderless.endpoint.uri().to_string();
         assert!((0..9).all(|_| picked(&m) != uri), "a member without a leader is passed over");

@@ -271,11 +271,16 @@ async fn an_order_goes_through_the_gateway_over_https_with_mtls_on_every_hop() {
     user_env.push(("MESHKIT_DATABASE_URL", sqlite_url(dir.path(), "user")));
     let mut order_env = env("order-service");
     order_env.push(("MESHKIT_DATABASE_URL", sqlite_url(dir.path(), "order")));
-    let _processes = [
+    user_env.push(("RUST_LOG", "info".into()));
+    order_env.push(("RUST_LOG", "info".into()));
+    gateway_env.push(("RUST_LOG", "info".into()));
+    let processes = [
         ServiceProcess::spawn("user-service", &user_env, dir.path()).unwrap(),
         ServiceProcess::spawn("order-service", &order_env, dir.path()).unwrap(),
         ServiceProcess::spawn("meshkit-gateway", &gateway_env, dir.path()).unwrap(),
     ];
+    // What each process went through, should a step below fail.
+    let _logs = DumpOnPanic(&processes);
     let cacert = ca.join("ca.pem");
     let curl = |args: Vec<String>| curl(cacert.clone(), args);
     let base = format!("https://127.0.0.1:{port}");
@@ -300,8 +305,9 @@ async fn an_order_goes_through_the_gateway_over_https_with_mtls_on_every_hop() {
     let order_body =
         format!(r#"{{"userId":"{}","items":[{{"sku":"book-1","quantity":2}}]}}"#, user["id"].as_str().unwrap());
     // order-service may register after user-service: until the gateway
-    // knows it, the answer is "no live instance", so ask until it does.
-    let order: serde_json::Value = eventually("an order created over HTTP/2", Duration::from_secs(20), || {
+    // knows it, the answer is "no live instance", so ask until it does. A
+    // process waits up to 10 s for etcd at each start-up step.
+    let order: serde_json::Value = eventually("an order created over HTTP/2", Duration::from_secs(60), || {
         let (url, body) = (format!("{base}/v1/orders"), order_body.clone());
         async move {
             let args = ["--http2", "-X", "POST", &url, "-H", "content-type: application/json", "-d", &body];
@@ -341,4 +347,17 @@ async fn curl(cacert: std::path::PathBuf, args: Vec<String>) -> (String, String)
         .await
         .unwrap();
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Prints the processes' logs when the test panics while it is alive.
+struct DumpOnPanic<'a>(&'a [ServiceProcess]);
+
+impl Drop for DumpOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self.0 {
+                eprintln!("--- {} log\n{}", p.name, p.log());
+            }
+        }
+    }
 }

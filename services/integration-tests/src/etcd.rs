@@ -2,7 +2,7 @@
 //! of the version the deploy files ship (`target/tools/etcd`).
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -414,7 +414,7 @@ impl EtcdCluster {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", display(&self.binary)))?;
+            .with_context(|| format!("starting {}", self.binary.display()))?;
         self.members[member].child = Some(child);
         Ok(())
     }
@@ -442,10 +442,6 @@ impl EtcdCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-fn display(path: &Path) -> String {
-    path.display().to_string()
 }
 
 impl Drop for EtcdCluster {

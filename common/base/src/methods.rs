@@ -65,6 +65,20 @@ impl MethodTable {
     pub fn get(&self, path: &str) -> Option<MethodInfo> {
         self.methods.get(path).copied()
     }
+
+    /// The methods of `service` (its full name) as `(path, info)`, by path.
+    pub fn of_service(&self, service: &str) -> Vec<(&str, MethodInfo)> {
+        let mut methods: Vec<_> = self
+            .methods
+            .iter()
+            .filter(|(path, _)| {
+                path.strip_prefix('/').and_then(|p| p.strip_prefix(service)).is_some_and(|m| m.starts_with('/'))
+            })
+            .map(|(path, info)| (path.as_str(), *info))
+            .collect();
+        methods.sort_unstable_by_key(|(path, _)| *path);
+        methods
+    }
 }
 
 #[cfg(test)]
@@ -79,6 +93,17 @@ mod tests {
             Some(MethodInfo { idempotent: true, client_streaming: false })
         );
         assert_eq!(t.get("/meshkit.user.v1.UserService/CreateUser").map(|m| m.idempotent), Some(false));
+        let user: Vec<_> =
+            t.of_service("meshkit.user.v1.UserService").into_iter().map(|(p, m)| (p, m.idempotent)).collect();
+        assert_eq!(
+            user,
+            [
+                ("/meshkit.user.v1.UserService/CreateUser", false),
+                ("/meshkit.user.v1.UserService/GetUser", true),
+                ("/meshkit.user.v1.UserService/ListUsers", true)
+            ]
+        );
+        assert!(t.of_service("meshkit.user.v1.User").is_empty());
         assert_eq!(t.get("/meshkit.order.v1.OrderService/CreateOrder").map(|m| m.idempotent), Some(false));
         assert_eq!(t.get("/meshkit.order.v1.OrderService/ListOrders").map(|m| m.idempotent), Some(true));
         assert_eq!(t.get("/nope.Service/Method"), None);

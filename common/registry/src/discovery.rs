@@ -42,6 +42,16 @@ pub struct ServiceWatch {
 
 /// Starts watching `prefix` (as made by [`crate::registry::service_prefix`]).
 pub fn watch_prefix(client: Client, prefix: String) -> ServiceWatch {
+    watch(client, prefix, 1)
+}
+
+/// Starts watching every service under `services` (as made by
+/// [`crate::keys::services`]): the changes' ids are `{service}/{instance_id}`.
+pub fn watch_services(client: Client, services: String) -> ServiceWatch {
+    watch(client, services, 2)
+}
+
+fn watch(client: Client, prefix: String, segments: usize) -> ServiceWatch {
     let (tx, changes) = mpsc::channel(256);
     let (synced_tx, synced) = watch::channel(false);
     let resyncs = Arc::new(AtomicU64::new(0));
@@ -49,6 +59,7 @@ pub fn watch_prefix(client: Client, prefix: String) -> ServiceWatch {
     let task = Watcher {
         client,
         prefix,
+        segments,
         known: Instances::new(),
         revision: 0,
         synced: synced_tx,
@@ -63,6 +74,8 @@ pub fn watch_prefix(client: Client, prefix: String) -> ServiceWatch {
 struct Watcher {
     client: Client,
     prefix: String,
+    /// Key segments after the prefix: 1 for an instance id, 2 for `service/id`.
+    segments: usize,
     known: Instances,
     /// The revision everything in `known` is current to.
     revision: i64,
@@ -215,9 +228,7 @@ impl Watcher {
     }
 
     fn id_of(&self, key: &[u8]) -> Option<String> {
-        let key = std::str::from_utf8(key).ok()?;
-        let id = key.strip_prefix(self.prefix.as_str())?;
-        (!id.is_empty() && !id.contains('/')).then(|| id.to_owned())
+        id_of(&self.prefix, self.segments, key)
     }
 
     fn parse(&self, key: &[u8], value: &[u8]) -> Option<(String, Instance)> {
@@ -229,5 +240,34 @@ impl Watcher {
                 None
             }
         }
+    }
+}
+
+/// The part of `key` after `prefix` if it is `segments` non-empty segments.
+fn id_of(prefix: &str, segments: usize, key: &[u8]) -> Option<String> {
+    let key = std::str::from_utf8(key).ok()?;
+    let id = key.strip_prefix(prefix)?;
+    let mut parts = id.split('/');
+    let whole = parts.by_ref().take(segments).filter(|part| !part.is_empty()).count() == segments;
+    (whole && parts.next().is_none()).then(|| id.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_of;
+
+    #[test]
+    fn ids_have_exactly_the_segments_asked_for() {
+        let one = |key: &str| id_of("/m/services/S/", 1, key.as_bytes());
+        assert_eq!(one("/m/services/S/i-1").as_deref(), Some("i-1"));
+        assert_eq!(one("/m/services/S/"), None);
+        assert_eq!(one("/m/services/S/a/b"), None);
+        assert_eq!(one("/m/services/T/i-1"), None);
+        let two = |key: &str| id_of("/m/services/", 2, key.as_bytes());
+        assert_eq!(two("/m/services/S/i-1").as_deref(), Some("S/i-1"));
+        assert_eq!(two("/m/services/S/"), None);
+        assert_eq!(two("/m/services/S"), None);
+        assert_eq!(two("/m/services//i-1"), None);
+        assert_eq!(two("/m/services/S/i-1/x"), None);
     }
 }

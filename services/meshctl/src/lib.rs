@@ -11,6 +11,7 @@ mod processes;
 mod prometheus;
 mod registry;
 mod settings;
+pub mod xds;
 
 pub use auth::{etcd_auth_enable, etcd_user, role_grants};
 pub use config::{
@@ -56,6 +57,11 @@ commands:
   etcd-user COMPONENT SERVICE…   (password on stdin) the role meshkit-COMPONENT: read the mesh, write
                                  only its own registrations, groups and config; a user with it
   etcd-auth-enable               (root password on stdin) the root user, then etcd auth on
+  xds bootstrap [--server HOST:PORT] [--node ID] [--zone ZONE]
+                                 a gRPC xDS bootstrap (GRPC_XDS_BOOTSTRAP) for grpc-java, grpc-go…
+                                 clients of `xds:///SERVICE`; mTLS files from MESHKIT_TLS_* when on
+  xds clients                    every xDS server's clients: node, zone, subscriptions, versions
+                                 sent and accepted, NACKs
   prometheus-sd [--out FILE] [--watch]
                                  Prometheus file_sd targets: every process's admin endpoint from the
                                  registry; to stdout, or to FILE (kept current with --watch)

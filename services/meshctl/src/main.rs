@@ -36,6 +36,9 @@ async fn main() -> ExitCode {
     if command == Some("certs") {
         return certs(&args[1..]);
     }
+    if command == Some("xds") && args.get(1).map(String::as_str) == Some("bootstrap") {
+        return xds_bootstrap(&args[2..]);
+    }
     if !matches!(
         command,
         Some(
@@ -48,6 +51,7 @@ async fn main() -> ExitCode {
                 | "config"
                 | "governance"
                 | "jobs"
+                | "xds"
         )
     ) {
         return usage(&match command {
@@ -87,6 +91,12 @@ async fn main() -> ExitCode {
             return usage("etcd-user COMPONENT [SERVICE…] (password on standard input)");
         };
         return finish(result);
+    }
+    if command == Some("xds") {
+        if args.len() != 2 || args[1] != "clients" {
+            return usage("xds bootstrap [--server HOST:PORT] [--node ID] [--zone ZONE] | xds clients");
+        }
+        return finish(cmd::xds::xds_clients(&mut client, &prefix).await);
     }
     let result = match command {
         Some("services") => cmd::services(&mut client, &prefix).await,
@@ -237,4 +247,28 @@ fn finish(result: anyhow::Result<String>) -> ExitCode {
 fn usage(problem: &str) -> ExitCode {
     eprintln!("meshctl: {problem}\n\n{}", cmd::USAGE);
     ExitCode::from(2)
+}
+
+/// `xds bootstrap [--server HOST:PORT] [--node ID] [--zone ZONE]`: printed, no etcd needed.
+fn xds_bootstrap(args: &[String]) -> ExitCode {
+    let (mut server, mut node, mut zone) = ("127.0.0.1:18000".to_owned(), "grpc-client".to_owned(), String::new());
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let Some(value) = rest.next() else { return usage(&format!("xds bootstrap: {flag} needs a value")) };
+        match flag.as_str() {
+            "--server" => server.clone_from(value),
+            "--node" => node.clone_from(value),
+            "--zone" => zone.clone_from(value),
+            other => return usage(&format!("xds bootstrap: unknown option {other:?}")),
+        }
+    }
+    if server.parse::<std::net::SocketAddr>().is_err() && !server.contains(':') {
+        return usage(&format!("xds bootstrap: --server {server:?} is not HOST:PORT"));
+    }
+    let tls = match cmd::CtlConfig::load() {
+        Ok(config) => config.tls.enabled.then_some(config.tls),
+        Err(e) => return usage(&e.to_string()),
+    };
+    print!("{}", cmd::xds::bootstrap(&server, &node, &zone, tls.as_ref()));
+    ExitCode::SUCCESS
 }

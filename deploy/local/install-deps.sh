@@ -36,13 +36,14 @@ else
         prereq+=("Rust $rust_min or newer (this machine has rustc $rust_have: rustup update)")
     fi
 fi
-# make test's HTTP/2 conformance (h2spec) and gRPC interop cases are built
-# from the Go module proxy, so the suite needs Go as it needs Rust: the
-# newest `go` line of the tool modules.
-go_min="$(sed -n 's/^go \(.*\)/\1/p' "$root"/services/integration-tests/tools/*/go.mod | sort -V | tail -n1)"
+# make test's HTTP/2 conformance (h2spec), gRPC interop cases and grpc-go xDS
+# client are built from the Go module proxy, so the suite needs Go as it needs
+# Rust: the newest `go` line of the Go modules.
+go_min="$(sed -n 's/^go \(.*\)/\1/p' "$root"/services/integration-tests/tools/*/go.mod \
+    "$root"/services/integration-tests/clients/go/go.mod | sort -V | tail -n1)"
 if (( want_test )); then
     if ! command -v go >/dev/null; then
-        prereq+=("Go $go_min or newer with go on PATH, for make test's h2spec and gRPC interop client (go.dev/dl)")
+        prereq+=("Go $go_min or newer with go on PATH, for make test's h2spec, gRPC interop and xDS clients (go.dev/dl)")
     elif [[ "$(printf '%s\n%s\n' "$go_min" "$(go env GOVERSION | sed 's/^go//')" | sort -V | head -n1)" != "$go_min" ]]; then
         prereq+=("Go $go_min or newer (this machine has $(go env GOVERSION))")
     fi
@@ -144,21 +145,25 @@ fi
 "$here/kafka.sh" install
 
 # The Go test tools from the Go module proxy, as each module's go.sum pins
-# them (h2spec; grpc-go's interop cases; etcd at the version the deploy
-# files ship, for the etcd-cluster tests and, where Go is installed,
-# `MESHKIT_ETCD_MEMBERS=3 make up`); again only when a module changed.
+# them (h2spec; grpc-go's interop cases; grpc-go's xDS client; etcd at the
+# version the deploy files ship, for the etcd-cluster tests and, where Go is
+# installed, `MESHKIT_ETCD_MEMBERS=3 make up`); again only when a module
+# changed. An entry is name:package, built in services/integration-tests/tools/name,
+# or name:package:dir for a module elsewhere (dir from the repository root).
 go_tools=()
 if (( want_test )); then
-    go_tools=(h2spec:github.com/summerwind/h2spec/cmd/h2spec grpc-interop:. etcd:go.etcd.io/etcd/server/v3)
+    go_tools=(h2spec:github.com/summerwind/h2spec/cmd/h2spec grpc-interop:. etcd:go.etcd.io/etcd/server/v3
+        xds-client-go:.:services/integration-tests/clients/go)
 elif [[ "${MESHKIT_ETCD_MEMBERS:-1}" == 3 ]] && command -v go >/dev/null \
     && [[ "$(printf '%s\n%s\n' "$go_min" "$(go env GOVERSION | sed 's/^go//')" | sort -V | head -n1)" == "$go_min" ]]; then
     go_tools=(etcd:go.etcd.io/etcd/server/v3)
 fi
 if (( ${#go_tools[@]} )); then
     for tool in "${go_tools[@]}"; do
-        name="${tool%%:*}" package="${tool#*:}"
+        name="${tool%%:*}" package="${tool#*:}" dir="services/integration-tests/tools/${tool%%:*}"
+        [[ "$package" == *:* ]] && dir="${package#*:}" package="${package%%:*}"
         bin="${CARGO_TARGET_DIR:-$root/target}/tools/$name"
-        src="$root/services/integration-tests/tools/$name"
+        src="$root/$dir"
         if [[ ! -x "$bin" || -n "$(find "$src" -newer "$bin" -type f | head -1)" ]]; then
             echo "install-deps: building $name from the Go module proxy"
             mkdir -p "$(dirname "$bin")"

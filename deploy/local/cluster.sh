@@ -2,9 +2,10 @@
 # The local cluster behind `make up` / `make down` / `make status`: etcd,
 # Apache Kafka (one KRaft node, durable under the run directory), two instances each of
 # user-service, order-service, notification-service and scheduler-service
-# (with order-service's cancel-unpaid-orders job), and the gateway on
-# 127.0.0.1:8080, as plain processes with pid files and logs under one run
-# directory.
+# (with order-service's cancel-unpaid-orders job), the gateway on
+# 127.0.0.1:8080 and the xDS server on 127.0.0.1:18000 (its client bootstrap in
+# $RUN_DIR/xds-bootstrap.json), as plain processes with pid files and logs
+# under one run directory.
 #
 #   MESHKIT_RUN_DIR         run directory (default: .run in the repository)
 #   MESHKIT_ETCD_ENDPOINTS  use this etcd instead of starting one on 127.0.0.1:2379
@@ -16,6 +17,7 @@
 #   MESHKIT_EVENTS_BROKERS  use this Kafka instead of starting one on 127.0.0.1:9092
 #   MESHKIT_KAFKA_HEAP      the local broker's heap ceiling (default: 512m)
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
+#   MESHKIT_XDS_PORT        the xDS server's port (default: 18000)
 #   MESHKIT_PROMETHEUS_PORT Prometheus's port (default: 9091; started when installed)
 #   MESHKIT_PROFILE         cargo profile of the binaries (default: dev, as `make up` builds)
 #   MESHKIT_TLS             1: mTLS between every process, HTTPS at the gateway, TLS with
@@ -35,6 +37,7 @@ KAFKA_PORT="${MESHKIT_KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${MESHKIT_KAFKA_CONTROLLER_PORT:-9093}"
 GATEWAY_PORT="${MESHKIT_GATEWAY_PORT:-8080}"
 PROMETHEUS_PORT="${MESHKIT_PROMETHEUS_PORT:-9091}"
+XDS_PORT="${MESHKIT_XDS_PORT:-18000}"
 SERVICES=(user user order order notification notification scheduler scheduler)
 KAFKA="$ROOT/deploy/local/kafka.sh"
 # The topics `make up` creates (compose and Kubernetes create the same; see
@@ -229,7 +232,8 @@ tls_on() { [[ "${MESHKIT_TLS:-0}" == 1 ]]; }
 make_certs() {
     tls_on || return 0
     "$BIN_DIR/meshctl" certs --dir "$RUN_DIR/tls" --days 30 \
-        user-service order-service notification-service scheduler-service gateway meshctl kafka >/dev/null
+        user-service order-service notification-service scheduler-service gateway meshctl kafka \
+        xds-server xds-client >/dev/null
     echo "tls:       mTLS on; CA and certificates in $RUN_DIR/tls"
 }
 
@@ -281,6 +285,27 @@ start_gateway() {
     fi
 }
 
+# The xDS server, and a bootstrap for gRPC's own xDS clients (grpc-java with
+# grpc-xds, grpc-go's xds package): GRPC_XDS_BOOTSTRAP=$RUN_DIR/xds-bootstrap.json.
+start_xds() {
+    if port_open "$XDS_PORT"; then
+        echo "port $XDS_PORT is taken by another process; stop it or set MESHKIT_XDS_PORT" >&2
+        cmd_down >/dev/null
+        exit 1
+    fi
+    env $(tls_env xds-server) \
+    MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
+    MESHKIT_SERVER_LISTEN="127.0.0.1:$XDS_PORT" \
+    MESHKIT_REGISTRY_INSTANCE_ID=xds-1 \
+        setsid "$BIN_DIR/xds-server" </dev/null >"$RUN_DIR/logs/xds-1.log" 2>&1 &
+    echo $! >"$RUN_DIR/pids/xds-1.pid"
+    echo "$XDS_PORT" >"$RUN_DIR/ports/xds-1"
+    wait_listening xds-1 "$XDS_PORT" || { cmd_down >/dev/null; exit 1; }
+    env $(tls_env xds-client) "$BIN_DIR/meshctl" xds bootstrap --server "127.0.0.1:$XDS_PORT" \
+        --node "$(hostname)-client" >"$RUN_DIR/xds-bootstrap.json"
+    echo "xds:       127.0.0.1:$XDS_PORT (ADS); GRPC_XDS_BOOTSTRAP=$RUN_DIR/xds-bootstrap.json, target xds:///SERVICE"
+}
+
 # The reference job, defined in the config center unless it is there already
 # (a job changed or paused earlier keeps its settings).
 define_jobs() {
@@ -324,7 +349,7 @@ cmd_up() {
         return 0
     fi
     local bin
-    for bin in user-service order-service notification-service scheduler-service meshkit-gateway meshctl; do
+    for bin in user-service order-service notification-service scheduler-service meshkit-gateway xds-server meshctl; do
         if [[ ! -x "$BIN_DIR/$bin" ]]; then
             echo "no $BIN_DIR/$bin: \`make up\` builds it (or \`MESHKIT_PROFILE=$PROFILE make build\`)" >&2
             exit 1
@@ -365,6 +390,7 @@ cmd_up() {
     fi
     define_jobs
     start_gateway
+    start_xds
     start_prometheus
     local ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
     echo "cluster:   answering ${ms} ms after start ($(( SECONDS - t0 )) s)"
@@ -399,6 +425,7 @@ or a service directly:
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) events
   ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs list
   ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs history cancel-unpaid-orders
+  ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) xds clients
   curl -s http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query --data-urlencode 'query=sum by (method) (meshkit_server_requests_total)'
 
 Logs: $RUN_DIR/logs    Stop: make down
@@ -417,6 +444,7 @@ cmd_status() {
             etcd-*) addr="127.0.0.1:$(etcd_member_port "${n#etcd-}")" ;;
             kafka) addr="127.0.0.1:$KAFKA_PORT" ;;
             gateway) addr="127.0.0.1:$GATEWAY_PORT" ;;
+            xds-1) addr="127.0.0.1:$XDS_PORT" ;;
             prometheus) addr="127.0.0.1:$PROMETHEUS_PORT" ;;
             prometheus-sd) addr="$RUN_DIR/prometheus/sd/targets.json" ;;
             *) addr="127.0.0.1:$(cat "$RUN_DIR/ports/$n" 2>/dev/null)" ;;

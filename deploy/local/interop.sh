@@ -7,7 +7,10 @@
 #   4. a Java client generated from proto/ and built with plain javac
 #      against Debian's jars;
 #   5. a Python server joining the mesh by the registry contract: the gateway's
-#      balanced channel sends it calls, and it leaves cleanly on SIGTERM.
+#      balanced channel sends it calls, and it leaves cleanly on SIGTERM;
+#   6. Prometheus, 7. the scheduler;
+#   8. grpc-go and grpc-java calling xds:///meshkit.user.v1.UserService with the
+#      bootstrap `make up` wrote: balanced over every user-service instance.
 #
 #   interop.sh                against the `make up` cluster (ports from the
 #                             MESHKIT_* variables cluster.sh reads)
@@ -41,7 +44,7 @@ if [[ "${1:-}" == "--own-cluster" ]]; then
     export MESHKIT_RUN_DIR MESHKIT_PROFILE="${MESHKIT_PROFILE:-dev}"
     export MESHKIT_ETCD_PORT="$(free_port)" MESHKIT_ETCD_PEER_PORT="$(free_port)"
     export MESHKIT_KAFKA_PORT="$(free_port)" MESHKIT_GATEWAY_PORT="$(free_port)"
-    export MESHKIT_PROMETHEUS_PORT="$(free_port)"
+    export MESHKIT_PROMETHEUS_PORT="$(free_port)" MESHKIT_XDS_PORT="$(free_port)"
     unset MESHKIT_ETCD_ENDPOINTS MESHKIT_EVENTS_BROKERS
     "$ROOT/deploy/local/cluster.sh" up >"$WORK/cluster.log" 2>&1 \
         || { echo "interop: the cluster did not start:" >&2; tail -20 "$WORK/cluster.log" >&2; exit 1; }
@@ -216,6 +219,26 @@ if [[ "$out" == *runIds* ]]; then
 else
     fail "scheduler trigger over REST" "$out"
 fi
+
+# 8. gRPC's own xDS clients over the registry: calls spread over every user-service instance.
+bootstrap="${MESHKIT_RUN_DIR:-$ROOT/.run}/xds-bootstrap.json"
+users="$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD" get --prefix /meshkit/services/meshkit.user.v1.UserService/ --keys-only 2>/dev/null | grep -c . || true)"
+xds_check() { # name command…: 150 calls at 50/s, every one answered, by every instance
+    local name="$1" out; shift
+    if [[ ! -f "$bootstrap" ]]; then fail "$name" "no $bootstrap: start the cluster with make up"; return; fi
+    if out="$(GRPC_XDS_BOOTSTRAP="$bootstrap" "$@" --user-id "$user_id" --rate 50 --seconds 3 2>"$WORK/xds.err" | tail -1)" \
+        && [[ "$(json 'd["ok"] == d["calls"] and d["calls"] > 0' <<<"$out")" == True ]] \
+        && [[ "$(json 'len(d["by_instance"])' <<<"$out")" == "$users" ]]; then
+        ok "$name over xDS: $(json '", ".join(f"{k} {v}" for k, v in d["by_instance"].items())' <<<"$out")"
+    else
+        fail "$name over xDS" "${out:-no output} $(tail -3 "$WORK/xds.err")"
+    fi
+}
+go_client="${CARGO_TARGET_DIR:-$ROOT/target}/tools/xds-client-go"
+if [[ -x "$go_client" ]]; then xds_check "grpc-go" "$go_client"
+else fail "grpc-go over xDS" "not built: deploy/local/install-deps.sh --test builds it"; fi
+if [[ -f "$mvn_jar" ]]; then xds_check "grpc-java" java -cp "$mvn_jar:$(cat "$CLIENTS/java/target/classpath")" io.meshkit.xds.Client
+else fail "grpc-java over xDS" "not built: deploy/local/install-deps.sh --test builds it"; fi
 
 echo "interop: $passed passed, $failed failed"
 (( failed == 0 ))

@@ -52,7 +52,8 @@ async fn ads_answers_subscriptions_acks_nacks_and_zones() {
     let lds = ads.next(WAIT).await.unwrap();
     assert_eq!(lds.type_url, LISTENER);
     assert_eq!(xds::names(&lds), [USER]);
-    ads.ack(&lds, &[USER, "no.such.Service"]).await.unwrap();
+    // The same names in another order (and twice) are the same subscription.
+    ads.ack(&lds, &["no.such.Service", USER, USER]).await.unwrap();
     for (type_url, _) in [(ROUTE, 0), (CLUSTER, 0), (ENDPOINTS, 0)] {
         ads.subscribe(type_url, &[USER]).await.unwrap();
         let response = ads.next(WAIT).await.unwrap();
@@ -193,6 +194,16 @@ impl Users {
         xds::bootstrap(self.dir.path(), node, server, node, zone)
     }
 
+    /// A grpc-go and a grpc-java client in `zone` calling at `rate`.
+    async fn callers(&self, server: &str, node: &str, zone: &str, rate: u32) -> Vec<XdsCaller> {
+        let mut callers = Vec::new();
+        for lang in [Lang::Go, Lang::Java] {
+            let bootstrap = self.bootstrap(server, &format!("{lang:?}-{node}"), zone);
+            callers.push(XdsCaller::start(lang, &bootstrap, &self.user_id, rate, self.path()).await.unwrap());
+        }
+        callers
+    }
+
     fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -203,6 +214,14 @@ async fn wait_xds_serving(etcd: &Etcd) {
         (!fleet::registered(&etcd.client().await, meshkit_xds::SERVICE).await.is_empty()).then_some(())
     })
     .await;
+}
+
+/// Waits for `n` good calls from each caller; then each one's clock.
+async fn after_good_calls(callers: &[XdsCaller], n: usize) -> Vec<f64> {
+    for caller in callers {
+        caller.wait_ok(n, Duration::from_secs(30)).await.unwrap();
+    }
+    callers.iter().map(|c| c.now_ms().unwrap()).collect()
 }
 
 /// The share of good calls in `calls` that `instance` served.
@@ -218,19 +237,10 @@ async fn grpc_go_and_grpc_java_balance_over_instances_that_come_and_go() {
     let mut users = Users::start(&[("u1", "", 100), ("u2", "", 100), ("u3", "", 100)]).await;
     let (_xds, server) = users.xds_server();
     wait_xds_serving(&users.etcd).await;
-    let mut callers = Vec::new();
-    for lang in [Lang::Go, Lang::Java] {
-        let bootstrap = users.bootstrap(&server, &format!("{lang:?}-client"), "");
-        callers.push(XdsCaller::start(lang, &bootstrap, &users.user_id, 100, users.path()).await.unwrap());
-    }
-    for caller in &callers {
-        caller.wait_ok(100, Duration::from_secs(30)).await.unwrap();
-    }
+    let callers = users.callers(&server, "client", "", 100).await;
     // Spread is judged after every connection is up.
-    let warm: Vec<f64> = callers.iter().map(|c| c.now_ms().unwrap()).collect();
-    for caller in &callers {
-        caller.wait_ok(400, Duration::from_secs(30)).await.unwrap();
-    }
+    let warm = after_good_calls(&callers, 100).await;
+    after_good_calls(&callers, 400).await;
     // meshctl sees both clients and what they subscribed to.
     let (code, out, err) = meshkit_integration_tests::meshctl(&users.etcd, &["xds", "clients"]).await;
     assert_eq!(code, 0, "{err}");
@@ -300,20 +310,10 @@ async fn registered_weights_and_zones_reach_grpc_clients() {
     let (_xds, server) = users.xds_server();
     wait_xds_serving(&users.etcd).await;
     // Zone a first: `far` (zone b) gets nothing while zone a has instances.
-    let mut callers = Vec::new();
-    for lang in [Lang::Go, Lang::Java] {
-        let bootstrap = users.bootstrap(&server, &format!("{lang:?}-a"), "a");
-        callers.push(XdsCaller::start(lang, &bootstrap, &users.user_id, 200, users.path()).await.unwrap());
-    }
-    for caller in &callers {
-        caller.wait_ok(200, Duration::from_secs(30)).await.unwrap();
-    }
+    let callers = users.callers(&server, "a", "a", 200).await;
     // Leave out the start, while connections come up.
-    let from: Vec<f64> = callers.iter().map(|c| c.now_ms().unwrap()).collect();
-    for caller in &callers {
-        caller.wait_ok(1700, Duration::from_secs(30)).await.unwrap();
-    }
-    let until: Vec<f64> = callers.iter().map(|c| c.now_ms().unwrap()).collect();
+    let from = after_good_calls(&callers, 200).await;
+    let until = after_good_calls(&callers, 1700).await;
     // Zone a lost at once (kill -9): the clients fail over to zone b.
     for id in ["heavy", "light-1", "light-2"] {
         users.instances[id].signal(SIGKILL);

@@ -8,11 +8,12 @@
 //! server records. A request with an older nonce is stale and ignored. A
 //! response goes out when a type's subscription changes and whenever what it
 //! would hold changes: listeners and clusters list every subscribed name
-//! that is present (one left out is gone), routes and endpoints only those
-//! present. Endpoints depend on the client's zone (its node's locality).
+//! that is present (one left out is gone); routes and endpoints hold every
+//! present name after a subscription change, else only those that changed.
+//! Endpoints depend on the client's zone (its node's locality).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -55,12 +56,24 @@ pub struct ClientView {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TypeView {
-    pub subscribed: Vec<String>,
+    #[serde(serialize_with = "as_slice")]
+    pub subscribed: Names,
     pub sent_version: String,
     pub acked_version: String,
     pub nacks: u64,
     pub last_nack: String,
 }
+
+/// Resource names, sorted and without duplicates; each name is shared by
+/// every stream that asks for it (see [`Ads::intern`]).
+pub type Names = Arc<[Arc<str>]>;
+
+fn as_slice<S: serde::Serializer>(names: &Names, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(names.iter().map(|n| &**n))
+}
+
+/// Names interned at most; past it, a stream keeps its own copies.
+const INTERNED: usize = 100_000;
 
 /// Counts by resource type (in [`Kind::ALL`]'s order).
 #[derive(Debug, Default)]
@@ -82,6 +95,9 @@ pub struct Ads {
     clients: Arc<Mutex<BTreeMap<u64, ClientView>>>,
     stats: Arc<Stats>,
     closing: watch::Receiver<bool>,
+    /// One copy of each resource name however many streams subscribe to it:
+    /// a thousand clients of fifty services hold fifty strings, not 200,000.
+    interned: Arc<Mutex<std::collections::HashSet<Arc<str>>>>,
 }
 
 impl Ads {
@@ -95,7 +111,28 @@ impl Ads {
             clients: Arc::default(),
             stats: Arc::default(),
             closing,
+            interned: Arc::default(),
         }
+    }
+
+    /// `names` sorted, without duplicates, each one the shared copy.
+    fn intern(&self, mut names: Vec<String>) -> Names {
+        names.sort_unstable();
+        names.dedup();
+        let mut interned = self.interned.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .into_iter()
+            .map(|name| match interned.get(name.as_str()) {
+                Some(shared) => shared.clone(),
+                None => {
+                    let shared: Arc<str> = name.into();
+                    if interned.len() < INTERNED {
+                        interned.insert(shared.clone());
+                    }
+                    shared
+                }
+            })
+            .collect()
     }
 
     pub fn clients(&self) -> Vec<ClientView> {
@@ -120,7 +157,9 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
+        // Boxed: a channel keeps blocks of 32 slots per stream, and a slot of
+        // the unboxed pair takes about 300 bytes.
+        let (tx, rx) = mpsc::channel::<Result<Box<DiscoveryResponse>, Box<Status>>>(16);
         let id = self.stats.streams.fetch_add(1, Ordering::Relaxed) + 1;
         let stream = AdsStream {
             id,
@@ -132,7 +171,8 @@ impl AggregatedDiscoveryService for Ads {
             nonce: 0,
         };
         tokio::spawn(stream.run(inbound, peer));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let responses = ReceiverStream::new(rx).map(|item| item.map(|r| *r).map_err(|s| *s));
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn delta_aggregated_resources(
@@ -146,22 +186,20 @@ impl AggregatedDiscoveryService for Ads {
 /// One type's state on one stream.
 #[derive(Debug, Default)]
 struct TypeState {
-    /// Empty with `wildcard`: every present service (listeners and clusters).
-    names: BTreeSet<String>,
+    /// Sorted, without duplicates; empty with `wildcard`: every present
+    /// service (listeners and clusters). Shared with the client's view.
+    names: Names,
     wildcard: bool,
     /// What the last response held: (name, revision) of each resource.
-    sent: Option<Vec<(String, u64)>>,
+    sent: Option<Vec<(Arc<str>, u64)>>,
     version: u64,
     nonce: String,
-    acked: String,
-    nacks: u64,
-    last_nack: String,
 }
 
 struct AdsStream {
     id: u64,
     ads: Ads,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<Box<DiscoveryResponse>, Box<Status>>>,
     node: String,
     zone: String,
     types: BTreeMap<Kind, TypeState>,
@@ -204,7 +242,7 @@ impl AdsStream {
                     }
                 },
                 _ = async { closing.wait_for(|c| *c).await.is_ok() } => {
-                    let _ = self.tx.send(Err(Status::unavailable("the xDS server is shutting down; reconnect"))).await;
+                    let _ = self.tx.send(Err(Box::new(Status::unavailable("the xDS server is shutting down; reconnect")))).await;
                     break "server shutting down".to_owned();
                 }
             }
@@ -213,12 +251,24 @@ impl AdsStream {
         self.ads.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
     }
 
+    /// Changes this stream's entry in the clients' view, in place.
+    fn view(&self, change: impl FnOnce(&mut ClientView)) {
+        if let Some(view) = self.ads.clients.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
+            change(view);
+        }
+    }
+
     async fn on_request(&mut self, request: DiscoveryRequest, snapshot: &Snapshot) -> Result<(), String> {
         if self.node.is_empty()
             && let Some(node) = &request.node
         {
             self.node = node.id.clone();
             self.zone = node.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default();
+            let (node, zone) = (self.node.clone(), self.zone.clone());
+            self.view(|v| {
+                v.node = node;
+                v.zone = zone;
+            });
         }
         let Some(kind) = Kind::from_type_url(&request.type_url) else {
             tracing::debug!(node = self.node, type_url = request.type_url, "a request for a type not served; ignored");
@@ -233,8 +283,6 @@ impl AdsStream {
             }
             match &request.error_detail {
                 Some(error) => {
-                    state.nacks += 1;
-                    state.last_nack = error.message.clone();
                     self.ads.stats.nacks[k].fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         node = self.node,
@@ -244,23 +292,34 @@ impl AdsStream {
                         error = error.message,
                         "an xDS client refused a response (NACK); it keeps its last accepted version"
                     );
+                    let why = error.message.clone();
+                    self.view(|v| {
+                        let t = v.types.entry(kind.short()).or_default();
+                        t.nacks += 1;
+                        t.last_nack = why;
+                    });
                 }
                 None => {
-                    state.acked = request.version_info.clone();
                     self.ads.stats.acks[k].fetch_add(1, Ordering::Relaxed);
+                    let version = &request.version_info;
+                    self.view(|v| v.types.entry(kind.short()).or_default().acked_version.clone_from(version));
                 }
             }
         }
-        let names: BTreeSet<String> = request.resource_names.iter().cloned().collect();
+        let names = self.ads.intern(request.resource_names);
         let wildcard = names.is_empty() && kind.omission_deletes();
+        let state = self.types.entry(kind).or_default();
         let first = state.sent.is_none() && state.nonce.is_empty();
-        let subscription_changed = first || names != state.names || wildcard != state.wildcard;
+        let subscription_changed = first || names != state.names;
         state.names = names;
         state.wildcard = wildcard;
-        if subscription_changed && snapshot.synced {
-            self.send(kind, snapshot, true).await?;
+        if subscription_changed {
+            let subscribed: Names = if wildcard { Arc::from(vec![Arc::from("*")]) } else { state.names.clone() };
+            self.view(|v| v.types.entry(kind.short()).or_default().subscribed = subscribed);
+            if snapshot.synced {
+                self.send(kind, snapshot, true).await?;
+            }
         }
-        self.publish_view();
         Ok(())
     }
 
@@ -269,12 +328,8 @@ impl AdsStream {
             return Ok(());
         }
         let kinds: Vec<Kind> = self.types.keys().copied().collect();
-        let mut sent = false;
         for kind in kinds {
-            sent |= self.send(kind, snapshot, false).await?;
-        }
-        if sent {
-            self.publish_view();
+            self.send(kind, snapshot, false).await?;
         }
         Ok(())
     }
@@ -283,34 +338,52 @@ impl AdsStream {
     /// always, with `force`). Returns whether it sent.
     async fn send(&mut self, kind: Kind, snapshot: &Snapshot, force: bool) -> Result<bool, String> {
         let Some(state) = self.types.get_mut(&kind) else { return Ok(false) };
-        let names: Vec<&String> = if state.wildcard {
-            snapshot.services.keys().collect()
+        let revision = |service: &crate::catalog::Service| if kind == Kind::Endpoints { service.revision } else { 0 };
+        let names = state.names.clone();
+        // What a response would hold now, borrowed: (name, service, revision).
+        let held: Vec<(&Arc<str>, &crate::catalog::Service, u64)> = if state.wildcard {
+            snapshot.services.values().map(|service| (&service.name, &**service, revision(service))).collect()
         } else {
-            state.names.iter().filter(|name| snapshot.services.contains_key(*name)).collect()
+            names
+                .iter()
+                .filter_map(|name| snapshot.services.get(&**name).map(|service| (name, &**service, revision(service))))
+                .collect()
         };
-        let held: Vec<(String, u64)> = names
-            .iter()
-            .map(|name| {
-                let revision = if kind == Kind::Endpoints { snapshot.services[*name].revision } else { 0 };
-                ((*name).clone(), revision)
-            })
-            .collect();
-        if !force && state.sent.as_ref() == Some(&held) {
+        let unchanged = state.sent.as_ref().is_some_and(|sent| {
+            sent.len() == held.len() && sent.iter().zip(&held).all(|((a, r), (b, _, q))| a == *b && r == q)
+        });
+        if !force && unchanged {
             return Ok(false);
         }
+        let owned = || held.iter().map(|(name, _, revision)| ((*name).clone(), *revision)).collect::<Vec<_>>();
         // Nothing held and nothing to delete: routes and endpoints need no answer.
         if !kind.omission_deletes() && held.is_empty() && state.sent.as_ref().is_none_or(|s| s.is_empty()) {
-            state.sent = Some(held);
+            state.sent = Some(Vec::new());
             return Ok(false);
         }
-        let resources =
-            names.iter().map(|name| snapshot.services[*name].resource(kind, &self.zone, &self.ads.methods)).collect();
+        // Routes and endpoints: only what changed (a name left out says
+        // nothing), so one instance's change costs one resource per client.
+        let before: std::collections::HashMap<&str, u64> = match (&state.sent, force || kind.omission_deletes()) {
+            (Some(sent), false) => sent.iter().map(|(n, r)| (&**n, *r)).collect(),
+            _ => Default::default(),
+        };
+        let resources: Vec<_> = held
+            .iter()
+            .filter(|(name, _, revision)| before.get(&***name) != Some(revision))
+            .map(|(_, service, _)| service.resource(kind, &self.zone, &self.ads.methods))
+            .collect();
+        drop(before);
+        if resources.is_empty() && !force && !kind.omission_deletes() {
+            state.sent = Some(owned());
+            return Ok(false);
+        }
         self.nonce += 1;
         state.version += 1;
         state.nonce = self.nonce.to_string();
-        state.sent = Some(held);
+        state.sent = Some(owned());
+        let version = state.version.to_string();
         let response = DiscoveryResponse {
-            version_info: state.version.to_string(),
+            version_info: version.clone(),
             resources,
             type_url: kind.type_url().to_owned(),
             nonce: state.nonce.clone(),
@@ -318,29 +391,8 @@ impl AdsStream {
             ..Default::default()
         };
         self.ads.stats.responses[kind as usize].fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Ok(response)).await.map_err(|_| "client went away".to_owned())?;
+        self.view(|v| v.types.entry(kind.short()).or_default().sent_version = version);
+        self.tx.send(Ok(Box::new(response))).await.map_err(|_| "client went away".to_owned())?;
         Ok(true)
-    }
-
-    fn publish_view(&self) {
-        let types = self
-            .types
-            .iter()
-            .map(|(kind, state)| {
-                let view = TypeView {
-                    subscribed: if state.wildcard { vec!["*".into()] } else { state.names.iter().cloned().collect() },
-                    sent_version: if state.version == 0 { String::new() } else { state.version.to_string() },
-                    acked_version: state.acked.clone(),
-                    nacks: state.nacks,
-                    last_nack: state.last_nack.clone(),
-                };
-                (kind.short(), view)
-            })
-            .collect();
-        if let Some(view) = self.ads.clients.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
-            view.node.clone_from(&self.node);
-            view.zone.clone_from(&self.zone);
-            view.types = types;
-        }
     }
 }

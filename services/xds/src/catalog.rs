@@ -35,7 +35,7 @@ pub struct Endpoint {
 /// A service's instances at one moment, with its resources made once.
 #[derive(Debug)]
 pub struct Service {
-    pub name: String,
+    pub name: Arc<str>,
     /// Grows whenever the instances change (unique across services).
     pub revision: u64,
     /// By instance id.
@@ -47,7 +47,7 @@ pub struct Service {
 impl Service {
     pub fn new(name: &str, revision: u64, mut endpoints: Vec<Endpoint>) -> Self {
         endpoints.sort_by(|a, b| a.id.cmp(&b.id));
-        Self { name: name.to_owned(), revision, endpoints, fixed: Default::default(), by_zone: Mutex::default() }
+        Self { name: name.into(), revision, endpoints, fixed: Default::default(), by_zone: Mutex::default() }
     }
 
     /// The resource of `kind` named after this service, for a client in `zone`.

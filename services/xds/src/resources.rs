@@ -221,7 +221,7 @@ pub fn load_assignment(service: &Service, zone: &str) -> Any {
             ..Default::default()
         })
         .collect();
-    let assignment = ClusterLoadAssignment { cluster_name: service.name.clone(), endpoints, ..Default::default() };
+    let assignment = ClusterLoadAssignment { cluster_name: service.name.to_string(), endpoints, ..Default::default() };
     any(ENDPOINTS, &assignment)
 }
 

@@ -158,6 +158,10 @@ elif [[ "${MESHKIT_ETCD_MEMBERS:-1}" == 3 ]] && command -v go >/dev/null \
     && [[ "$(printf '%s\n%s\n' "$go_min" "$(go env GOVERSION | sed 's/^go//')" | sort -V | head -n1)" == "$go_min" ]]; then
     go_tools=(etcd:go.etcd.io/etcd/server/v3)
 fi
+# The bench's xDS phase calls through grpc-go too.
+if (( want_bench && !want_test )) && command -v go >/dev/null; then
+    go_tools+=(xds-client-go:.:services/integration-tests/clients/go)
+fi
 if (( ${#go_tools[@]} )); then
     for tool in "${go_tools[@]}"; do
         name="${tool%%:*}" package="${tool#*:}" dir="services/integration-tests/tools/${tool%%:*}"

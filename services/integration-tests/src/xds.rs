@@ -60,6 +60,11 @@ impl AdsClient {
     /// Opens a stream to `addr` (`host:port`) as node `id` in `zone`.
     pub async fn connect(addr: &str, id: &str, zone: &str) -> anyhow::Result<Self> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+        Self::on(channel, id, zone).await
+    }
+
+    /// Opens a stream on `channel` (streams may share a connection).
+    pub async fn on(channel: tonic::transport::Channel, id: &str, zone: &str) -> anyhow::Result<Self> {
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (requests, rx) = mpsc::channel(16);
         let responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
@@ -219,6 +224,18 @@ pub struct XdsCaller {
 impl XdsCaller {
     /// Starts `lang`'s client at `rate` calls/s until [`XdsCaller::finish`].
     pub async fn start(lang: Lang, bootstrap: &Path, user_id: &str, rate: u32, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_to(lang, bootstrap, "xds:///meshkit.user.v1.UserService", user_id, rate, dir).await
+    }
+
+    /// As [`XdsCaller::start`], calling `target` (`xds:///…`, or `host:port`).
+    pub async fn start_to(
+        lang: Lang,
+        bootstrap: &Path,
+        target: &str,
+        user_id: &str,
+        rate: u32,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
         let mut command = match lang {
             Lang::Go => tokio::process::Command::new(crate::tool("xds-client-go")),
             Lang::Java => {
@@ -229,7 +246,18 @@ impl XdsCaller {
         };
         let stderr = dir.join(format!("xds-client-{lang:?}-{}.log", crate::free_port()));
         command
-            .args(["--user-id", user_id, "--rate", &rate.to_string(), "--seconds", "0", "--deadline-ms", "2000"])
+            .args([
+                "--target",
+                target,
+                "--user-id",
+                user_id,
+                "--rate",
+                &rate.to_string(),
+                "--seconds",
+                "0",
+                "--deadline-ms",
+                "2000",
+            ])
             .env("GRPC_XDS_BOOTSTRAP", bootstrap)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

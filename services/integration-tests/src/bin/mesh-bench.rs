@@ -11,6 +11,8 @@
 //!    consumer lag at a steady 500 orders/s (see `bench/events.rs`).
 //! 5. Gateway: gRPC passthrough vs nginx `grpc_pass`, and REST/JSON
 //!    transcoding vs passthrough (see `bench/gateway.rs`).
+//! 6. xDS: registry change → grpc-go and grpc-java calls, 1,000 ADS clients,
+//!    grpc-java through xDS vs to the address (see `bench/xds.rs`).
 //!
 //! `MESHKIT_BENCH_SECS` (default 5) sets the length of each load phase.
 
@@ -18,6 +20,8 @@
 mod events;
 #[path = "../bench/gateway.rs"]
 mod gateway;
+#[path = "../bench/xds.rs"]
+mod xds;
 
 use std::{
     sync::Arc,
@@ -49,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
     let phases = std::env::var("MESHKIT_BENCH_PHASES")
-        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls".into());
+        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls,xds".into());
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -77,6 +81,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("tls") {
         tls_overhead(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+    }
+    if run("xds") {
+        xds::run(&etcd, dir.path()).await?;
     }
     Ok(())
 }

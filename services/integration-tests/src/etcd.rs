@@ -177,7 +177,25 @@ struct ClusterMember {
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster takes a write.
+    /// A port another process took between its choice and etcd's bind
+    /// (free ports are only free when looked at) means a fresh start on
+    /// other ports, up to three times.
     pub async fn start(size: usize) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(size).await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    eprintln!(
+                        "etcd cluster, attempt {attempt}: a member's port was taken ({e:#}); starting again on other ports"
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(size: usize) -> anyhow::Result<Self> {
         let binary = match std::env::var_os("MESHKIT_TEST_ETCD") {
             Some(path) => PathBuf::from(path),
             None => crate::tool("etcd"),

@@ -115,10 +115,8 @@ impl Ads {
         }
     }
 
-    /// `names` sorted, without duplicates, each one the shared copy.
-    fn intern(&self, mut names: Vec<String>) -> Names {
-        names.sort_unstable();
-        names.dedup();
+    /// `names` (sorted, without duplicates), each one the shared copy.
+    fn intern(&self, names: Vec<String>) -> Names {
         let mut interned = self.interned.lock().unwrap_or_else(|p| p.into_inner());
         names
             .into_iter()
@@ -306,14 +304,19 @@ impl AdsStream {
                 }
             }
         }
-        let names = self.ads.intern(request.resource_names);
-        let wildcard = names.is_empty() && kind.omission_deletes();
+        let mut requested = request.resource_names;
+        requested.sort_unstable();
+        requested.dedup();
+        let wildcard = requested.is_empty() && kind.omission_deletes();
         let state = self.types.entry(kind).or_default();
         let first = state.sent.is_none() && state.nonce.is_empty();
-        let subscription_changed = first || names != state.names;
-        state.names = names;
+        // An ACK names what it named before: compared, not interned again.
+        let same = state.names.len() == requested.len() && state.names.iter().zip(&requested).all(|(a, b)| **a == **b);
+        if !same {
+            state.names = self.ads.intern(requested);
+        }
         state.wildcard = wildcard;
-        if subscription_changed {
+        if first || !same {
             let subscribed: Names = if wildcard { Arc::from(vec![Arc::from("*")]) } else { state.names.clone() };
             self.view(|v| v.types.entry(kind.short()).or_default().subscribed = subscribed);
             if snapshot.synced {
@@ -335,9 +338,9 @@ impl AdsStream {
     }
 
     /// Sends `kind`'s resources if they differ from the last response (or
-    /// always, with `force`). Returns whether it sent.
-    async fn send(&mut self, kind: Kind, snapshot: &Snapshot, force: bool) -> Result<bool, String> {
-        let Some(state) = self.types.get_mut(&kind) else { return Ok(false) };
+    /// always, with `force`).
+    async fn send(&mut self, kind: Kind, snapshot: &Snapshot, force: bool) -> Result<(), String> {
+        let Some(state) = self.types.get_mut(&kind) else { return Ok(()) };
         let revision = |service: &crate::catalog::Service| if kind == Kind::Endpoints { service.revision } else { 0 };
         let names = state.names.clone();
         // What a response would hold now, borrowed: (name, service, revision).
@@ -353,13 +356,13 @@ impl AdsStream {
             sent.len() == held.len() && sent.iter().zip(&held).all(|((a, r), (b, _, q))| a == *b && r == q)
         });
         if !force && unchanged {
-            return Ok(false);
+            return Ok(());
         }
         let owned = || held.iter().map(|(name, _, revision)| ((*name).clone(), *revision)).collect::<Vec<_>>();
         // Nothing held and nothing to delete: routes and endpoints need no answer.
         if !kind.omission_deletes() && held.is_empty() && state.sent.as_ref().is_none_or(|s| s.is_empty()) {
             state.sent = Some(Vec::new());
-            return Ok(false);
+            return Ok(());
         }
         // Routes and endpoints: only what changed (a name left out says
         // nothing), so one instance's change costs one resource per client.
@@ -372,10 +375,9 @@ impl AdsStream {
             .filter(|(name, _, revision)| before.get(&***name) != Some(revision))
             .map(|(_, service, _)| service.resource(kind, &self.zone, &self.ads.methods))
             .collect();
-        drop(before);
         if resources.is_empty() && !force && !kind.omission_deletes() {
             state.sent = Some(owned());
-            return Ok(false);
+            return Ok(());
         }
         self.nonce += 1;
         state.version += 1;
@@ -392,7 +394,6 @@ impl AdsStream {
         };
         self.ads.stats.responses[kind as usize].fetch_add(1, Ordering::Relaxed);
         self.view(|v| v.types.entry(kind.short()).or_default().sent_version = version);
-        self.tx.send(Ok(Box::new(response))).await.map_err(|_| "client went away".to_owned())?;
-        Ok(true)
+        self.tx.send(Ok(Box::new(response))).await.map_err(|_| "client went away".to_owned())
     }
 }

@@ -25,6 +25,7 @@ mod connection;
 pub mod endpoint;
 pub mod retry;
 mod shared;
+mod split;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -50,6 +51,7 @@ use self::{
     endpoint::{EndpointService, PoolCounts},
     retry::Retry,
     shared::Shared,
+    split::{GroupFeed, Groups},
 };
 pub use self::{
     endpoint::{EndpointConfig, EndpointSnapshot, EndpointStats, PoolSnapshot},
@@ -199,8 +201,13 @@ impl ChannelBuilder {
             config.retry.budget_percent = retry.budget_percent as f32;
             config.retry.budget_min_per_sec = retry.budget_min_per_sec;
         }
-        let mut channel = BalancedChannel::from_watch(service, watch, &config, self.methods.clone());
-        channel.governance = self.governance.clone();
+        let channel = BalancedChannel::from_watch_governed(
+            service,
+            watch,
+            &config,
+            self.methods.clone(),
+            self.governance.clone(),
+        );
         pools.insert(service.to_owned(), channel.clone());
         channel
     }
@@ -268,22 +275,36 @@ impl BalancedChannel {
     /// A channel over any discovery source; [`ChannelBuilder::balanced`]
     /// feeds it from etcd.
     pub fn from_watch(service: &str, watch: ServiceWatch, config: &ChannelConfig, methods: Arc<MethodTable>) -> Self {
+        Self::from_watch_governed(service, watch, config, methods, None)
+    }
+
+    /// [`Self::from_watch`] with calling-side governance: its rules and its
+    /// traffic split by version.
+    pub fn from_watch_governed(
+        service: &str,
+        watch: ServiceWatch,
+        config: &ChannelConfig,
+        methods: Arc<MethodTable>,
+        governance: Option<Arc<meshkit_governance::Governance>>,
+    ) -> Self {
         let counts = Arc::new(PoolCounts::new());
         let view = Arc::new(PoolView::new(service, counts.clone()));
         counts.set_notify(Arc::downgrade(&view));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let synced = Arc::new(Synced::default());
-        tokio::spawn(forward(watch, tx, synced.clone(), view.clone(), counts, config.clone()));
+        let feed = Arc::new(GroupFeed::new(connect_settings(config)));
+        tokio::spawn(forward(watch, tx, synced.clone(), view.clone(), counts, config.clone(), feed.clone()));
         let endpoints: EndpointStream = Box::pin(UnboundedReceiverStream::new(rx).map(Ok));
         let pool = Pool {
             balance: Balance::new(endpoints),
             synced,
             wait: Box::pin(tokio::time::sleep(config.discovery_wait)),
             waited: false,
-            route_to_balance: false,
+            route: Route::Refuse,
             service: Arc::from(service),
+            split: SplitState { governance: governance.clone(), generation: 0, groups: None, chosen: None, feed },
         };
-        Self { inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service), view, governance: None }
+        Self { inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service), view, governance }
     }
 
     /// The pool behind this channel.
@@ -302,6 +323,7 @@ async fn forward(
     view: Arc<PoolView>,
     counts: Arc<PoolCounts>,
     config: ChannelConfig,
+    feed: Arc<GroupFeed>,
 ) {
     let ServiceWatch { mut changes, synced: mut source_synced, .. } = watch;
     let endpoint_config = Arc::new(config.endpoint.clone());
@@ -325,6 +347,7 @@ async fn forward(
             None => None,
             Some(Change::Remove(id)) => {
                 view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                feed.remove(&id);
                 keys.remove(&id).map(Change::Remove)
             }
             Some(Change::Insert(id, instance)) => match instance.addr.parse::<http::uri::Authority>() {
@@ -339,10 +362,11 @@ async fn forward(
                     view.endpoints.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), stats.clone());
                     // An instance inserted again (its address changed) keeps its key,
                     // so the balancer replaces it.
-                    let key = *keys.entry(id).or_insert_with(|| {
+                    let key = *keys.entry(id.clone()).or_insert_with(|| {
                         next_key += 1;
                         next_key
                     });
+                    feed.insert(&id, &instance.version, authority.clone(), stats.clone(), key);
                     Some(Change::Insert(key, EndpointService::new(authority, settings.clone(), stats)))
                 }
                 Err(e) => {
@@ -487,8 +511,57 @@ struct Pool {
     synced: Arc<Synced>,
     wait: Pin<Box<tokio::time::Sleep>>,
     waited: bool,
-    route_to_balance: bool,
+    /// Where the call after a ready `poll_ready` goes.
+    route: Route,
     service: Arc<str>,
+    split: SplitState,
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    /// No instance: the call fails at once.
+    Refuse,
+    /// p2c over every instance.
+    All,
+    /// p2c within one version group of the split.
+    Group(usize),
+}
+
+/// The traffic split of a pool: the groups of the split in force, refreshed
+/// when governance's rules change (one atomic read per call otherwise).
+struct SplitState {
+    governance: Option<Arc<meshkit_governance::Governance>>,
+    generation: u64,
+    groups: Option<Groups>,
+    /// The group picked for the call being made ready, kept while it waits.
+    chosen: Option<usize>,
+    feed: Arc<GroupFeed>,
+}
+
+impl SplitState {
+    fn refresh(&mut self, service: &str) {
+        let Some(governance) = &self.governance else { return };
+        let generation = governance.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        let split = governance.split(service);
+        if split.as_deref() == self.groups.as_ref().map(|g| &*g.split) {
+            return;
+        }
+        self.chosen = None;
+        match split {
+            Some(split) => {
+                tracing::info!(service, split = %split.describe(), "traffic split by version in force");
+                self.groups = Some(Groups::new(split, self.groups.take(), &self.feed));
+            }
+            None => {
+                tracing::info!(service, "traffic split removed: p2c over every instance");
+                self.groups = None;
+            }
+        }
+    }
 }
 
 impl Pool {
@@ -515,18 +588,41 @@ impl Service<Request> for Pool {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Errors are never returned from here: they would fail whichever
         // caller polled. Failures go to the call instead.
+        self.split.refresh(&self.service);
+        if let Some(groups) = &mut self.split.groups {
+            // With no named version having an instance, the whole pool serves.
+            while let Some(i) = self.split.chosen.or_else(|| groups.pick()) {
+                self.split.chosen = Some(i);
+                let group = &mut groups.groups[i];
+                match group.balance.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.route = Route::Group(i);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(service = %self.service, version = %group.version, error = %e, "group not ready");
+                        self.split.chosen = None;
+                        self.route = Route::Refuse;
+                        return Poll::Ready(Ok(()));
+                    }
+                    // The group lost its last instance while the call waited: pick again.
+                    Poll::Pending if group.members() == 0 => self.split.chosen = None,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
         match self.balance.poll_ready(cx) {
             Poll::Ready(Ok(())) => {
-                self.route_to_balance = true;
+                self.route = Route::All;
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => {
                 tracing::debug!(service = %self.service, error = %e, "balancer not ready");
-                self.route_to_balance = false;
+                self.route = Route::Refuse;
                 Poll::Ready(Ok(()))
             }
             Poll::Pending if self.balance.is_empty() && self.discovery_settled(cx) => {
-                self.route_to_balance = false;
+                self.route = Route::Refuse;
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => Poll::Pending,
@@ -534,7 +630,14 @@ impl Service<Request> for Pool {
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        if std::mem::take(&mut self.route_to_balance) {
+        let route = std::mem::replace(&mut self.route, Route::Refuse);
+        if let Route::Group(i) = route {
+            self.split.chosen = None;
+            if let Some(group) = self.split.groups.as_mut().and_then(|g| g.groups.get_mut(i)) {
+                return futures::future::Either::Left(group.balance.call(req));
+            }
+        }
+        if let Route::All = route {
             futures::future::Either::Left(self.balance.call(req))
         } else {
             let status: tonic::Status = NoLiveInstance(self.service.clone()).into();

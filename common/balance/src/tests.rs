@@ -73,6 +73,101 @@ async fn bad_address_is_skipped_not_fatal() {
     assert_eq!(status_of(err).code(), tonic::Code::Unavailable);
 }
 
+/// A gRPC server on loopback answering every call with OK (trailers only).
+async fn ok_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else { return };
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    let response = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "0")
+                        .body(())
+                        .expect("static response");
+                    let _ = respond.send_response(response, true);
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn instance(addr: std::net::SocketAddr, version: &str) -> Instance {
+    Instance {
+        addr: addr.to_string(),
+        zone: String::new(),
+        weight: 100,
+        version: version.into(),
+        metadata: Default::default(),
+    }
+}
+
+fn calls_by_version(channel: &BalancedChannel, versions: &[(&str, &str)]) -> BTreeMap<String, u64> {
+    let mut by_version = BTreeMap::new();
+    for (id, endpoint) in channel.view().snapshot() {
+        let version = versions.iter().find(|(i, _)| *i == id).map(|(_, v)| *v).expect("known id");
+        *by_version.entry(version.to_owned()).or_default() += endpoint.calls;
+    }
+    by_version
+}
+
+#[tokio::test]
+async fn a_split_holds_each_versions_share_and_skips_a_version_with_no_instance() {
+    use meshkit_governance::{Governance, GovernanceSettings};
+    let (tx, synced, w) = watch(false);
+    let versions = [("a-1", "old"), ("a-2", "old"), ("b-1", "new")];
+    for (id, version) in versions {
+        tx.send(Change::Insert(id.into(), instance(ok_server().await, version))).await.expect("open");
+    }
+    synced.send_replace(true);
+    let mut settings = GovernanceSettings::default();
+    settings.split.insert("meshkit.test.v1.Split".into(), [("old".into(), 90), ("new".into(), 10)].into());
+    let governance = Governance::new(settings.clone());
+    let channel = BalancedChannel::from_watch_governed(
+        "meshkit.test.v1.Split",
+        w,
+        &ChannelConfig::default(),
+        Arc::default(),
+        Some(governance.clone()),
+    );
+    let call = |channel: &BalancedChannel| {
+        let channel = channel.clone();
+        async move { tokio::time::timeout(Duration::from_secs(5), channel.oneshot(request())).await }
+    };
+    for _ in 0..200 {
+        call(&channel).await.expect("in time").expect("answered");
+    }
+    assert_eq!(calls_by_version(&channel, &versions), [("new".into(), 20), ("old".into(), 180)].into());
+
+    // Changed live: the next calls follow the new shares.
+    settings.split.insert("meshkit.test.v1.Split".into(), [("old".into(), 50), ("new".into(), 50)].into());
+    governance.replace(settings.clone());
+    for _ in 0..100 {
+        call(&channel).await.expect("in time").expect("answered");
+    }
+    assert_eq!(calls_by_version(&channel, &versions), [("new".into(), 70), ("old".into(), 230)].into());
+
+    // The new version's only instance leaves: no call fails, all go to the old.
+    tx.send(Change::Remove("b-1".into())).await.expect("open");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..50 {
+        call(&channel).await.expect("in time").expect("answered");
+    }
+    let old: u64 = channel.view().snapshot().values().map(|e| e.calls).sum();
+    assert_eq!(old, 280, "50 more calls, all to the old version's two instances");
+
+    // No split: p2c over every instance again.
+    settings.split.clear();
+    governance.replace(settings);
+    tx.send(Change::Insert("b-1".into(), instance(ok_server().await, "new"))).await.expect("open");
+    for _ in 0..20 {
+        call(&channel).await.expect("in time").expect("answered");
+    }
+}
+
 mod endpoint_stats {
     use std::time::Instant;
 

@@ -30,7 +30,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     num::NonZeroU32,
     pin::Pin,
-    sync::{Arc, LazyLock, Mutex, RwLock},
+    sync::{
+        Arc, LazyLock, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -93,6 +96,22 @@ struct Compiled {
     /// Calling side, created on first use: service → method → breaker.
     breakers: Mutex<HashMap<String, HashMap<String, Arc<Breaker>>>>,
     throttles: Mutex<HashMap<String, Arc<Throttle>>>,
+    splits: HashMap<String, Arc<VersionSplit>>,
+}
+
+/// A called service's traffic split: version groups and their percents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionSplit {
+    /// `(version, percent)`, by version; the percents add up to 100.
+    pub groups: Vec<(Arc<str>, u32)>,
+}
+
+impl VersionSplit {
+    /// `spring-1=90 0.1.0=10`.
+    pub fn describe(&self) -> String {
+        let shares: Vec<String> = self.groups.iter().map(|(v, p)| format!("{v}={p}")).collect();
+        shares.join(" ")
+    }
 }
 
 impl Compiled {
@@ -105,7 +124,15 @@ impl Compiled {
             }
         }
         let shedder = settings.shedding.enabled.then(|| Arc::new(Shedder::new(settings.shedding.clone())));
-        Self { settings, rules, shedder, breakers: Mutex::default(), throttles: Mutex::default() }
+        let splits = settings
+            .split
+            .iter()
+            .map(|(service, versions)| {
+                let groups = versions.iter().map(|(v, p)| (Arc::from(v.as_str()), *p)).collect();
+                (service.clone(), Arc::new(VersionSplit { groups }))
+            })
+            .collect();
+        Self { settings, rules, shedder, breakers: Mutex::default(), throttles: Mutex::default(), splits }
     }
 
     /// The most specific rule for `/pkg.Service/Method`.
@@ -167,6 +194,9 @@ struct ServiceLabels {
 pub struct Governance {
     compiled: RwLock<Arc<Compiled>>,
     rejections: Mutex<BTreeMap<(String, String, String), u64>>,
+    /// Bumped whenever the rules are replaced, so a balanced channel checks
+    /// its split with one atomic read per call.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Governance {
@@ -178,7 +208,11 @@ impl std::fmt::Debug for Governance {
 impl Governance {
     /// Fixed rules.
     pub fn new(settings: GovernanceSettings) -> Arc<Self> {
-        Arc::new(Self { compiled: RwLock::new(Arc::new(Compiled::new(settings))), rejections: Mutex::default() })
+        Arc::new(Self {
+            compiled: RwLock::new(Arc::new(Compiled::new(settings))),
+            rejections: Mutex::default(),
+            generation: AtomicU64::new(1),
+        })
     }
 
     /// Rules that follow `settings` (from [`meshkit_registry::config_center::ConfigCenter::section`]):
@@ -205,6 +239,17 @@ impl Governance {
     pub fn replace(&self, settings: GovernanceSettings) {
         let compiled = Arc::new(Compiled::new(settings));
         *self.compiled.write().unwrap_or_else(|p| p.into_inner()) = compiled;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes with every replacement of the rules (never 0).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The traffic split of calls to `service`, if one is set.
+    pub fn split(&self, service: &str) -> Option<Arc<VersionSplit>> {
+        self.snapshot().splits.get(service).cloned()
     }
 
     fn snapshot(&self) -> Arc<Compiled> {

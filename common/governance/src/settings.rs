@@ -17,6 +17,12 @@ pub struct GovernanceSettings {
     pub throttling: ThrottlingSettings,
     /// Retry policy by called service (`pkg.Service`), applied to channels built after it is set.
     pub retry: std::collections::BTreeMap<String, RetrySettings>,
+    /// Traffic split by version, by called service (`pkg.Service`): version →
+    /// percent of the calls, summing to 100. Every balanced channel picks a
+    /// version group by these weights, then p2c within it; xDS clients get the
+    /// same as `weighted_clusters`. Versions not named get no calls while a
+    /// named one has an instance. `meshctl split` writes it.
+    pub split: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>>,
 }
 
 /// The rules of one method (or a pattern of methods).
@@ -197,6 +203,49 @@ impl Settings for GovernanceSettings {
                 );
             }
         }
+        for (service, versions) in &self.split {
+            validate_split(versions).or_else(|problem| bad(format!("governance.split.{service:?}"), problem))?;
+        }
         Ok(())
+    }
+}
+
+/// A split names at least one version, no blank one, and its percents add up to 100.
+pub fn validate_split(versions: &std::collections::BTreeMap<String, u32>) -> std::result::Result<(), String> {
+    if versions.is_empty() {
+        return Err("names no version".into());
+    }
+    if let Some(blank) = versions.keys().find(|v| v.trim().is_empty() || v.trim() != v.as_str()) {
+        return Err(format!("{blank:?} is not a version"));
+    }
+    let total: u64 = versions.values().map(|p| u64::from(*p)).sum();
+    if total != 100 {
+        let shares: Vec<String> = versions.iter().map(|(v, p)| format!("{v}={p}")).collect();
+        return Err(format!("percents add up to {total}, not 100 ({})", shares.join(" ")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_split_must_add_up_to_100_and_name_real_versions() {
+        let mut settings = GovernanceSettings::default();
+        settings
+            .split
+            .insert("meshkit.user.v1.UserService".into(), [("spring-1".into(), 90), ("0.1.0".into(), 10)].into());
+        settings.validate().expect("90 + 10");
+        settings
+            .split
+            .insert("meshkit.user.v1.UserService".into(), [("spring-1".into(), 90), ("0.1.0".into(), 20)].into());
+        let err = settings.validate().expect_err("110").to_string();
+        assert!(err.contains("governance.split.\"meshkit.user.v1.UserService\"") && err.contains("110"), "{err}");
+        settings.split.clear();
+        settings.split.insert("s.S".into(), [(" ".into(), 100)].into());
+        assert!(settings.validate().expect_err("blank").to_string().contains("is not a version"));
+        settings.split.insert("s.S".into(), Default::default());
+        assert!(settings.validate().expect_err("empty").to_string().contains("names no version"));
     }
 }

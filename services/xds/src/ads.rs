@@ -341,7 +341,11 @@ impl AdsStream {
     /// always, with `force`).
     async fn send(&mut self, kind: Kind, snapshot: &Snapshot, force: bool) -> Result<(), String> {
         let Some(state) = self.types.get_mut(&kind) else { return Ok(()) };
-        let revision = |service: &crate::catalog::Service| if kind == Kind::Endpoints { service.revision } else { 0 };
+        let revision = |service: &crate::catalog::Service| match kind {
+            Kind::Endpoints => service.revision,
+            Kind::Route => service.route_revision,
+            Kind::Listener | Kind::Cluster => 0,
+        };
         let names = state.names.clone();
         // What a response would hold now, borrowed: (name, service, revision).
         let held: Vec<(&Arc<str>, &crate::catalog::Service, u64)> = if state.wildcard {

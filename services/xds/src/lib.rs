@@ -61,7 +61,8 @@ impl XdsServer {
 pub async fn start(config: MeshConfig) -> meshkit_common::Result<XdsServer> {
     let mesh = Mesh::connect(&config, COMPONENT).await?;
     let config = mesh.config();
-    let catalog = Catalog::start(mesh.etcd.clone(), &config.etcd.prefix);
+    let splits = mesh.center.section(|c| c.governance.split.clone());
+    let catalog = Catalog::start(mesh.etcd.clone(), &config.etcd.prefix, splits);
     let (closing, closed) = watch::channel(false);
     let identifier = format!("meshkit-xds/{}", config.registry.instance_id);
     let ads = Ads::new(catalog.clone(), MethodTable::meshkit(), identifier, closed);

@@ -17,7 +17,7 @@
 //!   names a zone gets that zone's instances at priority 0 and the others at
 //!   priority 1: it fails over to other zones only when its own has none ready.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use envoy_types::pb::{
     envoy::{
@@ -30,8 +30,8 @@ use envoy_types::pb::{
             endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
             listener::v3::{ApiListener, Listener},
             route::v3::{
-                Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, retry_policy::RetryBackOff, route,
-                route_action, route_match,
+                Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+                retry_policy::RetryBackOff, route, route_action, route_match, weighted_cluster::ClusterWeight,
             },
         },
         extensions::filters::{
@@ -139,9 +139,25 @@ pub fn listener(service: &str) -> Any {
     any(LISTENER, &listener)
 }
 
-pub fn route_config(service: &str, methods: &MethodTable) -> Any {
+/// The routes of `service`: to its cluster, or, under a traffic split, to
+/// `split`'s clusters (one per version, `(cluster, weight)`) by weight.
+pub fn route_config(service: &str, methods: &MethodTable, split: &[(Arc<str>, u32)]) -> Any {
+    let clusters = || {
+        if split.is_empty() {
+            return route_action::ClusterSpecifier::Cluster(service.to_owned());
+        }
+        let clusters = split
+            .iter()
+            .map(|(name, weight)| ClusterWeight {
+                name: name.to_string(),
+                weight: Some(UInt32Value { value: *weight }),
+                ..Default::default()
+            })
+            .collect();
+        route_action::ClusterSpecifier::WeightedClusters(WeightedCluster { clusters, ..Default::default() })
+    };
     let to_cluster = |retry: bool| RouteAction {
-        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(service.to_owned())),
+        cluster_specifier: Some(clusters()),
         retry_policy: retry.then(|| envoy_types::pb::envoy::config::route::v3::RetryPolicy {
             retry_on: "unavailable".into(),
             num_retries: Some(UInt32Value { value: ATTEMPTS - 1 }),
@@ -271,7 +287,7 @@ mod tests {
 
     #[test]
     fn idempotent_methods_are_retried_and_the_rest_are_not() {
-        let config: RouteConfiguration = decode(&route_config(USER, &MethodTable::meshkit()), ROUTE);
+        let config: RouteConfiguration = decode(&route_config(USER, &MethodTable::meshkit(), &[]), ROUTE);
         let routes = &config.virtual_hosts[0].routes;
         let described: Vec<(String, Option<u32>)> = routes
             .iter()
@@ -299,8 +315,25 @@ mod tests {
             ]
         );
         // A service the contracts do not know: every method without retries.
-        let config: RouteConfiguration = decode(&route_config("other.Service", &MethodTable::meshkit()), ROUTE);
+        let config: RouteConfiguration = decode(&route_config("other.Service", &MethodTable::meshkit(), &[]), ROUTE);
         assert_eq!(config.virtual_hosts[0].routes.len(), 1);
+    }
+
+    #[test]
+    fn a_split_routes_every_method_to_the_version_clusters_by_weight() {
+        let split = [(Arc::from(format!("{USER}@spring-1")), 90), (Arc::from(format!("{USER}@0.1.0")), 10)];
+        let config: RouteConfiguration = decode(&route_config(USER, &MethodTable::meshkit(), &split), ROUTE);
+        let routes = &config.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 3, "the same routes, retries kept");
+        for r in routes {
+            let Some(route::Action::Route(action)) = &r.action else { panic!("not a route action") };
+            let Some(route_action::ClusterSpecifier::WeightedClusters(weighted)) = &action.cluster_specifier else {
+                panic!("not weighted: {action:?}")
+            };
+            let clusters: Vec<(&str, u32)> =
+                weighted.clusters.iter().map(|c| (c.name.as_str(), c.weight.unwrap().value)).collect();
+            assert_eq!(clusters, [(&*format!("{USER}@spring-1"), 90), (&*format!("{USER}@0.1.0"), 10)]);
+        }
     }
 
     #[test]

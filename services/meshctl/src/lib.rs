@@ -11,6 +11,7 @@ mod processes;
 mod prometheus;
 mod registry;
 mod settings;
+mod split;
 pub mod xds;
 
 pub use auth::{etcd_auth_enable, etcd_user, role_grants};
@@ -24,6 +25,7 @@ pub use processes::{events, pools};
 pub use prometheus::{prometheus_targets, watch_prometheus_targets, write_prometheus_targets};
 pub use registry::{Registration, instances, leases, registrations, services};
 pub use settings::{CtlConfig, client_tls};
+pub use split::{SPLIT_PATH, parse_shares, split_set, split_show};
 
 /// The scheduler's API in the registry.
 pub(crate) const SCHEDULER_SERVICE: &str = meshkit_proto::scheduler::job_scheduler_server::SERVICE_NAME;
@@ -45,6 +47,10 @@ commands:
   config watch COMPONENT         print changes as they happen
   governance INSTANCE_ID|ADMIN_ADDR
                                  a process's rules, breakers, shedding and refusals by rule
+  split SERVICE [VERSION=PERCENT …] [--clear]
+                                 the traffic split by version (e.g. spring-1=90 0.1.0=10, adding up to
+                                 100), kept in the config center and applied live by every balanced
+                                 channel and xDS client; alone: the split and instances by version
   jobs list                      the scheduler's jobs: schedule, executors, state, next and last run, leader
   jobs trigger NAME [PARAM]      run a job now (PARAM replaces the job's param for this run)
   jobs pause NAME | jobs resume NAME

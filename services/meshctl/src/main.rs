@@ -51,6 +51,7 @@ async fn main() -> ExitCode {
                 | "config"
                 | "governance"
                 | "jobs"
+                | "split"
                 | "xds"
         )
     ) {
@@ -77,6 +78,9 @@ async fn main() -> ExitCode {
     }
     if command == Some("jobs") {
         return jobs(&mut client, &prefix, &args[1..]).await;
+    }
+    if command == Some("split") {
+        return split(&mut client, &prefix, &args[1..]).await;
     }
     if command == Some("etcd-user") || command == Some("etcd-auth-enable") {
         let Some(password) = read_password() else {
@@ -105,6 +109,21 @@ async fn main() -> ExitCode {
         Some("events") => cmd::events(&mut client, &prefix).await,
         Some("governance") => cmd::governance(&mut client, &prefix, &args[1]).await,
         _ => cmd::pools(&mut client, &prefix, &args[1]).await,
+    };
+    finish(result)
+}
+
+/// `split SERVICE [VERSION=PERCENT …] [--clear]`.
+async fn split(client: &mut etcd_client::Client, prefix: &str, args: &[String]) -> ExitCode {
+    const USAGE: &str = "split SERVICE [VERSION=PERCENT …] [--clear]";
+    let Some((service, shares)) = args.split_first() else { return usage(USAGE) };
+    let result = match shares {
+        [] => cmd::split_show(client, prefix, service).await,
+        [clear] if clear == "--clear" => cmd::split_set(client, prefix, service, None).await,
+        shares => match cmd::parse_shares(shares) {
+            Ok(shares) => cmd::split_set(client, prefix, service, Some(shares)).await,
+            Err(e) => return usage(&format!("split: {e}")),
+        },
     };
     finish(result)
 }

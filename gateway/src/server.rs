@@ -551,6 +551,7 @@ pub struct RunningGateway {
     registry: Option<RegistrySession>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    _center: meshkit_common::config_center::ConfigCenter<GatewayConfig>,
 }
 
 impl RunningGateway {
@@ -613,9 +614,24 @@ pub(crate) async fn start_worker(
     let etcd = meshkit_common::etcd::connect(&config.etcd).await?;
     // mTLS to the services with the gateway's own identity, when `tls` is on.
     let upstream_tls = meshkit_common::tls::Tls::from_settings(&config.tls)?;
+    // The config center, for the traffic splits by version the channels
+    // follow and (in the first worker) the log filter. The gateway applies
+    // no other calling-side rule: its per-client limit is its own.
+    let center = meshkit_common::config_center::ConfigCenter::start(
+        etcd.clone(),
+        &config.etcd.prefix,
+        config.clone(),
+        COMPONENT,
+    )
+    .await?;
+    let splits = meshkit_common::governance::Governance::watching(center.section(|c| c.mesh.governance.clone()));
+    if with_admin {
+        follow_log_filter(center.section(|c| c.mesh.log.filter.clone()));
+    }
     let channels = ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone())
         .with_methods(contracts.method_table())
-        .with_tls(upstream_tls);
+        .with_tls(upstream_tls)
+        .with_splits(splits);
     let edge_tls = if config.gateway.tls_cert_file.is_empty() {
         None
     } else {
@@ -684,7 +700,23 @@ pub(crate) async fn start_worker(
     let connections = Connections { builder, limits, edge_tls };
     let task = tokio::spawn(serve(listener, connections, gateway, cors, stop_rx, drain));
     tracing::debug!(%addr, admin = ?admin.as_ref().map(AdminServer::local_addr), "gateway worker listening");
-    Ok(RunningGateway { addr, admin, registry, stop: Some(stop_tx), task })
+    Ok(RunningGateway { addr, admin, registry, stop: Some(stop_tx), task, _center: center })
+}
+
+/// The component name the gateway reads its settings under.
+pub const COMPONENT: &str = "gateway";
+
+/// Applies the config center's `log.filter` as it changes.
+fn follow_log_filter(mut filter: tokio::sync::watch::Receiver<String>) {
+    tokio::spawn(async move {
+        while filter.changed().await.is_ok() {
+            let directives = filter.borrow_and_update().clone();
+            match meshkit_common::telemetry::set_filter(&directives) {
+                Ok(()) => tracing::info!(filter = directives, "log filter changed"),
+                Err(e) => tracing::warn!(filter = directives, error = e, "log filter refused"),
+            }
+        }
+    });
 }
 
 /// The service name the gateway registers under.

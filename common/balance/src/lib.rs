@@ -134,6 +134,8 @@ pub struct ChannelBuilder {
     config: ChannelConfig,
     methods: Arc<MethodTable>,
     governance: Option<Arc<meshkit_governance::Governance>>,
+    /// Where traffic splits come from, when not from `governance`.
+    splits: Option<Arc<meshkit_governance::Governance>>,
     pools: Arc<Mutex<HashMap<String, BalancedChannel>>>,
 }
 
@@ -146,6 +148,7 @@ impl ChannelBuilder {
             config: ChannelConfig::default(),
             methods: Arc::new(MethodTable::meshkit()),
             governance: None,
+            splits: None,
             pools: Arc::default(),
         }
     }
@@ -154,6 +157,14 @@ impl ChannelBuilder {
     /// retry policy per service) for every channel built after this.
     pub fn with_governance(mut self, governance: Arc<meshkit_governance::Governance>) -> Self {
         self.governance = Some(governance);
+        self
+    }
+
+    /// Traffic splits by version (`governance.split`) from `governance`,
+    /// without its other rules, for channels built after this. A builder
+    /// [`Self::with_governance`] takes its splits from there already.
+    pub fn with_splits(mut self, governance: Arc<meshkit_governance::Governance>) -> Self {
+        self.splits = Some(governance);
         self
     }
 
@@ -201,13 +212,9 @@ impl ChannelBuilder {
             config.retry.budget_percent = retry.budget_percent as f32;
             config.retry.budget_min_per_sec = retry.budget_min_per_sec;
         }
-        let channel = BalancedChannel::from_watch_governed(
-            service,
-            watch,
-            &config,
-            self.methods.clone(),
-            self.governance.clone(),
-        );
+        let splits = self.splits.clone().or_else(|| self.governance.clone());
+        let mut channel = BalancedChannel::from_watch_governed(service, watch, &config, self.methods.clone(), splits);
+        channel.governance = self.governance.clone();
         pools.insert(service.to_owned(), channel.clone());
         channel
     }
@@ -278,14 +285,14 @@ impl BalancedChannel {
         Self::from_watch_governed(service, watch, config, methods, None)
     }
 
-    /// [`Self::from_watch`] with calling-side governance: its rules and its
-    /// traffic split by version.
+    /// [`Self::from_watch`] following the traffic split by version of
+    /// `splits` (its `governance.split`).
     pub fn from_watch_governed(
         service: &str,
         watch: ServiceWatch,
         config: &ChannelConfig,
         methods: Arc<MethodTable>,
-        governance: Option<Arc<meshkit_governance::Governance>>,
+        splits: Option<Arc<meshkit_governance::Governance>>,
     ) -> Self {
         let counts = Arc::new(PoolCounts::new());
         let view = Arc::new(PoolView::new(service, counts.clone()));
@@ -302,9 +309,9 @@ impl BalancedChannel {
             waited: false,
             route: Route::Refuse,
             service: Arc::from(service),
-            split: SplitState { governance: governance.clone(), generation: 0, groups: None, chosen: None, feed },
+            split: SplitState { governance: splits, generation: 0, groups: None, chosen: None, feed },
         };
-        Self { inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service), view, governance }
+        Self { inner: Retry::new(Shared::new(pool), methods, config.retry.clone(), service), view, governance: None }
     }
 
     /// The pool behind this channel.

@@ -44,6 +44,8 @@ test: ## the whole suite: unit and integration tests on real etcd, Apache Kafka 
 	@mkdir -p target
 	@set -o pipefail; $(PHASE) "cargo test" bash -c 'set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log'; status=$$?; \
 	  awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log; \
+	  $(PHASE) "java tests" bash -c 'set -o pipefail; mvn -B -f common/java/pom.xml -pl spring,../../services/user-spring -am test 2>&1 \
+	    | tee target/java-test.log | grep -E "^\[(ERROR|WARNING)\] Tests run:|Tests run:.*Fail|BUILD (SUCCESS|FAILURE)" | tail -4' || status=1; \
 	  MESHKIT_PROFILE=dev $(PHASE) interop deploy/local/interop.sh --own-cluster || status=1; \
 	  $(PHASE) manifests deploy/check-manifests.sh || status=1; \
 	  exit $$status

@@ -18,6 +18,7 @@ pub mod postgres;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod spring;
 pub mod xds;
 
 use std::{

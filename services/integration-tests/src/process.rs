@@ -22,10 +22,23 @@ impl ServiceProcess {
     pub fn spawn(binary: &str, env: &[(&str, String)], log_dir: &Path) -> anyhow::Result<Self> {
         let path = bin_dir().join(binary);
         anyhow::ensure!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
-        let (log, log_path) =
-            tempfile::Builder::new().prefix(&format!("{binary}-")).suffix(".log").tempfile_in(log_dir)?.keep()?;
         let mut command = Command::new(&path);
-        command.env("RUST_LOG", "warn").env("RUST_BACKTRACE", "0").env_remove("MESHKIT_CONFIG");
+        command.env("RUST_LOG", "warn").env("RUST_BACKTRACE", "0");
+        Self::spawn_command(binary, command, env, log_dir)
+    }
+
+    /// Starts `command` (a program in another language: the Spring Boot
+    /// service) as `name`, with `env` and the same isolation and logging.
+    pub fn spawn_command(
+        name: &str,
+        mut command: Command,
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let (log, log_path) =
+            tempfile::Builder::new().prefix(&format!("{name}-")).suffix(".log").tempfile_in(log_dir)?.keep()?;
+        let path = std::path::PathBuf::from(command.get_program());
+        command.env_remove("MESHKIT_CONFIG");
         // No broker unless the test names one: never a broker a local cluster runs.
         command.env("MESHKIT_EVENTS_BROKERS", format!("127.0.0.1:{}", crate::free_port()));
         for (key, value) in env {
@@ -37,7 +50,7 @@ impl ServiceProcess {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", path.display()))?;
-        Ok(Self { child, name: binary.to_owned(), log: log_path })
+        Ok(Self { child, name: name.to_owned(), log: log_path })
     }
 
     /// What it has logged so far.

@@ -23,6 +23,10 @@
 #   MESHKIT_TLS             1: mTLS between every process, HTTPS at the gateway, TLS with
 #                           client certificates at the Kafka broker, with a development
 #                           CA and certificates made under $RUN_DIR/tls
+#   MESHKIT_JAVA            1: PostgreSQL (on MESHKIT_POSTGRES_PORT, default 15432, data in
+#                           $RUN_DIR/postgres) for user-service, and two instances of the
+#                           Spring Boot UserService (services/user-spring) beside the Rust
+#                           ones on the same tables: one service, two languages
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -38,6 +42,9 @@ KAFKA_CONTROLLER_PORT="${MESHKIT_KAFKA_CONTROLLER_PORT:-9093}"
 GATEWAY_PORT="${MESHKIT_GATEWAY_PORT:-8080}"
 PROMETHEUS_PORT="${MESHKIT_PROMETHEUS_PORT:-9091}"
 XDS_PORT="${MESHKIT_XDS_PORT:-18000}"
+POSTGRES_PORT="${MESHKIT_POSTGRES_PORT:-15432}"
+JAVA_ON=0
+[[ "${MESHKIT_JAVA:-0}" == 1 ]] && JAVA_ON=1
 SERVICES=(user user order order notification notification scheduler scheduler)
 KAFKA="$ROOT/deploy/local/kafka.sh"
 # The topics `make up` creates (compose and Kubernetes create the same; see
@@ -247,15 +254,100 @@ events_tls_env() { # name: the MESHKIT_EVENTS_TLS_* variables, the broker our ow
     echo "MESHKIT_EVENTS_TLS_CA_FILE=$RUN_DIR/tls/ca.pem MESHKIT_EVENTS_TLS_CERT_FILE=$RUN_DIR/tls/$1.pem MESHKIT_EVENTS_TLS_KEY_FILE=$RUN_DIR/tls/$1.key"
 }
 
+# PostgreSQL for the Rust and the Spring UserService (MESHKIT_JAVA=1). It
+# refuses to run as root, so as root it runs as the `postgres` user.
+pg_run() {
+    local bin; bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+    if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$bin/$1" "${@:2}"; else "$bin/$1" "${@:2}"; fi
+}
+postgres_url() { echo "postgres://postgres@127.0.0.1:$POSTGRES_PORT/postgres"; }
+
+start_postgres() {
+    local data="$RUN_DIR/postgres"
+    if port_open "$POSTGRES_PORT"; then
+        echo "port $POSTGRES_PORT is taken by another process; stop it or set MESHKIT_POSTGRES_PORT" >&2
+        exit 1
+    fi
+    if [[ ! -f "$data/PG_VERSION" ]]; then
+        mkdir -p "$data"
+        [[ "$(id -u)" == 0 ]] && chown postgres "$data"
+        pg_run initdb -D "$data" -A trust -U postgres -E UTF8 >"$RUN_DIR/logs/postgres-init.log" 2>&1 \
+            || { echo "initdb failed; see $RUN_DIR/logs/postgres-init.log" >&2; exit 1; }
+    fi
+    [[ "$(id -u)" == 0 ]] && chown postgres "$RUN_DIR/logs" && touch "$RUN_DIR/logs/postgres.log" \
+        && chown postgres "$RUN_DIR/logs/postgres.log"
+    pg_run pg_ctl -D "$data" -l "$RUN_DIR/logs/postgres.log" -w -t 30 \
+        -o "-p $POSTGRES_PORT -k $data -c listen_addresses=127.0.0.1" start >/dev/null \
+        || { echo "PostgreSQL did not start; see $RUN_DIR/logs/postgres.log" >&2; exit 1; }
+    head -1 "$data/postmaster.pid" >"$RUN_DIR/pids/postgres.pid"
+    echo "postgres:  $(postgres_url) (user-service's tables, shared by the Spring instances)"
+}
+
+stop_postgres() {
+    [[ -f "$RUN_DIR/postgres/postmaster.pid" ]] || return 0
+    pg_run pg_ctl -D "$RUN_DIR/postgres" -m fast -w -t 30 stop >/dev/null 2>&1 || true
+    rm -f "$RUN_DIR/pids/postgres.pid"
+}
+
+# The Spring Boot UserService, from the Maven build install-deps.sh runs
+# with MESHKIT_JAVA=1, on the same environment variables as the Rust one.
+start_user_spring() { # slot
+    local slot="$1" port target="$ROOT/services/user-spring/target"
+    port="$(free_port)"
+    MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
+    MESHKIT_SERVER_LISTEN="127.0.0.1:$port" \
+    MESHKIT_REGISTRY_INSTANCE_ID="user-spring-$slot" \
+    MESHKIT_DATABASE_URL="$(postgres_url)" \
+        setsid java -Xmx256m -XX:+UseSerialGC -cp "$target/meshkit-user-spring-0.1.0.jar:$(cat "$target/classpath")" \
+        io.meshkit.user.UserApplication </dev/null >"$RUN_DIR/logs/user-spring-$slot.log" 2>&1 &
+    echo $! >"$RUN_DIR/pids/user-spring-$slot.pid"
+    echo "$port" >"$RUN_DIR/ports/user-spring-$slot"
+}
+
+instance_registered() { # service instance-id
+    ETCDCTL_API=3 etcdctl --endpoints "$(etcd_endpoints)" --command-timeout=2s \
+        get "/meshkit/services/$1/$2" --keys-only 2>/dev/null | grep -q .
+}
+
+# Waits until `want` instance keys are registered (or, given a service and
+# instance ids, those instances), failing with the log of a process that
+# exited meanwhile.
+wait_registered() { # want seconds [service id…]
+    local want="$1" secs="$2" service="${3:-}" ids=("${@:4}")
+    for _ in $(seq 1 $(( secs * 20 ))); do
+        if [[ -n "$service" ]]; then
+            local all=1 id
+            for id in "${ids[@]}"; do instance_registered "$service" "$id" || { all=0; break; }; done
+            (( all )) && return 0
+        elif [[ "$(registered_count)" -ge "$want" ]]; then
+            return 0
+        fi
+        for f in "$RUN_DIR"/pids/*.pid; do
+            if ! pid_alive "$f"; then
+                local n; n="$(basename "$f" .pid)"
+                echo "$n exited during start; its log:" >&2
+                tail -20 "$RUN_DIR/logs/$n.log" >&2 || true
+                cmd_down >/dev/null
+                exit 1
+            fi
+        done
+        sleep 0.05
+    done
+    echo "the cluster did not register within $secs s; logs are in $RUN_DIR/logs" >&2
+    cmd_down >/dev/null
+    exit 1
+}
+
 start_service() { # name slot
-    local name="$1" slot="$2" port
+    local name="$1" slot="$2" port db="${MESHKIT_DATABASE_URL:-sqlite://$RUN_DIR/data/$name.db?mode=rwc}"
+    (( JAVA_ON )) && [[ "$name" == user ]] && db="$(postgres_url)"
     port="$(free_port)"
     env $(tls_env "$name-service") $(events_tls_env "$name-service") \
     MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
     MESHKIT_EVENTS_BROKERS="$(kafka_brokers)" \
     MESHKIT_SERVER_LISTEN="127.0.0.1:$port" \
     MESHKIT_REGISTRY_INSTANCE_ID="$name-$slot" \
-    MESHKIT_DATABASE_URL="${MESHKIT_DATABASE_URL:-sqlite://$RUN_DIR/data/$name.db?mode=rwc}" \
+    MESHKIT_DATABASE_URL="$db" \
         setsid "$BIN_DIR/$name-service" </dev/null >"$RUN_DIR/logs/$name-$slot.log" 2>&1 &
     echo $! >"$RUN_DIR/pids/$name-$slot.pid"
     echo "$port" >"$RUN_DIR/ports/$name-$slot"
@@ -355,6 +447,16 @@ cmd_up() {
             exit 1
         fi
     done
+    if (( JAVA_ON )); then
+        if tls_on; then
+            echo "MESHKIT_JAVA=1 runs without MESHKIT_TLS: the Spring service serves plaintext gRPC" >&2
+            exit 2
+        fi
+        if [[ ! -f "$ROOT/services/user-spring/target/classpath" ]]; then
+            echo "the Spring service is not built: MESHKIT_JAVA=1 make up (or deploy/local/install-deps.sh) builds it" >&2
+            exit 1
+        fi
+    fi
     migrate_run_dir
     mkdir -p "$RUN_DIR"/{pids,logs,data,ports}
     rm -f "$RUN_DIR"/pids/*.pid "$RUN_DIR"/ports/*
@@ -363,6 +465,7 @@ cmd_up() {
     start_etcd
     make_certs
     start_broker
+    (( JAVA_ON )) && start_postgres
     # A user instance first: order-service's first calls find it registered.
     declare -A slot=()
     for name in "${SERVICES[@]}"; do
@@ -370,23 +473,13 @@ cmd_up() {
         start_service "$name" "${slot[$name]}"
     done
     local want=${#SERVICES[@]}
-    for _ in $(seq 1 200); do
-        [[ "$(registered_count)" -ge "$want" ]] && break
-        for f in "$RUN_DIR"/pids/*.pid; do
-            if ! pid_alive "$f"; then
-                local n; n="$(basename "$f" .pid)"
-                echo "$n exited during start; its log:" >&2
-                tail -20 "$RUN_DIR/logs/$n.log" >&2 || true
-                cmd_down >/dev/null
-                exit 1
-            fi
-        done
-        sleep 0.05
-    done
-    if [[ "$(registered_count)" -lt "$want" ]]; then
-        echo "the cluster did not register within 10 s; logs are in $RUN_DIR/logs" >&2
-        cmd_down >/dev/null
-        exit 1
+    wait_registered "$want" 10
+    if (( JAVA_ON )); then
+        # After the Rust user-service: its migrations made the tables.
+        start_user_spring 1
+        start_user_spring 2
+        wait_registered 0 90 meshkit.user.v1.UserService user-spring-1 user-spring-2
+        echo "spring:    user-spring-1, user-spring-2 (version spring-1) beside user-1, user-2; \`meshctl split\` moves traffic"
     fi
     define_jobs
     start_gateway
@@ -427,6 +520,16 @@ or a service directly:
   ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs history cancel-unpaid-orders
   ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) xds clients
   curl -s http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query --data-urlencode 'query=sum by (method) (meshkit_server_requests_total)'
+TRY
+    if (( JAVA_ON )); then
+        cat <<TRY
+The Spring Boot and Rust UserService side by side (docs/MIGRATION.md walks the move):
+  $BIN_DIR/meshctl --etcd $(etcd_endpoints) split meshkit.user.v1.UserService spring-1=90 0.1.0=10
+  $BIN_DIR/meshctl --etcd $(etcd_endpoints) split meshkit.user.v1.UserService
+  curl -si $http://$gw/v1/users/<id> | grep x-meshkit-instance
+TRY
+    fi
+    cat <<TRY
 
 Logs: $RUN_DIR/logs    Stop: make down
 TRY
@@ -447,6 +550,7 @@ cmd_status() {
             xds-1) addr="127.0.0.1:$XDS_PORT" ;;
             prometheus) addr="127.0.0.1:$PROMETHEUS_PORT" ;;
             prometheus-sd) addr="$RUN_DIR/prometheus/sd/targets.json" ;;
+            postgres) addr="127.0.0.1:$POSTGRES_PORT" ;;
             *) addr="127.0.0.1:$(cat "$RUN_DIR/ports/$n" 2>/dev/null)" ;;
         esac
         printf '%-15s %-8s %-7s %s\n' "$n" "$(cat "$f")" "$state" "$addr"
@@ -470,12 +574,13 @@ cmd_down() {
     # Services first (they drain and revoke their leases), then the broker and etcd.
     local pids=()
     for f in "$RUN_DIR"/pids/*.pid; do
-        case "$(basename "$f")" in etcd*.pid | kafka.pid) continue ;; esac
+        case "$(basename "$f")" in etcd*.pid | kafka.pid | postgres.pid) continue ;; esac
         [[ -e "$f" ]] && { stop_pid_file "$f" 12 & pids+=($!); }
     done
     (( ${#pids[@]} )) && wait "${pids[@]}"
     # The JVM shuts down in a few seconds (a controlled shutdown flushes the logs).
     [[ -e "$RUN_DIR/pids/kafka.pid" ]] && stop_pid_file "$RUN_DIR/pids/kafka.pid" 30
+    stop_postgres
     for f in "$RUN_DIR"/pids/etcd*.pid; do
         [[ -e "$f" ]] && stop_pid_file "$f" 10
     done

@@ -6,12 +6,16 @@
 #   install-deps.sh --test   plus what `make test` needs (PostgreSQL, and the
 #                            Python, Node.js grpc-web and Java test clients)
 #   install-deps.sh --bench  plus what `make bench` compares against (nginx, HAProxy) and h2load
+#   MESHKIT_JAVA=1           plus what the Spring Boot UserService needs beside the Rust
+#                            one in `make up` (a JDK, PostgreSQL, its Maven build)
 set -euo pipefail
 
 want_test=0
 want_bench=0
+want_java=0
 [[ "${1:-}" == "--test" ]] && want_test=1
 [[ "${1:-}" == "--bench" ]] && want_bench=1
+[[ "${MESHKIT_JAVA:-0}" == 1 ]] && want_java=1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
@@ -85,6 +89,10 @@ if (( want_test )); then
     for pkg in libgrpc-java libprotobuf-java libnetty-java libperfmark-java; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
+fi
+if (( want_java )); then
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    command -v javac >/dev/null || missing+=(default-jdk-headless)
 fi
 if (( want_bench )); then
     command -v nginx >/dev/null || missing+=(nginx)
@@ -177,13 +185,20 @@ if (( ${#go_tools[@]} )); then
     done
 fi
 
-# The Java test clients (the grpc-java client, the kafka-clients round trip)
-# from the one Maven build; again only when a source changed.
-if (( want_test || want_bench )); then
+# The Java parts from the one Maven build (the test clients, the meshkit
+# library for Spring Boot and the Spring Boot UserService); again only when a
+# source changed.
+if (( want_test || want_bench || want_java )); then
     jar="$root/services/integration-tests/clients/java/target/meshkit-java-clients-0.1.0.jar"
-    if [[ ! -f "$jar" || ! -f "${jar%/*}/classpath" ]] \
+    spring="$root/services/user-spring/target/meshkit-user-spring-0.1.0.jar"
+    # Maven leaves a jar untouched when its classes did not change, so the
+    # last good build is marked by a stamp of its own.
+    stamp="$root/target/java-build.stamp"
+    if [[ ! -f "$jar" || ! -f "${jar%/*}/classpath" || ! -f "$spring" || ! -f "${spring%/*}/classpath" || ! -f "$stamp" ]] \
         || [[ -n "$(find "$root/common/java" "$root/deploy/kafka" "$root/proto" "$root/services/integration-tests/clients/java" \
-                    -name target -prune -o -newer "$jar" \( -name '*.java' -o -name '*.proto' -o -name pom.xml \) -print \
+                    "$root/services/user-spring" \
+                    -name target -prune -o -newer "$stamp" \( -name '*.java' -o -name '*.proto' -o -name pom.xml \
+                    -o -name '*.properties' -o -name '*.imports' -o -name '*.factories' -o -name 'logback*.xml' \) -print \
                     | head -1)" ]]; then
         echo "install-deps: building the Java parts with Maven (common/java/pom.xml)"
         log="$(mktemp)"
@@ -193,5 +208,6 @@ if (( want_test || want_bench )); then
             exit 1
         fi
         rm -f "$log"
+        mkdir -p "$root/target" && touch "$stamp"
     fi
 fi

@@ -81,7 +81,7 @@ bench: ## benchmarks (release build, nginx as a yardstick); figures go in docs/B
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -p meshkit-integration-tests --bin mesh-bench
 
-check-fresh: ## `make up` on a clean Debian root (debootstrap) with this machine's toolchains: catches a missing install step
+check-fresh: ## `make up` on a clean Debian root (debootstrap) with this machine's toolchains: catches a missing install step; FRESH_ARGS=--java adds MESHKIT_JAVA=1
 	deploy/local/fresh-root.sh $(FRESH_ARGS)
 
 check-fresh-test: ## as check-fresh, then `make test` in that root too (slow: the whole suite)

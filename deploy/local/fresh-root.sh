@@ -3,7 +3,7 @@
 # would: what the project's own files fail to install shows up here, even on a
 # machine where someone installed it by hand long ago.
 #
-#   fresh-root.sh [--ref REF] [--test] [--keep] [--tools DIR]
+#   fresh-root.sh [--ref REF] [--test] [--java] [--keep] [--tools DIR]
 #
 # The root is `debootstrap --variant=minbase` of this machine's release, plus
 # what a new machine of the project's kind comes with: a C toolchain, git,
@@ -15,7 +15,8 @@
 # starts empty.
 #
 # Inside, a clean clone of REF (default HEAD) runs `make up`, `make status`,
-# a few calls through the gateway and `make down`, and with --test
+# a few calls through the gateway and `make down`; with --java `MESHKIT_JAVA=1 make up` (the Spring Boot
+# UserService beside the Rust one), a call and `make down` again; with --test
 # `make test` too. Each phase prints its
 # minutes. It exits non-zero when any of them fails.
 #
@@ -33,12 +34,14 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 ref=HEAD
 want_test=0
+want_java=0
 keep=0
 tools=""
 while (( $# )); do
     case "$1" in
         --ref) ref="$2"; shift 2 ;;
         --test) want_test=1; shift ;;
+        --java) want_java=1; shift ;;
         --keep) keep=1; shift ;;
         --tools) tools="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
         *) echo "fresh-root: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
@@ -237,6 +240,16 @@ if phase "make up" make up; then
     phase "calls through the gateway" smoke || true
 fi
 phase "make down" make down || true
+if (( $want_java )); then
+    # The Spring Boot UserService beside the Rust one: a JDK, PostgreSQL and
+    # the Maven build installed by \`make up\` itself.
+    if phase "MESHKIT_JAVA=1 make up" env MESHKIT_JAVA=1 make up; then
+        phase "calls through the gateway" smoke || true
+        phase "Spring instances registered" bash -c \
+            'make status | grep -E "^user-spring-[12] .*running" | wc -l | grep -qx 2' || true
+    fi
+    phase "make down" make down || true
+fi
 if (( $want_test )); then
     phase "make test" make test || true
 fi

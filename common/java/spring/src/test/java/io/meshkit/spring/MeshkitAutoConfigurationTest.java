@@ -199,54 +199,45 @@ class MeshkitAutoConfigurationTest {
     }
 
     private static List<String> reflectionV1alpha(ManagedChannel channel) throws InterruptedException {
-        List<String> names = new ArrayList<>();
-        CountDownLatch done = new CountDownLatch(1);
-        StreamObserver<io.grpc.reflection.v1alpha.ServerReflectionRequest> requests =
-                io.grpc.reflection.v1alpha.ServerReflectionGrpc.newStub(channel).serverReflectionInfo(new StreamObserver<>() {
-                    @Override
-                    public void onNext(io.grpc.reflection.v1alpha.ServerReflectionResponse response) {
-                        response.getListServicesResponse().getServiceList().forEach(s -> names.add(s.getName()));
-                    }
-
-                    @Override
-                    public void onError(Throwable t) {
-                        done.countDown();
-                    }
-
-                    @Override
-                    public void onCompleted() {
-                        done.countDown();
-                    }
-                });
-        requests.onNext(io.grpc.reflection.v1alpha.ServerReflectionRequest.newBuilder().setListServices("").build());
-        requests.onCompleted();
-        done.await(5, TimeUnit.SECONDS);
-        return names;
+        return listServices(
+                io.grpc.reflection.v1alpha.ServerReflectionGrpc.newStub(channel)::serverReflectionInfo,
+                io.grpc.reflection.v1alpha.ServerReflectionRequest.newBuilder().setListServices("").build(),
+                response -> response.getListServicesResponse().getServiceList().stream().map(s -> s.getName()).toList());
     }
 
     private static List<String> reflectionV1(ManagedChannel channel) throws InterruptedException {
-        List<String> names = new ArrayList<>();
+        return listServices(
+                io.grpc.reflection.v1.ServerReflectionGrpc.newStub(channel)::serverReflectionInfo,
+                io.grpc.reflection.v1.ServerReflectionRequest.newBuilder().setListServices("").build(),
+                response -> response.getListServicesResponse().getServiceList().stream().map(s -> s.getName()).toList());
+    }
+
+    /** One ListServices exchange on a reflection stream (v1 and v1alpha differ only in types). */
+    private static <Q, R> List<String> listServices(
+            java.util.function.Function<StreamObserver<R>, StreamObserver<Q>> open,
+            Q request,
+            java.util.function.Function<R, List<String>> names) throws InterruptedException {
+        List<String> found = new ArrayList<>();
         CountDownLatch done = new CountDownLatch(1);
-        StreamObserver<io.grpc.reflection.v1.ServerReflectionRequest> requests =
-                io.grpc.reflection.v1.ServerReflectionGrpc.newStub(channel).serverReflectionInfo(new StreamObserver<>() {
-                    @Override
-                    public void onNext(io.grpc.reflection.v1.ServerReflectionResponse response) {
-                        response.getListServicesResponse().getServiceList().forEach(s -> names.add(s.getName()));
-                    }
+        StreamObserver<Q> requests = open.apply(new StreamObserver<>() {
+            @Override
+            public void onNext(R response) {
+                found.addAll(names.apply(response));
+            }
 
-                    @Override
-                    public void onError(Throwable t) {
-                        done.countDown();
-                    }
+            @Override
+            public void onError(Throwable t) {
+                done.countDown();
+            }
 
-                    @Override
-                    public void onCompleted() {
-                        done.countDown();
-                    }
-                });
-        requests.onNext(io.grpc.reflection.v1.ServerReflectionRequest.newBuilder().setListServices("").build());
+            @Override
+            public void onCompleted() {
+                done.countDown();
+            }
+        });
+        requests.onNext(request);
         requests.onCompleted();
         done.await(5, TimeUnit.SECONDS);
-        return names;
+        return found;
     }
 }

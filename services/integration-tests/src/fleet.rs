@@ -63,8 +63,8 @@ pub async fn wait_registered(etcd: &Client, service: &str, ids: &[&str]) {
     .await;
 }
 
-/// The admin address instance `id` of `service` registered.
-pub async fn admin_addr(etcd: &Client, service: &str, id: &str) -> String {
+/// The registration of instance `id` of `service`.
+pub async fn instance(etcd: &Client, service: &str, id: &str) -> meshkit_common::Instance {
     let key = format!("/meshkit/services/{service}/{id}");
     let resp = match etcd.clone().get(key.as_str(), None).await {
         Ok(resp) => resp,
@@ -72,9 +72,14 @@ pub async fn admin_addr(etcd: &Client, service: &str, id: &str) -> String {
     };
     let Some(kv) = resp.kvs().first() else { panic!("{key} is not registered") };
     match serde_json::from_slice::<meshkit_common::Instance>(kv.value()) {
-        Ok(instance) => instance.metadata.get("admin").cloned().unwrap_or_default(),
+        Ok(instance) => instance,
         Err(e) => panic!("{key}: {e}"),
     }
+}
+
+/// The admin address instance `id` of `service` registered.
+pub async fn admin_addr(etcd: &Client, service: &str, id: &str) -> String {
+    instance(etcd, service, id).await.metadata.get("admin").cloned().unwrap_or_default()
 }
 
 /// The instance ids in the pool that `admin`'s process keeps for `service`.

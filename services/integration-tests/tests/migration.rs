@@ -21,7 +21,9 @@ use meshkit_integration_tests::{
     otlp::{Collector, Received},
     spring::{SPRING_VERSION, spawn_user_spring},
 };
-use meshkit_proto::user::{GetUserRequest, user_service_client::UserServiceClient};
+use meshkit_proto::user::{
+    CreateUserRequest, GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient,
+};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tokio::time::Instant;
 
@@ -247,4 +249,107 @@ async fn one_trace_and_one_config_center_across_rust_and_java() {
     assert!(java.log().contains("log.filter"), "the Spring instance did not report the change: {}", java.log());
     assert!(order.log().contains("log filter changed"), "{}", order.log());
     assert!(gateway_process.log().contains("log filter changed"), "{}", gateway_process.log());
+}
+
+/// What a call answered, as a caller sees it: the code and message, or the
+/// response's fields that do not depend on which row was made.
+fn answer<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> String {
+    match result {
+        Ok(response) => format!("OK {:?}", response.into_inner()),
+        Err(status) => format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+#[tokio::test]
+async fn the_spring_and_rust_services_answer_every_request_the_same_way() {
+    let postgres = Postgres::start().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = etcd.client().await;
+    let _rust = fleet::spawn(
+        &etcd.endpoint(),
+        dir.path(),
+        "user-service",
+        "rust-1",
+        &[("MESHKIT_DATABASE_URL", postgres.url())],
+    );
+    wait_registered(&client, USER, &["rust-1"]).await;
+    let _java = spawn_user_spring(&etcd.endpoint(), dir.path(), "java-1", &postgres.url(), &[]);
+    eventually("the Spring instance registers", Duration::from_secs(60), || async {
+        (fleet::registered(&client, USER).await.len() == 2).then_some(())
+    })
+    .await;
+    let connect = |id: &'static str| {
+        let client = client.clone();
+        async move {
+            let addr = fleet::instance(&client, USER, id).await.addr;
+            UserServiceClient::connect(format!("http://{addr}")).await.unwrap()
+        }
+    };
+    let (mut rust, mut java) = (connect("rust-1").await, connect("java-1").await);
+
+    // Bad input, and lookups that find nothing: the same code and message,
+    // naming the same field.
+    let long = "x".repeat(201);
+    let creates = [
+        ("", "a@example.com"),
+        ("   ", "a@example.com"),
+        (long.as_str(), "a@example.com"),
+        ("a\u{7}b", "a@example.com"),
+        ("Ada", ""),
+        ("Ada", "ada"),
+        ("Ada", "ada@example"),
+        ("Ada", "a da@example.com"),
+        ("Ada", "ada@-x.com"),
+        ("Ada", "\"quoted\"\n@example.com"),
+    ];
+    let mut compared = 0;
+    for (name, email) in creates {
+        let request = || CreateUserRequest { name: name.into(), email: email.into() };
+        let (r, j) = (answer(rust.create_user(request()).await), answer(java.create_user(request()).await));
+        assert_eq!(r, j, "CreateUser {name:?} {email:?}");
+        assert!(r.starts_with("InvalidArgument: name:") || r.starts_with("InvalidArgument: email:"), "{r}");
+        compared += 1;
+    }
+    for id in ["", "42", "0193f0f6-0000-7000-8000-000000000000", " 0193F0F6-0000-7000-8000-000000000000"] {
+        let request = || GetUserRequest { id: id.into() };
+        let (r, j) = (answer(rust.get_user(request()).await), answer(java.get_user(request()).await));
+        assert_eq!(r, j, "GetUser {id:?}");
+        compared += 1;
+    }
+    for (page_size, page_token) in [(-1, ""), (1001, ""), (0, "not-a-token")] {
+        let request = || ListUsersRequest { page_size, page_token: page_token.into() };
+        let (r, j) = (answer(rust.list_users(request()).await), answer(java.list_users(request()).await));
+        assert_eq!(r, j, "ListUsers {page_size} {page_token:?}");
+        compared += 1;
+    }
+
+    // Rows made by either are the other's: an email taken on one side is
+    // taken on the other, a user made by one is read the same by both, and
+    // pages walk the same ids in creation order.
+    let ada =
+        rust.create_user(CreateUserRequest { name: " Ada ".into(), email: "Ada@Example.com".into() }).await.unwrap();
+    let taken = || CreateUserRequest { name: "Ada".into(), email: "ada@example.com".into() };
+    let (r, j) = (answer(rust.create_user(taken()).await), answer(java.create_user(taken()).await));
+    assert_eq!(r, j, "a taken email");
+    assert!(r.starts_with("AlreadyExists: email:"), "{r}");
+    let bo = java.create_user(CreateUserRequest { name: "Bo".into(), email: "bo@example.com".into() }).await.unwrap();
+    for id in [&ada.get_ref().id, &bo.get_ref().id] {
+        let request = || GetUserRequest { id: id.clone() };
+        let (r, j) = (answer(rust.get_user(request()).await), answer(java.get_user(request()).await));
+        assert_eq!(r, j, "GetUser {id}");
+    }
+    let page = |token: &str| ListUsersRequest { page_size: 1, page_token: token.into() };
+    let (r, j) =
+        (rust.list_users(page("")).await.unwrap().into_inner(), java.list_users(page("")).await.unwrap().into_inner());
+    assert_eq!(r, j, "the first page");
+    assert_eq!(r.users[0].id, ada.get_ref().id, "creation order");
+    let token = r.next_page_token;
+    let (r, j) = (
+        rust.list_users(page(&token)).await.unwrap().into_inner(),
+        java.list_users(page(&token)).await.unwrap().into_inner(),
+    );
+    assert_eq!(r, j, "the second page");
+    assert_eq!((r.users[0].id.as_str(), r.next_page_token.as_str()), (bo.get_ref().id.as_str(), ""));
+    eprintln!("{compared} refusals and 5 successful answers compared: the same from Rust and Java");
 }

@@ -88,4 +88,4 @@ check-fresh-test: ## as check-fresh, then `make test` in that root too (slow: th
 	deploy/local/fresh-root.sh --test $(FRESH_ARGS)
 
 clean-run: down ## remove the local cluster's data and logs
-	rm -rf .run
+	@deploy/local/cluster.sh clean

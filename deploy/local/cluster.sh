@@ -24,7 +24,8 @@
 #                           client certificates at the Kafka broker, with a development
 #                           CA and certificates made under $RUN_DIR/tls
 #   MESHKIT_JAVA            1: PostgreSQL (on MESHKIT_POSTGRES_PORT, default 15432, data in
-#                           $RUN_DIR/postgres) for user-service, and two instances of the
+#                           $RUN_DIR/postgres, or in the postgres user's home when that
+#                           user cannot reach the run directory) for user-service, and two instances of the
 #                           Spring Boot UserService (services/user-spring) beside the Rust
 #                           ones on the same tables: one service, two languages
 set -euo pipefail
@@ -262,30 +263,42 @@ pg_run() {
 }
 postgres_url() { echo "postgres://postgres@127.0.0.1:$POSTGRES_PORT/postgres"; }
 
+# Under the run directory, unless the `postgres` user (root runs the server
+# as it) cannot reach it, as under /root: then in that user's home, one
+# folder per run directory.
+pg_data_dir() {
+    if [[ "$(id -u)" != 0 ]] || runuser -u postgres -- test -x "$RUN_DIR" 2>/dev/null; then
+        echo "$RUN_DIR/postgres"
+    else
+        echo "$(getent passwd postgres | cut -d: -f6)/meshkit/$(printf %s "$RUN_DIR" | md5sum | cut -c1-12)"
+    fi
+}
+
 start_postgres() {
-    local data="$RUN_DIR/postgres"
+    local data; data="$(pg_data_dir)"
     if port_open "$POSTGRES_PORT"; then
         echo "port $POSTGRES_PORT is taken by another process; stop it or set MESHKIT_POSTGRES_PORT" >&2
         exit 1
     fi
     if [[ ! -f "$data/PG_VERSION" ]]; then
         mkdir -p "$data"
-        [[ "$(id -u)" == 0 ]] && chown postgres "$data"
+        if [[ "$(id -u)" == 0 ]]; then chown postgres "$data"; fi
         pg_run initdb -D "$data" -A trust -U postgres -E UTF8 >"$RUN_DIR/logs/postgres-init.log" 2>&1 \
             || { echo "initdb failed; see $RUN_DIR/logs/postgres-init.log" >&2; exit 1; }
     fi
-    [[ "$(id -u)" == 0 ]] && chown postgres "$RUN_DIR/logs" && touch "$RUN_DIR/logs/postgres.log" \
-        && chown postgres "$RUN_DIR/logs/postgres.log"
-    pg_run pg_ctl -D "$data" -l "$RUN_DIR/logs/postgres.log" -w -t 30 \
+    # The server writes its log itself, where it may; the run's logs link to it.
+    pg_run pg_ctl -D "$data" -l "$data/postgres.log" -w -t 30 \
         -o "-p $POSTGRES_PORT -k $data -c listen_addresses=127.0.0.1" start >/dev/null \
-        || { echo "PostgreSQL did not start; see $RUN_DIR/logs/postgres.log" >&2; exit 1; }
+        || { echo "PostgreSQL did not start; see $data/postgres.log" >&2; exit 1; }
+    ln -sf "$data/postgres.log" "$RUN_DIR/logs/postgres.log"
     head -1 "$data/postmaster.pid" >"$RUN_DIR/pids/postgres.pid"
     echo "postgres:  $(postgres_url) (user-service's tables, shared by the Spring instances)"
 }
 
 stop_postgres() {
-    [[ -f "$RUN_DIR/postgres/postmaster.pid" ]] || return 0
-    pg_run pg_ctl -D "$RUN_DIR/postgres" -m fast -w -t 30 stop >/dev/null 2>&1 || true
+    local data; data="$(pg_data_dir)"
+    [[ -f "$data/postmaster.pid" ]] || return 0
+    pg_run pg_ctl -D "$data" -m fast -w -t 30 stop >/dev/null 2>&1 || true
     rm -f "$RUN_DIR/pids/postgres.pid"
 }
 
@@ -612,5 +625,7 @@ case "${1:-}" in
     down)
         if [[ -e "$RUN_DIR/compose" ]]; then compose down && rm -f "$RUN_DIR/compose"; else cmd_down; fi ;;
     status) [[ -d "$RUN_DIR/pids" ]] && cmd_status || echo "meshkit is not running" ;;
-    *) echo "usage: $0 up|down|status|compose-up|docker-ok" >&2; exit 2 ;;
+    clean) # the run directory and PostgreSQL's data, wherever it is (after `down`)
+        if [[ -d "$RUN_DIR" ]]; then rm -rf "$(pg_data_dir)" "$RUN_DIR"; fi ;;
+    *) echo "usage: $0 up|down|status|clean|compose-up|docker-ok" >&2; exit 2 ;;
 esac

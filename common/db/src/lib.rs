@@ -127,15 +127,24 @@ fn is_busy(err: &sea_orm::DbErr) -> bool {
 pub async fn migrate(db: &DatabaseConnection, component: &str, migrations: &[Migration]) -> Result<usize> {
     let backend = db.get_database_backend();
     when_not_busy(|| async {
-        db.execute_unprepared(
+        // PostgreSQL's CREATE TABLE IF NOT EXISTS is not safe against itself:
+        // two instances starting together on a fresh database can both pass
+        // the check, and one fails on the catalog's unique index. Under a
+        // lock of its own, one creates the table and the other finds it.
+        let txn = db.begin().await?;
+        if backend == DbBackend::Postgres {
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", lock_key("meshkit_migrations")))
+                .await?;
+        }
+        txn.execute_unprepared(
             "CREATE TABLE IF NOT EXISTS meshkit_migrations (\
                component VARCHAR(100) NOT NULL, \
                version BIGINT NOT NULL, \
                name VARCHAR(200) NOT NULL, \
                PRIMARY KEY (component, version))",
         )
-        .await
-        .map(|_| ())
+        .await?;
+        txn.commit().await
     })
     .await?;
     let schema = Schema::new(backend);

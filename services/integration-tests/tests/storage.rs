@@ -114,3 +114,29 @@ async fn repositories_on_postgres() {
     let pg = Postgres::start().unwrap();
     scenario(&etcd, &pg.url(), &pg.url()).await;
 }
+
+#[tokio::test]
+async fn instances_starting_together_on_a_fresh_postgres_migrate_once() {
+    init_logs();
+    let pg = Postgres::start().unwrap();
+    let settings = meshkit_common::db::DatabaseSettings { url: pg.url(), ..Default::default() };
+    // Four instances of two components at once, as a deployment starts them.
+    let runs = (0..4).map(|i| {
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let db = meshkit_common::db::connect(&settings).await.unwrap();
+            let (component, migrations) = if i % 2 == 0 {
+                ("user", meshkit_user::migrations::MIGRATIONS)
+            } else {
+                ("order", meshkit_order::migrations::MIGRATIONS)
+            };
+            meshkit_common::db::migrate(&db, component, migrations).await
+        })
+    });
+    let applied: Vec<usize> = futures::future::join_all(runs).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    // Each component's migrations applied by exactly one of its two instances.
+    let user: usize = applied.iter().step_by(2).sum();
+    let order: usize = applied.iter().skip(1).step_by(2).sum();
+    assert_eq!(user, meshkit_user::migrations::MIGRATIONS.len(), "{applied:?}");
+    assert_eq!(order, meshkit_order::migrations::MIGRATIONS.len(), "{applied:?}");
+}

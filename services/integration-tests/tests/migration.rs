@@ -30,6 +30,11 @@ use tokio::time::Instant;
 /// The version the Rust user-service registers (its crate's).
 const RUST_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// One test at a time: each starts PostgreSQL, etcd and JVMs, and three of
+/// them starting together on two cores made the Rust instances miss their
+/// registration deadline on a loaded machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The gateway as a process, on a free port.
 fn spawn_gateway(etcd: &Etcd, dir: &std::path::Path, extra: &[(&'static str, String)]) -> (ServiceProcess, SocketAddr) {
     let port = free_port();
@@ -52,6 +57,24 @@ async fn create_user(gateway: SocketAddr, email: &str) -> String {
     })
     .await;
     user["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits for `ids` to register, failing with the processes' logs.
+async fn registered(etcd: &Etcd, ids: &[&str], processes: &[&ServiceProcess], secs: u64) {
+    let client = etcd.client().await;
+    for _ in 0..secs * 10 {
+        let now = fleet::registered(&client, USER).await;
+        if ids.iter().all(|id| now.iter().any(|n| n == id)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs: Vec<String> = processes.iter().map(|p| format!("--- {}:\n{}", p.name, p.log())).collect();
+    panic!(
+        "{ids:?} did not register in {secs} s; registered: {:?}\n{}",
+        fleet::registered(&client, USER).await,
+        logs.join("\n")
+    );
 }
 
 /// Sets the split and checks meshctl's answer.
@@ -82,25 +105,21 @@ fn shares(served: &Served, from: Instant, to: Instant, java: &[&str]) -> (u64, u
 
 #[tokio::test]
 async fn the_migration_walk_moves_traffic_by_version_with_no_failed_call() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let postgres = Postgres::start().unwrap();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let database = [("MESHKIT_DATABASE_URL", postgres.url())];
     // The Rust instances first: their migrations own the schema.
-    let _rust =
-        ["rust-1", "rust-2"].map(|id| fleet::spawn(&etcd.endpoint(), dir.path(), "user-service", id, &database));
+    let rust = ["rust-1", "rust-2"].map(|id| fleet::spawn(&etcd.endpoint(), dir.path(), "user-service", id, &database));
     let client = etcd.client().await;
-    wait_registered(&client, USER, &["rust-1", "rust-2"]).await;
+    registered(&etcd, &["rust-1", "rust-2"], &[&rust[0], &rust[1]], 30).await;
     // Before any Java instance joins, all traffic stays on Java: the walk's start.
     split(&etcd, &[&format!("{SPRING_VERSION}=100"), &format!("{RUST_VERSION}=0")]).await;
     let mut java =
         ["java-1", "java-2"].map(|id| spawn_user_spring(&etcd.endpoint(), dir.path(), id, &postgres.url(), &[]));
     let (_gateway, gateway) = spawn_gateway(&etcd, dir.path(), &[]);
-    eventually("both Spring instances register", Duration::from_secs(60), || async {
-        let now = fleet::registered(&client, USER).await;
-        (now.len() == 4).then_some(())
-    })
-    .await;
+    registered(&etcd, &["java-1", "java-2"], &[&java[0], &java[1]], 90).await;
     let user_id = create_user(gateway, "grace@example.com").await;
 
     // Steady load: GetUser through the gateway's gRPC passthrough, each
@@ -170,6 +189,7 @@ fn one<'a>(trace: &'a [Received], what: &str, pick: impl Fn(&Received) -> bool) 
 
 #[tokio::test]
 async fn one_trace_and_one_config_center_across_rust_and_java() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     const TRACE_ID: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
     const CALLER_SPAN: &str = "10f067aa0ba902b8";
     let collector = Collector::start().await.unwrap();
@@ -262,6 +282,7 @@ fn answer<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>)
 
 #[tokio::test]
 async fn the_spring_and_rust_services_answer_every_request_the_same_way() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let postgres = Postgres::start().unwrap();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();

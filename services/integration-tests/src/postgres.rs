@@ -49,6 +49,12 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The postmaster's pid (its backends are its children), to pin or measure it.
+    pub fn pid(&self) -> Option<i32> {
+        let pid_file = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).ok()?;
+        pid_file.lines().next()?.trim().parse().ok()
+    }
+
     fn data_dir(&self) -> String {
         self.dir.path().join("data").display().to_string()
     }

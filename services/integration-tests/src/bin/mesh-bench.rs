@@ -13,6 +13,9 @@
 //!    transcoding vs passthrough (see `bench/gateway.rs`).
 //! 6. xDS: registry change → grpc-go and grpc-java calls, 1,000 ADS clients,
 //!    grpc-java through xDS vs to the address (see `bench/xds.rs`).
+//! 7. Spring Boot vs meshkit: the same UserService on the same PostgreSQL,
+//!    start, memory, throughput on one core, latency, CPU per call (see
+//!    `bench/spring.rs`).
 //!
 //! `MESHKIT_BENCH_SECS` (default 5) sets the length of each load phase.
 
@@ -20,6 +23,8 @@
 mod events;
 #[path = "../bench/gateway.rs"]
 mod gateway;
+#[path = "../bench/spring.rs"]
+mod spring;
 #[path = "../bench/xds.rs"]
 mod xds;
 
@@ -53,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
     let phases = std::env::var("MESHKIT_BENCH_PHASES")
-        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls,xds".into());
+        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls,xds,spring".into());
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -84,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("xds") {
         xds::run(&etcd, dir.path()).await?;
+    }
+    if run("spring") {
+        spring::run(&etcd, dir.path(), secs).await?;
     }
     Ok(())
 }

@@ -17,8 +17,9 @@
 //!   loop.
 //! - CPU per call: the server's utime + stime over the round / its calls.
 //!
-//! Two workloads: GetUser of one row (in PostgreSQL's cache: the framework's
-//! cost plus one indexed read), and CreateUser (an insert). Each server is
+//! Three workloads: Health/Check (the framework alone), GetUser of one row
+//! (in PostgreSQL's cache; neither service caches rows itself, so each call
+//! is the framework plus one indexed read), and CreateUser (an insert). Each server is
 //! warmed first (stated below), so the JVM's JIT has compiled the hot path.
 
 use std::{
@@ -36,6 +37,7 @@ use etcd_client::{EventType, GetOptions, WatchOptions};
 use meshkit_integration_tests::{Etcd, Postgres, ServiceProcess, bin_dir, free_port, spring::user_spring_classpath};
 use meshkit_proto::user::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient};
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use super::{Stats, load, paced, rss_kib};
 use crate::gateway::stat_cpu;
@@ -189,6 +191,8 @@ impl Round {
 
 #[derive(Clone, Copy)]
 enum Work {
+    /// `grpc.health.v1.Health/Check`: the framework alone, no database.
+    Health,
     GetUser,
     CreateUser,
 }
@@ -206,9 +210,11 @@ fn caller(
 + 'static {
     move || {
         let mut client = UserServiceClient::new(channel.clone());
+        let mut health = HealthClient::new(channel.clone());
         let (id, n) = (id.clone(), seq.fetch_add(1, Ordering::Relaxed));
         Box::pin(async move {
             match work {
+                Work::Health => health.check(HealthCheckRequest { service: USER.into() }).await.map(|_| ()),
                 Work::GetUser => client.get_user(GetUserRequest { id }).await.map(|_| ()),
                 Work::CreateUser => client
                     .create_user(CreateUserRequest { name: "Bench".into(), email: format!("b{n}-{tag}@example.com") })
@@ -316,7 +322,11 @@ pub async fn run(etcd: &Etcd, dir: &Path, secs: u64) -> anyhow::Result<()> {
         mib(idle_rss[1]) / mib(idle_rss[0]),
         "5–10x less",
     );
-    for (name, l) in [("GetUser", &loads.get), ("CreateUser", &loads.create)] {
+    for (name, l) in [
+        ("Health/Check (the framework alone)", &loads.health),
+        ("GetUser (one indexed read of a row in PostgreSQL's cache)", &loads.get),
+        ("CreateUser (an insert)", &loads.create),
+    ] {
         println!("  -- {name}");
         let (s, r) = (&l.spring, &l.rust);
         row("  RSS under load (highest)", mib(s.rss), mib(r.rss), "MB", mib(s.rss) / mib(r.rss), "5–10x less");
@@ -376,6 +386,7 @@ struct Workload {
 }
 
 struct Loads {
+    health: Workload,
     get: Workload,
     create: Workload,
     raw: Vec<String>,
@@ -399,18 +410,17 @@ async fn load_phases(bench: &Bench<'_>, phase: Duration) -> anyhow::Result<Loads
     let servers = [("meshkit", &rust, &rust_channel, "r"), ("Spring Boot", &spring, &spring_channel, "s")];
     // Warm-up: both workloads on both, so the JVM has compiled the hot path.
     for (_, _, channel, tag) in servers {
-        for work in [Work::GetUser, Work::CreateUser] {
+        for work in [Work::Health, Work::GetUser, Work::CreateUser] {
             load(WARM_UP / 2, caller(work, (*channel).clone(), user.clone(), seq.clone(), tag)).await?;
         }
     }
     let mut raw = vec![format!(
-        "warm-up: {} s of GetUser and {} s of CreateUser per server at saturation; rounds of {} s",
-        WARM_UP.as_secs() / 2,
+        "warm-up: {} s of each workload per server at saturation; rounds of {} s",
         WARM_UP.as_secs() / 2,
         phase.as_secs()
     )];
     let mut workloads = Vec::new();
-    for (work, name) in [(Work::GetUser, "GetUser"), (Work::CreateUser, "CreateUser")] {
+    for (work, name) in [(Work::Health, "Health"), (Work::GetUser, "GetUser"), (Work::CreateUser, "CreateUser")] {
         let mut rounds: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
         for _ in 0..ROUNDS {
             for (i, (_, process, channel, tag)) in servers.iter().enumerate() {
@@ -470,12 +480,13 @@ async fn load_phases(bench: &Bench<'_>, phase: Duration) -> anyhow::Result<Loads
     }
     stop(rust).await;
     stop(spring).await;
-    let create = workloads.pop().context("two workloads")?;
-    let get = workloads.pop().context("two workloads")?;
+    let create = workloads.pop().context("three workloads")?;
+    let get = workloads.pop().context("three workloads")?;
+    let health = workloads.pop().context("three workloads")?;
     let mut client = bench.etcd.client().await;
     let left = client
         .get(format!("/meshkit/services/{USER}/"), Some(GetOptions::new().with_prefix().with_count_only()))
         .await?;
     anyhow::ensure!(left.count() == 0, "{} instances left registered", left.count());
-    Ok(Loads { get, create, raw })
+    Ok(Loads { health, get, create, raw })
 }

@@ -148,11 +148,18 @@ pub fn bin_dir() -> PathBuf {
 /// The classpath of the Java test clients (`services/integration-tests/clients/java`),
 /// as the Maven build (`mvn -f common/java/pom.xml package`) left it.
 pub fn java_clients_classpath() -> anyhow::Result<String> {
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/java/target");
-    let jar = target.join("meshkit-java-clients-0.1.0.jar");
-    let deps = std::fs::read_to_string(target.join("classpath")).ok().filter(|_| jar.is_file()).ok_or_else(|| {
-        anyhow::anyhow!("the Java clients are not built: deploy/local/install-deps.sh --test builds them with Maven")
-    })?;
+    maven_classpath("clients/java/target", "meshkit-java-clients-0.1.0.jar", "the Java clients are")
+}
+
+/// A Maven module's jar and its runtime classpath (`target/classpath`, which
+/// the module's dependency plugin writes), `target` relative to this crate.
+pub(crate) fn maven_classpath(target: &str, jar: &str, what: &str) -> anyhow::Result<String> {
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join(target);
+    let jar = target.join(jar);
+    let deps = std::fs::read_to_string(target.join("classpath"))
+        .ok()
+        .filter(|_| jar.is_file())
+        .ok_or_else(|| anyhow::anyhow!("{what} not built: deploy/local/install-deps.sh --test builds it with Maven"))?;
     Ok(format!("{}:{}", jar.display(), deps.trim()))
 }
 

@@ -13,12 +13,7 @@ pub const SPRING_VERSION: &str = "spring-1";
 /// The service's jar and its runtime classpath, as the Maven build
 /// (`mvn -f common/java/pom.xml package`) left them.
 pub fn user_spring_classpath() -> anyhow::Result<String> {
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../user-spring/target");
-    let jar = target.join("meshkit-user-spring-0.1.0.jar");
-    let deps = std::fs::read_to_string(target.join("classpath")).ok().filter(|_| jar.is_file()).ok_or_else(|| {
-        anyhow::anyhow!("the Spring service is not built: deploy/local/install-deps.sh --test builds it with Maven")
-    })?;
-    Ok(format!("{}:{}", jar.display(), deps.trim()))
+    crate::maven_classpath("../user-spring/target", "meshkit-user-spring-0.1.0.jar", "the Spring service is")
 }
 
 /// Starts the Spring UserService as instance `id` on PostgreSQL `database_url`

@@ -226,12 +226,16 @@ users="$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD" get --prefix /meshkit/service
 xds_check() { # name command…: 150 calls at 50/s, every one answered, by every instance
     local name="$1" out; shift
     if [[ ! -f "$bootstrap" ]]; then fail "$name" "no $bootstrap: start the cluster with make up"; return; fi
-    if out="$(GRPC_XDS_BOOTSTRAP="$bootstrap" "$@" --user-id "$user_id" --rate 50 --seconds 3 2>"$WORK/xds.err" | tail -1)" \
+    # Calls start once the channel is READY (a cold JVM resolving xDS on a busy
+    # machine can take longer than a call's deadline); the failure shows the
+    # first calls that failed, with their start times.
+    if GRPC_XDS_BOOTSTRAP="$bootstrap" "$@" --user-id "$user_id" --rate 50 --seconds 3 --ready-timeout-ms 30000 \
+            >"$WORK/xds.out" 2>"$WORK/xds.err" && out="$(tail -1 "$WORK/xds.out")" \
         && [[ "$(json 'd["ok"] == d["calls"] and d["calls"] > 0' <<<"$out")" == True ]] \
         && [[ "$(json 'len(d["by_instance"])' <<<"$out")" == "$users" ]]; then
-        ok "$name over xDS: $(json '", ".join(f"{k} {v}" for k, v in d["by_instance"].items())' <<<"$out")"
+        ok "$name over xDS: $(json '", ".join(f"{k} {v}" for k, v in d["by_instance"].items())' <<<"$out") (READY after $(grep -m1 '"event":"ready"' "$WORK/xds.out" | json 'd["ms"]') ms)"
     else
-        fail "$name over xDS" "${out:-no output} $(tail -3 "$WORK/xds.err")"
+        fail "$name over xDS" "$(tail -1 "$WORK/xds.out") $(grep -v '"code":"OK"' "$WORK/xds.out" | grep -m3 '"code"') $(tail -3 "$WORK/xds.err")"
     fi
 }
 go_client="${CARGO_TARGET_DIR:-$ROOT/target}/tools/xds-client-go"

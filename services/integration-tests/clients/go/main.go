@@ -8,6 +8,11 @@
 //
 //	xds-client-go --user-id ID [--target xds:///meshkit.user.v1.UserService]
 //	    [--rate 100] [--seconds 10 (0: until stdin ends)] [--deadline-ms 2000]
+//	    [--ready-timeout-ms 0 (0: call at once)]
+//
+// With --ready-timeout-ms the calls start once the channel is READY (xDS
+// resolved and one backend connected), so a cold start is not counted as
+// failed calls; the wait is printed as {"event":"ready","ms":…}.
 package main
 
 import (
@@ -23,6 +28,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
@@ -133,6 +139,7 @@ func main() {
 	rate := flag.Float64("rate", 100, "calls started per second")
 	seconds := flag.Float64("seconds", 10, "how long to start calls; 0: until stdin reaches EOF")
 	deadlineMs := flag.Int("deadline-ms", 2000, "each call's deadline in milliseconds")
+	readyMs := flag.Int("ready-timeout-ms", 0, "wait up to this long for the channel to be READY before calling; 0: do not wait")
 	flag.Parse()
 	fail := func(format string, a ...any) {
 		fmt.Fprintf(os.Stderr, "xds-client-go: "+format+"\n", a...)
@@ -149,6 +156,8 @@ func main() {
 		fail("--seconds must not be negative")
 	case *deadlineMs <= 0:
 		fail("--deadline-ms must be positive")
+	case *readyMs < 0:
+		fail("--ready-timeout-ms must not be negative")
 	}
 	conn, err := grpc.NewClient(*target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -166,6 +175,18 @@ func main() {
 	if *seconds == 0 {
 		stdinEOF = make(chan struct{})
 		go func() { io.Copy(io.Discard, os.Stdin); close(stdinEOF) }()
+	}
+	if *readyMs > 0 {
+		waited := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(*readyMs)*time.Millisecond)
+		conn.Connect()
+		for state := conn.GetState(); state != connectivity.Ready; state = conn.GetState() {
+			if !conn.WaitForStateChange(ctx, state) {
+				fail("the channel to %q is not READY after %d ms (last state %v)", *target, *readyMs, state)
+			}
+		}
+		cancel()
+		out.emit(map[string]any{"event": "ready", "ms": fixed{float64(time.Since(waited).Microseconds()) / 1000, 1}})
 	}
 	out.emit(map[string]string{"event": "start"})
 	start := time.Now()

@@ -2,6 +2,7 @@ package io.meshkit.xds;
 
 import io.grpc.CallOptions;
 import io.grpc.Channel;
+import io.grpc.ConnectivityState;
 import io.grpc.ClientCall;
 import io.grpc.ClientInterceptor;
 import io.grpc.ForwardingClientCall.SimpleForwardingClientCall;
@@ -38,7 +39,12 @@ import java.util.concurrent.TimeUnit;
  * those of services/integration-tests/clients/go (grpc-go), so a test can drive either.
  *
  * <pre>java -cp CLASSPATH io.meshkit.xds.Client --user-id ID [--target xds:///meshkit.user.v1.UserService]
- *     [--rate 100] [--seconds 10 (0: until stdin ends)] [--deadline-ms 2000]</pre>
+ *     [--rate 100] [--seconds 10 (0: until stdin ends)] [--deadline-ms 2000]
+ *     [--ready-timeout-ms 0 (0: call at once)]</pre>
+ *
+ * <p>With --ready-timeout-ms the calls start once the channel is READY (xDS resolved and one
+ * backend connected), so a cold JVM is not counted as failed calls; the wait is printed as
+ * {"event":"ready","ms":…}.
  */
 public final class Client {
     private static final int MAX_IN_FLIGHT = 256;
@@ -143,9 +149,26 @@ public final class Client {
         }
     }
 
+    /** Asks the channel to connect and waits up to {@code timeoutMs} for READY; returns the last state seen. */
+    private static ConnectivityState waitReady(ManagedChannel channel, long timeoutMs) throws InterruptedException {
+        long deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(timeoutMs);
+        ConnectivityState state = channel.getState(true);
+        while (state != ConnectivityState.READY) {
+            CountDownLatch changed = new CountDownLatch(1);
+            channel.notifyWhenStateChanged(state, changed::countDown);
+            long left = deadline - System.nanoTime();
+            if (left <= 0 || !changed.await(left, TimeUnit.NANOSECONDS)) {
+                return channel.getState(false);
+            }
+            state = channel.getState(true); // after TRANSIENT_FAILURE or IDLE, connect again
+        }
+        return state;
+    }
+
     public static void main(String[] args) throws InterruptedException {
         Map<String, String> flags = new HashMap<>(Map.of("target", "xds:///meshkit.user.v1.UserService",
-                "user-id", "", "rate", "100", "seconds", "10", "deadline-ms", "2000"));
+                "user-id", "", "rate", "100", "seconds", "10", "deadline-ms", "2000",
+                "ready-timeout-ms", "0"));
         for (int i = 0; i < args.length; i++) { // --name value, --name=value, or one dash
             String arg = args[i].replaceFirst("^--?", "");
             String name = arg.contains("=") ? arg.substring(0, arg.indexOf('=')) : arg;
@@ -161,11 +184,12 @@ public final class Client {
         }
         String target = flags.get("target"), userId = flags.get("user-id");
         double rate = 0, seconds = 0;
-        long deadlineMs = 0;
+        long deadlineMs = 0, readyMs = 0;
         try {
             rate = Double.parseDouble(flags.get("rate"));
             seconds = Double.parseDouble(flags.get("seconds"));
             deadlineMs = Long.parseLong(flags.get("deadline-ms"));
+            readyMs = Long.parseLong(flags.get("ready-timeout-ms"));
         } catch (NumberFormatException e) {
             fail("not a number: " + e.getMessage());
         }
@@ -173,6 +197,7 @@ public final class Client {
         check(rate > 0, "--rate must be positive");
         check(seconds >= 0, "--seconds must not be negative");
         check(deadlineMs > 0, "--deadline-ms must be positive");
+        check(readyMs >= 0, "--ready-timeout-ms must not be negative");
         // stdout carries the JSON lines only: whatever else writes to System.out (a logger's
         // default console, say) goes to stderr.
         Client client = new Client(new PrintStream(new FileOutputStream(FileDescriptor.out), false, StandardCharsets.UTF_8));
@@ -197,6 +222,13 @@ public final class Client {
             });
             reader.setDaemon(true);
             reader.start();
+        }
+        if (readyMs > 0) {
+            long waited = System.nanoTime();
+            ConnectivityState state = waitReady(channel, readyMs);
+            check(state == ConnectivityState.READY,
+                    "the channel to " + target + " is not READY after " + readyMs + " ms (last state " + state + ")");
+            client.emit(String.format(Locale.ROOT, "{\"event\":\"ready\",\"ms\":%.1f}", (System.nanoTime() - waited) / 1e6));
         }
         client.emit("{\"event\":\"start\"}");
         long start = System.nanoTime();

@@ -307,6 +307,9 @@ impl MeshServer {
         } else {
             None
         };
+        // The contract's rules, checked on every request of a method that has them.
+        let validator = meshkit_validate::Validator::for_contracts(&services)
+            .map_err(|fault| Error::Config(format!("validation: {fault}")))?;
         let header = HeaderValue::from_str(&instance_id).ok();
         let fault_delay = Duration::from_millis(config.server.fault_delay_ms);
         let server = Server::builder()
@@ -337,6 +340,7 @@ impl MeshServer {
             .layer(GovernanceLayer(governance))
             .layer(DeadlineLayer)
             .layer(FaultDelayLayer(fault_delay))
+            .layer(meshkit_validate::ValidateLayer(validator))
             .add_routes(routes_of(routes));
         let stopped = async {
             let _ = stop_rx.await;

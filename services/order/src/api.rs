@@ -6,7 +6,7 @@ use meshkit_common::{
     BalancedChannel,
     db::db_error,
     events::{OutboxEvent, Relay, headers, outbox},
-    status::{finish_page, invalid_argument, page_size},
+    status::{finish_page, id, invalid_argument, page_size},
     time::{now_us, timestamp},
 };
 use meshkit_proto::{
@@ -23,10 +23,7 @@ use sea_orm::{
 };
 use tonic::{Code, Request, Response, Status};
 
-use crate::{
-    entity::{order, order_item},
-    validate,
-};
+use crate::entity::{order, order_item};
 
 const DEFAULT_PAGE: u64 = 50;
 const MAX_PAGE: u64 = 1000;
@@ -97,8 +94,9 @@ impl OrderService for OrderApi {
     async fn create_order(&self, request: Request<CreateOrderRequest>) -> Result<Response<Order>, Status> {
         let caller_trace = trace_headers(request.metadata());
         let req = request.into_inner();
-        let user_id = validate::id("user_id", &req.user_id)?;
-        validate::items(&req.items)?;
+        // order.proto's rules (ids, 1 to 100 items, skus, quantities) were
+        // checked by the server before this handler ran.
+        let user_id = id("user_id", &req.user_id)?;
         self.check_user(&user_id).await?;
 
         let id = uuid::Uuid::now_v7().to_string();
@@ -170,7 +168,7 @@ impl OrderService for OrderApi {
     }
 
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
-        let id = validate::id("id", &request.get_ref().id)?;
+        let id = id("id", &request.get_ref().id)?;
         let Some(model) = order::Entity::find_by_id(id.clone()).one(&self.db).await.map_err(db_error)? else {
             return Err(Status::not_found(format!("order {id:?} does not exist")));
         };
@@ -181,11 +179,11 @@ impl OrderService for OrderApi {
 
     async fn list_orders(&self, request: Request<ListOrdersRequest>) -> Result<Response<ListOrdersResponse>, Status> {
         let req = request.into_inner();
-        let user_id = validate::id("user_id", &req.user_id)?;
+        let user_id = id("user_id", &req.user_id)?;
         let limit = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
         let mut query = order::Entity::find().filter(order::Column::UserId.eq(user_id)).order_by_asc(order::Column::Id);
         if !req.page_token.is_empty() {
-            let after = validate::id("page_token", &req.page_token)
+            let after = id("page_token", &req.page_token)
                 .map_err(|_| invalid_argument("page_token", "is not a token returned by ListOrders"))?;
             query = query.filter(order::Column::Id.gt(after));
         }

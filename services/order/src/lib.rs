@@ -11,7 +11,6 @@ pub mod config;
 pub mod entity;
 pub mod jobs;
 pub mod migrations;
-pub mod validate;
 
 use meshkit_common::{
     Mesh, MeshServer, RunningServer, db,

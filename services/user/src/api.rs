@@ -1,8 +1,10 @@
-//! `meshkit.user.v1.UserService` over sea-orm.
+//! `meshkit.user.v1.UserService` over sea-orm. The contract's rules
+//! (user.proto's `buf.validate` annotations) are checked by the server
+//! before a handler runs; the handlers normalise what they store.
 
 use meshkit_common::{
     db::db_error,
-    status::{finish_page, invalid_argument, page_size},
+    status::{finish_page, id, invalid_argument, page_size},
     time::{now_us, timestamp},
 };
 use meshkit_proto::user::{
@@ -11,7 +13,7 @@ use meshkit_proto::user::{
 use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use tonic::{Request, Response, Status};
 
-use crate::{entity::user, validate};
+use crate::entity::user;
 
 const DEFAULT_PAGE: u64 = 50;
 const MAX_PAGE: u64 = 1000;
@@ -32,8 +34,9 @@ impl UserApi {
 impl UserService for UserApi {
     async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
         let req = request.into_inner();
-        let name = validate::name(&req.name)?;
-        let email = validate::email(&req.email)?;
+        // The rules allow no control characters, so spaces are all there is to trim.
+        let name = req.name.trim_matches(' ').to_owned();
+        let email = req.email.to_ascii_lowercase();
         let row = user::ActiveModel {
             id: Set(uuid::Uuid::now_v7().to_string()),
             name: Set(name),
@@ -50,7 +53,7 @@ impl UserService for UserApi {
     }
 
     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
-        let id = validate::id("id", &request.get_ref().id)?;
+        let id = id("id", &request.get_ref().id)?;
         match user::Entity::find_by_id(id.clone()).one(&self.db).await.map_err(db_error)? {
             Some(model) => Ok(Response::new(to_proto(model))),
             None => Err(Status::not_found(format!("user {id:?} does not exist"))),
@@ -62,7 +65,7 @@ impl UserService for UserApi {
         let limit = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
         let mut query = user::Entity::find().order_by_asc(user::Column::Id);
         if !req.page_token.is_empty() {
-            let after = validate::id("page_token", &req.page_token)
+            let after = id("page_token", &req.page_token)
                 .map_err(|_| invalid_argument("page_token", "is not a token returned by ListUsers"))?;
             query = query.filter(user::Column::Id.gt(after));
         }

@@ -8,7 +8,6 @@ pub mod api;
 pub mod config;
 pub mod entity;
 pub mod migrations;
-pub mod validate;
 
 use meshkit_common::{Mesh, MeshServer, RunningServer, db};
 use meshkit_proto::user::user_service_server::UserServiceServer;

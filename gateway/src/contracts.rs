@@ -46,6 +46,10 @@ impl Contracts {
             pool.decode_file_descriptor_set(bytes.as_slice())
                 .map_err(|e| ContractsError::Decode { path: path.clone(), message: e.to_string() })?;
         }
+        // google.rpc's error details (BadRequest, …), so a REST error body
+        // shows them as JSON; not served by reflection.
+        pool.decode_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .map_err(|e| ContractsError::Decode { path: "google.rpc error details".into(), message: e.to_string() })?;
         let services = pool
             .services()
             .filter(|s| !INTERNAL_SERVICES.contains(&s.full_name()))

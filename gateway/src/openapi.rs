@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+mod rules;
+
 use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 use prost_types::FileDescriptorProto;
 use serde_json::{Map, Value as Json, json};
@@ -82,9 +84,11 @@ fn operation(route: &Route, wanted: &mut BTreeSet<String>) -> Json {
     }
     match &route.body {
         BodyTarget::All => {
+            // Required when a field the path does not set must be sent.
+            let required = input.fields().any(|f| !bound.contains(f.name()) && rules::is_required(&f));
             op.insert(
                 "requestBody".into(),
-                json!({"required": true, "content": {"application/json": {"schema": schema_ref(&input, wanted)}}}),
+                json!({"required": required, "content": {"application/json": {"schema": schema_ref(&input, wanted)}}}),
             );
         }
         BodyTarget::Field(field) => {
@@ -108,14 +112,66 @@ fn operation(route: &Route, wanted: &mut BTreeSet<String>) -> Json {
         None => schema_ref(&output, wanted),
     };
     let ok_schema = if method.is_server_streaming() { json!({"type": "array", "items": ok_schema}) } else { ok_schema };
-    op.insert(
-        "responses".into(),
-        json!({
-            "200": {"description": "OK", "content": {"application/json": {"schema": ok_schema}}},
-            "default": {"description": "An error, with the gRPC status code", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/google.rpc.Status"}}}}
-        }),
-    );
+    let error = || json!({"application/json": {"schema": {"$ref": "#/components/schemas/google.rpc.Status"}}});
+    let mut responses = Map::new();
+    responses
+        .insert("200".into(), json!({"description": "OK", "content": {"application/json": {"schema": ok_schema}}}));
+    for (code, description) in error_responses(route) {
+        responses.insert(code, json!({"description": description, "content": error()}));
+    }
+    responses
+        .insert("default".into(), json!({"description": "An error, with the gRPC status code", "content": error()}));
+    op.insert("responses".into(), Json::Object(responses));
     Json::Object(op)
+}
+
+/// The errors an operation documents: 400 for a request the gateway or the
+/// contract's rules refuse, and each gRPC code the method's comment names
+/// (`NOT_FOUND`, `ALREADY_EXISTS`, …) as its HTTP status.
+fn error_responses(route: &Route) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    out.insert(
+        "400".to_owned(),
+        "INVALID_ARGUMENT: the request breaks a rule; google.rpc.BadRequest lists each".to_owned(),
+    );
+    let doc = comment(route.method.parent_file().file_descriptor_proto(), route.method.path()).unwrap_or_default();
+    for code in [
+        tonic::Code::NotFound,
+        tonic::Code::AlreadyExists,
+        tonic::Code::FailedPrecondition,
+        tonic::Code::PermissionDenied,
+        tonic::Code::Unauthenticated,
+        tonic::Code::ResourceExhausted,
+        tonic::Code::Aborted,
+        tonic::Code::OutOfRange,
+        tonic::Code::Unavailable,
+    ] {
+        let name = code_name(code);
+        if doc.split(|c: char| !(c.is_ascii_uppercase() || c == '_')).any(|word| word == name) {
+            let http = crate::errors::http_status(code).as_u16().to_string();
+            let text = out.entry(http).or_default();
+            if !text.is_empty() {
+                text.push_str("; ");
+            }
+            text.push_str(name);
+        }
+    }
+    out
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        _ => "",
+    }
 }
 
 /// Every field the query may set: scalars at the top, and inside singular
@@ -141,8 +197,9 @@ fn query_parameters(
             }
             _ if field.is_map() => {}
             _ => {
+                let required = depth == 0 && rules::is_required(&field);
                 let mut p =
-                    json!({"name": name, "in": "query", "required": false, "schema": field_schema(&field, wanted)});
+                    json!({"name": name, "in": "query", "required": required, "schema": field_schema(&field, wanted)});
                 if field.is_list() {
                     p["explode"] = Json::Bool(true);
                 }
@@ -171,7 +228,11 @@ fn message_schema(message: &MessageDescriptor, wanted: &mut BTreeSet<String>) ->
         }
         properties.insert(field.json_name().to_owned(), schema);
     }
+    let required: Vec<String> = message.fields().filter(rules::is_required).map(|f| f.json_name().to_owned()).collect();
     let mut schema = json!({"type": "object", "properties": properties});
+    if !required.is_empty() {
+        schema["required"] = json!(required);
+    }
     if let Some(d) = comment(message.parent_file_descriptor_proto(), message.path()) {
         schema["description"] = Json::String(d);
     }
@@ -186,7 +247,9 @@ fn field_schema(field: &FieldDescriptor, wanted: &mut BTreeSet<String>) -> Json 
         }
     }
     let single = kind_schema(&field.kind(), wanted);
-    if field.is_list() { json!({"type": "array", "items": single}) } else { single }
+    let mut schema = if field.is_list() { json!({"type": "array", "items": single}) } else { single };
+    rules::apply(field, &mut schema);
+    schema
 }
 
 fn kind_schema(kind: &Kind, wanted: &mut BTreeSet<String>) -> Json {
@@ -259,5 +322,44 @@ mod tests {
         assert_eq!(order["properties"]["status"]["enum"][1], "ORDER_STATUS_PENDING");
         assert_eq!(order["properties"]["items"]["items"]["$ref"], "#/components/schemas/meshkit.order.v1.OrderItem");
         assert!(doc["components"]["schemas"]["meshkit.order.v1.OrderItem"].is_object());
+    }
+
+    #[test]
+    fn the_contracts_rules_are_in_the_schemas() {
+        let contracts = Contracts::meshkit().unwrap();
+        let router = Router::from_contracts(&contracts).unwrap();
+        let doc = document(&contracts, &router);
+        let schemas = &doc["components"]["schemas"];
+        let create_user = &schemas["meshkit.user.v1.CreateUserRequest"];
+        assert_eq!(create_user["required"], json!(["name", "email"]), "{create_user}");
+        let name = &create_user["properties"]["name"];
+        assert_eq!((name["minLength"].as_u64(), name["maxLength"].as_u64()), (Some(1), Some(200)), "{name}");
+        assert!(name["pattern"].as_str().unwrap().contains("\\x20"), "{name}");
+        let email = &create_user["properties"]["email"];
+        assert_eq!((email["format"].as_str(), email["maxLength"].as_u64()), (Some("email"), Some(254)), "{email}");
+        let create_order = &schemas["meshkit.order.v1.CreateOrderRequest"];
+        let items = &create_order["properties"]["items"];
+        assert_eq!((items["minItems"].as_u64(), items["maxItems"].as_u64()), (Some(1), Some(100)), "{items}");
+        assert_eq!(create_order["properties"]["userId"]["format"], "uuid");
+        let quantity = &schemas["meshkit.order.v1.OrderItem"]["properties"]["quantity"];
+        assert_eq!((quantity["minimum"].as_i64(), quantity["maximum"].as_i64()), (Some(1), Some(10000)), "{quantity}");
+
+        let list = &doc["paths"]["/v1/users"]["get"];
+        let param = |n: &str| list["parameters"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
+        let size = param("page_size");
+        assert_eq!((size["schema"]["minimum"].as_i64(), size["schema"]["maximum"].as_i64()), (Some(0), Some(1000)));
+        let token = param("page_token");
+        assert_eq!(token["required"], false);
+        assert_eq!(token["schema"]["anyOf"][0]["maxLength"], 0, "empty is the first page: {token}");
+        assert_eq!(token["schema"]["anyOf"][1]["format"], "uuid", "{token}");
+
+        // A body when the binding needs one, and the errors each operation names.
+        let create = &doc["paths"]["/v1/users"]["post"];
+        assert_eq!(create["requestBody"]["required"], true);
+        assert!(create["responses"]["409"].is_object(), "ALREADY_EXISTS: {}", create["responses"]);
+        assert!(create["responses"]["400"].is_object());
+        let trigger = &doc["paths"]["/v1/jobs/{name}:trigger"]["post"];
+        assert_eq!(trigger["requestBody"]["required"], false, "name is in the path, param optional");
+        assert!(doc["paths"]["/v1/users/{id}"]["get"]["responses"]["404"].is_object());
     }
 }

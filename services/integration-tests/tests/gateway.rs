@@ -199,7 +199,23 @@ async fn errors_map_to_http_statuses_with_a_json_body() {
     assert!(missing.json()["details"].is_array());
     let bad = c.rest("POST", "/v1/users", r#"{"name":"","email":"x@example.com"}"#).await;
     assert_eq!(bad.status, 400);
-    assert!(bad.json()["message"].as_str().unwrap().contains("name"), "{}", bad.text());
+    assert!(bad.json()["message"].as_str().unwrap().starts_with("name: "), "{}", bad.text());
+    // The broken rules, as the service's google.rpc.BadRequest lists them.
+    let detail = &bad.json()["details"][0];
+    assert_eq!(detail["@type"], "type.googleapis.com/google.rpc.BadRequest", "{}", bad.text());
+    assert_eq!(detail["fieldViolations"][0]["field"], "name", "{}", bad.text());
+    assert_eq!(detail["fieldViolations"][0]["reason"], "required", "{}", bad.text());
+    assert_eq!(detail["fieldViolations"][0]["description"], "value is required", "{}", bad.text());
+    let bad = c.rest("GET", "/v1/users?page_size=-2147483648&page_token=x", "").await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let body = bad.json();
+    let fields: Vec<&str> = body["details"][0]["fieldViolations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["page_size", "page_token"], "{}", bad.text());
     c.rest("POST", "/v1/users", r#"{"name":"B","email":"b@example.com"}"#).await;
     let dup = c.rest("POST", "/v1/users", r#"{"name":"B","email":"b@example.com"}"#).await;
     assert_eq!((dup.status.as_u16(), dup.json()["code"].as_i64()), (409, Some(6)), "{}", dup.text());

@@ -276,7 +276,10 @@ async fn one_trace_and_one_config_center_across_rust_and_java() {
 fn answer<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> String {
     match result {
         Ok(response) => format!("OK {:?}", response.into_inner()),
-        Err(status) => format!("{:?}: {}", status.code(), status.message()),
+        // The google.rpc.BadRequest detail too, violation by violation.
+        Err(status) => {
+            format!("{:?}: {} {:?}", status.code(), status.message(), meshkit_validate::violations_of(&status))
+        }
     }
 }
 

@@ -137,6 +137,10 @@ async fn every_validation_rule_names_its_field() {
         let err = orders.create_order(CreateOrderRequest { user_id, items }).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
         assert!(err.message().starts_with(field), "{field}: {}", err.message());
+        // The same violation in the google.rpc.BadRequest detail, with its rule.
+        let violations = meshkit_validate::violations_of(&err);
+        assert_eq!(violations.first().map(|v| v.field.as_str()), Some(field), "{err:?}");
+        assert!(violations.iter().all(|v| !v.rule.is_empty() && !v.message.is_empty()), "{err:?}");
     }
     let err = users.get_user(GetUserRequest { id: "01900000-0000-7000-8000-000000000000".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);

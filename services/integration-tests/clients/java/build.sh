@@ -22,9 +22,13 @@ done
 cp="${cp#:}"
 rm -rf "$out/gen" "$out/classes"
 mkdir -p "$out/gen" "$out/classes"
+# buf/validate/validate.proto (protovalidate's, which meshkit's files import for
+# their request rules) is generated here too: protovalidate-java's jar, which the
+# Maven build uses instead, needs a newer protobuf-java than Debian's.
 protoc --plugin=protoc-gen-grpc-java=/usr/bin/grpc_java_plugin \
     --java_out="$out/gen" --grpc-java_out="$out/gen" -I "$root/proto" \
     "$root/proto/google/api/http.proto" "$root/proto/google/api/annotations.proto" \
+    "$root/proto/buf/validate/validate.proto" \
     "$root/proto/meshkit/user/v1/user.proto" "$root/proto/meshkit/order/v1/order.proto"
 find "$out/gen" "$here/src/io/meshkit/interop" -name '*.java' >"$out/sources.txt"
 javac -nowarn -encoding UTF-8 -d "$out/classes" -cp "$cp" @"$out/sources.txt"

@@ -1,35 +1,15 @@
 package io.meshkit.user;
 
-import io.grpc.Status;
-import io.grpc.StatusException;
 import java.util.List;
 import java.util.function.Function;
 
 /**
- * The status helpers of the Rust services ({@code common/base/src/status.rs}):
- * failures a caller can act on, with the same messages.
+ * Keyset paging as the Rust services page ({@code common/base/src/status.rs}).
+ * Invalid arguments are refused before any handler, by the meshkit starter's
+ * ValidationInterceptor from the protos' protovalidate rules.
  */
 public final class Statuses {
     private Statuses() {}
-
-    /** INVALID_ARGUMENT naming the field: {@code "email: must not be empty"}. */
-    public static StatusException invalidArgument(String field, String problem) {
-        return Status.INVALID_ARGUMENT.withDescription(field + ": " + problem).asException();
-    }
-
-    /** A page size: 0 means {@code dflt}; negative or above {@code max} is refused. */
-    public static int pageSize(String field, int requested, int dflt, int max) throws StatusException {
-        if (requested == 0) {
-            return dflt;
-        }
-        if (requested < 0) {
-            throw invalidArgument(field, "must not be negative");
-        }
-        if (requested > max) {
-            throw invalidArgument(field, "must be at most " + max);
-        }
-        return requested;
-    }
 
     /** One page of rows and the token of the next (empty on the last page). */
     public record Page<T>(List<T> rows, String nextPageToken) {}

@@ -16,13 +16,18 @@ import org.springframework.stereotype.Service;
 
 /**
  * {@code meshkit.user.v1.UserService}, answering as the Rust user-service does
- * (services/user/src/api.rs): the same validation, statuses and messages, and
- * keyset paging over UUIDv7 ids. Every failure leaves as a status; none as UNKNOWN.
+ * (services/user/src/api.rs): the same statuses and messages, and keyset paging
+ * over UUIDv7 ids. Every failure leaves as a status; none as UNKNOWN.
+ *
+ * <p>Requests arrive valid: user.proto's protovalidate rules are checked before
+ * any handler by the meshkit starter's ValidationInterceptor (INVALID_ARGUMENT
+ * with a BadRequest detail, as the Rust servers answer). What is left here is the
+ * service's own normalisation ({@link Normalize}): the name trimmed, the email and
+ * ids lower-cased.
  */
 @Service
 public class UserGrpcService extends UserServiceGrpc.UserServiceImplBase {
     static final int DEFAULT_PAGE = 50;
-    static final int MAX_PAGE = 1000;
 
     private final UserStore store;
 
@@ -33,8 +38,8 @@ public class UserGrpcService extends UserServiceGrpc.UserServiceImplBase {
     @Override
     public void createUser(CreateUserRequest req, StreamObserver<User> out) {
         answer("CreateUser", out, () -> {
-            String name = Validate.name(req.getName());
-            String email = Validate.email(req.getEmail());
+            String name = Normalize.name(req.getName());
+            String email = Normalize.email(req.getEmail());
             UserStore.Row row = new UserStore.Row(UuidV7.next().toString(), name, email, nowUs());
             try {
                 store.insert(row);
@@ -53,7 +58,7 @@ public class UserGrpcService extends UserServiceGrpc.UserServiceImplBase {
     @Override
     public void getUser(GetUserRequest req, StreamObserver<User> out) {
         answer("GetUser", out, () -> {
-            String id = Validate.id("id", req.getId());
+            String id = Normalize.id(req.getId());
             return store.find(id)
                     .map(UserGrpcService::toProto)
                     .orElseThrow(() -> Status.NOT_FOUND
@@ -65,15 +70,10 @@ public class UserGrpcService extends UserServiceGrpc.UserServiceImplBase {
     @Override
     public void listUsers(ListUsersRequest req, StreamObserver<ListUsersResponse> out) {
         answer("ListUsers", out, () -> {
-            int limit = Statuses.pageSize("page_size", req.getPageSize(), DEFAULT_PAGE, MAX_PAGE);
-            String after = null;
-            if (!req.getPageToken().isEmpty()) {
-                try {
-                    after = Validate.id("page_token", req.getPageToken());
-                } catch (StatusException e) {
-                    throw Statuses.invalidArgument("page_token", "is not a token returned by ListUsers");
-                }
-            }
+            // page_size is 0..1000 (user.proto), 0 meaning the default.
+            int limit = req.getPageSize() == 0 ? DEFAULT_PAGE : req.getPageSize();
+            // page_token is empty or a UUID (user.proto): the last id of the previous page.
+            String after = req.getPageToken().isEmpty() ? null : Normalize.id(req.getPageToken());
             Statuses.Page<UserStore.Row> page =
                     Statuses.finishPage(store.list(after, limit + 1), limit, UserStore.Row::id);
             ListUsersResponse.Builder res = ListUsersResponse.newBuilder().setNextPageToken(page.nextPageToken());

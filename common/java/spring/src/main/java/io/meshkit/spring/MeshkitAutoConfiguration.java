@@ -41,7 +41,7 @@ import org.springframework.util.ClassUtils;
  * <p>spring-grpc brings the health service (its HealthStatusManager, driven
  * here) and reflection v1 ({@code spring.grpc.server.health.*},
  * {@code spring.grpc.server.reflection.*}); this adds reflection v1alpha, the
- * interceptors, the admin endpoint, the config center, tracing, and the
+ * interceptors (the last of them checks each request's protovalidate rules), the admin endpoint, the config center, tracing, and the
  * registration. The registration follows the server's own lifecycle events:
  * spring-grpc's GrpcServerLifecycle has phase Integer.MAX_VALUE, so no other
  * SmartLifecycle can stop before it, but it publishes GrpcServerStartedEvent
@@ -122,6 +122,19 @@ public class MeshkitAutoConfiguration {
         return new DeadlineInterceptor();
     }
 
+    /**
+     * Innermost: every request is checked against its protovalidate rules before the
+     * handler runs (INVALID_ARGUMENT with a BadRequest detail, as the Rust servers).
+     * An application's own ValidationInterceptor bean (another Validator) replaces it.
+     */
+    @Bean
+    @GlobalServerInterceptor
+    @Order(Ordered.HIGHEST_PRECEDENCE + 40)
+    @ConditionalOnMissingBean
+    ValidationInterceptor meshkitValidationInterceptor() {
+        return new ValidationInterceptor();
+    }
+
     /** Outgoing calls on spring-grpc's channels carry the trace on. */
     @Bean
     @GlobalClientInterceptor
@@ -188,21 +201,29 @@ public class MeshkitAutoConfiguration {
     }
 
     @Bean
-    MeshkitServerEvents meshkitServerEvents(Membership membership) {
-        return new MeshkitServerEvents(membership);
+    MeshkitServerEvents meshkitServerEvents(Membership membership, ObjectProvider<ValidationInterceptor> validation) {
+        return new MeshkitServerEvents(membership, validation.getIfAvailable());
     }
 
-    /** Joins when the gRPC server has bound its port; leaves before it stops accepting. */
+    /**
+     * Joins when the gRPC server has bound its port, once the validation rules of what it
+     * serves are compiled; leaves before it stops accepting.
+     */
     static final class MeshkitServerEvents implements ApplicationListener<GrpcServerLifecycleEvent> {
         private final Membership membership;
+        private final ValidationInterceptor validation;
 
-        MeshkitServerEvents(Membership membership) {
+        MeshkitServerEvents(Membership membership, ValidationInterceptor validation) {
             this.membership = membership;
+            this.validation = validation;
         }
 
         @Override
         public void onApplicationEvent(GrpcServerLifecycleEvent event) {
             if (event instanceof GrpcServerStartedEvent started) {
+                if (validation != null) {
+                    validation.warmUp(started.getServer().getServices());
+                }
                 try {
                     membership.join(started.getServer());
                 } catch (Exception e) {

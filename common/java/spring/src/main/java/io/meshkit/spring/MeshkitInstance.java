@@ -56,6 +56,8 @@ public final class MeshkitInstance implements AutoCloseable {
     private final AdminServer admin;
     private final ConfigCenter config;
     private final HealthStatusManager health = new HealthStatusManager();
+    /** One for the instance: protovalidate caches each message type's rules in it. */
+    private final ValidationInterceptor validation = new ValidationInterceptor();
     private final Membership membership;
 
     private MeshkitInstance(Builder b) throws Exception {
@@ -124,7 +126,7 @@ public final class MeshkitInstance implements AutoCloseable {
     /**
      * Adds health, reflection (v1, and v1alpha for grpcurl 1.8) and the
      * interceptors, outermost first: the instance header, the server span,
-     * the call metrics, the deadline check.
+     * the call metrics, the deadline check, the request's protovalidate rules.
      */
     @SuppressWarnings("deprecation") // v1alpha reflection: grpcurl 1.8 speaks nothing else.
     public <T extends ServerBuilder<T>> T configure(T builder) {
@@ -145,11 +147,17 @@ public final class MeshkitInstance implements AutoCloseable {
                 new InstanceHeaderInterceptor(instanceId),
                 Tracing.serverInterceptor(openTelemetry),
                 new MetricCollectingServerInterceptor(metrics),
-                new DeadlineInterceptor());
+                new DeadlineInterceptor(),
+                validation);
     }
 
-    /** Registers the started server in etcd and reports its services SERVING. */
+    /**
+     * Compiles the validation rules of every served method's input (a rule that does not
+     * compile throws here), then registers the started server in etcd and reports its
+     * services SERVING.
+     */
     public void register(Server server) throws Exception {
+        validation.warmUp(server.getServices());
         membership.join(server);
     }
 

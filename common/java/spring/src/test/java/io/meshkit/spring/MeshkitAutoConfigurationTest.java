@@ -3,6 +3,7 @@ package io.meshkit.spring;
 import static io.meshkit.spring.MeshkitInstanceTest.await;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertNotEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import java.util.ArrayList;
@@ -23,6 +24,8 @@ import io.etcd.jetcd.watch.WatchEvent;
 import io.grpc.ManagedChannel;
 import io.grpc.Metadata;
 import io.grpc.Server;
+import io.grpc.Status;
+import io.grpc.StatusRuntimeException;
 import io.grpc.health.v1.HealthCheckRequest;
 import io.grpc.health.v1.HealthCheckResponse.ServingStatus;
 import io.grpc.health.v1.HealthGrpc;
@@ -118,8 +121,8 @@ class MeshkitAutoConfigurationTest {
                 AtomicReference<Metadata> headers = new AtomicReference<>();
                 User user = UserServiceGrpc.newBlockingStub(channel)
                         .withInterceptors(MetadataUtils.newCaptureMetadataInterceptor(headers, new AtomicReference<>()))
-                        .getUser(GetUserRequest.newBuilder().setId("7").build());
-                assertEquals("7", user.getId());
+                        .getUser(GetUserRequest.newBuilder().setId(TestUserService.ID).build());
+                assertEquals(TestUserService.ID, user.getId());
                 assertEquals(identity.instanceId(), headers.get().get(InstanceHeaderInterceptor.KEY));
                 assertEquals(ServingStatus.SERVING, HealthGrpc.newBlockingStub(channel)
                         .check(HealthCheckRequest.newBuilder().setService("meshkit.user.v1.UserService").build()).getStatus());
@@ -153,10 +156,10 @@ class MeshkitAutoConfigurationTest {
                         });
                 Thread.sleep(200);
                 ListenableFuture<User> inFlight = UserServiceGrpc.newFutureStub(channel)
-                        .getUser(GetUserRequest.newBuilder().setId("slow").build());
+                        .getUser(GetUserRequest.newBuilder().setId(TestUserService.SLOW).build());
                 Thread.sleep(100);
                 context.close();
-                assertEquals("slow", inFlight.get(5, TimeUnit.SECONDS).getId(), "the call in flight finished");
+                assertEquals(TestUserService.SLOW, inFlight.get(5, TimeUnit.SECONDS).getId(), "the call in flight finished");
                 assertTrue(deleted.await(5, TimeUnit.SECONDS), "the key was deleted");
                 assertTrue(serverWasUp.get(), "before the server stopped accepting");
                 assertTrue(server.isTerminated());
@@ -189,6 +192,14 @@ class MeshkitAutoConfigurationTest {
             channel = NettyChannelBuilder.forAddress("127.0.0.1", port).usePlaintext().build();
             assertEquals(ServingStatus.SERVING, HealthGrpc.newBlockingStub(channel)
                     .check(HealthCheckRequest.newBuilder().setService("meshkit.user.v1.UserService").build()).getStatus());
+            // The starter's ValidationInterceptor checks user.proto's rules before the handler.
+            ManagedChannel ch = channel;
+            StatusRuntimeException refused = assertThrows(StatusRuntimeException.class,
+                    () -> UserServiceGrpc.newBlockingStub(ch).getUser(GetUserRequest.newBuilder().setId("7").build()));
+            assertEquals(Status.Code.INVALID_ARGUMENT, refused.getStatus().getCode());
+            assertEquals("id: must be a valid UUID [string.uuid]", refused.getStatus().getDescription());
+            assertEquals(TestUserService.ID,
+                    UserServiceGrpc.newBlockingStub(ch).getUser(GetUserRequest.newBuilder().setId(TestUserService.ID).build()).getId());
             assertTrue(context.getBean(MeshkitIdentity.class).instanceId().startsWith("java-"),
                     "no application name: the component is \"java\"");
         } finally {

@@ -179,16 +179,29 @@ class MeshkitInstanceTest {
         AtomicReference<Metadata> trailers = new AtomicReference<>();
         UserServiceGrpc.UserServiceBlockingStub stub = UserServiceGrpc.newBlockingStub(channel)
                 .withInterceptors(MetadataUtils.newCaptureMetadataInterceptor(headers, trailers));
-        User user = stub.getUser(GetUserRequest.newBuilder().setId("1").build());
+        User user = stub.getUser(GetUserRequest.newBuilder().setId(TestUserService.ID).build());
         assertEquals("Ada", user.getName());
         assertEquals(mesh.instanceId(), headers.get().get(InstanceHeaderInterceptor.KEY));
 
         // An error before any message: a trailers-only response names the instance too.
         headers.set(null);
         StatusRuntimeException e = assertThrows(StatusRuntimeException.class,
-                () -> stub.getUser(GetUserRequest.newBuilder().setId("missing").build()));
+                () -> stub.getUser(GetUserRequest.newBuilder().setId(TestUserService.MISSING).build()));
         assertEquals(Status.Code.NOT_FOUND, e.getStatus().getCode());
         assertEquals(mesh.instanceId(), trailers.get().get(InstanceHeaderInterceptor.KEY));
+
+        // A request its rules refuse (user.proto: id is a UUID) reaches no handler, and
+        // the refusal is named too.
+        trailers.set(null);
+        long before = service.remainingMillis.get();
+        service.remainingMillis.set(-3);
+        e = assertThrows(StatusRuntimeException.class,
+                () -> stub.getUser(GetUserRequest.newBuilder().setId("42").build()));
+        assertEquals(Status.Code.INVALID_ARGUMENT, e.getStatus().getCode());
+        assertEquals("id: must be a valid UUID [string.uuid]", e.getStatus().getDescription());
+        assertEquals(mesh.instanceId(), trailers.get().get(InstanceHeaderInterceptor.KEY));
+        assertEquals(-3, service.remainingMillis.get(), "no handler ran");
+        service.remainingMillis.set(before);
 
         HealthGrpc.HealthBlockingStub health = HealthGrpc.newBlockingStub(channel);
         assertEquals(ServingStatus.SERVING, health.check(HealthCheckRequest.newBuilder().setService(SERVICE).build()).getStatus());
@@ -199,10 +212,10 @@ class MeshkitInstanceTest {
     @Order(3)
     void deadlinesReachHandlersAndAPassedOneRunsNoHandler() throws Exception {
         UserServiceGrpc.UserServiceBlockingStub stub = UserServiceGrpc.newBlockingStub(channel);
-        stub.withDeadlineAfter(5, TimeUnit.SECONDS).getUser(GetUserRequest.newBuilder().setId("1").build());
+        stub.withDeadlineAfter(5, TimeUnit.SECONDS).getUser(GetUserRequest.newBuilder().setId(TestUserService.ID).build());
         long left = service.remainingMillis.get();
         assertTrue(left > 0 && left <= 5000, "Deadlines.remainingMillis() in the handler: " + left);
-        stub.getUser(GetUserRequest.newBuilder().setId("1").build());
+        stub.getUser(GetUserRequest.newBuilder().setId(TestUserService.ID).build());
         assertEquals(-1, service.remainingMillis.get(), "no deadline, no remaining time");
 
         StatusRuntimeException e = assertThrows(StatusRuntimeException.class,
@@ -225,10 +238,12 @@ class MeshkitInstanceTest {
         spans.reset();
         UserServiceGrpc.newBlockingStub(channel)
                 .withInterceptors(MetadataUtils.newAttachHeadersInterceptor(traceparent))
-                .getUser(GetUserRequest.newBuilder().setId("1").build());
-        await(() -> !spans.getFinishedSpanItems().isEmpty(), "a span");
-        SpanData span = spans.getFinishedSpanItems().get(0);
-        assertEquals(SERVICE + "/GetUser", span.getName());
+                .getUser(GetUserRequest.newBuilder().setId(TestUserService.ID).build());
+        // The GetUser span: a span of the test before may still end after the reset.
+        java.util.function.Supplier<java.util.Optional<SpanData>> getUser = () -> spans.getFinishedSpanItems().stream()
+                .filter(s -> s.getName().equals(SERVICE + "/GetUser")).findFirst();
+        await(() -> getUser.get().isPresent(), "a GetUser span");
+        SpanData span = getUser.get().orElseThrow();
         assertEquals(SpanKind.SERVER, span.getKind());
         assertEquals("0af7651916cd43dd8448eb211c80319c", span.getTraceId());
         assertEquals("b7ad6b7169203331", span.getParentSpanId());
@@ -347,10 +362,10 @@ class MeshkitInstanceTest {
                 });
         try {
             ListenableFuture<User> inFlight = UserServiceGrpc.newFutureStub(channel)
-                    .getUser(GetUserRequest.newBuilder().setId("slow").build());
+                    .getUser(GetUserRequest.newBuilder().setId(TestUserService.SLOW).build());
             Thread.sleep(100);
             mesh.shutdown(server);
-            assertEquals("slow", inFlight.get(5, TimeUnit.SECONDS).getId(), "the call in flight finished");
+            assertEquals(TestUserService.SLOW, inFlight.get(5, TimeUnit.SECONDS).getId(), "the call in flight finished");
             await(deleted::get, "the key was deleted");
             assertTrue(serverWasUp.get(), "the key went while the server still accepted calls");
             assertNull(get(key));

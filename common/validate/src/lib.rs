@@ -17,19 +17,20 @@
 #![forbid(unsafe_code)]
 
 mod layer;
+mod wording;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost_protovalidate::{Error as RuleError, Violation};
-use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, MessageDescriptor, ReflectMessage};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 pub use layer::{ValidateLayer, ValidateService};
 
 /// The name of the protovalidate extension on fields, messages and oneofs.
-const RULES_PACKAGE: &str = "buf.validate";
+pub(crate) const RULES_PACKAGE: &str = "buf.validate";
 
 /// A request's broken rule: where, which, and what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,14 +58,27 @@ impl std::fmt::Display for FieldViolation {
     }
 }
 
-/// INVALID_ARGUMENT listing `violations` in its message and in a
-/// `google.rpc.BadRequest` detail.
+/// How many violations the message of a refusal lists; the rest are counted.
+pub const LISTED_IN_MESSAGE: usize = 5;
+/// How many violations the `google.rpc.BadRequest` of a refusal lists. Both
+/// travel in the trailers, which peers bound (8 to 16 KiB is common): a
+/// request with a hundred broken items must not be answered with a status
+/// too large to deliver.
+pub const LISTED_IN_DETAILS: usize = 20;
+
+/// INVALID_ARGUMENT listing `violations` in its message (the first
+/// [`LISTED_IN_MESSAGE`], then how many more) and in a
+/// `google.rpc.BadRequest` detail (the first [`LISTED_IN_DETAILS`]).
 pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
-    let message = violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    let mut message = violations.iter().take(LISTED_IN_MESSAGE).map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    if violations.len() > LISTED_IN_MESSAGE {
+        message.push_str(&format!("; and {} more", violations.len() - LISTED_IN_MESSAGE));
+    }
     let mut details = ErrorDetails::new();
     details.set_bad_request(
         violations
             .iter()
+            .take(LISTED_IN_DETAILS)
             .map(|v| tonic_types::FieldViolation {
                 field: v.field.clone(),
                 description: v.message.clone(),
@@ -116,10 +130,9 @@ pub struct Validator {
     /// `/package.Service/Method` → the input type, for methods whose input has rules.
     methods: Arc<HashMap<String, MessageDescriptor>>,
     /// Rule messages as validate.proto (or the contract's own CEL rule)
-    /// words them, by rule id: the evaluator leaves some empty (the format
-    /// rules, such as `string.uuid_empty`, and rules on a whole message) and
-    /// words others its own way; protovalidate's other runtimes show these.
-    messages: Arc<HashMap<String, String>>,
+    /// words them: the evaluator leaves some empty and words others its own
+    /// way; protovalidate's other runtimes show validate.proto's.
+    wording: Arc<wording::Wording>,
 }
 
 impl std::fmt::Debug for Validator {
@@ -149,7 +162,7 @@ impl Validator {
                 methods.insert(format!("/{}/{}", service.full_name(), method.name()), input);
             }
         }
-        Ok(Self { rules: Arc::new(rules), methods: Arc::new(methods), messages: Arc::new(rule_messages(pool)) })
+        Ok(Self { rules: Arc::new(rules), methods: Arc::new(methods), wording: Arc::new(wording::Wording::new(pool)) })
     }
 
     /// A validator for every service of meshkit's contracts.
@@ -179,9 +192,8 @@ impl Validator {
                 .iter()
                 .map(|v| {
                     let mut violation = FieldViolation::from_violation(v);
-                    // validate.proto's wording where it has one: the one every runtime shows.
-                    if let Some(message) = self.messages.get(&violation.rule) {
-                        violation.message.clone_from(message);
+                    if let Some(message) = self.wording.word(v) {
+                        violation.message = message;
                     }
                     violation
                 })
@@ -224,39 +236,4 @@ fn has_rules(desc: &MessageDescriptor, seen: &mut Vec<String>) -> bool {
                 _ => false,
             }
     })
-}
-
-/// The message of every standard rule, by id, from validate.proto's own
-/// definitions (`(buf.validate.predefined).cel` on each rule field).
-fn rule_messages(pool: &DescriptorPool) -> HashMap<String, String> {
-    let mut messages = HashMap::new();
-    let Some(predefined) = pool.get_extension_by_name("buf.validate.predefined") else { return messages };
-    for rules in pool.all_messages().filter(|m| m.package_name() == RULES_PACKAGE) {
-        for field in rules.fields() {
-            add_cel_messages(&field.options(), &predefined, &mut messages);
-        }
-    }
-    // A message-level CEL rule's message is left empty by the evaluator too:
-    // taken from the contracts (by id; the first of a repeated id wins).
-    let Some(on_message) = pool.get_extension_by_name("buf.validate.message") else { return messages };
-    for desc in pool.all_messages().filter(|m| m.package_name() != RULES_PACKAGE) {
-        add_cel_messages(&desc.options(), &on_message, &mut messages);
-    }
-    messages
-}
-
-/// Adds the id and message of each CEL rule in `options`' `extension`.
-fn add_cel_messages(options: &DynamicMessage, extension: &ExtensionDescriptor, into: &mut HashMap<String, String>) {
-    if !options.has_extension(extension) {
-        return;
-    }
-    let value = options.get_extension(extension);
-    let Some(cel) = value.as_message().and_then(|m| m.get_field_by_name("cel")) else { return };
-    for rule in cel.as_list().unwrap_or_default().iter().filter_map(|r| r.as_message()) {
-        let text = |name: &str| rule.get_field_by_name(name).and_then(|v| v.as_str().map(str::to_owned));
-        // An empty message: the expression words it, with the rule's values.
-        if let (Some(id), Some(message)) = (text("id"), text("message").filter(|m| !m.is_empty())) {
-            into.entry(id).or_insert(message);
-        }
-    }
 }

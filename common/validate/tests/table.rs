@@ -40,12 +40,15 @@ fn every_case_of_the_shared_table() {
         if let Some(v) = violations.iter().find(|v| v.message.is_empty()) {
             wrong.push(format!("{name} {}: {v:?} has no message", case["input"]));
         }
-        let got: Vec<(String, String)> = violations.into_iter().map(|v| (v.field, v.rule)).collect();
-        let want: Vec<(String, String)> = case["violations"]
+        let got: Vec<(String, String, String)> = violations.into_iter().map(|v| (v.field, v.rule, v.message)).collect();
+        let want: Vec<(String, String, String)> = case["violations"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|v| (v["field"].as_str().unwrap().to_owned(), v["rule"].as_str().unwrap().to_owned()))
+            .map(|v| {
+                let text = |k: &str| v[k].as_str().unwrap().to_owned();
+                (text("field"), text("rule"), text("message"))
+            })
             .collect();
         if got != want {
             wrong.push(format!("{name} {}: want {want:?}, got {got:?}", case["input"]));
@@ -74,6 +77,26 @@ fn the_status_lists_every_violation_with_its_path_and_rule() {
     assert_eq!(fields, ["user_id", "items[0].quantity"]);
     assert_eq!(violations[1].rule, "int32.gte_lte");
     assert!(!violations[1].message.is_empty());
+}
+
+#[test]
+fn a_request_with_many_broken_items_gets_a_status_of_bounded_size() {
+    let pool = pool();
+    let validator = Validator::for_services(&pool, SERVICES).unwrap();
+    let desc = pool.get_message_by_name("meshkit.order.v1.CreateOrderRequest").unwrap();
+    let items: Vec<_> = (0..100).map(|_| serde_json::json!({"sku": "book"})).collect();
+    let message =
+        DynamicMessage::deserialize(desc.clone(), &serde_json::json!({"userId": "nope", "items": items})).unwrap();
+    let status = validator.check_encoded(&desc, &prost::Message::encode_to_vec(&message)).unwrap_err();
+    assert!(status.message().starts_with("user_id: must be a valid UUID [string.uuid]; items[0].quantity: "));
+    assert!(status.message().ends_with("; and 96 more"), "{}", status.message());
+    assert_eq!(violations_of(&status).len(), meshkit_validate::LISTED_IN_DETAILS);
+    assert!(
+        status.message().len() + status.details().len() < 4096,
+        "{} + {}",
+        status.message().len(),
+        status.details().len()
+    );
 }
 
 #[test]

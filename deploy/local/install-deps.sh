@@ -135,6 +135,20 @@ if (( want_test )); then
         echo "install-deps: installing grpcio and grpcio-tools from PyPI"
         pip_install "grpcio==1.76.0" "grpcio-tools==1.76.0" || { echo "install-deps: pip failed" >&2; exit 1; }
     fi
+    # protovalidate-python checks proto/'s request rules against the shared table
+    # (clients/python/validation_cases.py). Its version, not just its presence: 2.x
+    # is another runtime (native, on protobuf-py). It imports buf.validate.validate_pb2,
+    # which it does not ship: stubs.py generates it from proto/buf/validate.
+    if [[ "$(python3 -c 'import importlib.metadata as m; print(m.version("protovalidate"), m.version("cel-python"))' 2>/dev/null)" != "1.2.0 0.5.0" ]]; then
+        echo "install-deps: installing protovalidate from PyPI"
+        pip_install "protovalidate==1.2.0" "cel-python==0.5.0" || { echo "install-deps: pip failed" >&2; exit 1; }
+    fi
+    # schemathesis generates requests from the gateway's /openapi.json
+    # (tests/validation.rs).
+    if [[ "$(python3 -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null)" != "4.32.5" ]]; then
+        echo "install-deps: installing schemathesis from PyPI"
+        pip_install "schemathesis==4.32.5" || { echo "install-deps: pip failed" >&2; exit 1; }
+    fi
     # The Kubernetes manifests are checked against the API schemas.
     if ! command -v kubernetes-validate >/dev/null; then
         echo "install-deps: installing kubernetes-validate from PyPI"

@@ -229,7 +229,8 @@ fn message_schema(message: &MessageDescriptor, wanted: &mut BTreeSet<String>) ->
         properties.insert(field.json_name().to_owned(), schema);
     }
     let required: Vec<String> = message.fields().filter(rules::is_required).map(|f| f.json_name().to_owned()).collect();
-    let mut schema = json!({"type": "object", "properties": properties});
+    // The transcoder refuses a field the message does not have.
+    let mut schema = json!({"type": "object", "properties": properties, "additionalProperties": false});
     if !required.is_empty() {
         schema["required"] = json!(required);
     }
@@ -343,6 +344,7 @@ mod tests {
         assert_eq!(create_order["properties"]["userId"]["format"], "uuid");
         let quantity = &schemas["meshkit.order.v1.OrderItem"]["properties"]["quantity"];
         assert_eq!((quantity["minimum"].as_i64(), quantity["maximum"].as_i64()), (Some(1), Some(10000)), "{quantity}");
+        assert_eq!(schemas["meshkit.order.v1.OrderItem"]["required"], json!(["sku", "quantity"]), "0 is out of range");
 
         let list = &doc["paths"]["/v1/users"]["get"];
         let param = |n: &str| list["parameters"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();

@@ -47,6 +47,23 @@ pub fn is_required(field: &FieldDescriptor) -> bool {
         || positive("string", "len")
         || positive("repeated", "min_items")
         || ["email", "uuid", "hostname", "uri", "ip", "address"].iter().any(|f| format(f))
+        || zero_out_of_range(&rules)
+}
+
+/// Whether a number rule leaves 0 out (`gte: 1`, `lt: 0`, …), so the field
+/// must be sent.
+fn zero_out_of_range(rules: &DynamicMessage) -> bool {
+    for kind in ["int32", "sint32", "sfixed32", "uint32", "fixed32", "double", "float"] {
+        let Some(numbers) = set(rules, kind) else { continue };
+        let Some(n) = numbers.as_message() else { return false };
+        let bound = |name: &str| set(n, name).and_then(|v| number_json(&v)).and_then(|j| j.as_f64());
+        return bound("gte").is_some_and(|b| b > 0.0)
+            || bound("gt").is_some_and(|b| b >= 0.0)
+            || bound("lte").is_some_and(|b| b < 0.0)
+            || bound("lt").is_some_and(|b| b <= 0.0)
+            || bound("const").is_some_and(|b| b != 0.0);
+    }
+    false
 }
 
 fn ignores_zero(rules: &DynamicMessage) -> bool {

@@ -25,6 +25,8 @@ mod events;
 mod gateway;
 #[path = "../bench/spring.rs"]
 mod spring;
+#[path = "../bench/validate.rs"]
+mod validate;
 #[path = "../bench/xds.rs"]
 mod xds;
 
@@ -58,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
     let phases = std::env::var("MESHKIT_BENCH_PHASES")
-        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls,xds,spring".into());
+        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls,xds,spring,validate".into());
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -92,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("spring") {
         spring::run(&etcd, dir.path(), secs).await?;
+    }
+    if run("validate") {
+        validate::run(secs)?;
     }
     Ok(())
 }

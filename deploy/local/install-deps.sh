@@ -167,15 +167,17 @@ fi
 "$here/kafka.sh" install
 
 # The Go test tools from the Go module proxy, as each module's go.sum pins
-# them (h2spec; grpc-go's interop cases; grpc-go's xDS client; etcd at the
-# version the deploy files ship, for the etcd-cluster tests and, where Go is
-# installed, `MESHKIT_ETCD_MEMBERS=3 make up`); again only when a module
+# them (h2spec; grpc-go's interop cases; grpc-go's xDS client; protovalidate's
+# conformance runner; etcd at the version the deploy files ship, for the
+# etcd-cluster tests and, where Go is installed, `MESHKIT_ETCD_MEMBERS=3
+# make up`); again only when a module
 # changed. An entry is name:package, built in services/integration-tests/tools/name,
 # or name:package:dir for a module elsewhere (dir from the repository root).
 go_tools=()
 if (( want_test )); then
     go_tools=(h2spec:github.com/summerwind/h2spec/cmd/h2spec grpc-interop:. etcd:go.etcd.io/etcd/server/v3
-        xds-client-go:.:services/integration-tests/clients/go)
+        xds-client-go:.:services/integration-tests/clients/go
+        protovalidate-conformance:github.com/bufbuild/protovalidate/tools/protovalidate-conformance)
 elif [[ "${MESHKIT_ETCD_MEMBERS:-1}" == 3 ]] && command -v go >/dev/null \
     && [[ "$(printf '%s\n%s\n' "$go_min" "$(go env GOVERSION | sed 's/^go//')" | sort -V | head -n1)" == "$go_min" ]]; then
     go_tools=(etcd:go.etcd.io/etcd/server/v3)

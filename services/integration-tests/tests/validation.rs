@@ -1,17 +1,45 @@
-//! The contract's rules seen from outside: protovalidate-python on the shared
-//! table (the Rust and Java runs of it are `meshkit-validate`'s and the
-//! starter's tests), and schemathesis generating requests from the gateway's
-//! `/openapi.json` against real services: what the schema allows the servers
-//! accept, what it forbids they refuse, and nothing answers 5xx.
+//! The contract's rules seen from outside: protovalidate's own conformance
+//! suite run against the evaluator meshkit's servers use, protovalidate-python
+//! on the shared table (the Rust and Java runs of it are `meshkit-validate`'s
+//! and the starter's tests), and schemathesis generating requests from the
+//! gateway's `/openapi.json` against real services: what the schema allows
+//! the servers accept, what it forbids they refuse, and nothing answers 5xx.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use std::path::PathBuf;
 
-use meshkit_integration_tests::{Etcd, TestConfig, init_logs, mesh_config, sqlite_url};
+use meshkit_integration_tests::{Etcd, TestConfig, init_logs, mesh_config, sqlite_url, tool};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// protovalidate's conformance cases (runner v1.2.2, 2,872 cases) against
+/// `prost-protovalidate` as meshkit runs it. The cases in files written in
+/// protobuf editions cannot be run: prost-reflect 0.16 cannot load those
+/// files (it panics building the error). Every other case passes.
+#[tokio::test]
+async fn protovalidate_conformance_every_case_that_loads_passes() {
+    let out = tokio::process::Command::new(tool("protovalidate-conformance"))
+        .args(["--timeout", "120s", env!("CARGO_BIN_EXE_protovalidate-executor")])
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let summary = report.lines().rev().find(|l| l.contains("total:")).unwrap_or_default().to_owned();
+    let count = |key: &str| -> u64 {
+        summary.split(&format!("{key}: ")).nth(1).and_then(|r| r.split([',', ')']).next()?.parse().ok()).unwrap_or(0)
+    };
+    let (passed, failed, total) = (count("passed"), count("failed"), count("total"));
+    println!("protovalidate conformance: {passed} of {total} passed, {failed} failed");
+    let results: Vec<&str> = report.lines().filter(|l| l.trim_start().starts_with("got:")).collect();
+    let not_loaded = results.iter().filter(|l| l.contains("unexpected error: no message")).count() as u64;
+    let other: Vec<&&str> = results.iter().filter(|l| !l.contains("unexpected error: no message")).take(10).collect();
+    assert!(total > 2000, "the runner ran: {summary}\n{}", report.lines().take(20).collect::<Vec<_>>().join("\n"));
+    assert!(other.is_empty(), "cases that loaded and failed: {other:?}");
+    assert_eq!(failed, not_loaded, "every failure is a case whose file did not load");
+    assert!(passed * 100 >= total * 80, "{summary}");
 }
 
 #[tokio::test]

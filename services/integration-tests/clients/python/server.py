@@ -113,6 +113,11 @@ def main():
     stubs.load(args.proto_dir, ["meshkit/user/v1/user.proto"])
     pb = importlib.import_module("meshkit.user.v1.user_pb2")
     pb_grpc = importlib.import_module("meshkit.user.v1.user_pb2_grpc")
+    # Only now: protovalidate imports buf.validate.validate_pb2, which stubs.load generated.
+    import protovalidate
+    from validation_cases import describe
+
+    validator = protovalidate.Validator()
     instance = args.instance
     users = {}
     lock = threading.Lock()
@@ -122,10 +127,15 @@ def main():
             context.set_trailing_metadata((("x-meshkit-instance", instance),))
             context.send_initial_metadata((("x-meshkit-instance", instance),))
 
+        def _check(self, request, context):
+            """user.proto's rules, checked as every meshkit server checks them."""
+            violations = [v.proto for v in validator.collect_violations(request)]
+            if violations:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, describe(violations))
+
         def CreateUser(self, request, context):
             self._tag(context)
-            if not request.name.strip():
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: must not be empty")
+            self._check(request, context)
             user = pb.User(id=str(uuid.uuid4()), name=request.name, email=request.email)
             user.create_time.GetCurrentTime()
             with lock:
@@ -134,6 +144,7 @@ def main():
 
         def GetUser(self, request, context):
             self._tag(context)
+            self._check(request, context)
             with lock:
                 user = users.get(request.id)
             if user is None:
@@ -142,6 +153,7 @@ def main():
 
         def ListUsers(self, request, context):
             self._tag(context)
+            self._check(request, context)
             with lock:
                 return pb.ListUsersResponse(users=list(users.values()))
 

@@ -334,7 +334,10 @@ async fn registered_weights_and_zones_reach_grpc_clients() {
     for (i, caller) in callers.into_iter().enumerate() {
         let lang = caller.lang;
         let all = caller.finish().await.unwrap();
-        let calls: Vec<_> = all.iter().filter(|c| c.t >= from[i] && c.t < until[i]).cloned().collect();
+        // Calls over before the kill: one still in flight when zone a is
+        // killed is retried on `far` and counts there (grpc-go's call
+        // started 1.7 ms before the kill and took 91 ms).
+        let calls: Vec<_> = all.iter().filter(|c| c.t >= from[i] && c.t + c.ms < until[i]).cloned().collect();
         // Calls started while a cold client was still starting are left out.
         let judged: Vec<_> = calls.iter().filter(|c| c.t >= from[i]).cloned().collect();
         let failed = xds::failures(&judged);
@@ -342,19 +345,11 @@ async fn registered_weights_and_zones_reach_grpc_clients() {
         let heavy = share(&calls, "heavy");
         println!("{lang:?}: {} calls, by instance {:?}, heavy {heavy:.3}", calls.len(), xds::by_instance(&calls));
         assert!((0.55..=0.65).contains(&heavy), "{lang:?}: weight 300 of 500 got {heavy:.3} of the calls");
-        // grpc-go never leaves zone a while it has instances. grpc-java once
-        // sent 1 of 1,376 calls to zone b on a heavily loaded machine (a
-        // clean-root `make test`), cause not established; one in 500 is let
-        // through for it, and printed.
+        // Neither client leaves zone a while it has instances. (Both once
+        // sent 1 call in about 1,400 to zone b: a call in flight at the kill,
+        // counted before the window ended where its call did.)
         let far = xds::by_instance(&calls).get("far").copied().unwrap_or(0);
-        if lang == Lang::Go {
-            assert_eq!(far, 0, "{lang:?}: a client in zone a called zone b");
-        } else {
-            assert!(far * 500 <= calls.len(), "{lang:?}: {far} of {} calls went to zone b", calls.len());
-            if far > 0 {
-                println!("{lang:?}: {far} of {} calls went to zone b while zone a had instances", calls.len());
-            }
-        }
+        assert_eq!(far, 0, "{lang:?}: a client in zone a called zone b");
         let after: Vec<_> = all.iter().filter(|c| c.t >= until[i]).collect();
         let first_far = after.iter().filter(|c| c.instance == "far").map(|c| c.t).fold(f64::MAX, f64::min);
         let failed: Vec<_> = after.iter().filter(|c| c.code != "OK").collect();

@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 export MESHKIT_PROFILE ?= dev
 PHASE := deploy/local/phase.sh
 
-.PHONY: help up down status deps build build-release test test-system test-fast interop lint arch-check fmt bench clean-run check-fresh check-fresh-test
+.PHONY: help up down status deps build build-release test test-system test-fast interop lint arch-check fmt bench fuzz clean-run check-fresh check-fresh-test
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -47,6 +47,7 @@ test: ## the whole suite: unit and integration tests on real etcd, Apache Kafka 
 	  $(PHASE) "java tests" bash -c 'set -o pipefail; mvn -B -f common/java/pom.xml -pl spring,../../services/user-spring -am test 2>&1 \
 	    | tee target/java-test.log | grep -E "^\[(ERROR|WARNING)\] Tests run:|Tests run:.*Fail|BUILD (SUCCESS|FAILURE)" | tail -4' || status=1; \
 	  MESHKIT_PROFILE=dev $(PHASE) interop deploy/local/interop.sh --own-cluster || status=1; \
+	  $(PHASE) fuzz deploy/local/fuzz.sh 15 || status=1; \
 	  $(PHASE) manifests deploy/check-manifests.sh || status=1; \
 	  exit $$status
 
@@ -58,6 +59,10 @@ test-system: ## the slow tier: 3-node Kafka and 3-member etcd clusters losing le
 	@$(PHASE) "etcd cluster on Debian's 3.4" env MESHKIT_TEST_ETCD="$$(command -v etcd)" \
 	  $(CARGO) test -p meshkit-integration-tests --test etcd_cluster -- --ignored --test-threads=1
 	@$(PHASE) "local cluster (TLS; 3 etcd members)" $(CARGO) test -p meshkit-integration-tests --test local_cluster -- --ignored --test-threads=1
+
+fuzz: ## every fuzz target (cargo fuzz, libFuzzer) for FUZZ_SECS each (default 300); make test runs them 15 s each
+	@deploy/local/install-deps.sh --test
+	@$(PHASE) fuzz deploy/local/fuzz.sh $(or $(FUZZ_SECS),300)
 
 interop: ## grpcurl, Python, grpc-web and Java clients and a Python instance against the `make up` cluster
 	@deploy/local/interop.sh

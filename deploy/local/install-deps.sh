@@ -52,6 +52,11 @@ if (( want_test )); then
         prereq+=("Go $go_min or newer (this machine has $(go env GOVERSION))")
     fi
 fi
+# make test's fuzz phase (cargo fuzz) builds with the nightly toolchain: its
+# sanitizer flags are nightly-only.
+if (( want_test )) && command -v rustup >/dev/null && ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    prereq+=("Rust's nightly toolchain, for make test's fuzz targets (rustup toolchain install nightly)")
+fi
 if (( ${#prereq[@]} )); then
     echo "install-deps: this machine lacks what must be there beforehand:" >&2
     printf '  - %s\n' "${prereq[@]}" >&2
@@ -129,6 +134,11 @@ if ! command -v grpcurl >/dev/null; then
     fi
 fi
 
+# cargo-fuzz, which builds and runs the fuzz targets, from crates.io.
+if (( want_test )) && [[ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz 0.13.2" ]]; then
+    echo "install-deps: installing cargo-fuzz from crates.io"
+    cargo install --quiet --locked cargo-fuzz --version 0.13.2 || { echo "install-deps: cargo install cargo-fuzz failed" >&2; exit 1; }
+fi
 if (( want_test )); then
     # The Python client generated from proto/ at test time.
     if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then

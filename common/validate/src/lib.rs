@@ -29,7 +29,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 pub use layer::{ValidateLayer, ValidateService};
 
-/// The name of the protovalidate extension on fields, messages and oneofs.
+/// The package of protovalidate's options and rule messages (`buf.validate`).
 pub(crate) const RULES_PACKAGE: &str = "buf.validate";
 
 /// A request's broken rule: where, which, and what it says.

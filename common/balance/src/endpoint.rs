@@ -255,11 +255,13 @@ impl EndpointStats {
     fn load_at(&self, clock: impl FnOnce() -> Instant) -> f64 {
         let inflight = self.inflight.load(Ordering::Relaxed);
         let mut s = self.lock();
-        if inflight == 0 && s.failure_score == 0.0 {
+        let typical = self.pool.typical_rtt_ns().unwrap_or(s.rtt_ns);
+        let slow = s.rtt_ns > 2.0 * typical;
+        if inflight == 0 && s.failure_score == 0.0 && !slow {
             return s.rtt_ns / self.weight;
         }
         let now = clock();
-        let mut rtt = s.rtt_ns;
+        let mut rtt = if slow { self.faded_rtt(&s, typical, now) } else { s.rtt_ns };
         if inflight > 0 {
             // An endpoint that stopped answering cannot look fast.
             rtt = rtt.max(now.saturating_duration_since(s.progress_at).as_nanos() as f64);
@@ -275,6 +277,18 @@ impl EndpointStats {
             1.0 + 4.0 * score
         };
         rtt * (inflight as f64 + 1.0) * penalty / self.weight
+    }
+
+    /// An estimate well above the pool's typical latency, faded back toward
+    /// it over `rtt_decay` since its last sample. Without this, an endpoint
+    /// that was slow once (a timed-out attempt, a delayed link) keeps that
+    /// estimate for good: p2c always prefers its peers, so no new sample ever
+    /// corrects it, even after it has recovered. Faded, it is tried again in
+    /// time (from 100 times the typical latency, about 25 s with the default
+    /// 5 s decay), and a fast answer brings it back at once.
+    fn faded_rtt(&self, s: &State, typical: f64, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(s.rtt_at).as_secs_f64();
+        typical + (s.rtt_ns - typical) * (-elapsed / self.config.rtt_decay.as_secs_f64()).exp()
     }
 
     /// When the current ejection ends, if ejected now. An ejection that has

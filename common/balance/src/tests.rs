@@ -222,6 +222,31 @@ mod endpoint_stats {
     }
 
     #[test]
+    fn a_slow_estimate_fades_back_to_the_pool_so_the_endpoint_is_tried_again() {
+        let (_counts, s) = pool(2, EndpointConfig::default());
+        for _ in 0..50 {
+            call(&s[0], Outcome::Success, Duration::from_millis(2));
+        }
+        // One attempt abandoned after 300 ms: the estimate jumps, and p2c avoids it.
+        let now = Instant::now();
+        s[1].test_started(now);
+        s[1].test_finished(None, Duration::from_millis(300), now);
+        assert!(s[1].load(now) > 30.0 * s[0].load(now), "at once, the slow endpoint costs far more");
+        let later = now + Duration::from_secs(10);
+        let (mid, fast) = (s[1].load(later), s[0].load(later));
+        assert!(
+            mid < s[1].load(now) / 5.0 && mid > 2.0 * fast,
+            "10 s on, it costs less but still more: {mid} vs {fast}"
+        );
+        let much_later = now + Duration::from_secs(40);
+        assert!(s[1].load(much_later) < 1.5 * fast, "40 s on, it competes again: {} vs {fast}", s[1].load(much_later));
+        // A fast answer replaces the faded estimate.
+        s[1].test_started(much_later);
+        s[1].test_finished(Some(Outcome::Success), Duration::from_millis(2), much_later);
+        assert!(s[1].load(much_later) < 1.5 * fast);
+    }
+
+    #[test]
     fn a_new_endpoint_starts_from_the_pools_typical_latency() {
         let (counts, s) = pool(1, EndpointConfig { default_rtt: Duration::from_millis(5), ..Default::default() });
         for _ in 0..50 {

@@ -25,6 +25,10 @@ pub enum Error {
     /// The brokers' TLS material could not be read.
     #[error(transparent)]
     Tls(#[from] meshkit_tls::Error),
+
+    /// A relay or consumer elected after this one holds what it worked on.
+    #[error("fenced: an owner elected later holds it")]
+    Fenced,
 }
 
 /// The events crate's result type.
@@ -51,6 +55,7 @@ impl ErrorExt for Error {
             Error::Db(e) => e.status_code(),
             Error::Registry(e) => e.status_code(),
             Error::Tls(e) => e.status_code(),
+            Error::Fenced => tonic::Code::Aborted,
         }
     }
 
@@ -61,6 +66,7 @@ impl ErrorExt for Error {
             Error::Db(e) => e.is_retryable(),
             Error::Registry(e) => e.is_retryable(),
             Error::Tls(e) => e.is_retryable(),
+            Error::Fenced => false,
         }
     }
 }

@@ -6,6 +6,17 @@
 //! broker is down; a crash between publishing and marking publishes the row
 //! again, which consumers absorb by its event id. One relay runs per service:
 //! its instances elect it through a one-slot [`SlotGroup`](meshkit_registry::ownership::SlotGroup).
+//!
+//! An elected relay that loses etcd without noticing (cut off from it, or
+//! paused) would go on publishing beside the one elected after it. So the
+//! election's [`Fence`] is also kept in the database, in the one row of
+//! `meshkit_outbox_relay`: a relay puts its fence there when it starts, unless
+//! a newer one is there, and reads it before every round; it stops as soon as
+//! the fence is not its own. A relay that takes over from one that did not
+//! stop cleanly waits out the longest round the other may have begun before
+//! the fence moved (one broker request timeout, and a second) before its first
+//! read, so the rows that round published are marked by then and are not
+//! published again.
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Kafka, headers, kafka::partition_for};
 use meshkit_base::{Backoff, time::now_us};
 use meshkit_db::Migration;
+use meshkit_registry::ownership::{Fence, SlotEnd};
 
 use crate::error::{Error, Result};
 
@@ -59,8 +71,39 @@ pub mod entity {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// The fence of the relay that holds the outbox: one row (`id` 1).
+pub mod relay_fence {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "meshkit_outbox_relay")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: i32,
+        pub fence_cluster: i64,
+        pub fence_revision: i64,
+        /// The instance whose relay holds it.
+        pub owner: String,
+        /// Its relay stopped cleanly: nothing of it is in flight.
+        pub released: bool,
+        pub update_time_us: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// The outbox table; apply with the component's own migrations.
-pub const MIGRATIONS: &[Migration] = &[Migration { version: 1, name: "create meshkit_outbox", up: create_outbox }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "create meshkit_outbox", up: create_outbox },
+    Migration { version: 2, name: "create meshkit_outbox_relay", up: create_relay_fence },
+];
+
+fn create_relay_fence(schema: &Schema, backend: DbBackend) -> Vec<sea_orm::Statement> {
+    vec![backend.build(schema.create_table_from_entity(relay_fence::Entity).if_not_exists())]
+}
 
 /// The migration records' component name of the outbox table.
 pub const COMPONENT: &str = "meshkit-outbox";
@@ -174,8 +217,66 @@ impl Relay {
         self.wake.notify_one();
     }
 
-    /// Publishes until `cancel`; never returns an error: it retries.
+    /// Publishes until `cancel`, alone (no election, no fence); never
+    /// returns an error: it retries.
     pub async fn run(self, cancel: CancellationToken) {
+        self.run_fenced(None, cancel).await;
+    }
+
+    /// Publishes until `cancel`, or until a relay with a newer `fence` holds
+    /// the outbox (see the module's documentation). Retries every other error.
+    pub async fn run_fenced(self, fence: Option<(Fence, String)>, cancel: CancellationToken) -> SlotEnd {
+        let settings = self.kafka.settings().clone();
+        let limit = Duration::from_millis(settings.request_timeout_ms);
+        if let Some((fence, owner)) = &fence {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            let taken = loop {
+                match self.take_fence(*fence, owner).await {
+                    Ok(taken) => break taken,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox relay cannot record its fence; retrying");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return SlotEnd::Stopped,
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
+                    }
+                }
+            };
+            match taken {
+                Taken::Newer => {
+                    tracing::warn!(
+                        revision = fence.revision,
+                        "a relay with a newer fence holds the outbox; not starting"
+                    );
+                    return SlotEnd::Fenced;
+                }
+                Taken::FromUnreleased(previous) => {
+                    let wait = limit + Duration::from_secs(1);
+                    tracing::info!(
+                        previous,
+                        ?wait,
+                        "outbox taken over from a relay that did not stop cleanly; waiting out its last round"
+                    );
+                    tokio::select! {
+                        _ = cancel.cancelled() => {
+                            self.release_fence(*fence).await;
+                            return SlotEnd::Stopped;
+                        }
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Taken::Free => {}
+            }
+        }
+        let fence = fence.map(|(f, _)| f);
+        let end = self.publish_until(fence, limit, cancel).await;
+        if let (SlotEnd::Stopped, Some(fence)) = (&end, fence) {
+            self.release_fence(fence).await;
+        }
+        end
+    }
+
+    async fn publish_until(&self, fence: Option<Fence>, limit: Duration, cancel: CancellationToken) -> SlotEnd {
         let settings = self.kafka.settings().clone();
         let poll = Duration::from_millis(settings.relay_poll_ms);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -190,9 +291,13 @@ impl Relay {
             // by the next relay, and consumers skip what they already applied.
             let round = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = self.round(settings.relay_batch) => r,
+                r = self.fenced_round(fence, settings.relay_batch, limit) => r,
             };
             match round {
+                Err(Error::Fenced) => {
+                    tracing::warn!("outbox relay fenced: a relay elected after this one holds the outbox; stopping");
+                    return SlotEnd::Fenced;
+                }
                 Ok(0) => {
                     if last_prune.elapsed() > Duration::from_secs(60) {
                         last_prune = tokio::time::Instant::now();
@@ -232,10 +337,87 @@ impl Relay {
             }
         }
         tracing::info!("outbox relay stopped");
+        SlotEnd::Stopped
     }
 
-    /// Publishes up to `batch` rows; returns how many were sent.
-    async fn round(&self, batch: u32) -> Result<usize> {
+    /// One round, after checking that the outbox is still this relay's.
+    async fn fenced_round(&self, fence: Option<Fence>, batch: u32, limit: Duration) -> Result<usize> {
+        if let Some(fence) = fence {
+            let held = relay_fence::Entity::find_by_id(1).one(&self.db).await?;
+            if held.is_none_or(|h| (h.fence_cluster, h.fence_revision) != (fence.cluster_id as i64, fence.revision)) {
+                return Err(Error::Fenced);
+            }
+        }
+        self.round(batch, limit).await
+    }
+
+    /// Puts `fence` on the outbox unless a newer one is there.
+    async fn take_fence(&self, fence: Fence, owner: &str) -> Result<Taken> {
+        use sea_orm::{
+            Condition, TransactionTrait,
+            sea_query::{Expr, OnConflict},
+        };
+        let txn = self.db.begin_with_options(write_txn()).await?;
+        relay_fence::Entity::insert(relay_fence::ActiveModel {
+            id: Set(1),
+            fence_cluster: Set(0),
+            fence_revision: Set(0),
+            owner: Set(String::new()),
+            released: Set(true),
+            update_time_us: Set(now_us()),
+        })
+        .on_conflict(OnConflict::column(relay_fence::Column::Id).do_nothing().to_owned())
+        .exec_without_returning(&txn)
+        .await?;
+        let previous = relay_fence::Entity::find_by_id(1).one(&txn).await?;
+        let cluster = fence.cluster_id as i64;
+        let taken = relay_fence::Entity::update_many()
+            .col_expr(relay_fence::Column::FenceCluster, Expr::value(cluster))
+            .col_expr(relay_fence::Column::FenceRevision, Expr::value(fence.revision))
+            .col_expr(relay_fence::Column::Owner, Expr::value(owner))
+            .col_expr(relay_fence::Column::Released, Expr::value(false))
+            .col_expr(relay_fence::Column::UpdateTimeUs, Expr::value(now_us()))
+            .filter(relay_fence::Column::Id.eq(1))
+            .filter(
+                Condition::any()
+                    .add(relay_fence::Column::FenceCluster.ne(cluster))
+                    .add(relay_fence::Column::FenceRevision.lte(fence.revision)),
+            )
+            .exec(&txn)
+            .await?;
+        if taken.rows_affected == 0 {
+            txn.rollback().await?;
+            return Ok(Taken::Newer);
+        }
+        txn.commit().await?;
+        Ok(match previous {
+            Some(p) if !p.released && (p.fence_cluster, p.fence_revision) != (cluster, fence.revision) => {
+                Taken::FromUnreleased(p.owner)
+            }
+            _ => Taken::Free,
+        })
+    }
+
+    /// Marks the outbox released by this relay, if it still holds it: the
+    /// next relay need not wait.
+    async fn release_fence(&self, fence: Fence) {
+        use sea_orm::sea_query::Expr;
+        let released = relay_fence::Entity::update_many()
+            .col_expr(relay_fence::Column::Released, Expr::value(true))
+            .col_expr(relay_fence::Column::UpdateTimeUs, Expr::value(now_us()))
+            .filter(relay_fence::Column::Id.eq(1))
+            .filter(relay_fence::Column::FenceCluster.eq(fence.cluster_id as i64))
+            .filter(relay_fence::Column::FenceRevision.eq(fence.revision))
+            .exec(&self.db)
+            .await;
+        if let Err(e) = released {
+            tracing::debug!(error = %e, "releasing the outbox fence failed; the next relay waits out a round");
+        }
+    }
+
+    /// Publishes up to `batch` rows, the broker given at most `limit`;
+    /// returns how many were sent.
+    async fn round(&self, batch: u32, limit: Duration) -> Result<usize> {
         let rows = entity::Entity::find()
             .filter(entity::Column::SentTimeUs.is_null())
             .order_by_asc(entity::Column::Seq)
@@ -261,11 +443,16 @@ impl Relay {
         // partition that failed keeps its rows unsent, in order, for the next
         // round; a crash before the mark publishes them again, and consumers
         // skip the copies by event id.
+        // Bounded, so that a relay taking over knows how long a round of this
+        // one can last (see the module's documentation).
         let produced = futures::future::join_all(groups.into_iter().map(|((topic, partition), rows)| async move {
             let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
             let oldest = rows.iter().map(|r| r.create_time_us).min().unwrap_or_else(now_us);
             let records = rows.into_iter().map(to_record).collect();
-            let result = self.kafka.produce(&topic, partition, records).await;
+            let result = match tokio::time::timeout(limit, self.kafka.produce(&topic, partition, records)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::kafka(format!("producing to {topic}/{partition} took longer than {limit:?}"))),
+            };
             (seqs, oldest, result)
         }))
         .await;
@@ -304,6 +491,25 @@ impl Relay {
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "pruning the outbox failed"),
         }
+    }
+}
+
+/// What putting a fence on the outbox found.
+enum Taken {
+    /// Nobody held it, or the last holder stopped cleanly.
+    Free,
+    /// This instance's relay (named) held it and did not release it: a round
+    /// of it may still be publishing.
+    FromUnreleased(String),
+    /// A newer fence is there.
+    Newer,
+}
+
+fn write_txn() -> sea_orm::TransactionOptions {
+    sea_orm::TransactionOptions {
+        isolation_level: None,
+        access_mode: Some(sea_orm::AccessMode::ReadWrite),
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
     }
 }
 
@@ -348,15 +554,14 @@ impl RelayHandle {
             stop_timeout: Duration::from_secs(10),
         };
         let runner = relay.clone();
+        let member = member.to_owned();
         let group = meshkit_registry::ownership::SlotGroup::spawn(
             etcd,
             spec,
             Box::new(move |slot| {
                 let relay = runner.clone();
-                Box::pin(async move {
-                    relay.run(slot.cancel).await;
-                    meshkit_registry::ownership::SlotEnd::Stopped
-                })
+                let owner = member.clone();
+                Box::pin(async move { relay.run_fenced(Some((slot.fence, owner)), slot.cancel).await })
             }),
         );
         Self { relay, group }

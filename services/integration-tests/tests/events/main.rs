@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -1019,4 +1019,102 @@ async fn a_java_producers_event_lands_where_meshkit_would_put_it_and_is_applied_
     let applied = count(&db, &format!("SELECT COUNT(*) FROM seen WHERE event_id = '{event_id}'")).await;
     assert_eq!(applied, 1, "the Java event applied once, its copy skipped");
     consumer.close().await;
+}
+
+/// Two relays on one outbox, the second elected while the first still runs
+/// (as when the first is cut off from etcd): the first stops at its next
+/// round, the second waits out that round, and every row reaches the topic
+/// exactly once.
+#[tokio::test]
+async fn a_relay_elected_later_fences_the_first_and_no_row_is_published_twice() {
+    use meshkit_common::events::outbox::{self, OutboxEvent, Relay};
+    use meshkit_common::ownership::{Fence, SlotEnd};
+    use sea_orm::TransactionTrait;
+    use tokio_util::sync::CancellationToken;
+
+    let Standalone { kafka, topic, db, config, _dir, .. } = standalone(|e| e.relay_poll_ms = 20).await;
+    meshkit_common::db::migrate(&db, outbox::COMPONENT, outbox::MIGRATIONS).await.unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let stop_writing = CancellationToken::new();
+    // Orders keep coming throughout, a few rows per transaction.
+    let writer = {
+        let (db, topic, written, stop) = (db.clone(), topic.clone(), written.clone(), stop_writing.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let txn = db.begin().await.unwrap();
+                for _ in 0..3 {
+                    let i = written.fetch_add(1, Ordering::SeqCst);
+                    let event = OutboxEvent {
+                        event_id: format!("fence-{i}"),
+                        topic: topic.clone(),
+                        key: format!("k-{}", i % 17),
+                        schema: "meshkit.test.Fenced".into(),
+                        payload: vec![1, 2, 3],
+                        headers: BTreeMap::new(),
+                    };
+                    outbox::enqueue(&txn, event).await.unwrap();
+                }
+                txn.commit().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let kafka_client = || Kafka::new(config.events.clone(), "fence-test");
+    let first = Relay::new(db.clone(), kafka_client());
+    let first_fence = Fence { cluster_id: 7, revision: 10 };
+    let first_run =
+        tokio::spawn(first.clone().run_fenced(Some((first_fence, "first".into())), CancellationToken::new()));
+    eventually("the first relay publishing", Duration::from_secs(20), || async {
+        (first.stats().published > 100).then_some(())
+    })
+    .await;
+
+    let second = Relay::new(db.clone(), kafka_client());
+    let second_cancel = CancellationToken::new();
+    let elected = std::time::Instant::now();
+    let second_run = tokio::spawn(
+        second
+            .clone()
+            .run_fenced(Some((Fence { cluster_id: 7, revision: 11 }, "second".into())), second_cancel.clone()),
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), first_run).await.expect("the first relay stops").unwrap();
+    assert_eq!(end, SlotEnd::Fenced);
+    let first_stopped = elected.elapsed();
+    let published_by_first = first.stats().published;
+    eventually("the second relay publishing", Duration::from_secs(20), || async {
+        (second.stats().published > 0).then_some(())
+    })
+    .await;
+    let second_started = elected.elapsed();
+    // A third relay with an older fence is refused outright.
+    let stale = Relay::new(db.clone(), kafka_client())
+        .run_fenced(Some((Fence { cluster_id: 7, revision: 9 }, "stale".into())), CancellationToken::new())
+        .await;
+    assert_eq!(stale, SlotEnd::Fenced);
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_writing.cancel();
+    writer.await.unwrap();
+    eventually("the outbox drained", Duration::from_secs(30), || async {
+        (outbox::backlog(&db).await.unwrap() == 0).then_some(())
+    })
+    .await;
+    second_cancel.cancel();
+    assert_eq!(second_run.await.unwrap(), SlotEnd::Stopped);
+    assert_eq!(first.stats().published, published_by_first, "the fenced relay published after it stopped");
+
+    let written = written.load(Ordering::SeqCst);
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for record in read_all(&kafka, &topic).await {
+        let id = String::from_utf8(record.headers.get(headers::EVENT_ID).cloned().unwrap_or_default()).unwrap();
+        *copies.entry(id).or_default() += 1;
+    }
+    let twice: Vec<_> = copies.iter().filter(|(_, n)| **n > 1).take(10).collect();
+    eprintln!(
+        "{written} rows: the first relay published {published_by_first} and stopped {first_stopped:?} after the \
+         second was elected; the second published from {second_started:?}, {} in all",
+        second.stats().published
+    );
+    assert!(twice.is_empty(), "published more than once: {twice:?}");
+    assert_eq!(copies.len(), written, "every row published");
 }

@@ -51,7 +51,7 @@ test: ## the whole suite: unit and integration tests on real etcd, Apache Kafka 
 	  $(PHASE) manifests deploy/check-manifests.sh || status=1; \
 	  exit $$status
 
-test-system: ## the slow tier: 3-node Kafka and 3-member etcd clusters losing leaders and quorum, `make up` with TLS and with 3 etcd members
+test-system: ## the slow tier: 3-node Kafka and 3-member etcd clusters losing leaders and quorum, `make up` with TLS and with 3 etcd members, hosts cut off from each other in network namespaces
 	@$(PHASE) install deploy/local/install-deps.sh --test
 	@$(PHASE) build $(MAKE) --no-print-directory build MESHKIT_PROFILE=dev
 	@$(PHASE) "kafka cluster" $(CARGO) test -p meshkit-integration-tests --test events -- --ignored --test-threads=1
@@ -59,6 +59,7 @@ test-system: ## the slow tier: 3-node Kafka and 3-member etcd clusters losing le
 	@$(PHASE) "etcd cluster on Debian's 3.4" env MESHKIT_TEST_ETCD="$$(command -v etcd)" \
 	  $(CARGO) test -p meshkit-integration-tests --test etcd_cluster -- --ignored --test-threads=1
 	@$(PHASE) "local cluster (TLS; 3 etcd members)" $(CARGO) test -p meshkit-integration-tests --test local_cluster -- --ignored --test-threads=1
+	@$(PHASE) "partitions (network namespaces)" $(CARGO) test -p meshkit-integration-tests --test partitions -- --ignored --test-threads=1
 
 fuzz: ## every fuzz target (cargo fuzz, libFuzzer) for FUZZ_SECS each (default 300); make test runs them 15 s each
 	@deploy/local/install-deps.sh --test

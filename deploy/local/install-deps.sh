@@ -91,6 +91,10 @@ if (( want_test )); then
     [[ -x /usr/bin/grpc_java_plugin ]] || missing+=(protobuf-compiler-grpc-java-plugin)
     # docker-compose (v1, Debian) parses the compose file; no engine is needed.
     command -v docker-compose >/dev/null || missing+=(docker-compose)
+    # The partition tests (make test-system): hosts in network namespaces, cut
+    # off from each other by nftables rules.
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v nft >/dev/null || missing+=(nftables)
     for pkg in libgrpc-java libprotobuf-java libnetty-java libperfmark-java; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done

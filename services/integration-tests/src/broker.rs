@@ -84,6 +84,8 @@ pub struct Broker {
     dir: PathBuf,
     // Removes the data when dropped; the shared broker's shell removes it instead.
     _temp: Option<TempDir>,
+    /// The address of its client listener.
+    host: std::net::Ipv4Addr,
     port: u16,
     controller_port: u16,
     /// `kafka.sh run`'s environment beyond the ports: security, cluster membership.
@@ -110,7 +112,16 @@ impl Broker {
     pub async fn start_secured(security: Security) -> anyhow::Result<Self> {
         let temp = tempfile::Builder::new().prefix("meshkit-kafka-").tempdir()?;
         let dir = temp.path().to_path_buf();
-        Self::start_in(dir, Some(temp), false, security).await
+        Self::start_in(dir, Some(temp), false, security, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// A broker of this test's own whose clients reach it on `host` (an
+    /// address of this machine's, such as a test network's bridge) instead
+    /// of loopback.
+    pub async fn start_on(host: std::net::Ipv4Addr) -> anyhow::Result<Self> {
+        let temp = tempfile::Builder::new().prefix("meshkit-kafka-").tempdir()?;
+        let dir = temp.path().to_path_buf();
+        Self::start_in(dir, Some(temp), false, Security::default(), host).await
     }
 
     /// The broker every test of this binary shares; started by the first
@@ -121,7 +132,9 @@ impl Broker {
                 let temp = tempfile::Builder::new().prefix("meshkit-kafka-").tempdir().expect("a temp dir");
                 // The static is never dropped: the shell removes the data when the binary exits.
                 let dir = temp.keep();
-                Self::start_in(dir, None, true, Security::default()).await.expect("the shared Kafka broker starts")
+                Self::start_in(dir, None, true, Security::default(), std::net::Ipv4Addr::LOCALHOST)
+                    .await
+                    .expect("the shared Kafka broker starts")
             })
             .await
     }
@@ -136,6 +149,7 @@ impl Broker {
         temp: Option<TempDir>,
         remove_on_exit: bool,
         security: Security,
+        host: std::net::Ipv4Addr,
     ) -> anyhow::Result<Self> {
         let mut errors = Vec::new();
         // A port found free can be taken before the JVM binds it: try again on others.
@@ -144,16 +158,19 @@ impl Broker {
             let [port, controller_port] = distinct_ports();
             let readiness_user = security.scram_users.first().map(|(u, _)| u.as_str());
             let cert = security.client_auth.then_some("kafka");
-            let client = security.client(vec![format!("127.0.0.1:{port}")], readiness_user, cert);
-            let mut broker = Broker {
-                child: None,
-                dir: dir.clone(),
-                _temp: None,
-                port,
-                controller_port,
-                env: security.env(),
-                client,
-            };
+            let client = security.client(vec![format!("{host}:{port}")], readiness_user, cert);
+            let mut env = security.env();
+            if !host.is_loopback() {
+                env.push((
+                    "MESHKIT_KAFKA_PROPERTIES".into(),
+                    format!(
+                        "listeners=CLIENT://{host}:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
+                         advertised.listeners=CLIENT://{host}:{port}"
+                    ),
+                ));
+            }
+            let mut broker =
+                Broker { child: None, dir: dir.clone(), _temp: None, host, port, controller_port, env, client };
             match broker.spawn_and_wait(remove_on_exit).await {
                 Ok(()) => {
                     broker._temp = temp;
@@ -169,9 +186,9 @@ impl Broker {
         bail!("the broker did not start: {}", errors.join("; "))
     }
 
-    /// `127.0.0.1:PORT`, as `events.brokers` takes it.
+    /// `127.0.0.1:PORT` (or its host's address), as `events.brokers` takes it.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// Stops the broker abruptly (SIGKILL to the JVM).
@@ -336,7 +353,16 @@ impl KafkaCluster {
                     ("MESHKIT_KAFKA_PROPERTIES".into(), properties.to_owned()),
                 ];
                 let client = EventSettings { brokers: vec![format!("127.0.0.1:{port}")], ..EventSettings::default() };
-                nodes.push(Broker { child: None, dir, _temp: None, port, controller_port, env, client });
+                nodes.push(Broker {
+                    child: None,
+                    dir,
+                    _temp: None,
+                    host: std::net::Ipv4Addr::LOCALHOST,
+                    port,
+                    controller_port,
+                    env,
+                    client,
+                });
             }
             match start_together(&mut nodes).await {
                 Ok(()) => return Ok(KafkaCluster { nodes, _temp: temp }),

@@ -20,6 +20,8 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     tls: Option<EtcdTls>,
+    /// The network namespace it runs in, on that host's address; loopback when None.
+    host: Option<crate::netns::Host>,
 }
 
 /// TLS for an etcd member: its certificate and key, and the CA client
@@ -46,13 +48,28 @@ impl Etcd {
         Self::start_with(Some(tls)).await
     }
 
+    /// Starts etcd in `host`'s network namespace, serving on its address.
+    pub async fn start_in(host: &crate::netns::Host) -> anyhow::Result<Self> {
+        Self::start_on(None, Some(host.clone())).await
+    }
+
     async fn start_with(tls: Option<EtcdTls>) -> anyhow::Result<Self> {
+        Self::start_on(tls, None).await
+    }
+
+    async fn start_on(tls: Option<EtcdTls>, host: Option<crate::netns::Host>) -> anyhow::Result<Self> {
         // A port taken between free_port() and etcd's bind fails the start: retry.
         let mut last_error = None;
         for _ in 0..3 {
             let dir = tempfile::Builder::new().prefix("meshkit-etcd-").tempdir()?;
-            let mut etcd =
-                Etcd { child: None, dir, client_port: free_port(), peer_port: free_port(), tls: tls.clone() };
+            let mut etcd = Etcd {
+                child: None,
+                dir,
+                client_port: free_port(),
+                peer_port: free_port(),
+                tls: tls.clone(),
+                host: host.clone(),
+            };
             match etcd.spawn_and_wait().await {
                 Ok(()) => return Ok(etcd),
                 Err(e) => last_error = Some(e),
@@ -61,9 +78,13 @@ impl Etcd {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
     }
 
-    /// `127.0.0.1:PORT`, as `etcd.endpoints` takes it.
+    /// `127.0.0.1:PORT` (or the host's address), as `etcd.endpoints` takes it.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.ip(), self.client_port)
+    }
+
+    fn ip(&self) -> std::net::Ipv4Addr {
+        self.host.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |h| h.ip)
     }
 
     /// Settings that reach this member (TLS with the harness's client certificate when on).
@@ -99,8 +120,8 @@ impl Etcd {
 
     async fn spawn_and_wait(&mut self) -> anyhow::Result<()> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("{scheme}://{}:{}", self.ip(), self.client_port);
+        let peer = format!("http://{}:{}", self.ip(), self.peer_port);
         let mut tls_args: Vec<String> = Vec::new();
         if let Some(tls) = &self.tls {
             tls_args = vec![
@@ -114,7 +135,11 @@ impl Etcd {
             ];
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log"))?;
-        let child = Command::new("etcd")
+        let mut command = match &self.host {
+            Some(host) => host.command("etcd"),
+            None => Command::new("etcd"),
+        };
+        let child = command
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))

@@ -11,7 +11,7 @@ use meshkit_proto::{
     user::{GetUserRequest, user_service_client::UserServiceClient},
 };
 
-use crate::{LoadGen, ServiceProcess, eventually, free_port, sqlite_url};
+use crate::{LoadGen, ServiceProcess, eventually, free_port, netns::Host, sqlite_url};
 
 pub const USER: &str = "meshkit.user.v1.UserService";
 pub const ORDER: &str = "meshkit.order.v1.OrderService";
@@ -26,17 +26,45 @@ pub fn spawn(
     id: &str,
     extra: &[(&'static str, String)],
 ) -> ServiceProcess {
+    spawn_on(None, etcd_endpoints, dir, binary, id, extra)
+}
+
+/// [`spawn`] in `host`'s network namespace, serving on its address.
+pub fn spawn_in(
+    host: &Host,
+    etcd_endpoints: &str,
+    dir: &Path,
+    binary: &str,
+    id: &str,
+    extra: &[(&'static str, String)],
+) -> ServiceProcess {
+    spawn_on(Some(host), etcd_endpoints, dir, binary, id, extra)
+}
+
+fn spawn_on(
+    host: Option<&Host>,
+    etcd_endpoints: &str,
+    dir: &Path,
+    binary: &str,
+    id: &str,
+    extra: &[(&'static str, String)],
+) -> ServiceProcess {
     let component = binary.trim_end_matches("-service");
+    let listen = host.map_or_else(|| format!("127.0.0.1:{}", free_port()), |h| h.addr().to_string());
     let mut env = vec![
         ("MESHKIT_ETCD_ENDPOINTS", etcd_endpoints.to_owned()),
-        ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{}", free_port())),
+        ("MESHKIT_SERVER_LISTEN", listen),
         ("MESHKIT_DATABASE_URL", sqlite_url(dir, component)),
         ("MESHKIT_REGISTRY_INSTANCE_ID", id.to_owned()),
         ("MESHKIT_REGISTRY_TTL_SECS", "2".to_owned()),
         ("MESHKIT_SERVER_DRAIN_DELAY_MS", "200".to_owned()),
     ];
     env.extend_from_slice(extra);
-    match ServiceProcess::spawn(binary, &env, dir) {
+    let started = match host {
+        Some(host) => ServiceProcess::spawn_in(host, binary, &env, dir),
+        None => ServiceProcess::spawn(binary, &env, dir),
+    };
+    match started {
         Ok(process) => process,
         Err(e) => panic!("starting {binary} {id}: {e:#}"),
     }

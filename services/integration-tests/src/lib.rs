@@ -13,6 +13,7 @@ pub mod http;
 pub mod interop;
 pub mod jobs;
 pub mod load;
+pub mod netns;
 pub mod otlp;
 pub mod postgres;
 pub mod process;

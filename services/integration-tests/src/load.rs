@@ -25,6 +25,8 @@ pub struct Tally {
     pub errors: Vec<String>,
     /// Instance id (from `x-meshkit-instance`) → calls it served.
     pub served_by: HashMap<String, u64>,
+    /// How long each call took, succeeded or not, in the order each worker made them.
+    pub latencies: Vec<Duration>,
 }
 
 impl Tally {
@@ -35,6 +37,15 @@ impl Tally {
         for (k, v) in other.served_by {
             *self.served_by.entry(k).or_default() += v;
         }
+        self.latencies.extend(other.latencies);
+    }
+
+    /// The `q` quantile (0.0–1.0) of the calls' latencies; zero when there were none.
+    pub fn latency(&self, q: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let Some(last) = sorted.len().checked_sub(1) else { return Duration::ZERO };
+        sorted[((last as f64) * q.clamp(0.0, 1.0)).round() as usize]
     }
 }
 
@@ -62,7 +73,10 @@ impl LoadGen {
                 tokio::spawn(async move {
                     let mut tally = Tally::default();
                     while !stop.load(Ordering::Relaxed) && Instant::now() < cap {
-                        match call().await {
+                        let started = Instant::now();
+                        let outcome = call().await;
+                        tally.latencies.push(started.elapsed());
+                        match outcome {
                             Ok(by) => {
                                 tally.ok += 1;
                                 ok.fetch_add(1, Ordering::Relaxed);

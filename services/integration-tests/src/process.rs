@@ -27,6 +27,20 @@ impl ServiceProcess {
         Self::spawn_command(binary, command, env, log_dir)
     }
 
+    /// Starts `target/<profile>/<binary>` in `host`'s network namespace, as [`spawn`](Self::spawn) does.
+    pub fn spawn_in(
+        host: &crate::netns::Host,
+        binary: &str,
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let path = bin_dir().join(binary);
+        anyhow::ensure!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+        let mut command = host.command(&path);
+        command.env("RUST_LOG", "warn").env("RUST_BACKTRACE", "0");
+        Self::spawn_command(binary, command, env, log_dir)
+    }
+
     /// Starts `command` (a program in another language: the Spring Boot
     /// service) as `name`, with `env` and the same isolation and logging.
     pub fn spawn_command(

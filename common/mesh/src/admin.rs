@@ -140,7 +140,7 @@ async fn metrics_text(
         rtt.get_or_create(&at).set(e.rtt_ms / 1000.0);
         failures.get_or_create(&at).inc_by(e.failures);
     }
-    let mut scrapes = vec![pools];
+    let mut scrapes = vec![meshkit_telemetry::metrics::process_scrape(), pools];
     let sources: Vec<Source> = state.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
     for source in sources {
         scrapes.push(source().await);

@@ -304,6 +304,37 @@ where
     Arc::new(move || Box::pin(f()))
 }
 
+/// The process's own figures for every `/metrics`: resident memory, open
+/// descriptors and OS threads (Prometheus's standard names, read from
+/// `/proc/self`, so on Linux only), and the tasks alive on the Tokio runtime
+/// that serves the scrape, where a task leak shows first.
+pub fn process_scrape() -> Scrape {
+    let mut scrape = Scrape::default();
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        };
+        if let Some(kib) = field("VmRSS:") {
+            scrape.gauge("process_resident_memory_bytes", "Resident memory size in bytes.").set(kib * 1024.0);
+        }
+        if let Some(threads) = field("Threads:") {
+            scrape.gauge("process_threads", "OS threads of the process.").set(threads);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        scrape.gauge("process_open_fds", "Number of open file descriptors.").set(fds.count() as f64);
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        scrape
+            .gauge("meshkit_runtime_alive_tasks", "Tasks alive on the Tokio runtime: spawned and not yet finished.")
+            .set(runtime.metrics().num_alive_tasks() as f64);
+    }
+    scrape
+}
+
 /// The `Content-Type` of [`encode`]'s text: Prometheus's text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 

@@ -582,6 +582,31 @@ stop_pid_file() { # file timeout-seconds
     rm -f "$f"
 }
 
+# Restarts one service instance as a rolling deploy would: SIGTERM (it goes
+# NOT_SERVING, revokes its lease and drains), then the same binary with the
+# same settings and instance id on a new port, until it is registered again.
+cmd_restart() { # instance: user-1, order-2, notification-1, scheduler-2
+    local inst="${1:-}"
+    [[ "$inst" =~ ^(user|order|notification|scheduler)-([0-9]+)$ ]] \
+        || { echo "restart takes a service instance as \`status\` lists them (user-1, order-2, …), not '$inst'" >&2; exit 2; }
+    local name="${BASH_REMATCH[1]}" slot="${BASH_REMATCH[2]}"
+    [[ -e "$RUN_DIR/pids/$inst.pid" ]] || { echo "$inst is not running here (see \`make status\`)" >&2; exit 1; }
+    stop_pid_file "$RUN_DIR/pids/$inst.pid" 12
+    start_service "$name" "$slot"
+    for _ in $(seq 1 400); do
+        if ETCDCTL_API=3 etcdctl --endpoints "$(etcd_endpoints)" --command-timeout=2s \
+            get /meshkit/services/ --prefix --keys-only 2>/dev/null | grep -q "/$inst\$"; then
+            echo "$inst restarted (pid $(cat "$RUN_DIR/pids/$inst.pid"))"
+            return 0
+        fi
+        pid_alive "$RUN_DIR/pids/$inst.pid" || break
+        sleep 0.05
+    done
+    echo "$inst did not register again; its log:" >&2
+    tail -20 "$RUN_DIR/logs/$inst.log" >&2 || true
+    exit 1
+}
+
 cmd_down() {
     [[ -d "$RUN_DIR/pids" ]] || { echo "meshkit is not running"; return 0; }
     # Services first (they drain and revoke their leases), then the broker and etcd.
@@ -625,7 +650,8 @@ case "${1:-}" in
     down)
         if [[ -e "$RUN_DIR/compose" ]]; then compose down && rm -f "$RUN_DIR/compose"; else cmd_down; fi ;;
     status) [[ -d "$RUN_DIR/pids" ]] && cmd_status || echo "meshkit is not running" ;;
+    restart) cmd_restart "${2:-}" ;;
     clean) # the run directory and PostgreSQL's data, wherever it is (after `down`)
         if [[ -d "$RUN_DIR" ]]; then rm -rf "$(pg_data_dir)" "$RUN_DIR"; fi ;;
-    *) echo "usage: $0 up|down|status|clean|compose-up|docker-ok" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|restart INSTANCE|clean|compose-up|docker-ok" >&2; exit 2 ;;
 esac

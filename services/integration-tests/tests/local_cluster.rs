@@ -7,98 +7,16 @@
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use meshkit_common::events::EventSettings;
-use meshkit_integration_tests::{bin_dir, eventually, free_port, kafka_admits};
+use meshkit_integration_tests::{bin_dir, cluster::LocalCluster, eventually, kafka_admits};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+trait Orders {
+    fn order_for_new_user(&self, email: &str) -> String;
 }
 
-/// A cluster.sh cluster in a temp run directory; `down` when dropped.
-struct LocalCluster {
-    run_dir: tempfile::TempDir,
-    env: Vec<(&'static str, String)>,
-    tls: bool,
-    etcd: u16,
-    gateway: u16,
-    kafka: u16,
-    /// What `cluster.sh up` printed.
-    printed: String,
-}
-
-impl LocalCluster {
-    fn up_with_tls() -> Self {
-        let cluster = Self::up(&[("MESHKIT_TLS", "1".into())]);
-        assert!(cluster.printed.contains(", TLS"), "cluster.sh says the broker runs TLS:\n{}", cluster.printed);
-        cluster
-    }
-
-    fn up(extra: &[(&'static str, String)]) -> Self {
-        let run_dir = tempfile::Builder::new().prefix("meshkit-local-").tempdir().unwrap();
-        let (etcd, gateway, kafka) = (free_port(), free_port(), free_port());
-        let mut env = vec![
-            ("MESHKIT_RUN_DIR", run_dir.path().display().to_string()),
-            ("MESHKIT_PROFILE", "dev".into()),
-            ("MESHKIT_ETCD_PORT", etcd.to_string()),
-            ("MESHKIT_ETCD_PEER_PORT", free_port().to_string()),
-            ("MESHKIT_KAFKA_PORT", kafka.to_string()),
-            ("MESHKIT_KAFKA_CONTROLLER_PORT", free_port().to_string()),
-            ("MESHKIT_GATEWAY_PORT", gateway.to_string()),
-            ("MESHKIT_PROMETHEUS_PORT", free_port().to_string()),
-            ("MESHKIT_XDS_PORT", free_port().to_string()),
-        ];
-        env.extend_from_slice(extra);
-        let tls = extra.iter().any(|(k, v)| *k == "MESHKIT_TLS" && v == "1");
-        let mut cluster = LocalCluster { run_dir, env, tls, etcd, gateway, kafka, printed: String::new() };
-        let out = cluster.script("up");
-        cluster.printed = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "cluster.sh up failed:\n{}{}",
-            cluster.printed,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        cluster
-    }
-
-    fn script(&self, command: &str) -> std::process::Output {
-        Command::new(root().join("deploy/local/cluster.sh"))
-            .arg(command)
-            .env_remove("MESHKIT_ETCD_ENDPOINTS")
-            .env_remove("MESHKIT_EVENTS_BROKERS")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .unwrap()
-    }
-
-    fn tls(&self, file: &str) -> String {
-        self.run_dir.path().join("tls").join(file).display().to_string()
-    }
-
-    /// grpcurl against the gateway: over HTTPS trusting the development CA
-    /// when the cluster runs TLS.
-    fn grpcurl(&self, data: &str, method: &str) -> Result<serde_json::Value, String> {
-        let security =
-            if self.tls { vec!["-cacert".to_owned(), self.tls("ca.pem")] } else { vec!["-plaintext".into()] };
-        let out = Command::new("grpcurl")
-            .args(security)
-            .args(["-d", data, &format!("127.0.0.1:{}", self.gateway), method])
-            .output()
-            .map_err(|e| format!("grpcurl: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-    }
-}
-
-impl LocalCluster {
+impl Orders for LocalCluster {
     /// A new user and an order of theirs, through the gateway (order-service
     /// calls user-service through its pool): the user's id.
     fn order_for_new_user(&self, email: &str) -> String {
@@ -114,12 +32,6 @@ impl LocalCluster {
             .unwrap();
         assert!(order["id"].as_str().is_some_and(|id| !id.is_empty()), "{order}");
         user_id
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        let _ = self.script("down");
     }
 }
 

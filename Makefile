@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 export MESHKIT_PROFILE ?= dev
 PHASE := deploy/local/phase.sh
 
-.PHONY: help up down status deps build build-release test test-system test-fast interop lint arch-check fmt bench fuzz clean-run check-fresh check-fresh-test
+.PHONY: help up down status deps build build-release test test-system test-fast interop lint arch-check fmt bench fuzz soak clean-run check-fresh check-fresh-test
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -60,6 +60,12 @@ test-system: ## the slow tier: 3-node Kafka and 3-member etcd clusters losing le
 	  $(CARGO) test -p meshkit-integration-tests --test etcd_cluster -- --ignored --test-threads=1
 	@$(PHASE) "local cluster (TLS; 3 etcd members)" $(CARGO) test -p meshkit-integration-tests --test local_cluster -- --ignored --test-threads=1
 	@$(PHASE) "partitions (network namespaces)" $(CARGO) test -p meshkit-integration-tests --test partitions -- --ignored --test-threads=1
+
+soak: ## the local cluster under steady load through the gateway with a rolling restart every minute, SOAK_SECS long (default 1800); samples in target/soak, plotted to docs/soak.png
+	@deploy/local/install-deps.sh --soak
+	@$(PHASE) build $(MAKE) --no-print-directory build MESHKIT_PROFILE=dev
+	@$(PHASE) soak env MESHKIT_SOAK_SECS=$(or $(SOAK_SECS),1800) $(CARGO) test -p meshkit-integration-tests --test soak -- --nocapture
+	@python3 deploy/local/soak-plot.py target/soak docs/soak.png
 
 fuzz: ## every fuzz target (cargo fuzz, libFuzzer) for FUZZ_SECS each (default 300); make test runs them 15 s each
 	@deploy/local/install-deps.sh --test

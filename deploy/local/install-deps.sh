@@ -6,6 +6,7 @@
 #   install-deps.sh --test   plus what `make test` needs (PostgreSQL, and the
 #                            Python, Node.js grpc-web and Java test clients)
 #   install-deps.sh --bench  plus what `make bench` compares against (nginx, HAProxy) and h2load
+#   install-deps.sh --soak   what `make test` needs, and matplotlib to plot `make soak`'s samples
 #   MESHKIT_JAVA=1           plus what the Spring Boot UserService needs beside the Rust
 #                            one in `make up` (a JDK, PostgreSQL, its Maven build)
 set -euo pipefail
@@ -13,7 +14,9 @@ set -euo pipefail
 want_test=0
 want_bench=0
 want_java=0
+want_soak=0
 [[ "${1:-}" == "--test" ]] && want_test=1
+[[ "${1:-}" == "--soak" ]] && want_test=1 want_soak=1
 [[ "${1:-}" == "--bench" ]] && want_bench=1
 [[ "${MESHKIT_JAVA:-0}" == 1 ]] && want_java=1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -167,6 +170,11 @@ if (( want_test )); then
     if ! command -v kubernetes-validate >/dev/null; then
         echo "install-deps: installing kubernetes-validate from PyPI"
         pip_install "kubernetes-validate==1.37.0" || { echo "install-deps: pip failed" >&2; exit 1; }
+    fi
+    # make soak plots its samples (deploy/local/soak-plot.py).
+    if (( want_soak )) && [[ "$(python3 -c 'import importlib.metadata as m; print(m.version("matplotlib"))' 2>/dev/null)" != "3.10.8" ]]; then
+        echo "install-deps: installing matplotlib from PyPI"
+        pip_install "matplotlib==3.10.8" || { echo "install-deps: pip failed" >&2; exit 1; }
     fi
     # The grpc-web client's packages, from the npm registry, as locked.
     web="$root/services/integration-tests/clients/grpc-web"

@@ -27,6 +27,8 @@ pub struct Tally {
     pub served_by: HashMap<String, u64>,
     /// How long each call took, succeeded or not, in the order each worker made them.
     pub latencies: Vec<Duration>,
+    /// The slowest call: when it started, and how long it took.
+    pub slowest: Option<(Instant, Duration)>,
 }
 
 impl Tally {
@@ -38,6 +40,9 @@ impl Tally {
             *self.served_by.entry(k).or_default() += v;
         }
         self.latencies.extend(other.latencies);
+        if other.slowest.is_some_and(|(_, o)| self.slowest.is_none_or(|(_, s)| o > s)) {
+            self.slowest = other.slowest;
+        }
     }
 
     /// The `q` quantile (0.0–1.0) of the calls' latencies; zero when there were none.
@@ -75,7 +80,11 @@ impl LoadGen {
                     while !stop.load(Ordering::Relaxed) && Instant::now() < cap {
                         let started = Instant::now();
                         let outcome = call().await;
-                        tally.latencies.push(started.elapsed());
+                        let took = started.elapsed();
+                        tally.latencies.push(took);
+                        if tally.slowest.is_none_or(|(_, s)| took > s) {
+                            tally.slowest = Some((started, took));
+                        }
                         match outcome {
                             Ok(by) => {
                                 tally.ok += 1;

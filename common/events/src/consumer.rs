@@ -384,7 +384,9 @@ enum Batch {
     Fenced,
 }
 
-fn write_txn() -> TransactionOptions {
+/// A read-write transaction that takes SQLite's write lock at its start
+/// (`BEGIN IMMEDIATE`), so two writers never deadlock upgrading a read lock.
+pub(crate) fn write_txn() -> TransactionOptions {
     TransactionOptions {
         isolation_level: None,
         access_mode: Some(AccessMode::ReadWrite),

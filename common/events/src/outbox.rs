@@ -357,7 +357,7 @@ impl Relay {
             Condition, TransactionTrait,
             sea_query::{Expr, OnConflict},
         };
-        let txn = self.db.begin_with_options(write_txn()).await?;
+        let txn = self.db.begin_with_options(crate::consumer::write_txn()).await?;
         relay_fence::Entity::insert(relay_fence::ActiveModel {
             id: Set(1),
             fence_cluster: Set(0),
@@ -503,14 +503,6 @@ enum Taken {
     FromUnreleased(String),
     /// A newer fence is there.
     Newer,
-}
-
-fn write_txn() -> sea_orm::TransactionOptions {
-    sea_orm::TransactionOptions {
-        isolation_level: None,
-        access_mode: Some(sea_orm::AccessMode::ReadWrite),
-        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
-    }
 }
 
 fn to_record(row: entity::Model) -> Record {

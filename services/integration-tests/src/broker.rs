@@ -475,3 +475,19 @@ impl Drop for Broker {
         self.kill();
     }
 }
+
+/// Every record of `topic` on the broker at `endpoint`, partition by partition.
+pub async fn records(endpoint: &str, topic: &str) -> Vec<rskafka::record::Record> {
+    use rskafka::client::partition::UnknownTopicHandling;
+    let client = rskafka::client::ClientBuilder::new(vec![endpoint.to_owned()]).build().await.expect("a Kafka client");
+    let topics = client.list_topics().await.expect("the broker lists its topics");
+    let Some(t) = topics.into_iter().find(|t| t.name == topic) else { return vec![] };
+    let mut out = Vec::new();
+    for partition in t.partitions {
+        let pc =
+            client.partition_client(topic, partition, UnknownTopicHandling::Retry).await.expect("a partition client");
+        let (records, _) = pc.fetch_records(0, 1..10_000_000, 100).await.expect("the partition's records");
+        out.extend(records.into_iter().map(|r| r.record));
+    }
+    out
+}

@@ -120,9 +120,30 @@ async fn traffic_on_all(load: &LoadGen, last: &LastServed, ids: &[&str]) {
 #[tokio::test]
 #[ignore = "system tier (make test-system): network namespaces need root and nftables"]
 async fn an_instance_cut_off_from_etcd_serves_until_its_lease_lapses_then_leaves_and_returns() {
-    let mut mesh = Mesh::new(&["a", "b", "c"]).await;
+    let mut mesh = Mesh::new(&["a", "b", "c", "o"]).await;
+    // An order-service on a host of its own: a second process whose pool of
+    // user instances must let go of the cut-off one too (its admin endpoint
+    // on its host's address, so the test can read its pools).
+    let order_host = mesh.hosts.pop().unwrap();
+    mesh.labels.pop();
     mesh.start_users(|_| Vec::new()).await;
+    let admin_listen = format!("{}:0", order_host.ip);
+    let order = fleet::spawn_in(
+        &order_host,
+        &mesh.etcd.endpoint(),
+        mesh.dir.path(),
+        "order-service",
+        "order-o",
+        &[("MESHKIT_ADMIN_LISTEN", admin_listen)],
+    );
     let ttl = Duration::from_secs(3);
+    let etcd = mesh.etcd.client().await;
+    fleet::wait_registered(&etcd, ORDER, &["order-o"]).await;
+    let order_admin = fleet::admin_addr(&etcd, ORDER, "order-o").await;
+    eventually("order-service to see every user instance", Duration::from_secs(10), || async {
+        (fleet::pool_of(&order_admin, USER).await.len() == 3).then_some(())
+    })
+    .await;
     let channels = mesh.channels(ChannelConfig::default()).await;
     let users = channels.balanced(USER);
     let user_id = create_user(&users, "Cut", "cut-etcd@example.com").await.id;
@@ -132,7 +153,6 @@ async fn an_instance_cut_off_from_etcd_serves_until_its_lease_lapses_then_leaves
 
     mesh.hosts[0].cut_off_from(&[mesh.etcd_host.ip]).unwrap();
     let cut_at = Instant::now();
-    let etcd = mesh.etcd.client().await;
     eventually("user-a's key gone with its lease", ttl * 3, || async {
         (!fleet::registered(&etcd, USER).await.contains(&"user-a".to_owned())).then_some(())
     })
@@ -143,6 +163,11 @@ async fn an_instance_cut_off_from_etcd_serves_until_its_lease_lapses_then_leaves
     })
     .await;
     let left_pool = cut_at.elapsed();
+    eventually("user-a out of order-service's pool", Duration::from_secs(5), || async {
+        (!fleet::pool_of(&order_admin, USER).await.contains(&"user-a".to_owned())).then_some(())
+    })
+    .await;
+    let left_order_pool = cut_at.elapsed();
     // It served its callers while its lease lasted: the cut is between it and etcd only.
     let served_after_cut = last_served(&last, "user-a").unwrap().saturating_duration_since(cut_at);
     assert!(
@@ -168,10 +193,15 @@ async fn an_instance_cut_off_from_etcd_serves_until_its_lease_lapses_then_leaves
     })
     .await;
     let serving = healed_at.elapsed();
+    eventually("user-a back in order-service's pool", Duration::from_secs(10), || async {
+        fleet::pool_of(&order_admin, USER).await.contains(&"user-a".to_owned()).then_some(())
+    })
+    .await;
+    drop(order);
     let tally = load.stop().await;
     eprintln!(
         "cut from etcd: served {served_after_cut:?} more, key gone after {key_gone:?}, out of the pool after \
-         {left_pool:?}; healed: registered after {back:?}, serving after {serving:?}; {} calls, p99 {:?}, max {:?}",
+         {left_pool:?} (order-service's after {left_order_pool:?}); healed: registered after {back:?}, serving after {serving:?}; {} calls, p99 {:?}, max {:?}",
         tally.ok,
         tally.latency(0.99),
         tally.latency(1.0)
@@ -344,7 +374,7 @@ async fn the_relays_host_cut_off_from_etcd_is_fenced_and_no_event_is_published_t
         (meshkit_common::events::outbox::backlog(&db).await.unwrap_or(1) == 0).then_some(())
     })
     .await;
-    let records = read_topic(&broker.endpoint(), "order-events").await;
+    let records = meshkit_integration_tests::broker::records(&broker.endpoint(), "order-events").await;
     let mut copies: HashMap<String, usize> = HashMap::new();
     for record in &records {
         let id = String::from_utf8(record.headers.get("event-id").cloned().unwrap_or_default()).unwrap_or_default();
@@ -368,18 +398,4 @@ async fn the_relays_host_cut_off_from_etcd_is_fenced_and_no_event_is_published_t
     assert!(twice.is_empty(), "{published_twice} events published twice, among them {twice:?}");
     assert_eq!(copies.len() as u64, tally.ok, "every order's event on the topic, and no other");
     assert!(fenced_log.is_some(), "the cut-off relay never noticed the fence:\n{}", mesh.logs());
-}
-
-/// Every record of `topic` on `broker`.
-async fn read_topic(broker: &str, topic: &str) -> Vec<rskafka::record::Record> {
-    use rskafka::client::partition::UnknownTopicHandling;
-    let client = rskafka::client::ClientBuilder::new(vec![broker.to_owned()]).build().await.unwrap();
-    let Some(t) = client.list_topics().await.unwrap().into_iter().find(|t| t.name == topic) else { return vec![] };
-    let mut out = Vec::new();
-    for partition in t.partitions {
-        let pc = client.partition_client(topic, partition, UnknownTopicHandling::Retry).await.unwrap();
-        let (records, _) = pc.fetch_records(0, 1..10_000_000, 1_000).await.unwrap();
-        out.extend(records.into_iter().map(|r| r.record));
-    }
-    out
 }

@@ -13,8 +13,8 @@
 //! - over the last two thirds of the run, a process that was never restarted
 //!   grows by at most [`RSS_TOLERANCE`] in memory, and its descriptors and
 //!   tasks not at all beyond a small allowance;
-//! - after each restart every process's descriptors and tasks, and the count
-//!   of etcd keys, are back where they were before it.
+//! - after each restart every process's descriptors and tasks are back to at
+//!   most where they were before the first, and the count of etcd keys the same.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -347,7 +347,8 @@ fn check_growth(samples: &[Sample], duration: Duration, restarts: &[(Duration, S
 }
 
 /// Just before each restart and at the end, against the first checkpoint:
-/// every process's descriptors and tasks, and etcd's keys.
+/// every process's descriptors and tasks, and etcd's keys. Fewer is fine (a
+/// client that kept one connection where it had opened two at the start).
 fn check_checkpoints(
     checkpoints: &[(Duration, BTreeMap<String, Figures>)],
     restarts: &[(Duration, String)],
@@ -373,7 +374,7 @@ fn check_checkpoints(
                 continue;
             }
             if let (Some(now), Some(then)) = (f.fds, b.fds) {
-                if (now - then).abs() > FD_ALLOWANCE {
+                if now > then + FD_ALLOWANCE {
                     problems.push(format!(
                         "{name} at {:.0} s, after {after} restarts: {now} descriptors, {then} before the first",
                         at.as_secs_f64()
@@ -381,7 +382,7 @@ fn check_checkpoints(
                 }
             }
             if let (Some(now), Some(then)) = (f.tasks, b.tasks) {
-                if (now - then).abs() > TASK_ALLOWANCE {
+                if now > then + TASK_ALLOWANCE {
                     problems.push(format!(
                         "{name} at {:.0} s, after {after} restarts: {now} tasks, {then} before the first",
                         at.as_secs_f64()

@@ -573,19 +573,6 @@ async fn produce_record(kafka: &str, topic: &str, record: Record) -> (i32, i64) 
     (partition, offsets[0])
 }
 
-/// Every record of `topic`.
-async fn read_all(kafka: &str, topic: &str) -> Vec<Record> {
-    let client = rskafka::client::ClientBuilder::new(vec![kafka.to_owned()]).build().await.unwrap();
-    let Some(t) = client.list_topics().await.unwrap().into_iter().find(|t| t.name == topic) else { return vec![] };
-    let mut out = Vec::new();
-    for partition in t.partitions {
-        let pc = client.partition_client(topic, partition, UnknownTopicHandling::Retry).await.unwrap();
-        let (records, _) = pc.fetch_records(0, 1..1_000_000, 100).await.unwrap();
-        out.extend(records.into_iter().map(|r| r.record));
-    }
-    out
-}
-
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
     let mut p = Pipeline::start().await;
@@ -617,7 +604,7 @@ async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
     })
     .await;
     let dlq = eventually("two dead letters", Duration::from_secs(20), || async {
-        let d = read_all(p.kafka(), &format!("{topic}.dlq")).await;
+        let d = meshkit_integration_tests::broker::records(p.kafka(), &format!("{topic}.dlq")).await;
         (d.len() == 2).then_some(d)
     })
     .await;
@@ -729,7 +716,7 @@ async fn a_handler_failing_every_attempt_dead_letters_after_max_attempts() {
     .await;
     assert_eq!(count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-fail'").await, 0);
     assert_eq!(attempts.load(Ordering::Relaxed), 4, "events.max_attempts attempts, no more");
-    let dlq = read_all(&kafka, &format!("{topic}.dlq")).await;
+    let dlq = meshkit_integration_tests::broker::records(&kafka, &format!("{topic}.dlq")).await;
     assert_eq!(dlq.len(), 1);
     let error = String::from_utf8(dlq[0].headers[headers::DLQ_ERROR].clone()).unwrap();
     assert!(error.contains("downstream said no"), "{error}");
@@ -750,7 +737,10 @@ async fn records_carry_the_event_id_schema_and_trace_context() {
     request.metadata_mut().insert("tracestate", "meshkit=1".parse().unwrap());
     let order = p.orders().create_order(request).await.unwrap().into_inner();
     let record = eventually("the OrderCreated record", Duration::from_secs(20), || async {
-        read_all(p.kafka(), &p.topic()).await.into_iter().find(|r| r.key.as_deref() == Some(order.id.as_bytes()))
+        meshkit_integration_tests::broker::records(p.kafka(), &p.topic())
+            .await
+            .into_iter()
+            .find(|r| r.key.as_deref() == Some(order.id.as_bytes()))
     })
     .await;
     let header = |h: &str| String::from_utf8(record.headers.get(h).cloned().unwrap_or_default()).unwrap();
@@ -865,7 +855,7 @@ async fn consumed_ids_are_pruned_past_the_dedup_window_and_a_copy_that_late_is_d
     // was applied, so it goes to the dead-letter topic instead of twice into `seen`.
     let (_, late_offset) = produce_record(&kafka, &topic, copy(event_time)).await;
     let dlq = eventually("the late copy dead-lettered", Duration::from_secs(20), || async {
-        let d = read_all(&kafka, &format!("{topic}.dlq")).await;
+        let d = meshkit_integration_tests::broker::records(&kafka, &format!("{topic}.dlq")).await;
         (d.len() == 1).then_some(d)
     })
     .await;
@@ -1105,7 +1095,7 @@ async fn a_relay_elected_later_fences_the_first_and_no_row_is_published_twice() 
 
     let written = written.load(Ordering::SeqCst);
     let mut copies: HashMap<String, usize> = HashMap::new();
-    for record in read_all(&kafka, &topic).await {
+    for record in meshkit_integration_tests::broker::records(&kafka, &topic).await {
         let id = String::from_utf8(record.headers.get(headers::EVENT_ID).cloned().unwrap_or_default()).unwrap();
         *copies.entry(id).or_default() += 1;
     }

@@ -35,7 +35,7 @@ impl LocalCluster {
 
     /// `cluster.sh up` with `extra` settings; panics with its output if it fails.
     pub fn up(extra: &[(&'static str, String)]) -> Self {
-        let run_dir = tempfile::Builder::new().prefix("meshkit-local-").tempdir().unwrap();
+        let run_dir = tempfile::Builder::new().prefix("meshkit-local-").tempdir().expect("a temp run directory");
         let (etcd, gateway, kafka) = (free_port(), free_port(), free_port());
         let mut env = vec![
             ("MESHKIT_RUN_DIR", run_dir.path().display().to_string()),
@@ -103,7 +103,7 @@ pub fn script(env: &[(&'static str, String)], args: &[&str]) -> std::process::Ou
         .env_remove("MESHKIT_EVENTS_BROKERS")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
-        .unwrap()
+        .expect("running deploy/local/cluster.sh")
 }
 
 impl Drop for LocalCluster {

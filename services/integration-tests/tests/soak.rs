@@ -263,13 +263,11 @@ async fn the_cluster_under_steady_load_and_rolling_restarts_holds_memory_descrip
     let dir = write_csv(&samples, &restarts);
 
     let mut problems = Vec::new();
+    // When the slowest call began, in seconds from the start of the measured run.
     let at = |tally: &Tally| {
         tally.slowest.map(|(t, _)| {
-            let t = tokio::time::Instant::from_std(started).checked_duration_since(t).map_or_else(
-                || format!("{:.1} s", (t - tokio::time::Instant::from_std(started)).as_secs_f64()),
-                |before| format!("-{:.1} s", before.as_secs_f64()),
-            );
-            t
+            let origin = tokio::time::Instant::from_std(started);
+            if t >= origin { (t - origin).as_secs_f64() } else { -(origin - t).as_secs_f64() }
         })
     };
     eprintln!(

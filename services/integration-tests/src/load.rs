@@ -13,7 +13,8 @@ use std::{
 
 use tokio::{task::JoinHandle, time::Instant};
 
-/// Never run longer than this, whatever the test does.
+/// Never run longer than this, whatever the test does (unless the test says
+/// how long it means to run: [`LoadGen::start_for`]).
 const HARD_CAP: Duration = Duration::from_secs(180);
 
 /// What a run did.
@@ -68,10 +69,19 @@ impl LoadGen {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Option<String>, tonic::Status>> + Send,
     {
+        Self::start_for(workers, pause, HARD_CAP, call)
+    }
+
+    /// [`start`](Self::start), stopping by itself after `cap` at the latest.
+    pub fn start_for<F, Fut>(workers: usize, pause: Duration, cap: Duration, call: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Option<String>, tonic::Status>> + Send,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let call = Arc::new(call);
-        let cap = Instant::now() + HARD_CAP;
+        let cap = Instant::now() + cap;
         let workers = (0..workers)
             .map(|_| {
                 let (stop, ok, call) = (stop.clone(), ok.clone(), call.clone());

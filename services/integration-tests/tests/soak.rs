@@ -160,10 +160,11 @@ fn write_csv(samples: &[Sample], restarts: &[(Duration, String)]) -> PathBuf {
     dir
 }
 
-fn load(channel: Channel, user_id: String) -> (LoadGen, LoadGen) {
+/// The steady load, for `run` at most (a minute more than the soak).
+fn load(channel: Channel, user_id: String, run: Duration) -> (LoadGen, LoadGen) {
     let orders = {
         let (channel, user_id) = (channel.clone(), user_id.clone());
-        LoadGen::start(2, Duration::from_millis(40), move || {
+        LoadGen::start_for(2, Duration::from_millis(40), run, move || {
             let mut client = OrderServiceClient::new(channel.clone());
             let user_id = user_id.clone();
             async move {
@@ -176,7 +177,7 @@ fn load(channel: Channel, user_id: String) -> (LoadGen, LoadGen) {
             }
         })
     };
-    let users = LoadGen::start(2, Duration::from_millis(20), move || {
+    let users = LoadGen::start_for(2, Duration::from_millis(20), run, move || {
         let mut client = UserServiceClient::new(channel.clone());
         let id = user_id.clone();
         async move {
@@ -216,7 +217,7 @@ async fn the_cluster_under_steady_load_and_rolling_restarts_holds_memory_descrip
         .await
         .unwrap()
         .into_inner();
-    let (orders, users) = load(channel, user.id);
+    let (orders, users) = load(channel, user.id, duration + Duration::from_secs(120));
     eventually("traffic through the gateway", Duration::from_secs(20), || async {
         (orders.ok_so_far() > 20 && users.ok_so_far() > 20).then_some(())
     })
@@ -229,9 +230,14 @@ async fn the_cluster_under_steady_load_and_rolling_restarts_holds_memory_descrip
     let mut checkpoints: Vec<(Duration, BTreeMap<String, Figures>)> = Vec::new();
     let mut next_restart = interval;
     let mut turn = 0;
+    // Calls done when the last third begins: the load must go on to the end.
+    let mut ok_at_two_thirds = None;
     while started.elapsed() < duration {
         let figures = sample(&run_dir, &etcd).await;
         let at = started.elapsed();
+        if at >= duration * 2 / 3 && ok_at_two_thirds.is_none() {
+            ok_at_two_thirds = Some(orders.ok_so_far() + users.ok_so_far());
+        }
         samples.push(Sample { at, figures: figures.clone() });
         if at >= next_restart && at + interval / 2 < duration {
             checkpoints.push((at, figures));
@@ -258,6 +264,7 @@ async fn the_cluster_under_steady_load_and_rolling_restarts_holds_memory_descrip
     let last = sample(&run_dir, &etcd).await;
     checkpoints.push((started.elapsed(), last.clone()));
     samples.push(Sample { at: started.elapsed(), figures: last });
+    let last_third = (orders.ok_so_far() + users.ok_so_far()).saturating_sub(ok_at_two_thirds.unwrap_or(0));
     let order_tally = orders.stop().await;
     let user_tally = users.stop().await;
     let dir = write_csv(&samples, &restarts);
@@ -275,6 +282,11 @@ async fn the_cluster_under_steady_load_and_rolling_restarts_holds_memory_descrip
         at(&order_tally),
         at(&user_tally)
     );
+    // About 100 calls a second are meant; a third of that is the least.
+    let least = secs / 3 * 30;
+    if last_third < least {
+        problems.push(format!("only {last_third} calls in the last third of the run (at least {least} meant)"));
+    }
     report_calls("CreateOrder", &order_tally, &mut problems);
     report_calls("GetUser", &user_tally, &mut problems);
     check_growth(&samples, duration, &restarts, &mut problems);

@@ -602,7 +602,8 @@ cmd_restart() { # instance: user-1, order-2, notification-1, scheduler-2
         pid_alive "$RUN_DIR/pids/$inst.pid" || break
         sleep 0.05
     done
-    echo "$inst did not register again; its log:" >&2
+    local pid; pid="$(cat "$RUN_DIR/pids/$inst.pid" 2>/dev/null || true)"
+    echo "$inst did not register again within 20 s (pid $pid: $(ps -o stat=,etime=,wchan= -p "$pid" 2>/dev/null || echo gone)); its log:" >&2
     tail -20 "$RUN_DIR/logs/$inst.log" >&2 || true
     exit 1
 }

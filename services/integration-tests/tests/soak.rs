@@ -250,9 +250,17 @@ async fn the_cluster_under_steady_load_and_rolling_restarts_holds_memory_descrip
             })
             .await
             .unwrap();
+            if !out.status.success() {
+                // The cluster's logs outlive the temp run directory, for a look afterwards.
+                let logs = target_dir().join("soak").join("logs");
+                let _ = std::fs::create_dir_all(&logs);
+                for entry in std::fs::read_dir(run_dir.join("logs")).into_iter().flatten().flatten() {
+                    let _ = std::fs::copy(entry.path(), logs.join(entry.file_name()));
+                }
+            }
             assert!(
                 out.status.success(),
-                "cluster.sh restart {instance}: {}{}",
+                "cluster.sh restart {instance} (logs kept in target/soak/logs): {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );

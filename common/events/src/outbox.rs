@@ -11,7 +11,7 @@
 //! paused) would go on publishing beside the one elected after it. So the
 //! election's [`Fence`] is also kept in the database, in the one row of
 //! `meshkit_outbox_relay`: a relay puts its fence there when it starts, unless
-//! a newer one is there, and reads it before every round; it stops as soon as
+//! a newer one is there, and reads it before publishing each batch; it stops as soon as
 //! the fence is not its own. A relay that takes over from one that did not
 //! stop cleanly waits out the longest round the other may have begun before
 //! the fence moved (one broker request timeout, and a second) before its first
@@ -291,7 +291,7 @@ impl Relay {
             // by the next relay, and consumers skip what they already applied.
             let round = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = self.fenced_round(fence, settings.relay_batch, limit) => r,
+                r = self.round(fence, settings.relay_batch, limit) => r,
             };
             match round {
                 Err(Error::Fenced) => {
@@ -338,17 +338,6 @@ impl Relay {
         }
         tracing::info!("outbox relay stopped");
         SlotEnd::Stopped
-    }
-
-    /// One round, after checking that the outbox is still this relay's.
-    async fn fenced_round(&self, fence: Option<Fence>, batch: u32, limit: Duration) -> Result<usize> {
-        if let Some(fence) = fence {
-            let held = relay_fence::Entity::find_by_id(1).one(&self.db).await?;
-            if held.is_none_or(|h| (h.fence_cluster, h.fence_revision) != (fence.cluster_id as i64, fence.revision)) {
-                return Err(Error::Fenced);
-            }
-        }
-        self.round(batch, limit).await
     }
 
     /// Puts `fence` on the outbox unless a newer one is there.
@@ -415,9 +404,11 @@ impl Relay {
         }
     }
 
-    /// Publishes up to `batch` rows, the broker given at most `limit`;
+    /// Publishes up to `batch` rows, the broker given at most `limit`, once
+    /// it has checked that the outbox is still this relay's (`fence`; only
+    /// when there is something to publish, so an idle poll stays one query);
     /// returns how many were sent.
-    async fn round(&self, batch: u32, limit: Duration) -> Result<usize> {
+    async fn round(&self, fence: Option<Fence>, batch: u32, limit: Duration) -> Result<usize> {
         let rows = entity::Entity::find()
             .filter(entity::Column::SentTimeUs.is_null())
             .order_by_asc(entity::Column::Seq)
@@ -426,6 +417,12 @@ impl Relay {
             .await?;
         if rows.is_empty() {
             return Ok(0);
+        }
+        if let Some(fence) = fence {
+            let held = relay_fence::Entity::find_by_id(1).one(&self.db).await?;
+            if held.is_none_or(|h| (h.fence_cluster, h.fence_revision) != (fence.cluster_id as i64, fence.revision)) {
+                return Err(Error::Fenced);
+            }
         }
         // Group by (topic, partition), keeping row order inside each group;
         // groups go out in the order of their first row.

@@ -14,8 +14,9 @@ use meshkit_common::methods::MethodPattern;
 
 use crate::settings::JwtSettings;
 use http::{HeaderMap, HeaderValue};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
-use serde_json::{Map, Value as Json};
+use meshkit_jwt::{TokenSource, Verifier};
+
+pub use meshkit_jwt::Principal;
 
 pub const SUBJECT_HEADER: &str = "x-meshkit-subject";
 pub const CLAIMS_HEADER: &str = "x-meshkit-claims-bin";
@@ -34,11 +35,7 @@ struct Rule {
 
 /// The authenticator; cheap to share behind an `Arc`.
 pub struct Auth {
-    hs256: Option<DecodingKey>,
-    jwks: Option<JwkSet>,
-    issuer: String,
-    audience: String,
-    roles_claim: String,
+    verifier: Verifier,
     default_policy: Policy,
     rules: Vec<Rule>,
 }
@@ -49,44 +46,23 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// Who called: the verified token's subject and claims.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    pub subject: String,
-    pub claims: Map<String, Json>,
-}
-
 impl Auth {
     /// From the validated settings; reads the JWKS file.
     pub fn from_settings(settings: &JwtSettings) -> Result<Self, String> {
-        let jwks = if settings.jwks_file.is_empty() {
-            None
-        } else {
-            let text = std::fs::read_to_string(&settings.jwks_file)
-                .map_err(|e| format!("gateway.jwt.jwks_file {}: {e}", settings.jwks_file))?;
-            let set: JwkSet = serde_json::from_str(&text)
-                .map_err(|e| format!("gateway.jwt.jwks_file {} is not a JWKS: {e}", settings.jwks_file))?;
-            for jwk in &set.keys {
-                DecodingKey::from_jwk(jwk).map_err(|e| {
-                    format!(
-                        "gateway.jwt.jwks_file {}: key {:?} is unusable: {e}",
-                        settings.jwks_file, jwk.common.key_id
-                    )
-                })?;
-            }
-            Some(set)
+        let source = TokenSource {
+            hs256_secret: &settings.hs256_secret,
+            jwks_file: &settings.jwks_file,
+            issuer: &settings.issuer,
+            audience: &settings.audience,
+            roles_claim: &settings.roles_claim,
         };
+        let verifier = Verifier::new(&source, "gateway.jwt")?;
         let policy = |name: &str, roles: &[String]| match name {
             "public" => Policy::Public,
             _ => Policy::Authenticated { roles: roles.to_vec() },
         };
         Ok(Self {
-            hs256: (!settings.hs256_secret.is_empty())
-                .then(|| DecodingKey::from_secret(settings.hs256_secret.as_bytes())),
-            jwks,
-            issuer: settings.issuer.clone(),
-            audience: settings.audience.clone(),
-            roles_claim: settings.roles_claim.clone(),
+            verifier,
             default_policy: policy(&settings.default_policy, &[]),
             rules: settings
                 .rules
@@ -144,7 +120,7 @@ impl Auth {
                 )));
             }
             (Policy::Authenticated { roles }, Some(p)) => {
-                if !roles.is_empty() && !self.roles_of(p).iter().any(|r| roles.contains(r)) {
+                if !roles.is_empty() && !p.roles.iter().any(|r| roles.contains(r)) {
                     return Err(tonic::Status::permission_denied(format!(
                         "{grpc_path} requires one of the roles {roles:?}; the token of {:?} has none of them",
                         p.subject
@@ -166,47 +142,9 @@ impl Auth {
     }
 
     fn verify(&self, token: &str) -> Result<Principal, tonic::Status> {
-        let invalid = |why: String| tonic::Status::unauthenticated(format!("invalid bearer token: {why}"));
-        let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(e.to_string()))?;
-        let key = match header.alg {
-            Algorithm::HS256 => {
-                self.hs256.as_ref().cloned().ok_or_else(|| invalid("HS256 tokens are not accepted".into()))?
-            }
-            Algorithm::RS256 => {
-                let set = self.jwks.as_ref().ok_or_else(|| invalid("RS256 tokens are not accepted".into()))?;
-                let jwk = match &header.kid {
-                    Some(kid) => set.find(kid).ok_or_else(|| invalid(format!("no key with kid {kid:?}")))?,
-                    None if set.keys.len() == 1 => &set.keys[0],
-                    None => return Err(invalid("the token names no kid".into())),
-                };
-                DecodingKey::from_jwk(jwk).map_err(|e| invalid(e.to_string()))?
-            }
-            other => return Err(invalid(format!("algorithm {other:?} is not accepted"))),
-        };
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = 30;
-        if self.issuer.is_empty() {
-            validation.iss = None;
-        } else {
-            validation.set_issuer(&[&self.issuer]);
-        }
-        if self.audience.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&[&self.audience]);
-        }
-        let data =
-            jsonwebtoken::decode::<Map<String, Json>>(token, &key, &validation).map_err(|e| invalid(e.to_string()))?;
-        let subject = data.claims.get("sub").and_then(Json::as_str).unwrap_or_default().to_owned();
-        Ok(Principal { subject, claims: data.claims })
-    }
-
-    fn roles_of(&self, p: &Principal) -> Vec<String> {
-        match p.claims.get(&self.roles_claim) {
-            Some(Json::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
-            Some(Json::Array(items)) => items.iter().filter_map(Json::as_str).map(str::to_owned).collect(),
-            _ => Vec::new(),
-        }
+        self.verifier
+            .verify(token)
+            .map_err(|why| tonic::Status::unauthenticated(format!("invalid bearer token: {why}")))
     }
 }
 
@@ -214,7 +152,7 @@ impl Auth {
 mod tests {
     use super::*;
     use crate::settings::AuthRule;
-    use jsonwebtoken::{EncodingKey, Header, encode};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 
     fn settings() -> JwtSettings {
         JwtSettings {

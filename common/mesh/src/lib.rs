@@ -30,7 +30,7 @@ pub use meshkit_events as events;
 pub use meshkit_governance as governance;
 #[cfg(feature = "jobs")]
 pub use meshkit_jobs as jobs;
-pub use meshkit_registry::{config_center, discovery, etcd, keys, ownership, registry};
+pub use meshkit_registry::{config_center, control, discovery, etcd, history, keys, ownership, registry};
 pub use meshkit_telemetry as telemetry;
 pub use meshkit_telemetry::{metrics, trace};
 pub use meshkit_tls as tls;

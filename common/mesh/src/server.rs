@@ -26,9 +26,14 @@ use meshkit_base::deadline::DeadlineLayer;
 use meshkit_governance::{Governance, GovernanceLayer};
 use meshkit_registry::{
     config_center::ConfigCenter,
+    control,
     registry::{Instance, RegistrySession, instance_key},
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     body::Body,
@@ -377,6 +382,7 @@ impl MeshServer {
             health.set_service_status(*name, ServingStatus::Serving).await;
         }
 
+        let mut control_tasks = Vec::new();
         let registry = if config.registry.enabled && !services.is_empty() {
             let client = match etcd {
                 Some(c) => c,
@@ -387,6 +393,8 @@ impl MeshServer {
             } else {
                 config.server.advertise.clone()
             };
+            // It follows its control keys (drain, weight): operators may use them.
+            metadata.insert(control::FOLLOWS.into(), "1".into());
             let instance = Instance {
                 addr,
                 zone: config.registry.zone.clone(),
@@ -399,11 +407,16 @@ impl MeshServer {
                 .iter()
                 .map(|name| (instance_key(&config.etcd.prefix, name, &instance_id), value.clone()))
                 .collect();
-            match RegistrySession::start(client, config.registry.ttl_secs, entries).await {
+            match RegistrySession::start(client.clone(), config.registry.ttl_secs, entries).await {
                 Ok(session) => {
                     if let Some(admin) = &admin {
                         admin.add_source(session.metrics_source(&instance_id));
                     }
+                    let names = services.iter().map(|s| (*s).to_owned()).collect();
+                    let (in_force, follower) =
+                        control::follow(client, &config.etcd.prefix, &instance_id, names, instance, &session);
+                    control_tasks.push(follower);
+                    control_tasks.push(tokio::spawn(drained_not_serving(in_force, health.clone())));
                     Some(session)
                 }
                 Err(e) => {
@@ -432,12 +445,28 @@ impl MeshServer {
             services,
             health,
             registry,
+            control_tasks,
             stop: Some(stop_tx),
             task,
             on_shutdown,
             drain_delay: Duration::from_millis(config.server.drain_delay_ms),
             drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
         })
+    }
+}
+
+/// A service an operator drained answers NOT_SERVING to health checks while
+/// it is out of rotation, and SERVING again when it is put back.
+async fn drained_not_serving(mut in_force: watch::Receiver<control::InForce>, health: HealthReporter) {
+    let mut drained = std::collections::BTreeSet::new();
+    while in_force.changed().await.is_ok() {
+        let now: std::collections::BTreeSet<String> =
+            in_force.borrow_and_update().iter().filter(|(_, c)| c.drained).map(|(s, _)| s.clone()).collect();
+        for service in now.symmetric_difference(&drained) {
+            let status = if now.contains(service) { ServingStatus::NotServing } else { ServingStatus::Serving };
+            health.set_service_status(service, status).await;
+        }
+        drained = now;
     }
 }
 
@@ -527,6 +556,8 @@ pub struct RunningServer {
     services: Vec<&'static str>,
     health: HealthReporter,
     registry: Option<RegistrySession>,
+    /// Following the operators' control keys; stopped before the drain.
+    control_tasks: Vec<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
     on_shutdown: Vec<ShutdownHook>,
@@ -575,6 +606,9 @@ impl RunningServer {
     /// for in-flight calls.
     pub async fn shutdown(mut self) -> Result<()> {
         let started = Instant::now();
+        for task in self.control_tasks.drain(..) {
+            task.abort();
+        }
         self.health.set_service_status("", ServingStatus::NotServing).await;
         for name in &self.services {
             self.health.set_service_status(*name, ServingStatus::NotServing).await;
@@ -619,6 +653,9 @@ impl RunningServer {
 
 impl Drop for RunningServer {
     fn drop(&mut self) {
+        for task in &self.control_tasks {
+            task.abort();
+        }
         if self.stop.is_some() {
             self.task.abort();
         }

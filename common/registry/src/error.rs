@@ -13,6 +13,14 @@ pub enum Error {
     #[error("invalid configuration: {setting}: cannot read {path:?}: {source}")]
     ReadFile { setting: &'static str, path: String, source: std::io::Error },
 
+    /// What an operation names does not exist (an instance that is gone).
+    #[error("{0}")]
+    NotFound(String),
+
+    /// An operation's input was refused; nothing was written.
+    #[error("refused: {0}")]
+    Refused(String),
+
     /// etcd refused or could not be reached.
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
@@ -25,6 +33,8 @@ impl ErrorExt for Error {
     fn status_code(&self) -> tonic::Code {
         match self {
             Error::Config(_) | Error::ReadFile { .. } => tonic::Code::FailedPrecondition,
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::Refused(_) => tonic::Code::InvalidArgument,
             Error::Etcd(_) => tonic::Code::Unavailable,
         }
     }

@@ -7,6 +7,9 @@
 //! {prefix}/config/{component|_global}/{path}     a setting (JSON), see the config center
 //! {prefix}/groups/{group}/members/{member}       a live member of a slot group, under its lease
 //! {prefix}/groups/{group}/owners/{slot}          the owner of a slot, under its lease; the fence
+//! {prefix}/control/{service}/{instance_id}       an operator's drain or weight for an instance, under its lease
+//! {prefix}/history/config/{component}/{path}/{id} one change to a setting: who, when, the value (no lease)
+//! {prefix}/audit/{id}                            one operator change: who, what, when (no lease)
 //! ```
 //!
 //! Groups: `outbox/{component}` (the elected outbox relay),
@@ -53,6 +56,32 @@ pub fn slot_owner(prefix: &str, group: &str, slot: u32) -> String {
     format!("{prefix}/groups/{group}/owners/{slot}")
 }
 
+/// `{prefix}/control/`: every operator control of every instance.
+pub fn controls(prefix: &str) -> String {
+    format!("{prefix}/control/")
+}
+
+/// `{prefix}/control/{service}/{instance_id}`: an operator's drain or weight
+/// for one registration, bound to the instance's lease.
+pub fn control(prefix: &str, service: &str, instance_id: &str) -> String {
+    format!("{prefix}/control/{service}/{instance_id}")
+}
+
+/// `{prefix}/history/config/{component}/`: the recorded changes of a component's settings.
+pub fn config_history(prefix: &str, component: &str) -> String {
+    format!("{prefix}/history/config/{component}/")
+}
+
+/// `{prefix}/history/config/{component}/{path}/`: one setting's recorded changes.
+pub fn setting_history(prefix: &str, component: &str, path: &str) -> String {
+    format!("{prefix}/history/config/{component}/{path}/")
+}
+
+/// `{prefix}/audit/`: the operators' changes, oldest first.
+pub fn audit(prefix: &str) -> String {
+    format!("{prefix}/audit/")
+}
+
 /// The group whose one slot elects `component`'s outbox relay.
 pub fn outbox_group(component: &str) -> String {
     format!("outbox/{component}")
@@ -80,5 +109,10 @@ mod tests {
         assert_eq!(slot_owner(p, &g, 3), "/meshkit/groups/consumers/notification/order-events/owners/3");
         assert_eq!(group_member(p, &outbox_group("order"), "i-1"), "/meshkit/groups/outbox/order/members/i-1");
         assert!(slot_owner(p, "g", 0).starts_with(&group(p, "g")));
+        assert!(control(p, "s", "i").starts_with(&controls(p)));
+        assert!(setting_history(p, "user", "log.filter").starts_with(&config_history(p, "user")));
+        // History and controls sit outside what the config and service watches read.
+        assert!(!config_history(p, "user").starts_with(&config_root(p)));
+        assert!(!controls(p).starts_with(&services(p)));
     }
 }

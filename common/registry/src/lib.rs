@@ -9,13 +9,18 @@
 //!   with fences.
 //! - [`config_center`]: settings kept in etcd, watched and layered over a
 //!   process's own.
+//! - [`control`]: an operator's drain or weight for a live instance.
+//! - [`history`]: settings changes recorded past etcd's compaction, and the
+//!   operators' audit log.
 //! - [`settings`]: the `etcd` and `registry` sections.
 #![forbid(unsafe_code)]
 
 pub mod config_center;
+pub mod control;
 pub mod discovery;
 pub mod error;
 pub mod etcd;
+pub mod history;
 pub mod keys;
 pub mod ownership;
 pub mod registry;

@@ -87,6 +87,7 @@ pub enum SessionState {
 /// revokes the lease, which removes the keys at once.
 pub struct RegistrySession {
     state: watch::Receiver<SessionState>,
+    desired: EntriesHandle,
     /// Leases granted after the first: each one a re-registration.
     reregistrations: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
@@ -99,7 +100,16 @@ impl RegistrySession {
     /// or a member restarting: [`crate::etcd::Patience`]); then keeps it alive.
     pub async fn start(client: Client, ttl_secs: i64, entries: Vec<(String, String)>) -> Result<Self> {
         let reregistrations = Arc::new(AtomicU64::new(0));
-        let mut worker = Worker { client, ttl_secs, entries, lease_id: 0, reregistrations: reregistrations.clone() };
+        let (desired, desired_rx) = watch::channel(Desired { owned: entries, carried: Vec::new() });
+        let mut worker = Worker {
+            client,
+            ttl_secs,
+            entries: Vec::new(),
+            carried: Vec::new(),
+            desired: desired_rx,
+            lease_id: 0,
+            reregistrations: reregistrations.clone(),
+        };
         let mut patience = crate::etcd::Patience::starting();
         loop {
             match worker.register().await {
@@ -110,7 +120,23 @@ impl RegistrySession {
         let (state_tx, state) = watch::channel(SessionState::Registered { lease_id: worker.lease_id });
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(worker.run(state_tx, stop_rx));
-        Ok(Self { state, reregistrations, stop: Some(stop_tx), task: Some(task) })
+        let desired = EntriesHandle(Arc::new(desired));
+        Ok(Self { state, desired, reregistrations, stop: Some(stop_tx), task: Some(task) })
+    }
+
+    /// Changes the keys kept alive: see [`EntriesHandle::set_entries`].
+    pub fn set_entries(&self, owned: Vec<(String, String)>, carried: Vec<(String, String)>) {
+        self.desired.set_entries(owned, carried);
+    }
+
+    /// The keys the session keeps alive now.
+    pub fn entries(&self) -> Vec<(String, String)> {
+        self.desired.0.borrow().owned.clone()
+    }
+
+    /// A handle that changes the session's keys from another task.
+    pub fn entries_handle(&self) -> EntriesHandle {
+        self.desired.clone()
     }
 
     /// How many times keys were written again: under a new lease, or one
@@ -182,10 +208,42 @@ impl Drop for RegistrySession {
     }
 }
 
+/// Changes a session's keys from another task.
+#[derive(Clone)]
+pub struct EntriesHandle(Arc<watch::Sender<Desired>>);
+
+impl EntriesHandle {
+    /// `owned` replaces the keys written at start (one removed is deleted
+    /// if it is still under the session's lease, one new or changed is
+    /// written), and `carried` are keys someone else put under the lease (an
+    /// operator's control) that are written again only when the session
+    /// re-registers under a new lease. Applied by the session's task within
+    /// a moment; the latest call wins.
+    pub fn set_entries(&self, owned: Vec<(String, String)>, carried: Vec<(String, String)>) {
+        let next = Desired { owned, carried };
+        self.0.send_if_modified(|d| {
+            let changed = *d != next;
+            *d = next;
+            changed
+        });
+    }
+}
+
+/// The keys a session should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Desired {
+    owned: Vec<(String, String)>,
+    carried: Vec<(String, String)>,
+}
+
 struct Worker {
     client: Client,
     ttl_secs: i64,
+    /// The owned keys written under the current lease.
     entries: Vec<(String, String)>,
+    /// Keys written again only with a new lease.
+    carried: Vec<(String, String)>,
+    desired: watch::Receiver<Desired>,
     lease_id: i64,
     reregistrations: Arc<AtomicU64>,
 }
@@ -202,9 +260,12 @@ enum Outcome {
 
 impl Worker {
     async fn register(&mut self) -> Result<()> {
+        let Desired { owned, carried } = self.desired.borrow_and_update().clone();
+        self.entries = owned;
+        self.carried = carried;
         let lease = self.client.lease_grant(self.ttl_secs, None).await?;
         let lease_id = lease.id();
-        for (key, value) in &self.entries {
+        for (key, value) in self.entries.iter().chain(&self.carried) {
             if let Err(e) =
                 self.client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(lease_id))).await
             {
@@ -334,7 +395,25 @@ impl Worker {
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) | Err(_) => return Outcome::Broken { answered: true },
             }
-            tokio::time::sleep(self.keepalive_interval()).await;
+            let due = tokio::time::Instant::now() + self.keepalive_interval();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => break,
+                    changed = self.desired.changed() => {
+                        if changed.is_err() {
+                            // The session is going away; its stop follows.
+                            tokio::time::sleep_until(due).await;
+                            break;
+                        }
+                        let applied = tokio::time::timeout(self.answer_timeout(), self.apply_desired()).await;
+                        if !matches!(applied, Ok(Ok(()))) {
+                            // Tried again after the session is back.
+                            self.desired.mark_changed();
+                            return Outcome::Broken { answered: true };
+                        }
+                    }
+                }
+            }
             if let Err(e) = keeper.keep_alive().await {
                 tracing::debug!(error = %e, "keepalive send failed");
                 return Outcome::Broken { answered: true };
@@ -345,6 +424,36 @@ impl Worker {
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return Outcome::Broken { answered: true },
             }
         }
+    }
+
+    /// Brings the keys under the current lease to the desired owned set.
+    /// `entries` follows each step that succeeds, so a failure half way
+    /// leaves it true to etcd (and the missing-key check does not write back
+    /// a key this removed).
+    async fn apply_desired(&mut self) -> Result<()> {
+        let Desired { owned, carried } = self.desired.borrow_and_update().clone();
+        self.carried = carried;
+        let removed: Vec<String> =
+            self.entries.iter().filter(|(k, _)| !owned.iter().any(|(o, _)| o == k)).map(|(k, _)| k.clone()).collect();
+        for key in removed {
+            // Only while it is still ours: an instance that re-registered
+            // elsewhere with the same key keeps it.
+            let ours = etcd_client::Compare::lease(key.as_str(), etcd_client::CompareOp::Equal, self.lease_id);
+            let delete = etcd_client::TxnOp::delete(key.as_str(), None);
+            self.client.txn(etcd_client::Txn::new().when([ours]).and_then([delete])).await?;
+            self.entries.retain(|(k, _)| *k != key);
+            tracing::info!(key, "registered key removed");
+        }
+        for (key, value) in owned {
+            if self.entries.iter().any(|(k, v)| *k == key && *v == value) {
+                continue;
+            }
+            self.client.put(key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(self.lease_id))).await?;
+            tracing::info!(key, "registered key written");
+            self.entries.retain(|(k, _)| *k != key);
+            self.entries.push((key, value));
+        }
+        Ok(())
     }
 
     async fn missing_keys(&mut self) -> Result<Vec<(String, String)>> {

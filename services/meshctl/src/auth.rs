@@ -7,12 +7,14 @@ use etcd_client::Client;
 use meshkit_common::keys;
 
 /// The key prefixes a component may write, and the role that grants them:
-/// its own registrations, its own slot groups (outbox relay, consumers,
+/// its own registrations and their operator controls, its own slot groups (outbox relay, consumers,
 /// the scheduler's election) and its own config scope; read on the whole mesh.
 pub fn role_grants(prefix: &str, component: &str, services: &[&str]) -> Vec<(String, bool)> {
     let mut grants = vec![(format!("{prefix}/"), false)];
     for service in services {
         grants.push((keys::service(prefix, service), true));
+        // An operator's drain or weight, written again under a new lease.
+        grants.push((format!("{}{service}/", keys::controls(prefix)), true));
     }
     grants.push((keys::group(prefix, &keys::outbox_group(component)), true));
     grants.push((keys::group(prefix, &format!("consumers/{component}")), true));

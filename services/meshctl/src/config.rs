@@ -10,6 +10,7 @@ use meshkit_common::{
     MeshConfig,
     config::{DatabaseSettings, EventSettings, Settings},
     config_center::{self, Entry, GLOBAL},
+    history,
 };
 use serde::{Deserialize, Serialize};
 
@@ -125,26 +126,114 @@ pub async fn config_get(client: &mut Client, prefix: &str, component: &str) -> a
 }
 
 /// Validates the change against the entries already there (over the
-/// defaults), then writes it. An invalid value is refused, naming the problem.
+/// defaults), then writes it with its history record and audit entry. An
+/// invalid value is refused, naming the problem, and nothing is written.
+/// Returns the revision of the change.
+pub async fn set_setting(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    path: &str,
+    raw: &str,
+    by: &str,
+) -> anyhow::Result<i64> {
+    write_checked(client, prefix, component, path, Some(&json_value(raw)), by, "").await
+}
+
+/// Removes a setting, recorded like a change.
+pub async fn delete_setting(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    path: &str,
+    by: &str,
+) -> anyhow::Result<i64> {
+    write_checked(client, prefix, component, path, None, by, "").await
+}
+
+/// Sets `path` back to its value at `revision` (or removes it, if it was
+/// not set then), checked like any change; the history says "rollback to".
+pub async fn rollback_setting(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    path: &str,
+    revision: i64,
+    by: &str,
+) -> anyhow::Result<i64> {
+    check_component(component)?;
+    let (then, _) = history::settings_at(client, prefix, component, revision).await?;
+    let note = format!("rollback to {revision}");
+    write_checked(client, prefix, component, path, then.get(path).map(String::as_str), by, &note).await
+}
+
+async fn write_checked(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    path: &str,
+    value: Option<&str>,
+    by: &str,
+    note: &str,
+) -> anyhow::Result<i64> {
+    check_component(component)?;
+    check_path(path)?;
+    let (mut entries, _) = config_center::read(client, prefix, component).await?;
+    let current = entries.iter().find(|e| e.scope == component && e.path == path).cloned();
+    if value.is_none() && current.is_none() {
+        bail!("{component}/{path} is not set");
+    }
+    if let (Some(v), Some(c)) = (value, &current)
+        && v == c.value
+    {
+        bail!("{component}/{path} is already {}; nothing written", shown(path, v));
+    }
+    entries.retain(|e| !(e.scope == component && e.path == path));
+    if let Some(v) = value {
+        entries.push(Entry {
+            scope: component.to_owned(),
+            path: path.to_owned(),
+            value: v.to_owned(),
+            mod_revision: 0,
+        });
+        if let Err(e) = check_change(component, path, &entries) {
+            bail!("refused, nothing written: {e}");
+        }
+    }
+    let write = history::SettingWrite {
+        component,
+        path,
+        value,
+        expected_revision: current.as_ref().map_or(0, |c| c.mod_revision),
+        before: current.as_ref().map(|c| c.value.as_str()),
+        by,
+        note,
+        audit_detail: match value {
+            Some(v) => shown(path, v),
+            None => "deleted".into(),
+        },
+    };
+    Ok(history::write_setting(client, prefix, write).await?)
+}
+
+fn check_path(path: &str) -> anyhow::Result<()> {
+    if path.is_empty() || path.contains('/') || path.split('.').any(str::is_empty) {
+        bail!("{path:?} is not a dotted setting path (log.filter, governance.methods, …)");
+    }
+    Ok(())
+}
+
+/// `config set`: [`set_setting`], said in a line.
 pub async fn config_set(
     client: &mut Client,
     prefix: &str,
     component: &str,
     path: &str,
     raw: &str,
+    by: &str,
 ) -> anyhow::Result<String> {
-    check_component(component)?;
-    let value = json_value(raw);
-    let (mut entries, _) = config_center::read(client, prefix, component).await?;
-    entries.retain(|e| !(e.scope == component && e.path == path));
-    entries.push(Entry { scope: component.to_owned(), path: path.to_owned(), value: value.clone(), mod_revision: 0 });
-    if let Err(e) = check_change(component, path, &entries) {
-        bail!("refused, nothing written: {e}");
-    }
-    let key = format!("{}{path}", config_center::config_prefix(prefix, component));
-    let resp = client.put(key.as_str(), value.as_str(), None).await.context("writing to etcd")?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    Ok(format!("{component}/{path} = {} (revision {revision})\n", shown(path, &value)))
+    let revision = set_setting(client, prefix, component, path, raw, by).await?;
+    Ok(format!("{component}/{path} = {} (revision {revision})\n", shown(path, &json_value(raw))))
 }
 
 /// Whether a setting's name says it holds a secret.
@@ -183,21 +272,104 @@ pub fn shown(path: &str, value: &str) -> String {
     }
 }
 
-pub async fn config_delete(client: &mut Client, prefix: &str, component: &str, path: &str) -> anyhow::Result<String> {
+pub async fn config_delete(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    path: &str,
+    by: &str,
+) -> anyhow::Result<String> {
+    let revision = delete_setting(client, prefix, component, path, by).await?;
+    Ok(format!("{component}/{path} deleted (revision {revision})\n"))
+}
+
+/// `config rollback`: [`rollback_setting`], said in a line.
+pub async fn config_rollback(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    path: &str,
+    revision: i64,
+    by: &str,
+) -> anyhow::Result<String> {
+    let at = rollback_setting(client, prefix, component, path, revision, by).await?;
+    let (now, _) = history::settings_at(client, prefix, component, at).await?;
+    Ok(match now.get(path) {
+        Some(v) => format!("{component}/{path} = {} as at revision {revision} (revision {at})\n", shown(path, v)),
+        None => format!("{component}/{path} deleted: it was not set at revision {revision} (revision {at})\n"),
+    })
+}
+
+/// A setting's changes, newest first: the recorded ones (who, when, why,
+/// kept past compaction), else etcd's earlier revisions of the key.
+pub async fn config_history(client: &mut Client, prefix: &str, component: &str, path: &str) -> anyhow::Result<String> {
     check_component(component)?;
-    let key = format!("{}{path}", config_center::config_prefix(prefix, component));
-    let resp = client.delete(key.as_str(), None).await.context("deleting from etcd")?;
-    if resp.deleted() == 0 {
-        bail!("{component}/{path} is not set");
+    let records = history::setting_history(client, prefix, component, path).await?;
+    if records.is_empty() {
+        return revisions_of(client, prefix, component, path).await;
     }
-    Ok(format!("{component}/{path} deleted\n"))
+    let mut out = format!("{:>8}  {:<20} {:<24} VALUE\n", "REVISION", "WHEN (UTC)", "BY");
+    for r in &records {
+        let value = match &r.after {
+            Some(v) => shown(path, v),
+            None => "(deleted)".into(),
+        };
+        let note = if r.note.is_empty() { String::new() } else { format!("  [{}]", r.note) };
+        let _ = writeln!(out, "{:>8}  {:<20} {:<24} {value}{note}", r.revision, utc(r.at_ms), r.by);
+    }
+    if records.len() >= history::KEPT_PER_SETTING {
+        let _ = writeln!(out, "(the last {} changes are kept)", history::KEPT_PER_SETTING);
+    }
+    Ok(out)
+}
+
+/// `config diff COMPONENT FROM [TO]`: the component's own settings that
+/// differ between two revisions (TO: now).
+pub async fn config_diff(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    from: i64,
+    to: Option<i64>,
+) -> anyhow::Result<String> {
+    check_component(component)?;
+    let to = match to {
+        Some(to) => to,
+        None => config_center::read(client, prefix, component).await?.1,
+    };
+    let (a, source_a) = history::settings_at(client, prefix, component, from).await?;
+    let (b, source_b) = history::settings_at(client, prefix, component, to).await?;
+    let mut out = format!("# {component}: its own settings, revision {from} → {to}\n");
+    let differences = history::diff(&a, &b);
+    for d in &differences {
+        let _ = match (&d.before, &d.after) {
+            (None, Some(after)) => writeln!(out, "+ {} = {}", d.path, shown(&d.path, after)),
+            (Some(before), None) => writeln!(out, "- {} = {}", d.path, shown(&d.path, before)),
+            (Some(before), Some(after)) => {
+                writeln!(out, "~ {}: {} → {}", d.path, shown(&d.path, before), shown(&d.path, after))
+            }
+            (None, None) => Ok(()),
+        };
+    }
+    if differences.is_empty() {
+        let _ = writeln!(out, "(no difference)");
+    }
+    if source_a == history::Source::History || source_b == history::Source::History {
+        let _ = writeln!(out, "(etcd compacted a revision: rebuilt from the recorded changes)");
+    }
+    Ok(out)
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS`.
+pub fn utc(at_ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(at_ms as i64)
+        .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
 }
 
 /// Walks the key's earlier revisions (etcd keeps them until compaction).
-pub async fn config_history(client: &mut Client, prefix: &str, component: &str, path: &str) -> anyhow::Result<String> {
-    check_component(component)?;
+async fn revisions_of(client: &mut Client, prefix: &str, component: &str, path: &str) -> anyhow::Result<String> {
     let key = format!("{}{path}", config_center::config_prefix(prefix, component));
-    let mut out = format!("{:>8}  VALUE\n", "REVISION");
+    let mut out = format!("{:>8}  VALUE   (no recorded changes: etcd's earlier revisions)\n", "REVISION");
     let mut at: Option<i64> = None;
     let mut found = 0;
     loop {
@@ -219,7 +391,7 @@ pub async fn config_history(client: &mut Client, prefix: &str, component: &str, 
         at = Some(kv.mod_revision() - 1);
     }
     if found == 0 {
-        bail!("{component}/{path} is not set");
+        bail!("{component}/{path} is not set and has no recorded changes");
     }
     Ok(out)
 }

@@ -16,16 +16,49 @@ pub mod xds;
 
 pub use auth::{etcd_auth_enable, etcd_user, role_grants};
 pub use config::{
-    KNOWN_COMPONENTS, check_change, config_delete, config_get, config_history, config_set, config_watch, json_value,
-    sections_of, shown,
+    KNOWN_COMPONENTS, check_change, config_delete, config_diff, config_get, config_history, config_rollback,
+    config_set, config_watch, delete_setting, json_value, rollback_setting, sections_of, set_setting, shown, utc,
 };
 pub use governance::governance;
 pub use jobs::{jobs_history, jobs_list, jobs_pause, jobs_trigger};
 pub use processes::{events, pools};
 pub use prometheus::{prometheus_targets, watch_prometheus_targets, write_prometheus_targets};
-pub use registry::{Registration, instances, leases, registrations, services};
+pub use registry::{
+    InstanceView, Registration, control_instance, instance_control, instance_views, instances, leases, registrations,
+    services, ttl_left,
+};
 pub use settings::{CtlConfig, client_tls};
 pub use split::{SPLIT_PATH, parse_shares, split_set, split_show};
+
+/// Who meshctl says made a change: `MESHKIT_OPERATOR`, else the login
+/// name, marked as meshctl's.
+pub fn operator() -> String {
+    match std::env::var("MESHKIT_OPERATOR") {
+        Ok(name) if !name.trim().is_empty() => name.trim().to_owned(),
+        _ => format!("{} (meshctl)", std::env::var("USER").unwrap_or_else(|_| "unknown".into())),
+    }
+}
+
+/// `audit [--limit N]`: the operators' changes, newest first.
+pub async fn audit(client: &mut etcd_client::Client, prefix: &str, limit: i64) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let entries = meshkit_common::history::audit_log(client, prefix, limit).await?;
+    let mut out =
+        format!("{:>8}  {:<20} {:<24} {:<16} {:<48} DETAIL\n", "REVISION", "WHEN (UTC)", "BY", "ACTION", "TARGET");
+    for e in entries {
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<20} {:<24} {:<16} {:<48} {}",
+            e.revision,
+            utc(e.at_ms),
+            e.by,
+            e.action,
+            e.target,
+            e.detail
+        );
+    }
+    Ok(out)
+}
 
 /// The scheduler's API in the registry.
 pub(crate) const SCHEDULER_SERVICE: &str = meshkit_proto::scheduler::job_scheduler_server::SERVICE_NAME;
@@ -35,7 +68,16 @@ usage: meshctl [--etcd HOST:PORT[,…]] [--prefix /meshkit] COMMAND
 
 commands:
   services                       services and how many instances each has
-  instances [SERVICE]            instances with address, zone, version, lease and TTL left
+  instances [SERVICE]            instances with address, zone, version, weight, state, lease and TTL left
+  instances drain INSTANCE_ID [--service S]
+                                 take an instance out of rotation while it runs: it withdraws its
+                                 registration (callers drop it) and answers NOT_SERVING; it lasts
+                                 until undrained or the process ends
+  instances undrain INSTANCE_ID [--service S]
+                                 put a drained instance back in rotation
+  instances weight INSTANCE_ID WEIGHT|default [--service S]
+                                 the instance's weight (1..=10000, 100 as configured by default)
+                                 until set again or the process ends
   leases                         leases held by instances, with TTL left and their keys
   pools INSTANCE_ID|ADMIN_ADDR   a process's balanced pools: endpoints, state, load, calls in flight
   events                         outbox relays (who publishes, how much) and consumed partitions
@@ -43,8 +85,15 @@ commands:
   config get COMPONENT           settings from etcd in force for a component (_global and its own)
   config set COMPONENT PATH JSON validate, then write a setting (`_global` for every process)
   config delete COMPONENT PATH   remove a setting
-  config history COMPONENT PATH  earlier values of a setting, newest first (until etcd compacts them)
+  config history COMPONENT PATH  a setting's changes, newest first: value, who, when (the last 100,
+                                 kept past etcd's compaction)
+  config diff COMPONENT FROM [TO]
+                                 the component's own settings that differ between two revisions
+  config rollback COMPONENT PATH REVISION
+                                 set a setting back to its value at REVISION (checked like a set)
   config watch COMPONENT         print changes as they happen
+  audit [--limit N]              the operators' changes (meshctl and the console), newest first:
+                                 who, what, when
   governance INSTANCE_ID|ADMIN_ADDR
                                  a process's rules, breakers, shedding and refusals by rule
   split SERVICE [VERSION=PERCENT …] [--clear]
@@ -74,7 +123,8 @@ commands:
 
 The etcd endpoints default to MESHKIT_ETCD_ENDPOINTS, then 127.0.0.1:2379; MESHKIT_ETCD_USERNAME,
 MESHKIT_ETCD_PASSWORD and MESHKIT_ETCD_{CA,CERT,KEY}_FILE reach an etcd with auth and TLS on, and
-MESHKIT_TLS_{ENABLED,CERT_FILE,KEY_FILE,CA_FILE} give meshctl a certificate for mTLS services.";
+MESHKIT_TLS_{ENABLED,CERT_FILE,KEY_FILE,CA_FILE} give meshctl a certificate for mTLS services.
+Changes are recorded as made by MESHKIT_OPERATOR (default: the login name).";
 
 #[cfg(test)]
 mod tests {

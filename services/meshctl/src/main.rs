@@ -44,6 +44,7 @@ async fn main() -> ExitCode {
         Some(
             "services"
                 | "instances"
+                | "audit"
                 | "leases"
                 | "pools"
                 | "events"
@@ -81,6 +82,20 @@ async fn main() -> ExitCode {
     }
     if command == Some("split") {
         return split(&mut client, &prefix, &args[1..]).await;
+    }
+    if command == Some("instances") && matches!(args.get(1).map(String::as_str), Some("drain" | "undrain" | "weight")) {
+        return instance_control(&mut client, &prefix, &args[1..]).await;
+    }
+    if command == Some("audit") {
+        let limit = match args.get(1..).unwrap_or_default() {
+            [] => 50,
+            [flag, n] if flag == "--limit" => match n.parse::<i64>() {
+                Ok(n) if (1..=10_000).contains(&n) => n,
+                _ => return usage(&format!("--limit: {n:?} is not a number within 1..=10000")),
+            },
+            _ => return usage("audit [--limit N]"),
+        };
+        return finish(cmd::audit(&mut client, &prefix, limit).await);
     }
     if command == Some("etcd-user") || command == Some("etcd-auth-enable") {
         let Some(password) = read_password() else {
@@ -128,20 +143,63 @@ async fn split(client: &mut etcd_client::Client, prefix: &str, args: &[String]) 
     finish(result)
 }
 
-/// `config get|set|delete|history|watch COMPONENT [PATH [VALUE]]`.
+/// `instances drain|undrain INSTANCE_ID [--service S]`, `instances weight INSTANCE_ID WEIGHT|default [--service S]`.
+async fn instance_control(client: &mut etcd_client::Client, prefix: &str, args: &[String]) -> ExitCode {
+    use meshkit_common::control::Change;
+    const USAGE: &str =
+        "instances drain|undrain INSTANCE_ID [--service S] | instances weight INSTANCE_ID WEIGHT|default [--service S]";
+    let mut positional = Vec::new();
+    let mut service = None;
+    let mut rest = args.iter();
+    while let Some(a) = rest.next() {
+        match a.as_str() {
+            "--service" => match rest.next() {
+                Some(s) => service = Some(s.clone()),
+                None => return usage("--service needs a SERVICE"),
+            },
+            _ => positional.push(a.as_str()),
+        }
+    }
+    let change = match positional.as_slice() {
+        ["drain", _] => Change::Drain,
+        ["undrain", _] => Change::Undrain,
+        ["weight", _, "default"] => Change::Weight(None),
+        ["weight", _, w] => match w.parse::<u32>() {
+            Ok(w) if meshkit_common::control::WEIGHTS.contains(&w) => Change::Weight(Some(w)),
+            _ => return usage(&format!("weight: {w:?} is not a number within 1..=10000, or `default`")),
+        },
+        _ => return usage(USAGE),
+    };
+    let by = cmd::operator();
+    finish(cmd::instance_control(client, prefix, positional[1], service.as_deref(), change, &by).await)
+}
+
+/// `config get|set|delete|history|diff|rollback|watch COMPONENT [PATH [VALUE]]`.
 async fn config(client: &mut etcd_client::Client, prefix: &str, args: &[String]) -> ExitCode {
     let arg = |i: usize| args.get(i).map(String::as_str);
+    let by = cmd::operator();
+    let revision = |i: usize| arg(i).map(|r| r.parse::<i64>().ok().filter(|r| *r > 0).ok_or(r));
     let result = match (arg(0), args.len()) {
         (Some("get"), 2) => cmd::config_get(client, prefix, &args[1]).await,
-        (Some("set"), 4) => cmd::config_set(client, prefix, &args[1], &args[2], &args[3]).await,
-        (Some("delete"), 3) => cmd::config_delete(client, prefix, &args[1], &args[2]).await,
+        (Some("set"), 4) => cmd::config_set(client, prefix, &args[1], &args[2], &args[3], &by).await,
+        (Some("delete"), 3) => cmd::config_delete(client, prefix, &args[1], &args[2], &by).await,
         (Some("history"), 3) => cmd::config_history(client, prefix, &args[1], &args[2]).await,
+        (Some("diff"), 3 | 4) => match (revision(2), revision(3)) {
+            (Some(Ok(from)), None) => cmd::config_diff(client, prefix, &args[1], from, None).await,
+            (Some(Ok(from)), Some(Ok(to))) => cmd::config_diff(client, prefix, &args[1], from, Some(to)).await,
+            (Some(Err(r)), _) | (_, Some(Err(r))) => return usage(&format!("config diff: {r:?} is not a revision")),
+            _ => return usage("config diff COMPONENT FROM [TO]"),
+        },
+        (Some("rollback"), 4) => match revision(3) {
+            Some(Ok(to)) => cmd::config_rollback(client, prefix, &args[1], &args[2], to, &by).await,
+            _ => return usage(&format!("config rollback: {:?} is not a revision", args[3])),
+        },
         (Some("watch"), 2) => {
             cmd::config_watch(client, prefix, &args[1], None, |line| println!("{line}")).await.map(|()| String::new())
         }
         _ => {
             return usage(
-                "config get COMPONENT | set COMPONENT PATH VALUE | delete COMPONENT PATH | history COMPONENT PATH | watch COMPONENT",
+                "config get COMPONENT | set COMPONENT PATH VALUE | delete COMPONENT PATH | history COMPONENT PATH | diff COMPONENT FROM [TO] | rollback COMPONENT PATH REVISION | watch COMPONENT",
             );
         }
     };

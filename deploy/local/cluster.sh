@@ -3,9 +3,9 @@
 # Apache Kafka (one KRaft node, durable under the run directory), two instances each of
 # user-service, order-service, notification-service and scheduler-service
 # (with order-service's cancel-unpaid-orders job), the gateway on
-# 127.0.0.1:8080 and the xDS server on 127.0.0.1:18000 (its client bootstrap in
-# $RUN_DIR/xds-bootstrap.json), as plain processes with pid files and logs
-# under one run directory.
+# 127.0.0.1:8080, the xDS server on 127.0.0.1:18000 (its client bootstrap in
+# $RUN_DIR/xds-bootstrap.json) and the console on 127.0.0.1:8090, as plain
+# processes with pid files and logs under one run directory.
 #
 #   MESHKIT_RUN_DIR         run directory (default: .run in the repository)
 #   MESHKIT_ETCD_ENDPOINTS  use this etcd instead of starting one on 127.0.0.1:2379
@@ -18,6 +18,9 @@
 #   MESHKIT_KAFKA_HEAP      the local broker's heap ceiling (default: 512m)
 #   MESHKIT_GATEWAY_PORT    the gateway's port (default: 8080)
 #   MESHKIT_XDS_PORT        the xDS server's port (default: 18000)
+#   MESHKIT_CONSOLE_PORT    the console's port (default: 8090)
+#   MESHKIT_CONSOLE_ADMIN_PASSWORD  the console's admin password (default: one made
+#                           once, kept in $RUN_DIR/console-admin-password)
 #   MESHKIT_PROMETHEUS_PORT Prometheus's port (default: 9091; started when installed)
 #   MESHKIT_PROFILE         cargo profile of the binaries (default: dev, as `make up` builds)
 #   MESHKIT_TLS             1: mTLS between every process, HTTPS at the gateway, TLS with
@@ -43,6 +46,7 @@ KAFKA_CONTROLLER_PORT="${MESHKIT_KAFKA_CONTROLLER_PORT:-9093}"
 GATEWAY_PORT="${MESHKIT_GATEWAY_PORT:-8080}"
 PROMETHEUS_PORT="${MESHKIT_PROMETHEUS_PORT:-9091}"
 XDS_PORT="${MESHKIT_XDS_PORT:-18000}"
+CONSOLE_PORT="${MESHKIT_CONSOLE_PORT:-8090}"
 POSTGRES_PORT="${MESHKIT_POSTGRES_PORT:-15432}"
 JAVA_ON=0
 [[ "${MESHKIT_JAVA:-0}" == 1 ]] && JAVA_ON=1
@@ -241,7 +245,7 @@ make_certs() {
     tls_on || return 0
     "$BIN_DIR/meshctl" certs --dir "$RUN_DIR/tls" --days 30 \
         user-service order-service notification-service scheduler-service gateway meshctl kafka \
-        xds-server xds-client >/dev/null
+        xds-server xds-client console >/dev/null
     echo "tls:       mTLS on; CA and certificates in $RUN_DIR/tls"
 }
 
@@ -411,6 +415,40 @@ start_xds() {
     echo "xds:       127.0.0.1:$XDS_PORT (ADS); GRPC_XDS_BOOTSTRAP=$RUN_DIR/xds-bootstrap.json, target xds:///SERVICE"
 }
 
+# The console, signed in as admin with a password made once for this run
+# directory (or MESHKIT_CONSOLE_ADMIN_PASSWORD); HTTPS under MESHKIT_TLS=1.
+start_console() {
+    if port_open "$CONSOLE_PORT"; then
+        echo "console:   port $CONSOLE_PORT is taken; the console is not started (set MESHKIT_CONSOLE_PORT)"
+        return 0
+    fi
+    local file="$RUN_DIR/console-admin-password" password="${MESHKIT_CONSOLE_ADMIN_PASSWORD:-}"
+    if [[ -z "$password" ]]; then
+        if [[ ! -s "$file" ]]; then
+            (umask 077; head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$file")
+        fi
+        password="$(cat "$file")"
+    fi
+    local edge=() scheme=http
+    if tls_on; then
+        edge=(MESHKIT_CONSOLE_TLS_CERT_FILE="$RUN_DIR/tls/console.pem" MESHKIT_CONSOLE_TLS_KEY_FILE="$RUN_DIR/tls/console.key")
+        scheme=https
+    fi
+    env $(tls_env console) "${edge[@]}" \
+    MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
+    MESHKIT_CONSOLE_LISTEN="127.0.0.1:$CONSOLE_PORT" \
+    MESHKIT_CONSOLE_ADMIN_PASSWORD="$password" \
+        setsid "$BIN_DIR/console" </dev/null >"$RUN_DIR/logs/console.log" 2>&1 &
+    echo $! >"$RUN_DIR/pids/console.pid"
+    echo "$CONSOLE_PORT" >"$RUN_DIR/ports/console"
+    wait_listening console "$CONSOLE_PORT" || { cmd_down >/dev/null; exit 1; }
+    if [[ -n "${MESHKIT_CONSOLE_ADMIN_PASSWORD:-}" ]]; then
+        echo "console:   $scheme://127.0.0.1:$CONSOLE_PORT (sign in as admin with MESHKIT_CONSOLE_ADMIN_PASSWORD)"
+    else
+        echo "console:   $scheme://127.0.0.1:$CONSOLE_PORT (sign in as admin; the password is in $file)"
+    fi
+}
+
 # The reference job, defined in the config center unless it is there already
 # (a job changed or paused earlier keeps its settings).
 define_jobs() {
@@ -454,7 +492,7 @@ cmd_up() {
         return 0
     fi
     local bin
-    for bin in user-service order-service notification-service scheduler-service meshkit-gateway xds-server meshctl; do
+    for bin in user-service order-service notification-service scheduler-service meshkit-gateway xds-server console meshctl; do
         if [[ ! -x "$BIN_DIR/$bin" ]]; then
             echo "no $BIN_DIR/$bin: \`make up\` builds it (or \`MESHKIT_PROFILE=$PROFILE make build\`)" >&2
             exit 1
@@ -498,6 +536,7 @@ cmd_up() {
     start_gateway
     start_xds
     start_prometheus
+    start_console
     local ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
     echo "cluster:   answering ${ms} ms after start ($(( SECONDS - t0 )) s)"
     cmd_status
@@ -561,6 +600,7 @@ cmd_status() {
             kafka) addr="127.0.0.1:$KAFKA_PORT" ;;
             gateway) addr="127.0.0.1:$GATEWAY_PORT" ;;
             xds-1) addr="127.0.0.1:$XDS_PORT" ;;
+            console) addr="127.0.0.1:$CONSOLE_PORT" ;;
             prometheus) addr="127.0.0.1:$PROMETHEUS_PORT" ;;
             prometheus-sd) addr="$RUN_DIR/prometheus/sd/targets.json" ;;
             postgres) addr="127.0.0.1:$POSTGRES_PORT" ;;

@@ -3,8 +3,9 @@
 # there: quick and quiet on a machine that has everything.
 #   install-deps.sh          what `make up` needs (etcd, protoc, Prometheus, grpcurl,
 #                            Java and Maven, and Apache Kafka's jars from Maven Central)
-#   install-deps.sh --test   plus what `make test` needs (PostgreSQL, and the
-#                            Python, Node.js grpc-web and Java test clients)
+#   install-deps.sh --test   plus what `make test` needs (PostgreSQL, the
+#                            Python, Node.js grpc-web and Java test clients, and
+#                            Chromium with playwright-core for the console's pages)
 #   install-deps.sh --bench  plus what `make bench` compares against (nginx, HAProxy) and h2load
 #   install-deps.sh --soak   what `make test` needs, and matplotlib to plot `make soak`'s samples
 #   MESHKIT_JAVA=1           plus what the Spring Boot UserService needs beside the Rust
@@ -89,6 +90,8 @@ if (( want_test )); then
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
+    # The console's browser tests: Debian's Chromium, driven by playwright-core.
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     # The Java client: plain javac against Debian's grpc-java, protobuf and netty jars.
     command -v javac >/dev/null || missing+=(default-jdk-headless)
     [[ -x /usr/bin/grpc_java_plugin ]] || missing+=(protobuf-compiler-grpc-java-plugin)
@@ -181,6 +184,13 @@ if (( want_test )); then
     if [[ ! -d "$web/node_modules/@connectrpc/connect-node" ]]; then
         echo "install-deps: installing the grpc-web client's npm packages"
         (cd "$web" && npm ci --no-audit --no-fund --silent)
+    fi
+    # The console's browser tests' packages (playwright-core, no browser download).
+    browser="$root/services/console/browser-tests"
+    if [[ ! -d "$browser/node_modules/playwright-core" \
+        || "$browser/package-lock.json" -nt "$browser/node_modules/.package-lock.json" ]]; then
+        echo "install-deps: installing the console browser tests' npm packages"
+        (cd "$browser" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
     fi
 fi
 

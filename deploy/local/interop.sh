@@ -44,7 +44,7 @@ if [[ "${1:-}" == "--own-cluster" ]]; then
     export MESHKIT_RUN_DIR MESHKIT_PROFILE="${MESHKIT_PROFILE:-dev}"
     export MESHKIT_ETCD_PORT="$(free_port)" MESHKIT_ETCD_PEER_PORT="$(free_port)"
     export MESHKIT_KAFKA_PORT="$(free_port)" MESHKIT_GATEWAY_PORT="$(free_port)"
-    export MESHKIT_PROMETHEUS_PORT="$(free_port)" MESHKIT_XDS_PORT="$(free_port)"
+    export MESHKIT_PROMETHEUS_PORT="$(free_port)" MESHKIT_XDS_PORT="$(free_port)" MESHKIT_CONSOLE_PORT="$(free_port)"
     unset MESHKIT_ETCD_ENDPOINTS MESHKIT_EVENTS_BROKERS
     "$ROOT/deploy/local/cluster.sh" up >"$WORK/cluster.log" 2>&1 \
         || { echo "interop: the cluster did not start:" >&2; tail -20 "$WORK/cluster.log" >&2; exit 1; }

@@ -636,6 +636,7 @@ pub(crate) async fn start_worker(
         None
     } else {
         Some(meshkit_common::tls::EdgeTls::load(
+            "gateway",
             &config.gateway.tls_cert_file,
             &config.gateway.tls_key_file,
             &[b"h2", b"http/1.1"],

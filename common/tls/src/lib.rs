@@ -656,6 +656,8 @@ fn connector(
 /// TLS for a public listener (the gateway's HTTPS): a certificate and key
 /// from files, read again when they change; no client certificate asked for.
 pub struct EdgeTls {
+    /// The settings' section, named in errors (`gateway`, `console`).
+    section: String,
     cert_file: String,
     key_file: String,
     alpn: Vec<Vec<u8>>,
@@ -663,11 +665,14 @@ pub struct EdgeTls {
 }
 
 impl EdgeTls {
-    /// `alpn`: the protocols offered, preferred first (`h2`, `http/1.1`).
-    pub fn load(cert_file: &str, key_file: &str, alpn: &[&[u8]]) -> Result<Arc<Self>> {
+    /// `section`: whose `tls_cert_file` and `tls_key_file` these are, as
+    /// errors name them; `alpn`: the protocols offered, preferred first
+    /// (`h2`, `http/1.1`).
+    pub fn load(section: &str, cert_file: &str, key_file: &str, alpn: &[&[u8]]) -> Result<Arc<Self>> {
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
-        let (config, files) = Self::build(cert_file, key_file, &alpn)?;
+        let (config, files) = Self::build(section, cert_file, key_file, &alpn)?;
         let edge = Arc::new(Self {
+            section: section.to_owned(),
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
             alpn,
@@ -684,18 +689,18 @@ impl EdgeTls {
         Ok(edge)
     }
 
-    fn build(cert_file: &str, key_file: &str, alpn: &[Vec<u8>]) -> Result<(Arc<ServerConfig>, Vec<u8>)> {
-        let bad = |setting: &str, problem: String| Error::Config(format!("{setting}: {problem}"));
-        let cert = read_file("gateway.tls_cert_file", cert_file)?;
-        let key = read_file("gateway.tls_key_file", key_file)?;
-        let chain = pem_chain("gateway.tls_cert_file", cert_file, &cert)?;
-        let private = pem_key("gateway.tls_key_file", key_file, &key)?;
+    fn build(section: &str, cert_file: &str, key_file: &str, alpn: &[Vec<u8>]) -> Result<(Arc<ServerConfig>, Vec<u8>)> {
+        let (cert_setting, key_setting) = (format!("{section}.tls_cert_file"), format!("{section}.tls_key_file"));
+        let cert = read_file(&cert_setting, cert_file)?;
+        let key = read_file(&key_setting, key_file)?;
+        let chain = pem_chain(&cert_setting, cert_file, &cert)?;
+        let private = pem_key(&key_setting, key_file, &key)?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| bad("gateway.tls", e.to_string()))?
+            .map_err(|e| Error::Config(format!("{section}.tls: {e}")))?
             .with_no_client_auth()
             .with_single_cert(chain, private)
-            .map_err(|e| bad("gateway.tls_key_file", format!("does not match gateway.tls_cert_file: {e}")))?;
+            .map_err(|e| Error::Config(format!("{key_setting}: does not match {cert_setting}: {e}")))?;
         config.alpn_protocols = alpn.to_vec();
         let mut files = cert;
         files.extend_from_slice(&key);
@@ -709,7 +714,7 @@ impl EdgeTls {
         if files == self.current.read().unwrap_or_else(|p| p.into_inner()).1 {
             return;
         }
-        match Self::build(&self.cert_file, &self.key_file, &self.alpn) {
+        match Self::build(&self.section, &self.cert_file, &self.key_file, &self.alpn) {
             Ok(next) => {
                 tracing::info!(cert = self.cert_file, "edge TLS certificate reloaded");
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;

@@ -47,6 +47,7 @@ impl LocalCluster {
             ("MESHKIT_GATEWAY_PORT", gateway.to_string()),
             ("MESHKIT_PROMETHEUS_PORT", free_port().to_string()),
             ("MESHKIT_XDS_PORT", free_port().to_string()),
+            ("MESHKIT_CONSOLE_PORT", free_port().to_string()),
         ];
         env.extend_from_slice(extra);
         let tls = extra.iter().any(|(k, v)| *k == "MESHKIT_TLS" && v == "1");

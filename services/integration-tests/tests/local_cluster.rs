@@ -74,6 +74,40 @@ async fn make_up_with_tls_runs_the_broker_on_tls_with_client_certificates() {
     })
     .await;
 
+    // The console `make up` started: its URL printed, HTTPS with the
+    // development CA, the admin password it made, and the cluster's instances
+    // with their health checked over mTLS.
+    let port = cluster.env.iter().find(|(k, _)| *k == "MESHKIT_CONSOLE_PORT").unwrap().1.clone();
+    let url = format!("https://127.0.0.1:{port}");
+    assert!(cluster.printed.contains(&format!("console:   {url} (sign in as admin")), "{}", cluster.printed);
+    let password = std::fs::read_to_string(cluster.run_dir.path().join("console-admin-password")).unwrap();
+    let jar = cluster.run_dir.path().join("console-cookies").display().to_string();
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "--cacert", &cluster.tls("ca.pem"), "-b", &jar, "-c", &jar])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--data-urlencode",
+        "user=admin",
+        "--data-urlencode",
+        &format!("password={}", password.trim()),
+        &format!("{url}/login"),
+    ]);
+    assert_eq!(status, "303", "signed in with the password make up made");
+    let page = curl(&[&format!("{url}/services")]);
+    for instance in ["user-1", "user-2", "order-1", "order-2"] {
+        assert!(page.contains(&format!("data-instance=\"{instance}\"")), "{instance} on the services page: {page}");
+    }
+    assert!(!page.contains("health-unreachable"), "every instance answers health over mTLS: {page}");
+
     // grpc-go, with the bootstrap `make up` wrote, reaches the xDS server over
     // mTLS and accepts what it serves (its calls to the services would need
     // xDS security for the data path, which is not served: see docs/XDS.md).

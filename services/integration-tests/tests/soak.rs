@@ -13,8 +13,12 @@
 //! - over the last two thirds of the run, a process that was never restarted
 //!   grows by at most [`RSS_TOLERANCE`] in memory, and its descriptors and
 //!   tasks not at all beyond a small allowance;
-//! - after each restart every process's descriptors and tasks are back to at
-//!   most where they were before the first, and the count of etcd keys the same.
+//! - after each restart every process that runs throughout has its
+//!   descriptors and tasks back to at most where they were before the first,
+//!   and the count of etcd keys is the same;
+//! - a restarted instance, a fresh process each time whose descriptors depend
+//!   on the load it started under (the connections its pools opened), does
+//!   not grow within any of its lives.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -299,6 +303,7 @@ async fn the_cluster_under_steady_load_and_rolling_restarts_holds_memory_descrip
     report_calls("GetUser", &user_tally, &mut problems);
     check_growth(&samples, duration, &restarts, &mut problems);
     check_checkpoints(&checkpoints, &restarts, &mut problems);
+    check_lives(&samples, &restarts, &mut problems);
     eprintln!("soak: {secs} s, {} restarts, samples in {}", restarts.len(), dir.display());
     assert!(restarts.len() >= 2, "too short a run to restart anything twice: {secs} s");
     assert!(problems.is_empty(), "soak criteria not met:\n  {}", problems.join("\n  "));
@@ -377,7 +382,8 @@ fn check_checkpoints(
         let after = restarts.iter().filter(|(t, _)| t < at).count();
         for (name, f) in figures {
             let Some(b) = base.get(name) else { continue };
-            if name == "kafka" || name.starts_with("prometheus") {
+            // A restarted instance is held to itself: check_lives.
+            if name == "kafka" || name.starts_with("prometheus") || RESTARTED.contains(&name.as_str()) {
                 continue;
             }
             if name == "etcd-keys" {
@@ -404,6 +410,45 @@ fn check_checkpoints(
                     problems.push(format!(
                         "{name} at {:.0} s, after {after} restarts: {now} tasks, {then} before the first",
                         at.as_secs_f64()
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Each life of a restarted instance, from 15 s after its start (its pools
+/// connected) to its next restart: descriptors and tasks, the median of the
+/// first quarter against that of the last, within the allowances.
+fn check_lives(samples: &[Sample], restarts: &[(Duration, String)], problems: &mut Vec<String>) {
+    const SETTLE: Duration = Duration::from_secs(15);
+    for name in RESTARTED {
+        let ends: Vec<Duration> = restarts.iter().filter(|(_, r)| r == name).map(|(t, _)| *t).collect();
+        let starts = std::iter::once(Duration::ZERO).chain(ends.iter().copied());
+        for (life, start) in starts.enumerate() {
+            let end = ends.get(life).copied().unwrap_or(Duration::MAX);
+            let part: Vec<&Figures> = samples
+                .iter()
+                .filter(|s| s.at >= start + SETTLE && s.at < end)
+                .filter_map(|s| s.figures.get(name))
+                .collect();
+            if part.len() < 8 {
+                continue;
+            }
+            let quarter = part.len() / 4;
+            let (head, tail) = (&part[..quarter], &part[part.len() - quarter..]);
+            let series =
+                |p: &[&Figures], f: fn(&Figures) -> Option<f64>| median(p.iter().filter_map(|x| f(x)).collect());
+            for (what, f, allowance) in [
+                ("descriptors", (|x: &Figures| x.fds) as fn(&Figures) -> Option<f64>, FD_ALLOWANCE),
+                ("tasks", |x: &Figures| x.tasks, TASK_ALLOWANCE),
+            ] {
+                if let (Some(a), Some(b)) = (series(head, f), series(tail, f))
+                    && b > a + allowance
+                {
+                    problems.push(format!(
+                        "{name}, life {life} (from {:.0} s): {what} grew from {a} to {b}",
+                        start.as_secs_f64()
                     ));
                 }
             }

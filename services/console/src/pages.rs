@@ -821,7 +821,7 @@ async fn history_view(
 ) -> Response {
     let title = format!("History of {component}/{path}");
     let prefix = app.etcd.prefix.clone();
-    let records = match with_etcd!(app, |c| Ok(history::setting_history(c, &prefix, component, path).await?)) {
+    let records = match with_etcd!(app, |c| ops::setting_changes(c, &prefix, component, path).await) {
         Ok(r) => r,
         Err((code, notice)) => {
             notices.push(notice);
@@ -858,7 +858,7 @@ async fn history_view(
             r.revision,
             r.revision,
             esc(&ops::utc(r.at_ms)),
-            esc(&r.by),
+            esc(if r.by.is_empty() { "(not recorded)" } else { &r.by }),
             esc(&value),
             esc(&r.note),
         );

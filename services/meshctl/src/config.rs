@@ -304,8 +304,8 @@ pub async fn config_rollback(
 /// kept past compaction), else etcd's earlier revisions of the key.
 pub async fn config_history(client: &mut Client, prefix: &str, component: &str, path: &str) -> anyhow::Result<String> {
     check_component(component)?;
-    let records = history::setting_history(client, prefix, component, path).await?;
-    if records.is_empty() {
+    let records = setting_changes(client, prefix, component, path).await?;
+    if records.iter().all(|r| r.by.is_empty()) {
         return revisions_of(client, prefix, component, path).await;
     }
     let mut out = format!("{:>8}  {:<20} {:<24} VALUE\n", "REVISION", "WHEN (UTC)", "BY");
@@ -315,12 +315,45 @@ pub async fn config_history(client: &mut Client, prefix: &str, component: &str, 
             None => "(deleted)".into(),
         };
         let note = if r.note.is_empty() { String::new() } else { format!("  [{}]", r.note) };
-        let _ = writeln!(out, "{:>8}  {:<20} {:<24} {value}{note}", r.revision, utc(r.at_ms), r.by);
+        let by = if r.by.is_empty() { "(not recorded)" } else { r.by.as_str() };
+        let _ = writeln!(out, "{:>8}  {:<20} {:<24} {value}{note}", r.revision, utc(r.at_ms), by);
     }
     if records.len() >= history::KEPT_PER_SETTING {
         let _ = writeln!(out, "(the last {} changes are kept)", history::KEPT_PER_SETTING);
     }
     Ok(out)
+}
+
+/// A setting's recorded changes, newest first, led by its value now when
+/// that was written around meshctl and the console (`etcdctl put`): a
+/// record with no `by` and the note saying so.
+pub async fn setting_changes(
+    client: &mut Client,
+    prefix: &str,
+    component: &str,
+    path: &str,
+) -> anyhow::Result<Vec<history::Record>> {
+    let mut records = history::setting_history(client, prefix, component, path).await?;
+    let key = format!("{}{path}", config_center::config_prefix(prefix, component));
+    let now = client.get(key.as_str(), None).await.context("reading from etcd")?;
+    if let Some(kv) = now.kvs().first()
+        && records.first().is_none_or(|r| kv.mod_revision() > r.revision)
+    {
+        let value = String::from_utf8_lossy(kv.value()).into_owned();
+        records.insert(
+            0,
+            history::Record {
+                path: path.to_owned(),
+                before: records.first().and_then(|r| r.after.clone()),
+                after: Some(value),
+                by: String::new(),
+                at_ms: 0,
+                note: "written around meshctl and the console".into(),
+                revision: kv.mod_revision(),
+            },
+        );
+    }
+    Ok(records)
 }
 
 /// `config diff COMPONENT FROM [TO]`: the component's own settings that
@@ -360,8 +393,11 @@ pub async fn config_diff(
     Ok(out)
 }
 
-/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS`.
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` (`-` for none).
 pub fn utc(at_ms: u64) -> String {
+    if at_ms == 0 {
+        return "-".into();
+    }
     chrono::DateTime::from_timestamp_millis(at_ms as i64)
         .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
 }

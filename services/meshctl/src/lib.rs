@@ -17,7 +17,8 @@ pub mod xds;
 pub use auth::{etcd_auth_enable, etcd_user, role_grants};
 pub use config::{
     KNOWN_COMPONENTS, check_change, config_delete, config_diff, config_get, config_history, config_rollback,
-    config_set, config_watch, delete_setting, json_value, rollback_setting, sections_of, set_setting, shown, utc,
+    config_set, config_watch, delete_setting, json_value, rollback_setting, sections_of, set_setting, setting_changes,
+    shown, utc,
 };
 pub use governance::governance;
 pub use jobs::{jobs_history, jobs_list, jobs_pause, jobs_trigger};

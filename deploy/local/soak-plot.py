@@ -38,11 +38,20 @@ def main(directory: Path, out: Path) -> None:
     ]
     fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(11, 12), sharex=True)
     processes = sorted(p for p in series if p != "etcd-keys" and not p.startswith(NOT_OURS))
+    # One colour per process, the same in every panel (tab10 would repeat past ten).
+    palette = plt.get_cmap("tab20")
+    colours = {p: palette(i % 20) for i, p in enumerate(processes)}
     for ax, (column, title, scale) in zip(axes, panels):
         for process in processes:
             points = series[process][column]
             if points:
-                ax.plot([t for t, _ in points], [v * scale for _, v in points], label=process, linewidth=1)
+                ax.plot(
+                    [t for t, _ in points],
+                    [v * scale for _, v in points],
+                    label=process,
+                    linewidth=1,
+                    color=colours[process],
+                )
         ax.set_ylabel(title)
         ax.grid(True, alpha=0.3)
     keys = series["etcd-keys"]["fds"]

@@ -77,11 +77,6 @@ impl Verifier {
         })
     }
 
-    /// Whether any token could verify (a secret or a key set is configured).
-    pub fn accepts_any(&self) -> bool {
-        self.hs256.is_some() || self.jwks.is_some()
-    }
-
     /// Verifies `token`; the error says why it is not accepted.
     pub fn verify(&self, token: &str) -> Result<Principal, String> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
@@ -154,7 +149,6 @@ mod tests {
         assert!(refused(serde_json::json!({"sub":"e","iss":"meshkit-test","exp":1000}), "s3cret").contains("Expired"));
         assert!(refused(serde_json::json!({"sub":"e","iss":"else","exp":exp()}), "s3cret").contains("Issuer"));
         let none = Verifier::new(&TokenSource::default(), "x").unwrap();
-        assert!(!none.accepts_any());
         assert!(none.verify(&token("s3cret", serde_json::json!({"exp":exp()}))).unwrap_err().contains("not accepted"));
         let err = Verifier::new(&TokenSource { jwks_file: "/no/such/file", ..Default::default() }, "console.jwt")
             .unwrap_err();

@@ -141,8 +141,9 @@ pub async fn set(
     Err(Error::Refused(format!("the control of {instance_id} kept changing under us; try again")))
 }
 
-/// Every control in the mesh: `(service, instance_id)` → control.
-pub async fn list(client: &mut Client, prefix: &str) -> Result<BTreeMap<(String, String), Control>> {
+/// Every control in the mesh: `(service, instance_id)` → the control and
+/// the lease it lives under (the instance's).
+pub async fn list(client: &mut Client, prefix: &str) -> Result<BTreeMap<(String, String), (Control, i64)>> {
     let root = keys::controls(prefix);
     let resp = client.get(root.as_str(), Some(GetOptions::new().with_prefix())).await?;
     let mut out = BTreeMap::new();
@@ -150,7 +151,7 @@ pub async fn list(client: &mut Client, prefix: &str) -> Result<BTreeMap<(String,
         let key = kv.key_str().unwrap_or_default();
         let Some((service, id)) = key.strip_prefix(&root).and_then(|r| r.split_once('/')) else { continue };
         if let Ok(control) = serde_json::from_slice::<Control>(kv.value()) {
-            out.insert((service.to_owned(), id.to_owned()), control);
+            out.insert((service.to_owned(), id.to_owned()), (control, kv.lease()));
         }
     }
     Ok(out)

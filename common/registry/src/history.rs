@@ -329,8 +329,9 @@ async fn prune(client: &mut Client, root: &str, kept: usize) {
     }
 }
 
-/// The audit log is pruned on about one write in a hundred: counting ten
-/// thousand keys on every change would cost more than the change.
+/// The audit log is pruned on about one write in 256 (ids whose random
+/// tail ends in `00`): counting ten thousand keys on every change would
+/// cost more than the change.
 async fn maybe_prune_audit(client: &mut Client, prefix: &str, id: &str) {
     if id.ends_with("00") {
         prune(client, &keys::audit(prefix), AUDIT_KEPT).await;

@@ -124,17 +124,8 @@ impl RegistrySession {
         Ok(Self { state, desired, reregistrations, stop: Some(stop_tx), task: Some(task) })
     }
 
-    /// Changes the keys kept alive: see [`EntriesHandle::set_entries`].
-    pub fn set_entries(&self, owned: Vec<(String, String)>, carried: Vec<(String, String)>) {
-        self.desired.set_entries(owned, carried);
-    }
-
-    /// The keys the session keeps alive now.
-    pub fn entries(&self) -> Vec<(String, String)> {
-        self.desired.0.borrow().owned.clone()
-    }
-
-    /// A handle that changes the session's keys from another task.
+    /// A handle that changes the session's keys while it runs
+    /// ([`EntriesHandle::set_entries`]).
     pub fn entries_handle(&self) -> EntriesHandle {
         self.desired.clone()
     }

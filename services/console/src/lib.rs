@@ -93,6 +93,7 @@ impl App {
 /// A running console.
 pub struct RunningConsole {
     local_addr: SocketAddr,
+    https: bool,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -103,8 +104,8 @@ impl RunningConsole {
     }
 
     /// Its URL: `http://` or `https://` and the bound address.
-    pub fn url(&self, https: bool) -> String {
-        format!("{}://{}", if https { "https" } else { "http" }, self.local_addr)
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.https { "https" } else { "http" }, self.local_addr)
     }
 
     /// Serves until `stop`, then stops accepting and gives open requests a moment.
@@ -158,7 +159,7 @@ pub async fn start(config: ConsoleConfig) -> anyhow::Result<RunningConsole> {
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(serve(listener, edge, router, stopped));
     tracing::info!(addr = %local_addr, https = app.https, "console serving");
-    Ok(RunningConsole { local_addr, stop, task })
+    Ok(RunningConsole { local_addr, https: app.https, stop, task })
 }
 
 fn router(app: Arc<App>) -> Router {

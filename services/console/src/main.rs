@@ -14,9 +14,8 @@ async fn main() -> anyhow::Result<()> {
     let signals = Signals::install()?;
     let config: ConsoleConfig = load_process(meshkit_console::COMPONENT, &ProcessEnv)?;
     let telemetry = telemetry::init(&config.mesh.log, "console");
-    let https = !config.console.tls_cert_file.is_empty();
     let console = meshkit_console::start(config).await?;
-    tracing::info!(url = console.url(https), "console ready");
+    tracing::info!(url = console.url(), "console ready");
     console.run_until(signals.recv()).await;
     telemetry.shutdown();
     Ok(())

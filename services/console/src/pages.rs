@@ -294,7 +294,7 @@ pub async fn login(State(app): Shared, Form(form): Form<LoginForm>) -> Response 
             html(StatusCode::UNAUTHORIZED, login_view(&app, &form.next, vec![Notice::Error(why)]))
         }
         Ok((user, role, via, until)) => {
-            let (id, session) = app.sessions.create(&user, role, via, until);
+            let (id, session) = app.sessions.create(&user, role, until);
             let entry = history::AuditEntry::new(
                 &session.operator(),
                 "sign-in",
@@ -358,10 +358,8 @@ async fn services_view(app: &App, s: &Session, mut notices: Vec<Notice>, status:
     let prefix = app.etcd.prefix.clone();
     let read = with_etcd!(app, |c| {
         let views = ops::instance_views(c, &prefix, None).await?;
-        let mut ttls = Vec::with_capacity(views.len());
-        for v in &views {
-            ttls.push(ops::ttl_left(c, v.lease).await);
-        }
+        let leases: Vec<i64> = views.iter().map(|v| v.lease).collect();
+        let ttls = ops::ttls_left(c, &leases).await;
         Ok((views, ttls))
     });
     let (views, ttls) = match read {
@@ -418,7 +416,7 @@ async fn services_view(app: &App, s: &Session, mut notices: Vec<Notice>, status:
                 esc(&addr),
                 esc(if zone.is_empty() { "-" } else { &zone }),
                 esc(&version),
-                esc(&ttls[i]),
+                esc(&ttls[&views[i].lease]),
                 health[i].replace(' ', "_").to_lowercase(),
                 esc(&health[i]),
                 id = esc(&v.instance_id),
@@ -583,25 +581,22 @@ pub async fn pools(State(app): Shared, Signed(s, _): Signed, Path(instance): Pat
             pool.endpoints.len(),
             pool.ejected
         );
-        for (id, e) in pool.endpoints {
-            let text = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
-            let count = |k: &str| e.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-            let number = |k: &str| e.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-            let state = text("state");
+        for (id, e) in &pool.endpoints {
+            let r = ops::EndpointRow::of(e);
             let _ = write!(
                 body,
                 "<tr><td class=\"mono\">{}</td><td class=\"mono\">{}</td><td class=\"state-{}\">{}</td><td class=\"num\">{}</td>\
                  <td class=\"num\">{}</td><td class=\"num\">{:.3}</td><td class=\"num\">{:.1}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
-                esc(&id),
-                esc(&text("addr")),
-                esc(&state),
-                esc(&state),
-                count("inflight"),
-                count("connections"),
-                number("rtt_ms"),
-                number("load") / 1000.0,
-                count("calls"),
-                count("failures"),
+                esc(id),
+                esc(&r.addr),
+                esc(&r.state),
+                esc(&r.state),
+                r.inflight,
+                r.connections,
+                r.rtt_ms,
+                r.load_us,
+                r.calls,
+                r.failures,
             );
         }
         body.push_str("</table>");
@@ -892,7 +887,7 @@ pub async fn rollback(
     };
     let (prefix, by) = (app.etcd.prefix.clone(), s.operator());
     match with_etcd!(app, |cl| ops::rollback_setting(cl, &prefix, &c, &form.path, revision, &by).await) {
-        Ok(at) => {
+        Ok((at, _)) => {
             let said = format!("{c}/{} rolled back to revision {revision} (now revision {at}).", form.path);
             Redirect::to(&format!("/config/{}/history?path={}&said={}", q(&c), q(&form.path), q(&said))).into_response()
         }

@@ -30,8 +30,6 @@ impl Role {
 pub struct Session {
     pub user: String,
     pub role: Role,
-    /// `password` or `jwt`.
-    pub via: &'static str,
     /// The token each change must carry in its form.
     pub csrf: String,
     pub expires: Instant,
@@ -57,16 +55,11 @@ impl Sessions {
 
     /// A new session and its id (the cookie's value), for the console's
     /// session time or `until` (a token's expiry), whichever ends first.
-    pub fn create(&self, user: &str, role: Role, via: &'static str, until: Option<Duration>) -> (String, Arc<Session>) {
+    pub fn create(&self, user: &str, role: Role, until: Option<Duration>) -> (String, Arc<Session>) {
         let id = random_token();
         let lasts = until.map_or(self.ttl, |u| u.min(self.ttl));
-        let session = Arc::new(Session {
-            user: user.to_owned(),
-            role,
-            via,
-            csrf: random_token(),
-            expires: Instant::now() + lasts,
-        });
+        let session =
+            Arc::new(Session { user: user.to_owned(), role, csrf: random_token(), expires: Instant::now() + lasts });
         let mut map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         map.retain(|_, s| s.expires > now);
@@ -118,15 +111,15 @@ mod tests {
     #[test]
     fn sessions_expire_and_ids_do_not_repeat() {
         let sessions = Sessions::new(Duration::from_millis(30));
-        let (id, s) = sessions.create("ann", Role::Admin, "password", None);
+        let (id, s) = sessions.create("ann", Role::Admin, None);
         assert_eq!(sessions.get(&id).map(|s| s.user.clone()).as_deref(), Some("ann"));
         assert_ne!(id, s.csrf);
         assert_eq!(id.len(), 64);
         assert!(sessions.get("forged").is_none());
         std::thread::sleep(Duration::from_millis(40));
         assert!(sessions.get(&id).is_none(), "expired");
-        let (other, _) = sessions.create("bob", Role::Viewer, "password", None);
-        let (short, _) = sessions.create("jwt", Role::Viewer, "jwt", Some(Duration::ZERO));
+        let (other, _) = sessions.create("bob", Role::Viewer, None);
+        let (short, _) = sessions.create("jwt", Role::Viewer, Some(Duration::ZERO));
         assert!(sessions.get(&short).is_none(), "ends with its token");
         sessions.remove(&other);
         assert!(sessions.get(&other).is_none(), "signed out");

@@ -153,6 +153,7 @@ pub async fn delete_setting(
 
 /// Sets `path` back to its value at `revision` (or removes it, if it was
 /// not set then), checked like any change; the history says "rollback to".
+/// Returns the revision of the change and the value now (`None`: removed).
 pub async fn rollback_setting(
     client: &mut Client,
     prefix: &str,
@@ -160,11 +161,13 @@ pub async fn rollback_setting(
     path: &str,
     revision: i64,
     by: &str,
-) -> anyhow::Result<i64> {
+) -> anyhow::Result<(i64, Option<String>)> {
     check_component(component)?;
-    let (then, _) = history::settings_at(client, prefix, component, revision).await?;
+    let (mut then, _) = history::settings_at(client, prefix, component, revision).await?;
+    let value = then.remove(path);
     let note = format!("rollback to {revision}");
-    write_checked(client, prefix, component, path, then.get(path).map(String::as_str), by, &note).await
+    let at = write_checked(client, prefix, component, path, value.as_deref(), by, &note).await?;
+    Ok((at, value))
 }
 
 async fn write_checked(
@@ -292,9 +295,8 @@ pub async fn config_rollback(
     revision: i64,
     by: &str,
 ) -> anyhow::Result<String> {
-    let at = rollback_setting(client, prefix, component, path, revision, by).await?;
-    let (now, _) = history::settings_at(client, prefix, component, at).await?;
-    Ok(match now.get(path) {
+    let (at, now) = rollback_setting(client, prefix, component, path, revision, by).await?;
+    Ok(match &now {
         Some(v) => format!("{component}/{path} = {} as at revision {revision} (revision {at})\n", shown(path, v)),
         None => format!("{component}/{path} deleted: it was not set at revision {revision} (revision {at})\n"),
     })

@@ -22,11 +22,11 @@ pub use config::{
 };
 pub use governance::governance;
 pub use jobs::{jobs_history, jobs_list, jobs_pause, jobs_trigger};
-pub use processes::{events, pools};
+pub use processes::{EndpointRow, events, pools};
 pub use prometheus::{prometheus_targets, watch_prometheus_targets, write_prometheus_targets};
 pub use registry::{
     InstanceView, Registration, control_instance, instance_control, instance_views, instances, leases, registrations,
-    services, ttl_left,
+    services, ttls_left,
 };
 pub use settings::{CtlConfig, client_tls};
 pub use split::{SPLIT_PATH, parse_shares, split_set, split_show};

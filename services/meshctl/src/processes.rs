@@ -24,6 +24,40 @@ pub(crate) async fn admin_of(client: &mut Client, prefix: &str, target: &str) ->
     }
 }
 
+/// One endpoint of a pool as a process's `/pools` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointRow {
+    pub addr: String,
+    /// `ready`, `ejected`, …
+    pub state: String,
+    pub inflight: u64,
+    pub connections: u64,
+    pub rtt_ms: f64,
+    /// The load p2c compares (weighted latency), in µs.
+    pub load_us: f64,
+    pub calls: u64,
+    pub failures: u64,
+}
+
+impl EndpointRow {
+    /// From one endpoint's JSON; a missing field reads as `-` or 0.
+    pub fn of(e: &serde_json::Value) -> Self {
+        let text = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+        let count = |k: &str| e.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let number = |k: &str| e.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        Self {
+            addr: text("addr"),
+            state: text("state"),
+            inflight: count("inflight"),
+            connections: count("connections"),
+            rtt_ms: number("rtt_ms"),
+            load_us: number("load") / 1000.0,
+            calls: count("calls"),
+            failures: count("failures"),
+        }
+    }
+}
+
 /// `target` is an admin address (`host:port`) or an instance id to look up.
 pub async fn pools(client: &mut Client, prefix: &str, target: &str) -> anyhow::Result<String> {
     let admin = admin_of(client, prefix, target).await?;
@@ -39,23 +73,13 @@ pub async fn pools(client: &mut Client, prefix: &str, target: &str) -> anyhow::R
             "  {:<22} {:<22} {:<8} {:>8} {:>6} {:>9} {:>10} {:>8} {:>8}",
             "INSTANCE", "ADDR", "STATE", "INFLIGHT", "CONNS", "RTT_MS", "COST_US", "CALLS", "FAILURES"
         );
-        for (id, e) in pool.endpoints {
-            let text = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
-            let count = |k: &str| e.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-            let number = |k: &str| e.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        for (id, e) in &pool.endpoints {
+            let r = EndpointRow::of(e);
             // The load p2c compares, in nanoseconds of weighted latency: shown in µs.
             let _ = writeln!(
                 out,
                 "  {:<22} {:<22} {:<8} {:>8} {:>6} {:>9.3} {:>10.1} {:>8} {:>8}",
-                id,
-                text("addr"),
-                text("state"),
-                count("inflight"),
-                count("connections"),
-                number("rtt_ms"),
-                number("load") / 1000.0,
-                count("calls"),
-                count("failures"),
+                id, r.addr, r.state, r.inflight, r.connections, r.rtt_ms, r.load_us, r.calls, r.failures,
             );
         }
     }

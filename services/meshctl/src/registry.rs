@@ -108,7 +108,7 @@ pub async fn instance_views(
     let mut out: Vec<InstanceView> = regs
         .into_iter()
         .map(|r| {
-            let control = controls.remove(&(r.service.clone(), r.instance_id.clone()));
+            let control = controls.remove(&(r.service.clone(), r.instance_id.clone())).map(|(c, _)| c);
             InstanceView {
                 service: r.service,
                 instance_id: r.instance_id,
@@ -118,28 +118,10 @@ pub async fn instance_views(
             }
         })
         .collect();
-    if !controls.is_empty() {
-        // Drained: no registration, only the control key (and its lease).
-        let root = keys::controls(prefix);
-        let resp =
-            client.get(root.as_str(), Some(GetOptions::new().with_prefix())).await.context("reading the controls")?;
-        for kv in resp.kvs() {
-            let Some((s, id)) = kv.key_str().unwrap_or_default().strip_prefix(&root).and_then(|r| r.split_once('/'))
-            else {
-                continue;
-            };
-            if service.is_some_and(|want| want != s) {
-                continue;
-            }
-            if let Some(control) = controls.remove(&(s.to_owned(), id.to_owned())) {
-                out.push(InstanceView {
-                    service: s.to_owned(),
-                    instance_id: id.to_owned(),
-                    instance: None,
-                    lease: kv.lease(),
-                    control: Some(control),
-                });
-            }
+    // The rest are drained: no registration, only the control key (and its lease).
+    for ((s, id), (control, lease)) in controls {
+        if service.is_none_or(|want| want == s) {
+            out.push(InstanceView { service: s, instance_id: id, instance: None, lease, control: Some(control) });
         }
     }
     out.sort_by(|a, b| (&a.service, &a.instance_id).cmp(&(&b.service, &b.instance_id)));
@@ -210,8 +192,10 @@ pub async fn instances(client: &mut Client, prefix: &str, service: Option<&str>)
         "{:<36} {:<22} {:<22} {:<8} {:<10} {:>6} {:<8} {:<20} {:>5} {}\n",
         "SERVICE", "INSTANCE", "ADDR", "ZONE", "VERSION", "WEIGHT", "STATE", "LEASE", "TTL", "ADMIN"
     );
+    let leases: Vec<i64> = views.iter().map(|v| v.lease).collect();
+    let ttls = ttls_left(client, &leases).await;
     for v in views {
-        let ttl = ttl_left(client, v.lease).await;
+        let ttl = &ttls[&v.lease];
         let state = if v.drained() { "drained" } else { "serving" };
         let (addr, zone, version, weight, admin) = match &v.instance {
             Some(i) => (
@@ -259,6 +243,18 @@ pub async fn leases(client: &mut Client, prefix: &str) -> anyhow::Result<String>
         let _ = writeln!(out, "{:<20} {:>5}  {}", lease, ttl, keys.join(", "));
     }
     Ok(out)
+}
+
+/// The TTL left of each lease, asked once per lease (an instance serving
+/// two services holds one lease for both).
+pub async fn ttls_left(client: &mut Client, leases: &[i64]) -> BTreeMap<i64, String> {
+    let mut out = BTreeMap::new();
+    for &lease in leases {
+        if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(lease) {
+            slot.insert(ttl_left(client, lease).await);
+        }
+    }
+    out
 }
 
 pub async fn ttl_left(client: &mut Client, lease: i64) -> String {

@@ -35,6 +35,15 @@ pub mod headers {
     pub const DLQ_PARTITION: &str = "dlq-partition";
     pub const DLQ_OFFSET: &str = "dlq-offset";
     pub const DLQ_GROUP: &str = "dlq-group";
+    /// Set on a dead letter put back on its topic (`meshctl events replay`):
+    /// unique per replay. A consumer applies a replayed event whose id it
+    /// dead-lettered (once per replay id, so a redelivered copy of the
+    /// replay is still a duplicate), and skips it where the event was applied.
+    pub const REPLAY_ID: &str = "replay-id";
+    /// `topic/partition/offset` of the dead letter a replay was made from.
+    pub const REPLAYED_FROM: &str = "replayed-from";
+    /// Who replayed it.
+    pub const REPLAYED_BY: &str = "replayed-by";
 }
 
 #[cfg(test)]

@@ -90,8 +90,12 @@ pub mod entity {
             pub outcome: String,
             pub consume_time_us: i64,
             /// The event's time (its record timestamp, the same on every
-            /// copy): the id is pruned `events.dedup_window_secs` after it.
+            /// copy; a replay's own time once a replay is applied): the id
+            /// is pruned `events.dedup_window_secs` after it.
             pub event_time_us: i64,
+            /// The `replay-id` of the last replay of this dead-lettered
+            /// event that was tried (version 3).
+            pub replay_id: Option<String>,
         }
 
         #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -107,6 +111,7 @@ use entity::{consumed, offset};
 pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "create meshkit_consumer_offsets and meshkit_consumed_events", up: create_tables },
     Migration { version: 2, name: "event time of consumed ids, for pruning", up: add_event_time },
+    Migration { version: 3, name: "replay id of a dead-lettered event put back on its topic", up: add_replay_id },
 ];
 
 /// The migration records' component name of the consumer tables.
@@ -153,6 +158,17 @@ fn add_event_time(_schema: &Schema, backend: DbBackend) -> Vec<sea_orm::Statemen
     vec![backend.build(&add), backend.build(&fill), backend.build(&index)]
 }
 
+/// A dead letter replayed is applied once per replay id (see
+/// [`Shared::claim_event`]); the column says which replay was tried last.
+fn add_replay_id(_schema: &Schema, backend: DbBackend) -> Vec<sea_orm::Statement> {
+    use sea_orm::sea_query::{ColumnDef, Table};
+    let add = Table::alter()
+        .table(consumed::Entity)
+        .add_column(ColumnDef::new(consumed::Column::ReplayId).string().null())
+        .to_owned();
+    vec![backend.build(&add)]
+}
+
 /// One record as the handler sees it.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -173,6 +189,11 @@ impl Event {
     /// A header as text, if present and UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The `replay-id` of a dead letter put back on its topic.
+    pub fn replay_id(&self) -> Option<&str> {
+        self.header(headers::REPLAY_ID).filter(|r| !r.is_empty())
     }
 }
 
@@ -655,7 +676,7 @@ impl Shared {
         let mut last_error = HandlerError::Failed("not attempted".into());
         for attempt in 1..=attempts {
             let savepoint = txn.begin().await?;
-            if !self.record_consumed(&savepoint, event, "applied").await? {
+            if !self.claim_event(&savepoint, event).await? {
                 savepoint.commit().await?;
                 tracing::debug!(event_id = event.event_id, "duplicate event skipped");
                 return Ok(Outcome::Duplicate);
@@ -685,13 +706,12 @@ impl Shared {
             }
         }
         self.dead_letter(event, &last_error).await?;
-        self.record_consumed(txn, event, "dead-lettered").await?;
+        self.record_dead_letter(txn, event).await?;
         Ok(Outcome::DeadLettered)
     }
 
-    /// Records the event id; false when it was already there.
-    async fn record_consumed(&self, txn: &DatabaseTransaction, event: &Event, outcome: &str) -> Result<bool> {
-        let inserted = consumed::Entity::insert(consumed::ActiveModel {
+    fn consumed_row(&self, event: &Event, outcome: &str) -> consumed::ActiveModel {
+        consumed::ActiveModel {
             group_name: Set(self.group.clone()),
             event_id: Set(event.event_id.clone()),
             topic: Set(event.topic.clone()),
@@ -700,18 +720,78 @@ impl Shared {
             outcome: Set(outcome.to_owned()),
             consume_time_us: Set(now_us()),
             event_time_us: Set(event.timestamp.timestamp_micros()),
-        })
-        .on_conflict(
-            OnConflict::columns([consumed::Column::GroupName, consumed::Column::EventId]).do_nothing().to_owned(),
-        )
-        .exec_without_returning(txn)
-        .await?;
-        Ok(inserted > 0)
+            replay_id: Set(event.replay_id().map(str::to_owned)),
+        }
+    }
+
+    /// Claims the event id for applying it (in the attempt's savepoint);
+    /// false when it is a duplicate. An id seen for the first time is
+    /// claimed. A seen one is claimed only by a replay (`replay-id` set) of
+    /// an event this group dead-lettered, and only once per replay id: so a
+    /// replay is applied exactly once where the event was dead-lettered,
+    /// skipped where it was applied, and a redelivered copy of the replay
+    /// is a duplicate too.
+    async fn claim_event(&self, txn: &DatabaseTransaction, event: &Event) -> Result<bool> {
+        let inserted = consumed::Entity::insert(self.consumed_row(event, "applied"))
+            .on_conflict(
+                OnConflict::columns([consumed::Column::GroupName, consumed::Column::EventId]).do_nothing().to_owned(),
+            )
+            .exec_without_returning(txn)
+            .await?;
+        if inserted > 0 {
+            return Ok(true);
+        }
+        let Some(replay) = event.replay_id() else { return Ok(false) };
+        let claimed = consumed::Entity::update_many()
+            .col_expr(consumed::Column::Outcome, Expr::value("applied"))
+            .col_expr(consumed::Column::ReplayId, Expr::value(replay))
+            .col_expr(consumed::Column::Topic, Expr::value(event.topic.clone()))
+            .col_expr(consumed::Column::Partition, Expr::value(event.partition))
+            .col_expr(consumed::Column::Offset, Expr::value(event.offset))
+            .col_expr(consumed::Column::ConsumeTimeUs, Expr::value(now_us()))
+            // Kept for the window after the replay, which is the record's time.
+            .col_expr(consumed::Column::EventTimeUs, Expr::value(event.timestamp.timestamp_micros()))
+            .filter(consumed::Column::GroupName.eq(self.group.clone()))
+            .filter(consumed::Column::EventId.eq(event.event_id.clone()))
+            .filter(consumed::Column::Outcome.eq("dead-lettered"))
+            .filter(
+                Condition::any()
+                    .add(consumed::Column::ReplayId.is_null())
+                    .add(consumed::Column::ReplayId.ne(replay.to_owned())),
+            )
+            .exec(txn)
+            .await?;
+        Ok(claimed.rows_affected > 0)
+    }
+
+    /// Records the id as dead-lettered (the attempts' claims were rolled
+    /// back). For a replay dead-lettered again, the row keeps
+    /// `dead-lettered` and takes the replay id, so the same replay
+    /// redelivered is a duplicate and a new replay is tried.
+    async fn record_dead_letter(&self, txn: &DatabaseTransaction, event: &Event) -> Result<()> {
+        use consumed::Column as C;
+        let on_conflict = match event.replay_id() {
+            None => OnConflict::columns([C::GroupName, C::EventId]).do_nothing().to_owned(),
+            Some(_) => OnConflict::columns([C::GroupName, C::EventId])
+                .update_columns([C::ReplayId, C::Topic, C::Partition, C::Offset, C::ConsumeTimeUs, C::EventTimeUs])
+                .to_owned(),
+        };
+        consumed::Entity::insert(self.consumed_row(event, "dead-lettered"))
+            .on_conflict(on_conflict)
+            .exec_without_returning(txn)
+            .await?;
+        Ok(())
     }
 
     /// Publishes the record unchanged to the dead-letter topic, with why.
     async fn dead_letter(&self, event: &Event, error: &HandlerError) -> Result<()> {
         let mut record_headers = event.headers.clone();
+        // A replay dead-lettered again says where it is now, not where it was.
+        for stale in
+            [headers::DLQ_ERROR, headers::DLQ_TOPIC, headers::DLQ_PARTITION, headers::DLQ_OFFSET, headers::DLQ_GROUP]
+        {
+            record_headers.remove(stale);
+        }
         record_headers.insert(headers::DLQ_ERROR.into(), error.to_string().into_bytes());
         record_headers.insert(headers::DLQ_TOPIC.into(), event.topic.clone().into_bytes());
         record_headers.insert(headers::DLQ_PARTITION.into(), event.partition.to_string().into_bytes());

@@ -26,6 +26,14 @@ pub enum Error {
     #[error(transparent)]
     Tls(#[from] meshkit_tls::Error),
 
+    /// What was asked for is not there (a topic, a dead letter).
+    #[error("{0}")]
+    NotFound(String),
+
+    /// What was asked for cannot be done as asked; the message says why.
+    #[error("{0}")]
+    Invalid(String),
+
     /// A relay or consumer elected after this one holds what it worked on.
     #[error("fenced: an owner elected later holds it")]
     Fenced,
@@ -56,6 +64,8 @@ impl ErrorExt for Error {
             Error::Registry(e) => e.status_code(),
             Error::Tls(e) => e.status_code(),
             Error::Fenced => tonic::Code::Aborted,
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::Invalid(_) => tonic::Code::InvalidArgument,
         }
     }
 
@@ -66,7 +76,7 @@ impl ErrorExt for Error {
             Error::Db(e) => e.is_retryable(),
             Error::Registry(e) => e.is_retryable(),
             Error::Tls(e) => e.is_retryable(),
-            Error::Fenced => false,
+            Error::Fenced | Error::NotFound(_) | Error::Invalid(_) => false,
         }
     }
 }

@@ -269,6 +269,32 @@ impl Kafka {
         Ok(n)
     }
 
+    /// Every topic on the brokers with its partition count.
+    pub async fn topics(&self) -> Result<Vec<(String, i32)>> {
+        let result = async {
+            let client = self.client().await?;
+            let topics = bounded(self.timeout(), "list topics", client.list_topics()).await?;
+            Ok(topics.into_iter().map(|t| (t.name, t.partitions.len() as i32)).collect())
+        }
+        .await;
+        if result.is_err() {
+            self.reset().await;
+        }
+        self.observe(result)
+    }
+
+    /// A partition's earliest offset and its high watermark.
+    pub async fn offsets(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
+        let result = async {
+            let pc = self.partition(topic, partition).await?;
+            let earliest = bounded(self.timeout(), "list offsets", pc.get_offset(OffsetAt::Earliest)).await?;
+            let latest = bounded(self.timeout(), "list offsets", pc.get_offset(OffsetAt::Latest)).await?;
+            Ok((earliest, latest))
+        }
+        .await;
+        self.observe(result)
+    }
+
     /// Appends `records` to one partition, in order; returns their offsets.
     pub async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<Vec<i64>> {
         let pc = self.observe(self.partition(topic, partition).await)?;

@@ -9,6 +9,8 @@
 //! - [`consumer`]: partitions shared out among live instances by etcd leases,
 //!   effects and offsets committed in one transaction behind a fence, duplicate
 //!   event ids skipped, poison records dead-lettered.
+//! - [`dead_letters`]: what could not be applied, read back, and replayed
+//!   onto its topic to be applied exactly once.
 //! - [`Kafka`]: a lazily connected client whose requests are bounded in time.
 //!
 //! Record headers: `event-id`, `schema` (the protobuf message name),
@@ -16,6 +18,7 @@
 //! when the producing call carried one.
 
 pub mod consumer;
+pub mod dead_letters;
 pub mod error;
 pub mod kafka;
 pub mod outbox;

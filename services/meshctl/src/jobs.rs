@@ -40,7 +40,7 @@ fn when(t: Option<&prost_types::Timestamp>) -> String {
     ms_of(t).map_or_else(|| "-".into(), meshkit_common::jobs::format_slot)
 }
 
-fn run_status(status: i32) -> &'static str {
+pub fn run_status(status: i32) -> &'static str {
     match RunStatus::try_from(status) {
         Ok(RunStatus::Running) => "running",
         Ok(RunStatus::Succeeded) => "succeeded",
@@ -97,20 +97,39 @@ pub async fn jobs_list(client: &mut Client, prefix: &str) -> anyhow::Result<Stri
     Ok(out)
 }
 
+/// Triggers a job now (with `param` instead of its own), recorded in the
+/// audit log as made by `by`; the runs it started.
+pub async fn trigger_job(
+    client: &mut Client,
+    prefix: &str,
+    name: &str,
+    param: Option<&str>,
+    by: &str,
+) -> anyhow::Result<Vec<String>> {
+    let request = TriggerJobRequest { name: name.to_owned(), param: param.map(str::to_owned) };
+    let resp = scheduler(client, prefix).await?.trigger_job(request).await.map_err(status_error)?.into_inner();
+    let detail = match param {
+        Some(p) => format!("param {p:?}: run {}", resp.run_ids.join(", ")),
+        None => format!("run {}", resp.run_ids.join(", ")),
+    };
+    audit(client, prefix, by, "job trigger", name, detail).await?;
+    Ok(resp.run_ids)
+}
+
 /// `jobs trigger NAME [PARAM]`.
 pub async fn jobs_trigger(
     client: &mut Client,
     prefix: &str,
     name: &str,
     param: Option<&str>,
+    by: &str,
 ) -> anyhow::Result<String> {
-    let request = TriggerJobRequest { name: name.to_owned(), param: param.map(str::to_owned) };
-    let resp = scheduler(client, prefix).await?.trigger_job(request).await.map_err(status_error)?.into_inner();
-    Ok(format!("triggered {name}: run {}\n", resp.run_ids.join(", ")))
+    let runs = trigger_job(client, prefix, name, param, by).await?;
+    Ok(format!("triggered {name}: run {}\n", runs.join(", ")))
 }
 
-/// `jobs pause NAME` / `jobs resume NAME`.
-pub async fn jobs_pause(client: &mut Client, prefix: &str, name: &str, pause: bool) -> anyhow::Result<String> {
+/// Pauses or resumes a job, recorded in the audit log; the job as it is now.
+pub async fn pause_job(client: &mut Client, prefix: &str, name: &str, pause: bool, by: &str) -> anyhow::Result<Job> {
     let mut scheduler = scheduler(client, prefix).await?;
     let job = if pause {
         scheduler.pause_job(PauseJobRequest { name: name.to_owned() }).await
@@ -119,6 +138,53 @@ pub async fn jobs_pause(client: &mut Client, prefix: &str, name: &str, pause: bo
     }
     .map_err(status_error)?
     .into_inner();
+    audit(client, prefix, by, if pause { "job pause" } else { "job resume" }, name, String::new()).await?;
+    Ok(job)
+}
+
+async fn audit(
+    client: &mut Client,
+    prefix: &str,
+    by: &str,
+    action: &str,
+    target: &str,
+    detail: String,
+) -> anyhow::Result<()> {
+    let entry = meshkit_common::history::AuditEntry::new(by, action, target, detail);
+    meshkit_common::history::audit(client, prefix, &entry)
+        .await
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("done, but its audit entry was not written: {e}"))
+}
+
+/// The jobs and who leads: the scheduler's `ListJobs`.
+pub async fn list_jobs(
+    client: &mut Client,
+    prefix: &str,
+) -> anyhow::Result<meshkit_proto::scheduler::ListJobsResponse> {
+    Ok(scheduler(client, prefix).await?.list_jobs(ListJobsRequest {}).await.map_err(status_error)?.into_inner())
+}
+
+/// The job log, newest first (of one job, or of all when `job` is empty).
+pub async fn list_runs(
+    client: &mut Client,
+    prefix: &str,
+    job: &str,
+    limit: i32,
+) -> anyhow::Result<Vec<meshkit_proto::scheduler::Run>> {
+    let request = ListRunsRequest { job: job.to_owned(), page_size: limit, page_token: String::new() };
+    Ok(scheduler(client, prefix).await?.list_runs(request).await.map_err(status_error)?.into_inner().runs)
+}
+
+/// `jobs pause NAME` / `jobs resume NAME`.
+pub async fn jobs_pause(
+    client: &mut Client,
+    prefix: &str,
+    name: &str,
+    pause: bool,
+    by: &str,
+) -> anyhow::Result<String> {
+    let job = pause_job(client, prefix, name, pause, by).await?;
     let mut out = String::new();
     job_line(&mut out, &job);
     Ok(out)

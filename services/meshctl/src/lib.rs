@@ -5,6 +5,7 @@
 mod auth;
 pub mod certs;
 mod config;
+mod events;
 mod governance;
 mod jobs;
 mod processes;
@@ -20,8 +21,11 @@ pub use config::{
     config_set, config_watch, delete_setting, json_value, rollback_setting, sections_of, set_setting, setting_changes,
     shown, utc,
 };
+pub use events::{dead_letters, events_dead_letters, events_replay, kafka, replay_dead_letter};
 pub use governance::governance;
-pub use jobs::{jobs_history, jobs_list, jobs_pause, jobs_trigger};
+pub use jobs::{
+    jobs_history, jobs_list, jobs_pause, jobs_trigger, list_jobs, list_runs, pause_job, run_status, trigger_job,
+};
 pub use processes::{EndpointRow, events, pools};
 pub use prometheus::{prometheus_targets, watch_prometheus_targets, write_prometheus_targets};
 pub use registry::{
@@ -83,6 +87,13 @@ commands:
   pools INSTANCE_ID|ADMIN_ADDR   a process's balanced pools: endpoints, state, load, calls in flight
   events                         outbox relays (who publishes, how much) and consumed partitions
                                  (owner, fence, offset, lag, applied, duplicates, dead-lettered)
+  events dead-letters [TOPIC] [--limit N]
+                                 dead letters, newest first: where, event id, where from, group, error
+                                 (Kafka from MESHKIT_EVENTS_BROKERS, its TLS and SASL, as the services)
+  events replay DLQ_TOPIC PARTITION OFFSET
+                                 put a dead letter back on its topic: the group that dead-lettered it
+                                 applies it once (a second replay or a redelivery is skipped), groups
+                                 that applied it skip it; recorded in the audit log
   config get COMPONENT           settings from etcd in force for a component (_global and its own)
   config set COMPONENT PATH JSON validate, then write a setting (`_global` for every process)
   config delete COMPONENT PATH   remove a setting

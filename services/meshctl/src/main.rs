@@ -83,6 +83,9 @@ async fn main() -> ExitCode {
     if command == Some("split") {
         return split(&mut client, &prefix, &args[1..]).await;
     }
+    if command == Some("events") && args.len() > 1 {
+        return events(&mut client, &prefix, &args[1..]).await;
+    }
     if command == Some("instances") && matches!(args.get(1).map(String::as_str), Some("drain" | "undrain" | "weight")) {
         return instance_control(&mut client, &prefix, &args[1..]).await;
     }
@@ -206,14 +209,54 @@ async fn config(client: &mut etcd_client::Client, prefix: &str, args: &[String])
     finish(result)
 }
 
+/// `events dead-letters [TOPIC] [--limit N] | replay DLQ_TOPIC PARTITION OFFSET`.
+async fn events(client: &mut etcd_client::Client, prefix: &str, args: &[String]) -> ExitCode {
+    const EVENTS: &str = "events | events dead-letters [TOPIC] [--limit N] | events replay DLQ_TOPIC PARTITION OFFSET";
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["dead-letters", rest @ ..] => {
+            let (mut topic, mut limit) = (None, 50usize);
+            let mut rest = rest.iter();
+            while let Some(a) = rest.next() {
+                match (*a, rest.clone().next()) {
+                    ("--limit", Some(n)) => match n.parse::<usize>() {
+                        Ok(n) if (1..=meshkit_common::events::dead_letters::MAX_READ).contains(&n) => {
+                            limit = n;
+                            rest.next();
+                        }
+                        _ => {
+                            return usage(&format!(
+                                "--limit: {n:?} is not a number within 1..={}",
+                                meshkit_common::events::dead_letters::MAX_READ
+                            ));
+                        }
+                    },
+                    (t, _) if topic.is_none() && !t.starts_with("--") => topic = Some(t),
+                    (other, _) => return usage(&format!("events dead-letters: unexpected argument {other:?}")),
+                }
+            }
+            finish(cmd::events_dead_letters(topic, limit).await)
+        }
+        ["replay", topic, partition, offset] => {
+            let Ok(partition) = partition.parse::<i32>() else {
+                return usage(&format!("events replay: partition {partition:?} is not a number"));
+            };
+            let Ok(offset) = offset.parse::<i64>() else {
+                return usage(&format!("events replay: offset {offset:?} is not a number"));
+            };
+            finish(cmd::events_replay(client, prefix, topic, partition, offset, &cmd::operator()).await)
+        }
+        _ => usage(EVENTS),
+    }
+}
+
 /// `jobs list | trigger NAME [PARAM] | pause NAME | resume NAME | history [NAME] [--limit N]`.
 async fn jobs(client: &mut etcd_client::Client, prefix: &str, args: &[String]) -> ExitCode {
     let arg = |i: usize| args.get(i).map(String::as_str);
     let result = match (arg(0), args.len()) {
         (Some("list"), 1) => cmd::jobs_list(client, prefix).await,
-        (Some("trigger"), 2 | 3) => cmd::jobs_trigger(client, prefix, &args[1], arg(2)).await,
-        (Some("pause"), 2) => cmd::jobs_pause(client, prefix, &args[1], true).await,
-        (Some("resume"), 2) => cmd::jobs_pause(client, prefix, &args[1], false).await,
+        (Some("trigger"), 2 | 3) => cmd::jobs_trigger(client, prefix, &args[1], arg(2), &cmd::operator()).await,
+        (Some("pause"), 2) => cmd::jobs_pause(client, prefix, &args[1], true, &cmd::operator()).await,
+        (Some("resume"), 2) => cmd::jobs_pause(client, prefix, &args[1], false, &cmd::operator()).await,
         (Some("history"), _) => {
             let mut job = None;
             let mut limit = 50;

@@ -1,11 +1,12 @@
-//! What meshctl reads of the settings every process reads: `[etcd]` and
-//! `[tls]`, from `MESHKIT_CONFIG` and `MESHKIT_ETCD_*` / `MESHKIT_TLS_*`
+//! What meshctl reads of the settings every process reads: `[etcd]`,
+//! `[tls]` and `[events]` (the brokers, for dead letters), from `MESHKIT_CONFIG` and `MESHKIT_ETCD_*` / `MESHKIT_TLS_*`
 //! through the same loader as every process.
 
 use std::sync::Arc;
 
 use meshkit_common::{
     config::{EtcdSettings, ProcessEnv, Settings, TlsSettings, load_process},
+    events::EventSettings,
     tls::Tls,
 };
 use serde::{Deserialize, Serialize};
@@ -16,12 +17,14 @@ use serde::{Deserialize, Serialize};
 pub struct CtlConfig {
     pub etcd: EtcdSettings,
     pub tls: TlsSettings,
+    pub events: EventSettings,
 }
 
 impl Settings for CtlConfig {
     fn validate(&self) -> meshkit_common::config::Result<()> {
         self.etcd.validate()?;
-        self.tls.validate()
+        self.tls.validate()?;
+        self.events.validate()
     }
 }
 

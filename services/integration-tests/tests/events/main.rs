@@ -640,15 +640,22 @@ async fn a_poison_message_is_dead_lettered_and_the_partition_goes_on() {
     p.shutdown().await;
 }
 
-/// Fails every attempt on a `fail` payload, counting them.
+/// Fails every attempt on a `fail` payload, counting them, until fixed.
 struct Flaky {
     attempts: Arc<AtomicU32>,
+    fixed: Arc<AtomicBool>,
+}
+
+impl Flaky {
+    fn new(attempts: Arc<AtomicU32>) -> Self {
+        Self { attempts, fixed: Arc::new(AtomicBool::new(false)) }
+    }
 }
 
 #[async_trait::async_trait]
 impl EventHandler for Flaky {
     async fn handle(&self, txn: &DatabaseTransaction, event: &Event) -> Result<(), HandlerError> {
-        if event.payload == b"fail" {
+        if event.payload == b"fail" && !self.fixed.load(Ordering::Relaxed) {
             self.attempts.fetch_add(1, Ordering::Relaxed);
             return Err(HandlerError::Failed("downstream said no".into()));
         }
@@ -704,7 +711,7 @@ async fn a_handler_failing_every_attempt_dead_letters_after_max_attempts() {
         ttl_secs: 2,
     };
     let consumer =
-        Consumer::start(etcd.client().await, db.clone(), client, spec, Arc::new(Flaky { attempts: attempts.clone() }))
+        Consumer::start(etcd.client().await, db.clone(), client, spec, Arc::new(Flaky::new(attempts.clone())))
             .await
             .unwrap();
     // Both on one partition (one key): the failing one first.
@@ -722,6 +729,160 @@ async fn a_handler_failing_every_attempt_dead_letters_after_max_attempts() {
     assert!(error.contains("downstream said no"), "{error}");
     let offsets = consumer::offsets(&db, "flaky").await.unwrap();
     assert_eq!(offsets[&(topic.clone(), partition)].next_offset, 2, "the partition moved past both");
+    consumer.close().await;
+}
+
+/// `meshctl events …` against the standalone broker and etcd.
+async fn meshctl_events(etcd: &Etcd, kafka: &str, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["--etcd", &etcd.endpoint(), "events"])
+        .args(args)
+        .env("MESHKIT_EVENTS_BROKERS", kafka)
+        .env("MESHKIT_OPERATOR", "ops-on-call")
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn a_dead_letter_replayed_after_the_fix_is_applied_exactly_once() {
+    let Standalone { etcd, kafka, topic, db, config, _dir } = standalone(|e| {
+        e.partitions = 2;
+        e.max_attempts = 2;
+    })
+    .await;
+    let dlq_topic = format!("{topic}.dlq");
+    let attempts = Arc::new(AtomicU32::new(0));
+    let handler = Flaky::new(attempts.clone());
+    let fixed = handler.fixed.clone();
+    let spec = |group: &str| ConsumerSpec {
+        group: group.into(),
+        topic: topic.clone(),
+        member: "m1".into(),
+        prefix: "/meshkit".into(),
+        ttl_secs: 2,
+    };
+    let consumer = Consumer::start(
+        etcd.client().await,
+        db.clone(),
+        Kafka::new(config.events.clone(), "test"),
+        spec("flaky"),
+        Arc::new(handler),
+    )
+    .await
+    .unwrap();
+    let (partition, _) = produce(&kafka, &topic, "k", b"fail".to_vec(), &[("event-id", "e-fix")]).await;
+    produce(&kafka, &topic, "k", b"ok".to_vec(), &[("event-id", "e-fine")]).await;
+    eventually("the event after the failing one", Duration::from_secs(20), || async {
+        (count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-fine'").await == 1).then_some(())
+    })
+    .await;
+    let outcome = "SELECT COUNT(*) FROM meshkit_consumed_events WHERE event_id = 'e-fix' AND outcome = 'dead-lettered'";
+    assert_eq!(count(&db, outcome).await, 1);
+
+    // meshctl lists it with its error and where it came from.
+    let (ok, listed) = meshctl_events(&etcd, &kafka, &["dead-letters", &topic]).await;
+    assert!(ok, "{listed}");
+    let line = listed.lines().find(|l| l.contains("e-fix")).unwrap_or_else(|| panic!("e-fix is listed:\n{listed}"));
+    assert!(line.contains("downstream said no") && line.contains(&format!("{topic}/{partition}/0")), "{line}");
+    let dlq = meshkit_integration_tests::broker::records(&kafka, &dlq_topic).await;
+    assert_eq!(dlq.len(), 1);
+
+    // Bad input is named, and nothing is written.
+    let (ok, said) = meshctl_events(&etcd, &kafka, &["replay", &dlq_topic, &partition.to_string(), "99"]).await;
+    assert!(!ok && said.contains("no record at offset 99"), "{said}");
+    let (ok, said) = meshctl_events(&etcd, &kafka, &["replay", &topic, &partition.to_string(), "0"]).await;
+    assert!(!ok && said.contains("is not a dead-letter topic"), "{said}");
+    let (ok, said) = meshctl_events(&etcd, &kafka, &["replay", &dlq_topic, "x", "0"]).await;
+    assert!(!ok && said.contains("partition \"x\" is not a number"), "{said}");
+
+    // A replay before the fix fails again and comes back as a dead letter of its replay.
+    let replay = |dlq_partition: i32, offset: i64| {
+        let (etcd, kafka, dlq_topic) = (&etcd, &kafka, &dlq_topic);
+        async move {
+            let (ok, said) =
+                meshctl_events(etcd, kafka, &["replay", dlq_topic, &dlq_partition.to_string(), &offset.to_string()])
+                    .await;
+            assert!(ok && said.contains("replayed event e-fix"), "{said}");
+            said
+        }
+    };
+    // Dead letters go to the same partition of the dead-letter topic.
+    replay(partition, 0).await;
+    let dlq = eventually("the failed replay dead-lettered again", Duration::from_secs(20), || async {
+        let d = meshkit_integration_tests::broker::records(&kafka, &dlq_topic).await;
+        (d.len() == 2).then_some(d)
+    })
+    .await;
+    assert!(dlq[1].headers.contains_key(headers::REPLAY_ID), "the second dead letter is the replay");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-fix'").await, 0);
+    assert_eq!(count(&db, outcome).await, 1);
+
+    // Fixed: the first dead letter replayed is applied once.
+    fixed.store(true, Ordering::Relaxed);
+    replay(partition, 0).await;
+    eventually("the replay applied", Duration::from_secs(20), || async {
+        (count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-fix'").await == 1).then_some(())
+    })
+    .await;
+    let applied = "SELECT COUNT(*) FROM meshkit_consumed_events WHERE event_id = 'e-fix' AND outcome = 'applied' AND replay_id IS NOT NULL";
+    assert_eq!(count(&db, applied).await, 1);
+
+    // Replayed again (the other dead letter), and the applied replay redelivered: both skipped.
+    replay(partition, 1).await;
+    let replays: Vec<Record> = meshkit_integration_tests::broker::records(&kafka, &topic)
+        .await
+        .into_iter()
+        .filter(|r| r.headers.contains_key(headers::REPLAY_ID))
+        .collect();
+    assert_eq!(replays.len(), 3, "three replays on the topic");
+    produce_record(&kafka, &topic, replays[1].clone()).await;
+    produce(&kafka, &topic, "k", b"ok".to_vec(), &[("event-id", "e-last")]).await;
+    eventually("the event after the duplicates", Duration::from_secs(20), || async {
+        (count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-last'").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-fix'").await, 1, "applied exactly once");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM seen").await, 3);
+    assert_eq!(meshkit_integration_tests::broker::records(&kafka, &dlq_topic).await.len(), 2, "no new dead letter");
+
+    // A group whose handler never failed applies the event once and skips every replay of it.
+    let mut other_db_config = config.database.clone();
+    other_db_config.url = sqlite_url(_dir.path(), "other");
+    let other_db = meshkit_common::db::connect(&other_db_config).await.unwrap();
+    meshkit_common::db::migrate(&other_db, consumer::COMPONENT, consumer::MIGRATIONS).await.unwrap();
+    other_db.execute_unprepared("CREATE TABLE seen (event_id TEXT PRIMARY KEY)").await.unwrap();
+    let healthy = Flaky::new(Arc::new(AtomicU32::new(0)));
+    healthy.fixed.store(true, Ordering::Relaxed);
+    let other = Consumer::start(
+        etcd.client().await,
+        other_db.clone(),
+        Kafka::new(config.events.clone(), "test"),
+        spec("other"),
+        Arc::new(healthy),
+    )
+    .await
+    .unwrap();
+    eventually("the other group past every record", Duration::from_secs(20), || async {
+        (count(&other_db, "SELECT COUNT(*) FROM seen WHERE event_id = 'e-last'").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(count(&other_db, "SELECT COUNT(*) FROM seen").await, 3, "e-fix, e-fine, e-last, once each");
+    let skipped = "SELECT COUNT(*) FROM meshkit_consumed_events WHERE event_id = 'e-fix' AND replay_id IS NULL";
+    assert_eq!(count(&other_db, skipped).await, 1, "the original applied, no replay claimed it");
+
+    // Every replay is in the audit log, by the operator.
+    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["--etcd", &etcd.endpoint(), "audit"])
+        .output()
+        .await
+        .unwrap();
+    let audit = String::from_utf8_lossy(&out.stdout);
+    let replays = audit.lines().filter(|l| l.contains("ops-on-call") && l.contains(" replay ")).count();
+    assert_eq!(replays, 3, "{audit}");
+    other.close().await;
     consumer.close().await;
 }
 
@@ -816,7 +977,7 @@ async fn consumed_ids_are_pruned_past_the_dedup_window_and_a_copy_that_late_is_d
         // Long enough that a busy machine never moves the partition mid-test.
         ttl_secs: 10,
     };
-    let handler = Arc::new(Flaky { attempts: Arc::new(AtomicU32::new(0)) });
+    let handler = Arc::new(Flaky::new(Arc::new(AtomicU32::new(0))));
     let kafka_client = Kafka::new(config.events.clone(), "test");
     let consumer = Consumer::start(etcd.client().await, db.clone(), kafka_client, spec, handler).await.unwrap();
     let seen = |id: &'static str| {
@@ -1000,7 +1161,7 @@ async fn a_java_producers_event_lands_where_meshkit_would_put_it_and_is_applied_
     };
     let attempts = Arc::new(AtomicU32::new(0));
     let consumer =
-        Consumer::start(etcd.client().await, db.clone(), client, spec, Arc::new(Flaky { attempts })).await.unwrap();
+        Consumer::start(etcd.client().await, db.clone(), client, spec, Arc::new(Flaky::new(attempts))).await.unwrap();
     eventually("both copies consumed", Duration::from_secs(30), || async {
         let offsets = consumer::offsets(&db, "from-java").await.unwrap();
         (offsets.get(&(topic.clone(), partition)).map(|o| o.next_offset) == Some(2)).then_some(())

@@ -102,9 +102,11 @@ async fn reports_json(State(state): State<AdminState>) -> Json<BTreeMap<String, 
 }
 
 /// `/metrics`: the process's RED families and counters, each pool's
-/// endpoints, then what the components' sources add.
+/// endpoints, then what the components' sources add; OpenMetrics (with
+/// exemplars) when the scraper's `Accept` asks for it, else Prometheus text.
 async fn metrics_text(
     State(state): State<AdminState>,
+    headers: axum::http::HeaderMap,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
     let mut rows: Vec<(String, EndpointSnapshot)> = Vec::new();
     for builder in &state.channels {
@@ -146,6 +148,11 @@ async fn metrics_text(
         scrapes.push(source().await);
     }
     let mut out = String::with_capacity(16 << 10);
+    let accept = headers.get(axum::http::header::ACCEPT).and_then(|a| a.to_str().ok()).unwrap_or_default();
+    if meshkit_telemetry::metrics::wants_openmetrics(accept) {
+        meshkit_telemetry::metrics::encode_openmetrics(&mut out, &scrapes);
+        return ([(axum::http::header::CONTENT_TYPE, meshkit_telemetry::metrics::OPENMETRICS_CONTENT_TYPE)], out);
+    }
     meshkit_telemetry::metrics::encode(&mut out, &scrapes);
     ([(axum::http::header::CONTENT_TYPE, meshkit_telemetry::metrics::CONTENT_TYPE)], out)
 }
@@ -181,10 +188,16 @@ pub async fn fetch_pools(addr: &str) -> Result<PoolsReport> {
 
 /// A minimal GET: one request, `Connection: close`, body as text.
 pub async fn http_get(addr: &str, path: &str) -> Result<String> {
+    http_get_accept(addr, path, "*/*").await
+}
+
+/// As [`http_get`], asking for `accept` (`/metrics` answers OpenMetrics,
+/// with exemplars, to `application/openmetrics-text`).
+pub async fn http_get_accept(addr: &str, path: &str, accept: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;

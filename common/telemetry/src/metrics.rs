@@ -1,5 +1,6 @@
 //! Prometheus metrics of a meshkit process, served as text (format 0.0.4,
-//! encoded by `prometheus-client`) at the admin endpoint's `/metrics`.
+//! encoded by `prometheus-client`) at the admin endpoint's `/metrics`, or as
+//! OpenMetrics 1.0 to a scraper that asks for it, with exemplars.
 //!
 //! RED per method on both sides of every call: `meshkit_server_*` recorded
 //! by the server builder's layer, `meshkit_client_*` by every balanced
@@ -9,6 +10,12 @@
 //! trailers at the end of the body; a body that ends without them counts as
 //! `UNKNOWN`, one dropped by the caller as `CANCELLED`. The calls never touch
 //! the registry: a [`Collector`] reads their atomics when scraped.
+//!
+//! Exemplars: when the process exports traces, each latency bucket keeps
+//! the trace id of a call that fell in it, taken at most once a second per
+//! bucket (an atomic load per call otherwise), so a slow point on a chart
+//! leads to a trace of a slow call. OpenMetrics carries them; Prometheus's
+//! text format has no place for them.
 //!
 //! Every other family is typed and sits beside the code it counts: counters
 //! as `LazyLock` statics made with [`counters`] (label sets are structs
@@ -52,16 +59,64 @@ pub struct MethodMetrics {
     buckets: [AtomicU64; 15],
     count: AtomicU64,
     sum_nanos: AtomicU64,
+    /// Per bucket (the last is +Inf): when its exemplar was last taken, in
+    /// ms after [`EPOCH`] (0: never).
+    exemplar_at: [AtomicU64; 16],
+    exemplars: Mutex<[Option<Exemplar>; 16]>,
 }
 
+/// A traced call that fell in a bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exemplar {
+    /// 32 hex digits.
+    pub trace_id: String,
+    pub seconds: f64,
+    /// When, in ms since the Unix epoch.
+    pub unix_ms: u64,
+}
+
+/// The process's clock origin for exemplar pacing.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// At most one exemplar per bucket per this many ms.
+const EXEMPLAR_EVERY_MS: u64 = 1_000;
+
 impl MethodMetrics {
+    #[cfg(test)]
     fn observe(&self, seconds: f64, code: tonic::Code) {
-        if let Some(i) = BUCKETS.iter().position(|le| seconds <= *le) {
+        self.observe_traced(seconds, code, Instant::now(), || None);
+    }
+
+    /// Counts a call; `trace` gives its trace id when an exemplar of its
+    /// bucket is due (at most once a second per bucket).
+    fn observe_traced(&self, seconds: f64, code: tonic::Code, now: Instant, trace: impl FnOnce() -> Option<String>) {
+        let i = BUCKETS.iter().position(|le| seconds <= *le);
+        if let Some(i) = i {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
         self.codes[(code as usize).min(16)].fetch_add(1, Ordering::Relaxed);
+        let slot = i.unwrap_or(BUCKETS.len());
+        let now_ms = (now.saturating_duration_since(*EPOCH).as_millis() as u64).max(1);
+        let last = self.exemplar_at[slot].load(Ordering::Relaxed);
+        if last != 0 && now_ms < last + EXEMPLAR_EVERY_MS {
+            return;
+        }
+        if self.exemplar_at[slot].compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return;
+        }
+        if let Some(trace_id) = trace() {
+            let unix_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let mut held = self.exemplars.lock().unwrap_or_else(|p| p.into_inner());
+            held[slot] = Some(Exemplar { trace_id, seconds, unix_ms });
+        }
+    }
+
+    /// Each bucket's latest exemplar (the last is +Inf).
+    pub fn exemplars(&self) -> [Option<Exemplar>; 16] {
+        self.exemplars.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Calls that ended with `code`.
@@ -124,45 +179,93 @@ const CODES: [tonic::Code; 17] = [
 #[derive(Debug)]
 struct Calls;
 
+type Rows = Vec<(Vec<String>, Arc<MethodMetrics>)>;
+
+/// Both sides' methods, sorted: the server's by method, the client's by
+/// service and method.
+fn rows() -> (Rows, Rows) {
+    let mut server: Rows =
+        SERVER.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (vec![k.clone()], v.clone())).collect();
+    server.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut client: Rows = CLIENT
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .flat_map(|(service, methods)| methods.iter().map(move |(m, v)| (vec![service.clone(), m.clone()], v.clone())))
+        .collect();
+    client.sort_by(|a, b| a.0.cmp(&b.0));
+    (server, client)
+}
+
+const SERVER_HELP: [&str; 2] =
+    ["Calls served, by method and gRPC status code.", "Time from a call's headers to its trailers, on the server."];
+const CLIENT_HELP: [&str; 2] = [
+    "Calls made through balanced channels (retries included in one call), by service, method and gRPC status code.",
+    "Time from a call through a balanced channel to its trailers.",
+];
+
 impl Collector for Calls {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let mut server: Vec<(Vec<String>, Arc<MethodMetrics>)> = SERVER
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (vec![k.clone()], v.clone()))
-            .collect();
-        server.sort_by(|a, b| a.0.cmp(&b.0));
-        encode_side(
-            &mut encoder,
-            "meshkit_server",
-            [
-                "Calls served, by method and gRPC status code.",
-                "Time from a call's headers to its trailers, on the server.",
-            ],
-            &server,
-            &["method"],
-        )?;
-        let mut client: Vec<(Vec<String>, Arc<MethodMetrics>)> = CLIENT
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .flat_map(|(service, methods)| {
-                methods.iter().map(move |(m, v)| (vec![service.clone(), m.clone()], v.clone()))
-            })
-            .collect();
-        client.sort_by(|a, b| a.0.cmp(&b.0));
-        encode_side(
-            &mut encoder,
-            "meshkit_client",
-            [
-                "Calls made through balanced channels (retries included in one call), by service, method and gRPC status code.",
-                "Time from a call through a balanced channel to its trailers.",
-            ],
-            &client,
-            &["service", "method"],
-        )
+        let (server, client) = rows();
+        encode_side(&mut encoder, "meshkit_server", SERVER_HELP, &server, &["method"])?;
+        encode_side(&mut encoder, "meshkit_client", CLIENT_HELP, &client, &["service", "method"])
     }
+}
+
+/// One side's families in OpenMetrics, written out here because
+/// `prometheus-client` builds exemplars only from its own histograms.
+fn write_side_openmetrics(out: &mut String, prefix: &str, help: [&str; 2], rows: &Rows, names: &[&str]) {
+    use std::fmt::Write as _;
+    let labels = |values: &[String], extra: Option<(&str, &str)>| {
+        let mut text = String::from("{");
+        let pairs = names.iter().copied().zip(values.iter().map(String::as_str)).chain(extra);
+        for (i, (k, v)) in pairs.enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            let _ = write!(text, "{k}=\"{}\"", escape_label(v));
+        }
+        text.push('}');
+        text
+    };
+    let _ = writeln!(out, "# HELP {prefix}_requests {}\n# TYPE {prefix}_requests counter", help_text(help[0]));
+    for (values, m) in rows {
+        for code in CODES {
+            let n = m.calls(code);
+            if n > 0 {
+                let _ = writeln!(out, "{prefix}_requests_total{} {n}", labels(values, Some(("code", code_name(code)))));
+            }
+        }
+    }
+    let hist = format!("{prefix}_request_duration_seconds");
+    let _ = writeln!(out, "# HELP {hist} {}\n# TYPE {hist} histogram", help_text(help[1]));
+    for (values, m) in rows {
+        let exemplars = m.exemplars();
+        let count = m.count.load(Ordering::Relaxed);
+        let mut cumulative = 0;
+        let bounds = BUCKETS.iter().map(|b| b.to_string()).chain(std::iter::once("+Inf".to_owned()));
+        for (i, le) in bounds.enumerate() {
+            cumulative = if i < BUCKETS.len() { cumulative + m.buckets[i].load(Ordering::Relaxed) } else { count };
+            let _ = write!(out, "{hist}_bucket{} {cumulative}", labels(values, Some(("le", &le))));
+            if let Some(e) = &exemplars[i] {
+                let _ = write!(
+                    out,
+                    " # {{trace_id=\"{}\"}} {} {}.{:03}",
+                    e.trace_id,
+                    e.seconds,
+                    e.unix_ms / 1000,
+                    e.unix_ms % 1000
+                );
+            }
+            out.push('\n');
+        }
+        let sum = m.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{hist}_sum{} {sum}\n{hist}_count{} {count}", labels(values, None), labels(values, None));
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// One side's families: `{prefix}_requests_total` by the row's labels and
@@ -207,13 +310,16 @@ fn encode_side(
     Ok(())
 }
 
-/// The process's families: the calls, and every counter a component
-/// registers with [`counters`] or [`counter`].
-static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(|| {
+/// The calls' families, for the Prometheus text format.
+static CALLS: LazyLock<Registry> = LazyLock::new(|| {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Calls));
-    Mutex::new(registry)
+    registry
 });
+
+/// The process's other families: every counter a component registers with
+/// [`counters`] or [`counter`].
+static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(|| Mutex::new(Registry::default()));
 
 /// A counter family by label set `L`, in the process's registry. Call it
 /// once, from the `LazyLock` static beside the code it counts; the family
@@ -338,8 +444,39 @@ pub fn process_scrape() -> Scrape {
 /// The `Content-Type` of [`encode`]'s text: Prometheus's text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
+/// The `Content-Type` of [`encode_openmetrics`]'s text.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Whether a scraper's `Accept` header asks for OpenMetrics.
+pub fn wants_openmetrics(accept: &str) -> bool {
+    accept.contains("application/openmetrics-text")
+}
+
+/// Every family of this process, then those of `scrapes`, as OpenMetrics
+/// text, with the latency histograms' exemplars.
+pub fn encode_openmetrics(out: &mut String, scrapes: &[Scrape]) {
+    let (server, client) = rows();
+    write_side_openmetrics(out, "meshkit_server", SERVER_HELP, &server, &["method"]);
+    write_side_openmetrics(out, "meshkit_client", CLIENT_HELP, &client, &["service", "method"]);
+    {
+        let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = prometheus_client::encoding::text::encode_registry(out, &registry) {
+            tracing::warn!(error = %e, "metrics: encoding the process's families failed");
+        }
+    }
+    for scrape in scrapes {
+        if let Err(e) = prometheus_client::encoding::text::encode_registry(out, &scrape.registry) {
+            tracing::warn!(error = %e, "metrics: encoding a component's families failed");
+        }
+    }
+    let _ = prometheus_client::encoding::text::encode_eof(out);
+}
+
 /// Every family of this process, then those of `scrapes`, as Prometheus text.
 pub fn encode(out: &mut String, scrapes: &[Scrape]) {
+    if let Err(e) = prometheus_text::encode(out, &CALLS) {
+        tracing::warn!(error = %e, "metrics: encoding the calls failed");
+    }
     {
         let registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = prometheus_text::encode(out, &registry) {
@@ -421,7 +558,11 @@ impl CallRecord {
     }
 
     pub fn finish(self, code: tonic::Code) {
-        self.metrics.observe(self.started.elapsed().as_secs_f64(), code);
+        let now = Instant::now();
+        let span = &self.span;
+        self.metrics.observe_traced(now.saturating_duration_since(self.started).as_secs_f64(), code, now, || {
+            crate::trace::trace_id(span)
+        });
         crate::trace::record_status(&self.span, code, self.server);
         if let Some(f) = self.on_finish {
             f(code);
@@ -533,6 +674,49 @@ mod tests {
         assert!(out.contains("le=\"10\"} 1"), "{out}");
         assert!(out.contains("le=\"+Inf\"} 2"), "{out}");
         assert!(out.contains("t_request_duration_seconds_count{method=\"/a.B/\\\"x\\\"\"} 2"), "{out}");
+    }
+
+    #[test]
+    fn openmetrics_carries_one_exemplar_per_bucket_a_second() {
+        let m = MethodMetrics::default();
+        let t0 = Instant::now();
+        let trace = |id: &str| {
+            let id = id.to_owned();
+            move || Some(id)
+        };
+        m.observe_traced(0.040, tonic::Code::Ok, t0, trace("aa"));
+        // The same bucket within the second keeps the first; another bucket takes its own.
+        m.observe_traced(0.045, tonic::Code::Ok, t0 + std::time::Duration::from_millis(10), trace("bb"));
+        m.observe_traced(0.003, tonic::Code::Unavailable, t0, trace("cc"));
+        m.observe_traced(0.030, tonic::Code::Ok, t0 + std::time::Duration::from_millis(1_100), trace("dd"));
+        let rows = vec![(vec!["/a.B/\"x\"".to_owned()], Arc::new(m))];
+        let mut out = String::new();
+        write_side_openmetrics(&mut out, "t", ["calls", "latency"], &rows, &["method"]);
+        assert!(out.contains("# TYPE t_requests counter\n"), "{out}");
+        assert!(out.contains("t_requests_total{method=\"/a.B/\\\"x\\\"\",code=\"OK\"} 3\n"), "{out}");
+        let bucket = |le: &str| {
+            out.lines()
+                .find(|l| l.starts_with("t_request_duration_seconds_bucket") && l.contains(&format!("le=\"{le}\"")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(
+            bucket("0.005").starts_with(
+                "t_request_duration_seconds_bucket{method=\"/a.B/\\\"x\\\"\",le=\"0.005\"} 1 # {trace_id=\"cc\"} 0.003 "
+            ),
+            "{out}"
+        );
+        assert!(
+            bucket("0.05").contains("} 4 # {trace_id=\"dd\"} 0.03 "),
+            "a second later the bucket takes a new one: {out}"
+        );
+        assert!(!bucket("0.1").contains('#'), "{out}");
+        assert!(bucket("+Inf").ends_with("} 4"), "{out}");
+        assert!(out.contains("t_request_duration_seconds_count{method=\"/a.B/\\\"x\\\"\"} 4\n"), "{out}");
+        // Untraced calls (no exporter) leave none.
+        let quiet = MethodMetrics::default();
+        quiet.observe(0.040, tonic::Code::Ok);
+        assert!(quiet.exemplars().iter().all(Option::is_none));
     }
 
     #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

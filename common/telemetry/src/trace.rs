@@ -85,6 +85,17 @@ fn continue_from(span: Span, carrier: &dyn Extractor) -> Span {
     span
 }
 
+/// The trace id of `span` (32 hex digits) when it is recorded and sampled:
+/// none while the process exports no traces.
+pub fn trace_id(span: &Span) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
+}
+
 /// Writes `span`'s context into `headers` (`traceparent`, `tracestate`),
 /// replacing any the caller sent: the callee's parent is this hop.
 pub fn inject(span: &Span, headers: &mut HeaderMap) {

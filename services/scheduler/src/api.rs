@@ -150,6 +150,7 @@ fn run_message(r: run::Model) -> Run {
         fence: r.fence,
         start_time: Some(ms_timestamp(r.start_ms)),
         end_time: (r.end_ms > 0).then(|| ms_timestamp(r.end_ms)),
+        trace_id: r.trace_id,
     }
 }
 

@@ -75,6 +75,8 @@ pub mod run {
         pub start_ms: i64,
         /// 0 while it runs.
         pub end_ms: i64,
+        /// The trace of the call to the executor; empty untraced (version 2).
+        pub trace_id: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

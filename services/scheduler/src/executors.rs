@@ -151,10 +151,25 @@ impl Executors {
 
     /// Calls RunJob on the executor at `addr`, bounded by `timeout` (sent as
     /// the call's deadline, and enforced here too).
-    pub async fn run(&self, addr: &str, request: RunJobRequest, timeout: Duration) -> Result<RunJobResponse, Status> {
+    /// Calls `RunJob`, carrying `span`'s trace context to the executor.
+    pub async fn run(
+        &self,
+        addr: &str,
+        request: RunJobRequest,
+        timeout: Duration,
+        span: &tracing::Span,
+    ) -> Result<RunJobResponse, Status> {
         let mut client = JobExecutorClient::new(self.channel(addr)?);
         let mut request = tonic::Request::new(request);
         request.set_timeout(timeout);
+        for (name, value) in meshkit_common::trace::context_headers(span) {
+            if let (Ok(name), Ok(value)) = (
+                tonic::metadata::MetadataKey::from_bytes(name.as_bytes()),
+                tonic::metadata::MetadataValue::try_from(value.as_str()),
+            ) {
+                request.metadata_mut().insert(name, value);
+            }
+        }
         match tokio::time::timeout(timeout + Duration::from_millis(500), client.run_job(request)).await {
             Ok(result) => result.map(tonic::Response::into_inner).map_err(|status| lost_connection(status, addr)),
             Err(_) => Err(Status::deadline_exceeded(format!("no answer within the job's timeout of {timeout:?}"))),

@@ -131,11 +131,12 @@ impl JobLog {
     }
 
     /// Records a run's end (only once: a run that ended keeps its outcome).
-    pub async fn finish_run(&self, id: &str, status: RunStatus, message: &str) -> Result<(), DbErr> {
+    pub async fn finish_run(&self, id: &str, status: RunStatus, message: &str, trace_id: &str) -> Result<(), DbErr> {
         let message: String = message.chars().take(2000).collect();
         run::Entity::update_many()
             .col_expr(run::Column::Status, Expr::value(status as i32))
             .col_expr(run::Column::Message, Expr::value(message))
+            .col_expr(run::Column::TraceId, Expr::value(trace_id))
             .col_expr(run::Column::EndMs, Expr::value(now_ms()))
             .filter(run::Column::Id.eq(id))
             .filter(run::Column::Status.eq(RunStatus::Running as i32))
@@ -180,6 +181,7 @@ pub fn new_run(id: String, job: &str, trigger: i32, scheduled_ms: i64, fence: Fe
         fence: fence.revision,
         start_ms: now_ms(),
         end_ms: 0,
+        trace_id: String::new(),
     }
 }
 
@@ -201,6 +203,7 @@ fn active(m: run::Model) -> run::ActiveModel {
             fence: Set(m.fence),
             start_ms: Set(m.start_ms),
             end_ms: Set(m.end_ms),
+            trace_id: Set(m.trace_id),
         }
     }
 }

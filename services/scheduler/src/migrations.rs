@@ -8,7 +8,49 @@ use sea_orm::{
 
 use crate::entity::{leader, run, slot};
 
-pub const MIGRATIONS: &[Migration] = &[Migration { version: 1, name: "create the job log", up: create_log }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "create the job log", up: create_log },
+    Migration { version: 2, name: "the trace of each run", up: add_trace_id },
+];
+
+/// `job_runs` as version 1 made it, written out so later columns come from
+/// later migrations only.
+fn runs_as_made_by_version_1() -> sea_orm::sea_query::TableCreateStatement {
+    use run::Column as C;
+    use sea_orm::sea_query::{ColumnDef, Table};
+    let text = |c: C| ColumnDef::new(c).string().not_null().to_owned();
+    let int = |c: C| ColumnDef::new(c).integer().not_null().to_owned();
+    let big = |c: C| ColumnDef::new(c).big_integer().not_null().to_owned();
+    Table::create()
+        .table(run::Entity)
+        .if_not_exists()
+        .col(ColumnDef::new(C::Id).string().not_null().primary_key())
+        .col(text(C::Job))
+        .col(int(C::Trigger))
+        .col(big(C::ScheduledMs))
+        .col(int(C::ShardIndex))
+        .col(int(C::ShardTotal))
+        .col(int(C::Attempt))
+        .col(text(C::Executor))
+        .col(text(C::ExecutorAddr))
+        .col(int(C::Status))
+        .col(text(C::Message))
+        .col(text(C::Leader))
+        .col(big(C::Fence))
+        .col(big(C::StartMs))
+        .col(big(C::EndMs))
+        .to_owned()
+}
+
+/// Runs logged before version 2 have no trace.
+fn add_trace_id(_schema: &Schema, backend: DbBackend) -> Vec<sea_orm::Statement> {
+    use sea_orm::sea_query::{ColumnDef, Table};
+    let add = Table::alter()
+        .table(run::Entity)
+        .add_column(ColumnDef::new(run::Column::TraceId).string().not_null().default(""))
+        .to_owned();
+    vec![backend.build(&add)]
+}
 
 fn create_log(schema: &Schema, backend: DbBackend) -> Vec<sea_orm::Statement> {
     let by_job = Index::create()
@@ -33,7 +75,7 @@ fn create_log(schema: &Schema, backend: DbBackend) -> Vec<sea_orm::Statement> {
     vec![
         backend.build(schema.create_table_from_entity(leader::Entity).if_not_exists()),
         backend.build(schema.create_table_from_entity(slot::Entity).if_not_exists()),
-        backend.build(schema.create_table_from_entity(run::Entity).if_not_exists()),
+        backend.build(&runs_as_made_by_version_1()),
         backend.build(&by_job),
         backend.build(&first_row),
     ]

@@ -23,6 +23,10 @@ use meshkit_common::{
 use meshkit_proto::scheduler::{Fence as FenceMsg, RunJobRequest, RunStatus, TriggerKind};
 use tokio::sync::watch;
 use tonic::{Code, Status};
+use tracing::Instrument as _;
+
+/// The executor call a run's span is named after.
+const RUN_JOB_PATH: &str = "/meshkit.scheduler.v1.JobExecutor/RunJob";
 
 use crate::{
     executors::{Executors, Live},
@@ -223,6 +227,7 @@ impl Scheduler {
         let backoff = Duration::from_millis(self.settings.borrow().retry_backoff_ms);
         let mut tried: Vec<String> = Vec::new();
         loop {
+            let mut span = tracing::Span::none();
             let outcome = match &executor {
                 None => Err(Status::unavailable(format!(
                     "no live executor of {:?} is registered (JobExecutor with component={})",
@@ -230,6 +235,7 @@ impl Scheduler {
                 ))),
                 Some((id, instance)) => {
                     tried.push(id.clone());
+                    span = meshkit_common::trace::client_span(RUN_JOB_PATH);
                     let request = RunJobRequest {
                         run_id: row.id.clone(),
                         job: trigger.job.clone(),
@@ -242,7 +248,14 @@ impl Scheduler {
                         attempt: row.attempt as u32,
                         leader: self.instance.clone(),
                     };
-                    self.executors.run(&instance.addr, request, timeout).await
+                    let call = self.executors.run(&instance.addr, request, timeout, &span);
+                    let outcome = call.instrument(span.clone()).await;
+                    let code = match &outcome {
+                        Ok(_) => tonic::Code::Ok,
+                        Err(s) => s.code(),
+                    };
+                    meshkit_common::trace::record_status(&span, code, false);
+                    outcome
                 }
             };
             let (status, message, retry) = match outcome {
@@ -258,7 +271,8 @@ impl Scheduler {
             if status == RunStatus::Failed {
                 tracing::warn!(job = trigger.job, run = row.id, attempt = row.attempt, "job run failed: {message}");
             }
-            if let Err(e) = self.log.finish_run(&row.id, status, &message).await {
+            let trace_id = meshkit_common::trace::trace_id(&span).unwrap_or_default();
+            if let Err(e) = self.log.finish_run(&row.id, status, &message, &trace_id).await {
                 tracing::error!(job = trigger.job, run = row.id, error = %e, "cannot record the run's end");
             }
             count_run(&trigger.job, status);

@@ -107,6 +107,10 @@ impl<C: ProcessConfig> Mesh<C> {
     }
 }
 
+/// Registration metadata: the component whose config-center settings
+/// (and so governance rules) the instance follows.
+pub const COMPONENT_METADATA: &str = "component";
+
 /// The response header that names the instance that served a call.
 pub const INSTANCE_HEADER: &str = "x-meshkit-instance";
 
@@ -172,6 +176,8 @@ impl MeshServer {
         self.center = Some(mesh.center.clone() as Arc<dyn std::any::Any + Send + Sync>);
         self.tls = mesh.tls.clone();
         self.authz = Some(mesh.authz.clone());
+        // Its settings' scope, so a console or meshctl knows where its rules live.
+        self.metadata.insert(COMPONENT_METADATA.into(), mesh.center.component().to_owned());
         let center = mesh.center.clone();
         self.report("config", move || serde_json::to_value(center.status()).unwrap_or_default())
     }

@@ -152,6 +152,7 @@ pub struct Status {
 
 /// Settings from etcd over the process's own, kept current.
 pub struct ConfigCenter<C> {
+    component: String,
     current: watch::Receiver<Arc<C>>,
     status: Arc<Mutex<Status>>,
     task: JoinHandle<()>,
@@ -181,7 +182,12 @@ impl<C: Settings> ConfigCenter<C> {
         let (tx, current) = watch::channel(Arc::new(initial));
         let worker = Worker { client, prefix, component: component.to_owned(), base, status: status.clone(), tx };
         let task = tokio::spawn(worker.run(revision));
-        Ok(Self { current, status, task })
+        Ok(Self { component: component.to_owned(), current, status, task })
+    }
+
+    /// The component whose settings these are (the config center's scope).
+    pub fn component(&self) -> &str {
+        &self.component
     }
 
     /// The settings in force now.

@@ -434,8 +434,9 @@ start_console() {
         edge=(MESHKIT_CONSOLE_TLS_CERT_FILE="$RUN_DIR/tls/console.pem" MESHKIT_CONSOLE_TLS_KEY_FILE="$RUN_DIR/tls/console.key")
         scheme=https
     fi
-    env $(tls_env console) "${edge[@]}" \
+    env $(tls_env console) $(events_tls_env console) "${edge[@]}" \
     MESHKIT_ETCD_ENDPOINTS="$(etcd_endpoints)" \
+    MESHKIT_EVENTS_BROKERS="$(kafka_brokers)" \
     MESHKIT_CONSOLE_LISTEN="127.0.0.1:$CONSOLE_PORT" \
     MESHKIT_CONSOLE_ADMIN_PASSWORD="$password" \
         setsid "$BIN_DIR/console" </dev/null >"$RUN_DIR/logs/console.log" 2>&1 &
@@ -568,6 +569,7 @@ or a service directly:
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) instances
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) pools order-1
   $BIN_DIR/meshctl --etcd $(etcd_endpoints) events
+  MESHKIT_EVENTS_BROKERS=$(kafka_brokers) $(events_tls_env meshctl) $BIN_DIR/meshctl --etcd $(etcd_endpoints) events dead-letters
   ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs list
   ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) jobs history cancel-unpaid-orders
   ${ctl}$BIN_DIR/meshctl --etcd $(etcd_endpoints) xds clients

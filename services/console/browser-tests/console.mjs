@@ -8,8 +8,7 @@
 // Prints one line per step and exits non-zero at the first that fails.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { launch, stepper } from './harness.mjs';
 
 const env = process.env;
 for (const name of ['CONSOLE_URL', 'ADMIN_PASSWORD', 'VIEWER_PASSWORD', 'MESHCTL', 'ETCD', 'USER_SERVICE', 'USER_A', 'USER_B', 'ORDER_SERVICE', 'ORDER_A', 'SHOTS_DIR']) {
@@ -17,34 +16,14 @@ for (const name of ['CONSOLE_URL', 'ADMIN_PASSWORD', 'VIEWER_PASSWORD', 'MESHCTL
 }
 const base = env.CONSOLE_URL;
 const USER = env.USER_SERVICE;
-mkdirSync(env.SHOTS_DIR, { recursive: true });
 
 const meshctl = (...args) => execFileSync(env.MESHCTL, ['--etcd', env.ETCD, ...args], { encoding: 'utf8' });
 const lineOf = (text, id) => text.split('\n').find((l) => l.includes(id)) ?? '';
 
-const browser = await chromium.launch({
-  executablePath: env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-});
-const context = await browser.newContext({ viewport: { width: 1440, height: 900 } });
-const page = await context.newPage();
-const shot = (name) => page.screenshot({ path: `${env.SHOTS_DIR}/${name}.png`, fullPage: true });
+const { browser, context, page, shot } = await launch(env);
 const banner = (kind) => page.locator(`.banner.${kind}`);
 const row = (service, id) => page.locator(`table[data-service="${service}"] tr[data-instance="${id}"]`);
-
-let failed = false;
-async function step(name, fn) {
-  const started = Date.now();
-  try {
-    await fn();
-    console.log(`ok   ${name} (${Date.now() - started} ms)`);
-  } catch (e) {
-    failed = true;
-    console.log(`FAIL ${name}: ${e.message}`);
-    await shot(`failed-${name.replace(/\W+/g, '-')}`).catch(() => {});
-    throw e;
-  }
-}
+const { step, failed } = stepper(shot);
 
 /** Reloads `url` until `check()` holds (10 s). */
 async function until(what, url, check) {
@@ -235,4 +214,4 @@ try {
 } finally {
   await browser.close();
 }
-process.exit(failed ? 1 : 0);
+process.exit(failed() ? 1 : 0);

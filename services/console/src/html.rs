@@ -46,7 +46,14 @@ pub fn page(title: &str, here: &str, session: Option<&Session>, notices: &[Notic
     );
     if let Some(s) = session {
         out.push_str("<header><span class=\"brand\">meshkit console</span><nav>");
-        for (href, name) in [("/services", "Services"), ("/config", "Config center"), ("/audit", "Audit log")] {
+        for (href, name) in [
+            ("/services", "Services"),
+            ("/governance", "Governance"),
+            ("/events", "Events"),
+            ("/jobs", "Jobs"),
+            ("/config", "Config center"),
+            ("/audit", "Audit log"),
+        ] {
             let class = if here == href { " class=\"here\"" } else { "" };
             let _ = write!(out, "<a href=\"{href}\"{class}>{name}</a>");
         }

@@ -21,7 +21,12 @@
 #![forbid(unsafe_code)]
 
 mod html;
+#[macro_use]
 mod pages;
+mod events;
+mod governance;
+mod jobs;
+pub mod series;
 pub mod session;
 pub mod settings;
 
@@ -55,6 +60,10 @@ pub(crate) struct App {
     /// mTLS to the instances (health checks), when the mesh runs it.
     pub mesh_tls: Option<Arc<meshkit_common::tls::Tls>>,
     pub https: bool,
+    /// The brokers, for dead letters and replays.
+    pub kafka: meshkit_common::events::Kafka,
+    /// The Governance page's points, by component.
+    pub series: std::sync::Mutex<std::collections::HashMap<String, series::Series>>,
 }
 
 impl App {
@@ -149,6 +158,8 @@ pub async fn start(config: ConsoleConfig) -> anyhow::Result<RunningConsole> {
         verifier,
         mesh_tls,
         https: edge.is_some(),
+        kafka: meshkit_common::events::Kafka::new(config.events.clone(), "console"),
+        series: std::sync::Mutex::default(),
         settings,
     });
     let router = router(app.clone());
@@ -180,6 +191,17 @@ fn router(app: Arc<App>) -> Router {
         .route("/config/{component}/rollback", post(pages::rollback))
         .route("/config/{component}/diff", get(pages::diff))
         .route("/audit", get(pages::audit))
+        .route("/assets/charts.js", get(governance::charts_js))
+        .route("/governance", get(governance::index))
+        .route("/governance/{component}", get(governance::component))
+        .route("/governance/{component}/rule", post(governance::set_rule))
+        .route("/governance/{component}/remove", post(governance::remove_rule))
+        .route("/governance/{component}/series", get(governance::series))
+        .route("/events", get(events::page))
+        .route("/events/replay", post(events::replay))
+        .route("/jobs", get(jobs::page))
+        .route("/jobs/trigger", post(jobs::trigger))
+        .route("/jobs/pause", post(jobs::pause))
         .fallback(pages::not_found)
         .with_state(app)
 }

@@ -23,7 +23,7 @@ use crate::{
     session::{Role, Session, same_secret},
 };
 
-type Shared = State<Arc<App>>;
+pub(crate) type Shared = State<Arc<App>>;
 
 /// A request with a live session; without one, a page is sent to sign-in
 /// and a change is refused (401).
@@ -97,7 +97,7 @@ fn clear_cookie(app: &App) -> HeaderValue {
 /// Why a change may not be made (403), or `None` when it may: it needs the
 /// session's CSRF token, an admin, and (when the browser says where the form
 /// came from) this console's own origin.
-fn refusal(s: &Session, origin: Origin, csrf: &str) -> Option<Response> {
+pub(crate) fn refusal(s: &Session, origin: Origin, csrf: &str) -> Option<Response> {
     let why = if !same_secret(csrf, &s.csrf) {
         "The form's CSRF token is missing or not this session's: nothing was changed. Reload the page."
     } else if origin == Origin::Other {
@@ -112,15 +112,17 @@ fn refusal(s: &Session, origin: Origin, csrf: &str) -> Option<Response> {
 }
 
 /// How an error from etcd or a change is said, with its status.
-fn failure(app: &App, e: &anyhow::Error) -> (StatusCode, Notice) {
+pub(crate) fn failure(app: &App, e: &anyhow::Error) -> (StatusCode, Notice) {
     if let Some(reason) =
         e.chain().find_map(|c| c.downcast_ref::<etcd_client::Error>()).and_then(meshkit_common::etcd::unavailable)
     {
         return (StatusCode::SERVICE_UNAVAILABLE, Notice::EtcdDown(app.down(reason)));
     }
     let text = format!("{e:#}");
-    let status = if text.contains("no live instance") || text.contains("is gone") {
+    let status = if text.contains("no live instance") || text.contains("is gone") || text.starts_with("NotFound:") {
         StatusCode::NOT_FOUND
+    } else if text.starts_with("Unavailable:") || text.starts_with("no scheduler instance") {
+        StatusCode::BAD_GATEWAY
     } else if text.contains("changed by someone else") {
         StatusCode::CONFLICT
     } else {
@@ -135,9 +137,9 @@ fn failure(app: &App, e: &anyhow::Error) -> (StatusCode, Notice) {
 /// handlers' futures stay `Send`.
 macro_rules! with_etcd {
     ($app:expr, |$c:ident| $body:expr) => {{
-        let app: &App = &$app;
+        let app: &$crate::App = &$app;
         match app.etcd().await {
-            Err(down) => Err((StatusCode::SERVICE_UNAVAILABLE, Notice::EtcdDown(down))),
+            Err(down) => Err((::axum::http::StatusCode::SERVICE_UNAVAILABLE, $crate::html::Notice::EtcdDown(down))),
             Ok(mut client) => {
                 let $c = &mut client;
                 let work = async {
@@ -146,10 +148,12 @@ macro_rules! with_etcd {
                 };
                 match tokio::time::timeout(app.timeout(), work).await {
                     Ok(Ok(v)) => Ok(v),
-                    Ok(Err(e)) => Err(failure(app, &e)),
+                    Ok(Err(e)) => Err($crate::pages::failure(app, &e)),
                     Err(_) => Err((
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Notice::EtcdDown(app.down(&format!("no answer within {} ms", app.settings.etcd_timeout_ms))),
+                        ::axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        $crate::html::Notice::EtcdDown(
+                            app.down(&format!("no answer within {} ms", app.settings.etcd_timeout_ms)),
+                        ),
                     )),
                 }
             }
@@ -157,7 +161,7 @@ macro_rules! with_etcd {
     }};
 }
 
-fn html(status: StatusCode, body: String) -> Response {
+pub(crate) fn html(status: StatusCode, body: String) -> Response {
     let mut r = (status, Html(body)).into_response();
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r.headers_mut().insert("x-frame-options", HeaderValue::from_static("DENY"));
@@ -168,14 +172,14 @@ fn html(status: StatusCode, body: String) -> Response {
     r
 }
 
-fn said(text: &Option<String>) -> Vec<Notice> {
+pub(crate) fn said(text: &Option<String>) -> Vec<Notice> {
     text.iter().filter(|t| !t.is_empty()).map(|t| Notice::Said(t.clone())).collect()
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub struct Said {
     #[serde(default)]
-    said: Option<String>,
+    pub said: Option<String>,
 }
 
 pub async fn home(_: Signed) -> Redirect {

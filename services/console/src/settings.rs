@@ -3,6 +3,7 @@
 use meshkit_common::{
     MeshConfig,
     config::{Result, Settings, bad},
+    events::EventSettings,
 };
 use serde::{Deserialize, Serialize};
 
@@ -13,9 +14,12 @@ pub struct ConsoleConfig {
     #[serde(flatten)]
     pub mesh: MeshConfig,
     pub console: ConsoleSettings,
+    /// The brokers (and their TLS and SASL), as the services read them:
+    /// the Events page reads dead letters and writes replays.
+    pub events: EventSettings,
 }
 
-meshkit_common::compose_settings!(ConsoleConfig { console });
+meshkit_common::compose_settings!(ConsoleConfig { console, events });
 
 /// Where the console listens and who may sign in. `Debug` leaves the
 /// passwords and the secret out.
@@ -38,6 +42,10 @@ pub struct ConsoleSettings {
     /// HTTPS: the certificate chain and key (PEM), read again when they change.
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    /// A trace UI's page of one trace, `{trace_id}` standing for the id
+    /// (Jaeger: `http://127.0.0.1:16686/trace/{trace_id}`, Zipkin:
+    /// `http://127.0.0.1:9411/zipkin/traces/{trace_id}`); empty: no links.
+    pub trace_url: String,
 }
 
 /// Tokens the console accepts at sign-in, and which of their roles make an admin.
@@ -66,6 +74,7 @@ impl Default for ConsoleSettings {
             jwt: ConsoleJwt::default(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            trace_url: String::new(),
         }
     }
 }
@@ -81,6 +90,13 @@ impl Default for ConsoleJwt {
             admin_role: "admin".into(),
             viewer_role: String::new(),
         }
+    }
+}
+
+impl ConsoleSettings {
+    /// The trace UI's page of `trace_id`, when one is configured.
+    pub fn trace_link(&self, trace_id: &str) -> Option<String> {
+        (!self.trace_url.is_empty() && !trace_id.is_empty()).then(|| self.trace_url.replace("{trace_id}", trace_id))
     }
 }
 
@@ -106,6 +122,7 @@ impl std::fmt::Debug for ConsoleSettings {
             .field("jwt", &self.jwt)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("trace_url", &self.trace_url)
             .finish()
     }
 }
@@ -150,6 +167,15 @@ impl Settings for ConsoleSettings {
         }
         if self.jwt.enabled() && self.jwt.admin_role.is_empty() {
             return bad("console.jwt.admin_role", "must name the role that makes an admin");
+        }
+        if !self.trace_url.is_empty()
+            && (!self.trace_url.contains("{trace_id}")
+                || !(self.trace_url.starts_with("http://") || self.trace_url.starts_with("https://")))
+        {
+            return bad(
+                "console.trace_url",
+                format!("{:?} is not an http(s) address with {{trace_id}} in it", self.trace_url),
+            );
         }
         if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
             return bad("console.tls_cert_file", "console.tls_cert_file and console.tls_key_file go together");

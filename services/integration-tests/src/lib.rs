@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod browser;
 pub mod cluster;
 pub mod echo;
 pub mod etcd;

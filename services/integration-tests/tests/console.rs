@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use meshkit_console::{ConsoleConfig, RunningConsole};
-use meshkit_integration_tests::{Etcd, bin_dir, cluster, http::send, init_logs, mesh_config, sqlite_url};
+use meshkit_integration_tests::{Etcd, bin_dir, http::send, init_logs, mesh_config, sqlite_url};
 
 const USER: &str = "meshkit.user.v1.UserService";
 const ORDER: &str = "meshkit.order.v1.OrderService";
@@ -126,40 +126,20 @@ async fn the_console_signs_in_guards_changes_and_drives_the_mesh_in_a_browser() 
         &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
     )
     .unwrap();
-    let root = cluster::root();
-    let tests = root.join("services/console/browser-tests");
-    assert!(
-        tests.join("node_modules/playwright-core").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
-        "playwright-core and Debian's chromium: deploy/local/install-deps.sh --test installs them"
-    );
-    let shots = root.join("target/console-shots");
-    let started = std::time::Instant::now();
-    let out = tokio::time::timeout(
-        Duration::from_secs(240),
-        tokio::process::Command::new("node")
-            .arg("console.mjs")
-            .current_dir(&tests)
-            .env("CONSOLE_URL", format!("http://{addr}"))
-            .env("ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("VIEWER_PASSWORD", VIEWER_PASSWORD)
-            .env("ADMIN_TOKEN", token)
-            .env("MESHCTL", bin_dir().join("meshctl"))
-            .env("ETCD", etcd.endpoint())
-            .env("USER_SERVICE", USER)
-            .env("USER_A", user_a.instance_id())
-            .env("USER_B", user_b.instance_id())
-            .env("ORDER_SERVICE", ORDER)
-            .env("ORDER_A", order_a.instance_id())
-            .env("SHOTS_DIR", &shots)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the browser run ends within 4 minutes")
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}browser run: {:.1} s, screenshots in {}", started.elapsed().as_secs_f64(), shots.display());
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let browser_env = [
+        ("CONSOLE_URL", format!("http://{addr}")),
+        ("ADMIN_PASSWORD", ADMIN_PASSWORD.to_owned()),
+        ("VIEWER_PASSWORD", VIEWER_PASSWORD.to_owned()),
+        ("ADMIN_TOKEN", token),
+        ("MESHCTL", bin_dir().join("meshctl").display().to_string()),
+        ("ETCD", etcd.endpoint()),
+        ("USER_SERVICE", USER.to_owned()),
+        ("USER_A", user_a.instance_id().to_string()),
+        ("USER_B", user_b.instance_id().to_string()),
+        ("ORDER_SERVICE", ORDER.to_owned()),
+        ("ORDER_A", order_a.instance_id().to_string()),
+    ];
+    meshkit_integration_tests::browser::run("console.mjs", &browser_env).await;
 
     // etcd gone: a page says so within the console's timeout instead of hanging.
     etcd.kill();

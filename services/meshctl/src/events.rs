@@ -80,6 +80,20 @@ pub async fn replay_dead_letter(
     by: &str,
 ) -> anyhow::Result<Replayed> {
     let replayed = kafka.replay(dlq_topic, partition, offset, by).await?;
+    audit_replay(client, prefix, &replayed, dlq_topic, partition, offset, by).await?;
+    Ok(replayed)
+}
+
+/// Records a replay in the audit log.
+pub async fn audit_replay(
+    client: &mut Client,
+    prefix: &str,
+    replayed: &Replayed,
+    dlq_topic: &str,
+    partition: i32,
+    offset: i64,
+    by: &str,
+) -> anyhow::Result<()> {
     let entry = AuditEntry::new(
         by,
         "replay",
@@ -90,7 +104,7 @@ pub async fn replay_dead_letter(
         ),
     );
     history::audit(client, prefix, &entry).await.context("the replay was written, but not its audit entry")?;
-    Ok(replayed)
+    Ok(())
 }
 
 /// `events replay DLQ_TOPIC PARTITION OFFSET`.

@@ -58,6 +58,62 @@ impl EndpointRow {
     }
 }
 
+/// A process's outbox relay as its `/reports` says (`outbox_relay`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayRow {
+    pub leading: bool,
+    pub published: u64,
+    pub failures: u64,
+    pub last_lag_ms: f64,
+}
+
+impl RelayRow {
+    pub fn of(r: &serde_json::Value) -> Self {
+        Self {
+            leading: r["leading"].as_bool().unwrap_or(false),
+            published: r["published"].as_u64().unwrap_or(0),
+            failures: r["failures"].as_u64().unwrap_or(0),
+            last_lag_ms: r["last_lag_ms"].as_f64().unwrap_or(0.0),
+        }
+    }
+}
+
+/// One consumed partition as a process's `/reports` says (`consumer`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionRow {
+    pub topic: String,
+    pub partition: i64,
+    pub fence_revision: i64,
+    pub next_offset: i64,
+    pub high_watermark: i64,
+    pub lag: i64,
+    pub applied: i64,
+    pub duplicates: i64,
+    pub dead_lettered: i64,
+}
+
+impl PartitionRow {
+    /// Every partition in a process's report.
+    pub fn all(report: &serde_json::Value) -> Vec<Self> {
+        let rows = report.get("consumer").and_then(|c| c.as_array()).into_iter().flatten();
+        rows.map(|p| {
+            let n = |k: &str| p[k].as_i64().unwrap_or(0);
+            Self {
+                topic: p["topic"].as_str().unwrap_or("-").to_owned(),
+                partition: n("partition"),
+                fence_revision: n("fence_revision"),
+                next_offset: n("next_offset"),
+                high_watermark: n("high_watermark"),
+                lag: n("lag"),
+                applied: n("applied"),
+                duplicates: n("duplicates"),
+                dead_lettered: n("dead_lettered"),
+            }
+        })
+        .collect()
+    }
+}
+
 /// `target` is an admin address (`host:port`) or an instance id to look up.
 pub async fn pools(client: &mut Client, prefix: &str, target: &str) -> anyhow::Result<String> {
     let admin = admin_of(client, prefix, target).await?;
@@ -104,32 +160,31 @@ pub async fn events(client: &mut Client, prefix: &str) -> anyhow::Result<String>
                 continue;
             }
         };
-        if let Some(r) = report.get("outbox_relay") {
+        if let Some(r) = report.get("outbox_relay").map(RelayRow::of) {
             let _ = writeln!(
                 relays,
                 "  {:<22} {:<8} {:>10} {:>9} {:>12.1}",
                 id,
-                if r["leading"].as_bool().unwrap_or(false) { "yes" } else { "no" },
-                r["published"].as_u64().unwrap_or(0),
-                r["failures"].as_u64().unwrap_or(0),
-                r["last_lag_ms"].as_f64().unwrap_or(0.0),
+                if r.leading { "yes" } else { "no" },
+                r.published,
+                r.failures,
+                r.last_lag_ms,
             );
         }
-        for p in report.get("consumer").and_then(|c| c.as_array()).into_iter().flatten() {
-            let n = |k: &str| p[k].as_i64().unwrap_or(0);
+        for p in PartitionRow::all(&report) {
             let _ = writeln!(
                 consumers,
                 "  {:<22} {:<16} {:>4} {:>7} {:>9} {:>9} {:>7} {:>9} {:>6} {:>5}",
                 id,
-                p["topic"].as_str().unwrap_or("-"),
-                n("partition"),
-                n("fence_revision"),
-                n("next_offset"),
-                n("high_watermark"),
-                n("lag"),
-                n("applied"),
-                n("duplicates"),
-                n("dead_lettered"),
+                p.topic,
+                p.partition,
+                p.fence_revision,
+                p.next_offset,
+                p.high_watermark,
+                p.lag,
+                p.applied,
+                p.duplicates,
+                p.dead_lettered,
             );
         }
     }

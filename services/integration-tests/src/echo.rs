@@ -139,6 +139,11 @@ impl EchoService for Echo {
     }
 }
 
+/// The echo service alone, for a server built without meshkit's layers.
+pub fn echo_service(instance: &str) -> EchoServiceServer<impl EchoService> {
+    EchoServiceServer::new(Echo { instance: instance.to_owned(), faults: Faults::default() })
+}
+
 /// Starts an echo instance registered in etcd.
 pub async fn start_echo(config: impl ProcessConfig) -> meshkit_common::Result<RunningServer> {
     start_echo_with(config, Faults::default()).await

@@ -16,6 +16,8 @@
 //! 7. Spring Boot vs meshkit: the same UserService on the same PostgreSQL,
 //!    start, memory, throughput on one core, latency, CPU per call (see
 //!    `bench/spring.rs`).
+//! 8. Servers: `MeshServer` with its default layers vs tonic's server alone,
+//!    the same echo handler on one core each (see `bench/servers.rs`).
 //!
 //! `MESHKIT_BENCH_SECS` (default 5) sets the length of each load phase.
 
@@ -23,6 +25,8 @@
 mod events;
 #[path = "../bench/gateway.rs"]
 mod gateway;
+#[path = "../bench/servers.rs"]
+mod servers;
 #[path = "../bench/spring.rs"]
 mod spring;
 #[path = "../bench/validate.rs"]
@@ -60,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
     let phases = std::env::var("MESHKIT_BENCH_PHASES")
-        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls,xds,spring,validate".into());
+        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls,servers,xds,spring,validate".into());
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -88,6 +92,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("tls") {
         tls_overhead(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+    }
+    if run("servers") {
+        servers::run(&etcd, dir.path(), secs).await?;
     }
     if run("xds") {
         xds::run(&etcd, dir.path()).await?;

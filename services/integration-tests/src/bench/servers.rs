@@ -1,0 +1,221 @@
+//! What `MeshServer`'s default layers cost against tonic's server alone:
+//! the same echo handler in two processes (`echo-server`), each pinned to
+//! the last core, the load from this process pinned to the others; Echo
+//! calls on one direct HTTP/2 connection per server, saturated
+//! (`CONCURRENCY` callers back to back) and at a steady 5,000 calls/s, in
+//! alternating rounds so drift on the host hits both alike. The server's CPU
+//! is the sum of its threads' on-CPU time (`/proc/PID/task/*/schedstat`, in
+//! ns), so a round of a second still resolves a fraction of a µs per call.
+//!
+//! "Default layers", as every meshkit service runs: registration in etcd,
+//! gRPC health and reflection, the RED metrics and trace span of each call,
+//! the caller's deadline, the contract's validation rules, authorization and
+//! governance (each off until a rule is set), drain on SIGTERM, the admin
+//! endpoint. Goal (issue: peers): throughput at least 0.95x bare tonic's,
+//! server CPU at most 2 µs more per call.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use meshkit_integration_tests::{
+    Etcd, ServiceProcess, bin_dir,
+    echo::{EchoRequest, EchoServiceClient},
+    free_port,
+};
+use tonic::transport::Channel;
+
+use crate::{CONCURRENCY, ROUNDS, Stats, load, median, num_cpus, paced};
+
+const STEADY_RATE: u64 = 5_000;
+
+/// On-CPU time of every thread of `pid`, from the scheduler's own accounting.
+fn schedstat_cpu(pid: i32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+fn pin(pid: u32, cores: &str) -> anyhow::Result<()> {
+    let status = Command::new("taskset").args(["-a", "-cp", cores, &pid.to_string()]).output()?;
+    anyhow::ensure!(status.status.success(), "taskset {cores} {pid}: {}", String::from_utf8_lossy(&status.stderr));
+    Ok(())
+}
+
+struct Server {
+    name: &'static str,
+    process: ServiceProcess,
+    client: EchoServiceClient<Channel>,
+}
+
+async fn start(etcd: &Etcd, logs: &Path, kind: &str, name: &'static str, core: usize) -> anyhow::Result<Server> {
+    let port = free_port();
+    let mut command = Command::new("taskset");
+    command.arg("-c").arg(core.to_string()).arg(bin_dir().join("echo-server"));
+    let env = [
+        ("ECHO_SERVER", kind.to_owned()),
+        ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{port}")),
+        ("MESHKIT_ETCD_ENDPOINTS", etcd.endpoint()),
+        ("MESHKIT_REGISTRY_INSTANCE_ID", format!("echo-{kind}")),
+        ("RUST_LOG", "warn".to_owned()),
+    ];
+    let process = ServiceProcess::spawn_command(&format!("echo-server-{kind}"), command, &env, logs)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let connected = async {
+            let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))?.connect().await?;
+            let mut client = EchoServiceClient::new(channel);
+            client.echo(EchoRequest { text: "ready".into(), ..Default::default() }).await?;
+            anyhow::Ok(client)
+        };
+        match connected.await {
+            Ok(client) => return Ok(Server { name, process, client }),
+            Err(e) if Instant::now() > deadline => anyhow::bail!("echo-server {kind} did not answer in 20 s: {e:#}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn echo_call(
+    client: &EchoServiceClient<Channel>,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>
++ Send
++ Sync
++ 'static {
+    let client = client.clone();
+    move || {
+        let mut c = client.clone();
+        Box::pin(async move { c.echo(EchoRequest { text: "bench".into(), ..Default::default() }).await.map(|_| ()) })
+    }
+}
+
+/// One side's rounds: the merged stats, and per round (calls/s, server µs per call).
+#[derive(Default)]
+struct Side {
+    stats: Stats,
+    server: Duration,
+    rounds: Vec<(f64, f64)>,
+}
+
+impl Side {
+    fn add(&mut self, s: Stats, server: Duration) {
+        self.rounds.push((s.rate(), server.as_secs_f64() * 1e6 / s.calls.max(1) as f64));
+        self.server += server;
+        self.stats.merge(s);
+    }
+
+    fn server_us(&self) -> f64 {
+        median(&self.rounds.iter().map(|r| r.1).collect::<Vec<_>>())
+    }
+
+    fn rate(&self) -> f64 {
+        median(&self.rounds.iter().map(|r| r.0).collect::<Vec<_>>())
+    }
+
+    fn spread(&self) -> String {
+        let mut us: Vec<f64> = self.rounds.iter().map(|r| r.1).collect();
+        us.sort_by(f64::total_cmp);
+        format!("{:.1}–{:.1}", us.first().copied().unwrap_or(0.0), us.last().copied().unwrap_or(0.0))
+    }
+}
+
+fn report(title: &str, bare: &Side, mesh: &Side, steady: bool) {
+    println!("\n== {title}");
+    println!(
+        "  {:<12} {:>10} {:>8} {:>8} {:>8} {:>16} {:>18}",
+        "", "calls/s", "p50 µs", "p99 µs", "p99.9 µs", "server µs/call", "spread of rounds"
+    );
+    for (name, s) in [("bare tonic", bare), ("MeshServer", mesh)] {
+        let h = &s.stats.hist;
+        println!(
+            "  {name:<12} {:>10.0} {:>8} {:>8} {:>8} {:>16.2} {:>18}",
+            s.rate(),
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            s.server_us(),
+            s.spread(),
+        );
+    }
+    let added = mesh.server_us() - bare.server_us();
+    let ratio = mesh.rate() / bare.rate();
+    if steady {
+        let q =
+            |s: &Side, q: f64| s.stats.hist.value_at_quantile(q) as i64 - bare.stats.hist.value_at_quantile(q) as i64;
+        println!(
+            "  MeshServer  server CPU {added:+.2} µs per call (goal <= +2), added p50 {:+} µs, p99 {:+} µs (medians of {} rounds)",
+            q(mesh, 0.5),
+            q(mesh, 0.99),
+            mesh.rounds.len()
+        );
+    } else {
+        println!(
+            "  MeshServer  throughput x{ratio:.3} (goal >= 0.95), server CPU {added:+.2} µs per call (goal <= +2) (medians of {} rounds)",
+            mesh.rounds.len()
+        );
+    }
+}
+
+pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
+    let cores = num_cpus();
+    if cores < 2 {
+        println!("\n== servers: needs two cores (one for the server, one for the load); skipped");
+        return Ok(());
+    }
+    let server_core = cores - 1;
+    let load_cores = if cores == 2 { "0".to_owned() } else { format!("0-{}", cores - 2) };
+    let all_cores = format!("0-{}", cores - 1);
+    pin(std::process::id(), &load_cores)?;
+    let result = compare(etcd, logs, secs, server_core, &load_cores).await;
+    pin(std::process::id(), &all_cores)?;
+    result
+}
+
+async fn compare(etcd: &Etcd, logs: &Path, secs: u64, server_core: usize, load_cores: &str) -> anyhow::Result<()> {
+    let bare = start(etcd, logs, "bare", "bare tonic", server_core).await?;
+    let mesh = start(etcd, logs, "mesh", "MeshServer", server_core).await?;
+    println!(
+        "\n(servers: echo-server pinned to core {server_core}, the load to core(s) {load_cores}; one HTTP/2 connection each, concurrency {CONCURRENCY})"
+    );
+    let servers = [&bare, &mesh];
+    for s in servers {
+        load(Duration::from_millis(500), echo_call(&s.client)).await?;
+    }
+    let round = Duration::from_secs(secs) * 2 / ROUNDS as u32;
+    let (mut saturated, mut steady) = ([Side::default(), Side::default()], [Side::default(), Side::default()]);
+    for r in 0..ROUNDS {
+        // Alternate which goes first, so neither always follows the other.
+        let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let pid = servers[i].process.pid();
+            let before = schedstat_cpu(pid);
+            let s = load(round, echo_call(&servers[i].client)).await?;
+            saturated[i].add(s, schedstat_cpu(pid).saturating_sub(before));
+        }
+        for i in order {
+            let pid = servers[i].process.pid();
+            let before = schedstat_cpu(pid);
+            let s = paced(STEADY_RATE, round, echo_call(&servers[i].client)).await?;
+            steady[i].add(s, schedstat_cpu(pid).saturating_sub(before));
+        }
+    }
+    let [sat_bare, sat_mesh] = &saturated;
+    report(
+        &format!("servers, saturated: Echo, {} vs {}, one core each", bare.name, mesh.name),
+        sat_bare,
+        sat_mesh,
+        false,
+    );
+    let [steady_bare, steady_mesh] = &steady;
+    report(&format!("servers, steady {STEADY_RATE} calls/s: Echo, one core each"), steady_bare, steady_mesh, true);
+    for s in [bare, mesh] {
+        crate::stop(s.process).await;
+    }
+    Ok(())
+}

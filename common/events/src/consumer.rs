@@ -786,12 +786,6 @@ impl Shared {
     /// Publishes the record unchanged to the dead-letter topic, with why.
     async fn dead_letter(&self, event: &Event, error: &HandlerError) -> Result<()> {
         let mut record_headers = event.headers.clone();
-        // A replay dead-lettered again says where it is now, not where it was.
-        for stale in
-            [headers::DLQ_ERROR, headers::DLQ_TOPIC, headers::DLQ_PARTITION, headers::DLQ_OFFSET, headers::DLQ_GROUP]
-        {
-            record_headers.remove(stale);
-        }
         record_headers.insert(headers::DLQ_ERROR.into(), error.to_string().into_bytes());
         record_headers.insert(headers::DLQ_TOPIC.into(), event.topic.clone().into_bytes());
         record_headers.insert(headers::DLQ_PARTITION.into(), event.partition.to_string().into_bytes());

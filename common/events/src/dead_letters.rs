@@ -86,47 +86,44 @@ pub struct Replayed {
 }
 
 impl Kafka {
-    /// The dead-letter topics of this process's prefix (names ending in
-    /// `events.dead_letter_suffix`) with their partition counts.
-    pub async fn dead_letter_topics(&self) -> Result<Vec<(String, i32)>> {
+    /// The newest `limit` (at most [`MAX_READ`]) dead letters, newest
+    /// first: of `topic` (a dead-letter topic, or the topic it belongs to),
+    /// or of every dead-letter topic of this process's prefix (names ending
+    /// in `events.dead_letter_suffix`).
+    pub async fn dead_letters(&self, topic: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
         let settings = self.settings();
-        let mut topics: Vec<(String, i32)> = self
+        let suffix = settings.dead_letter_suffix.as_str();
+        let wanted = topic.map(|t| if t.ends_with(suffix) { t.to_owned() } else { format!("{t}{suffix}") });
+        let topics: Vec<(String, i32)> = self
             .topics()
             .await?
             .into_iter()
-            .filter(|(name, _)| {
-                name.starts_with(&settings.topic_prefix) && name.ends_with(&settings.dead_letter_suffix)
+            .filter(|(name, _)| match &wanted {
+                Some(w) => name == w,
+                None => name.starts_with(&settings.topic_prefix) && name.ends_with(suffix),
             })
             .collect();
-        topics.sort();
-        Ok(topics)
-    }
-
-    /// The newest `limit` (at most [`MAX_READ`]) dead letters of each
-    /// partition of `dlq_topic`, newest first.
-    pub async fn dead_letters(&self, dlq_topic: &str, limit: usize) -> Result<Vec<DeadLetter>> {
-        let limit = limit.clamp(1, MAX_READ) as i64;
-        let partitions = self
-            .topics()
-            .await?
-            .into_iter()
-            .find(|(name, _)| name == dlq_topic)
-            .map(|(_, n)| n)
-            .ok_or_else(|| Error::NotFound(format!("there is no topic {dlq_topic:?}")))?;
+        if let (Some(w), true) = (&wanted, topics.is_empty()) {
+            return Err(Error::NotFound(format!("there is no topic {w:?}")));
+        }
+        let limit = limit.clamp(1, MAX_READ);
         let mut out = Vec::new();
-        for partition in 0..partitions {
-            let (earliest, latest) = self.offsets(dlq_topic, partition).await?;
-            let mut next = earliest.max(latest - limit);
-            while next < latest {
-                let fetched = self.fetch(dlq_topic, partition, next).await?;
-                let Some(last) = fetched.records.last().map(|r| r.offset) else { break };
-                for r in fetched.records.iter().filter(|r| r.offset < latest) {
-                    out.push(DeadLetter::of(dlq_topic, partition, r.offset, &r.record));
+        for (dlq_topic, partitions) in &topics {
+            for partition in 0..*partitions {
+                let (earliest, latest) = self.offsets(dlq_topic, partition).await?;
+                let mut next = earliest.max(latest - limit as i64);
+                while next < latest {
+                    let fetched = self.fetch(dlq_topic, partition, next).await?;
+                    let Some(last) = fetched.records.last().map(|r| r.offset) else { break };
+                    for r in fetched.records.iter().filter(|r| r.offset < latest) {
+                        out.push(DeadLetter::of(dlq_topic, partition, r.offset, &r.record));
+                    }
+                    next = last + 1;
                 }
-                next = last + 1;
             }
         }
         out.sort_by(|a, b| b.time_ms.cmp(&a.time_ms).then(b.offset.cmp(&a.offset)));
+        out.truncate(limit);
         Ok(out)
     }
 

@@ -109,7 +109,7 @@ async fn view(app: &App, s: &Session, mut notices: Vec<Notice>, status: StatusCo
         );
     }
     body.push_str("<h2>Dead letters</h2>");
-    match tokio::time::timeout(app.timeout() * 3, ops::dead_letters(&app.kafka, None, SHOWN)).await {
+    match tokio::time::timeout(app.timeout() * 3, app.kafka.dead_letters(None, SHOWN)).await {
         Err(_) => {
             let why = format!("Kafka ({}) did not answer in time.", app.kafka.settings().brokers.join(","));
             let _ = write!(body, "<p class=\"error\">{}</p>", esc(&why));

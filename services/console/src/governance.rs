@@ -462,16 +462,17 @@ impl RuleForm {
 }
 
 /// The rules written back: all of them in one setting, so the change is
-/// one record in the history, checked whole.
+/// one record in the history, checked whole; only if the revision they were
+/// read at (`read`) is the one the page showed (`shown`).
 async fn write_rules(
     app: &App,
     s: &Session,
     component: &str,
-    rev: &str,
+    shown: &str,
+    read: i64,
     rules: RuleMap,
 ) -> Result<(), (StatusCode, Notice)> {
-    let (_, revision, _) = rules_of(app, component).await?;
-    if rev.trim() != revision.to_string() {
+    if shown.trim() != read.to_string() {
         return Err((
             StatusCode::CONFLICT,
             Notice::Error(
@@ -512,9 +513,9 @@ pub async fn set_rule(
         Err(e) => Err(e),
         Ok(rule) => match rules_of(&app, &component).await {
             Err(e) => Err(e),
-            Ok((mut own, _, _)) => {
+            Ok((mut own, read, _)) => {
                 own.insert(pattern.clone(), rule);
-                write_rules(&app, &s, &component, &form.rev, own).await
+                write_rules(&app, &s, &component, &form.rev, read, own).await
             }
         },
     };
@@ -551,11 +552,11 @@ pub async fn remove_rule(
     }
     let result = match rules_of(&app, &component).await {
         Err(e) => Err(e),
-        Ok((mut own, _, _)) => {
+        Ok((mut own, read, _)) => {
             if own.remove(&form.pattern).is_none() {
                 Err((StatusCode::NOT_FOUND, Notice::Error(format!("{component} has no rule for {:?}.", form.pattern))))
             } else {
-                write_rules(&app, &s, &component, &form.rev, own).await
+                write_rules(&app, &s, &component, &form.rev, read, own).await
             }
         }
     };

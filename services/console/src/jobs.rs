@@ -37,14 +37,6 @@ pub async fn page(State(app): Shared, Signed(s, _): Signed, Query(query): Query<
     view(&app, &s, &query.job, said(&query.said), StatusCode::OK).await
 }
 
-fn ms_of(t: Option<&prost_types::Timestamp>) -> Option<i64> {
-    t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
-}
-
-fn when(t: Option<&prost_types::Timestamp>) -> String {
-    ms_of(t).map_or_else(|| "-".into(), |ms| ops::utc(ms.max(0) as u64))
-}
-
 fn schedule(job: &Job) -> String {
     if job.every_ms > 0 { format!("every {} ms", job.every_ms) } else { format!("{} ({})", job.cron, job.time_zone) }
 }
@@ -101,8 +93,8 @@ async fn view(app: &App, s: &Session, only: &str, mut notices: Vec<Notice>, stat
             esc(&job.handler),
             esc(&route),
             if job.paused { "paused" } else { "active" },
-            esc(&when(job.next_fire_time.as_ref())),
-            esc(&when(job.last_fire_time.as_ref())),
+            esc(&ops::when(job.next_fire_time.as_ref())),
+            esc(&ops::when(job.last_fire_time.as_ref())),
             ops::run_status(job.last_status),
             name = esc(&job.name),
         );
@@ -145,7 +137,7 @@ fn run_log(app: &App, body: &mut String, runs: &[Run]) {
          <th>Executor</th><th>Status</th><th>Took</th><th>Output or error</th><th>Trace</th></tr>",
     );
     for run in runs {
-        let took = match (ms_of(run.start_time.as_ref()), ms_of(run.end_time.as_ref())) {
+        let took = match (ops::ms_of(run.start_time.as_ref()), ops::ms_of(run.end_time.as_ref())) {
             (Some(a), Some(b)) => format!("{} ms", b - a),
             _ => "-".into(),
         };
@@ -171,7 +163,7 @@ fn run_log(app: &App, body: &mut String, runs: &[Run]) {
             esc(&run.job),
             esc(&run.id[..run.id.len().min(8)]),
             esc(&run.job),
-            esc(&when(run.scheduled_time.as_ref())),
+            esc(&ops::when(run.scheduled_time.as_ref())),
             run.shard_index,
             run.shard_total,
             run.attempt,

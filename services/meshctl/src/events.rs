@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 use etcd_client::Client;
 use meshkit_common::{
-    events::{Kafka, dead_letters::DeadLetter, dead_letters::Replayed},
+    events::{Kafka, dead_letters::Replayed},
     history::{self, AuditEntry},
 };
 
@@ -19,27 +19,9 @@ pub fn kafka() -> anyhow::Result<Kafka> {
     Ok(Kafka::new(events, "meshctl"))
 }
 
-/// Every dead letter of the prefix's dead-letter topics (or of `topic`,
-/// the dead-letter topic or the topic it belongs to), newest first.
-pub async fn dead_letters(kafka: &Kafka, topic: Option<&str>, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
-    let suffix = kafka.settings().dead_letter_suffix.clone();
-    let topics: Vec<String> = match topic {
-        Some(t) if t.ends_with(&suffix) => vec![t.to_owned()],
-        Some(t) => vec![format!("{t}{suffix}")],
-        None => kafka.dead_letter_topics().await?.into_iter().map(|(t, _)| t).collect(),
-    };
-    let mut all = Vec::new();
-    for t in topics {
-        all.extend(kafka.dead_letters(&t, limit).await.with_context(|| format!("reading {t}"))?);
-    }
-    all.sort_by(|a, b| b.time_ms.cmp(&a.time_ms).then(b.offset.cmp(&a.offset)));
-    all.truncate(limit);
-    Ok(all)
-}
-
 /// `events dead-letters [TOPIC] [--limit N]`.
 pub async fn events_dead_letters(topic: Option<&str>, limit: usize) -> anyhow::Result<String> {
-    let letters = dead_letters(&kafka()?, topic, limit).await?;
+    let letters = kafka()?.dead_letters(topic, limit).await?;
     let mut out = format!(
         "{:<20} {:<28} {:>4} {:>8}  {:<36} {:<20} {:<14} ERROR\n",
         "WHEN (UTC)", "DEAD-LETTER TOPIC", "PART", "OFFSET", "EVENT ID", "FROM", "GROUP"

@@ -32,11 +32,13 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
-fn ms_of(t: Option<&prost_types::Timestamp>) -> Option<i64> {
+/// A protobuf time in ms since the Unix epoch.
+pub fn ms_of(t: Option<&prost_types::Timestamp>) -> Option<i64> {
     t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
 
-fn when(t: Option<&prost_types::Timestamp>) -> String {
+/// A protobuf time as the job log writes slots, or `-`.
+pub fn when(t: Option<&prost_types::Timestamp>) -> String {
     ms_of(t).map_or_else(|| "-".into(), meshkit_common::jobs::format_slot)
 }
 

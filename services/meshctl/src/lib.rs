@@ -21,10 +21,11 @@ pub use config::{
     config_set, config_watch, delete_setting, json_value, rollback_setting, sections_of, set_setting, setting_changes,
     shown, utc,
 };
-pub use events::{audit_replay, dead_letters, events_dead_letters, events_replay, kafka, replay_dead_letter};
+pub use events::{audit_replay, events_dead_letters, events_replay, kafka, replay_dead_letter};
 pub use governance::governance;
 pub use jobs::{
-    jobs_history, jobs_list, jobs_pause, jobs_trigger, list_jobs, list_runs, pause_job, run_status, trigger_job,
+    jobs_history, jobs_list, jobs_pause, jobs_trigger, list_jobs, list_runs, ms_of, pause_job, run_status, trigger_job,
+    when,
 };
 pub use processes::{EndpointRow, PartitionRow, RelayRow, events, pools};
 pub use prometheus::{prometheus_targets, watch_prometheus_targets, write_prometheus_targets};

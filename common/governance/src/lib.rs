@@ -440,7 +440,8 @@ impl Governance {
         let Some(rule) = compiled.rule(path) else {
             return Ok(Admitted { _in_flight: in_flight, _permit: None, timeout: None });
         };
-        let clock = governor::clock::DefaultClock::default();
+        // The limiters' own clock: building one (`DefaultClock::default()`)
+        // calibrates a new TSC clock, about 15 µs, and must not happen per call.
         if let Some(limiter) = &rule.qps {
             if let Err(not_until) = limiter.check() {
                 self.count("server", &rule.pattern, "qps");
@@ -449,7 +450,7 @@ impl Governance {
                         "rate limit of {}/s on {path} exceeded (rule {:?})",
                         rule.rule.qps, rule.pattern
                     )),
-                    pushback: not_until.wait_time_from(clock.now()),
+                    pushback: not_until.wait_time_from(limiter.clock().now()),
                 });
             }
         }
@@ -462,7 +463,7 @@ impl Governance {
                         "rate limit of {}/s per caller on {path} exceeded by {:?} ({})",
                         rule.rule.caller_qps, caller, rule.rule.caller_key
                     )),
-                    pushback: not_until.wait_time_from(clock.now()),
+                    pushback: not_until.wait_time_from(limiter.clock().now()),
                 });
             }
         }
@@ -483,11 +484,13 @@ impl Governance {
             None => None,
         };
         // The handler and its downstream calls see the deadline (grpc-timeout
-        // → the task's deadline); this layer enforces it.
-        let timeout = (rule.rule.timeout_ms > 0).then(|| Duration::from_millis(rule.rule.timeout_ms));
-        if let Some(timeout) = timeout {
-            shorten_deadline(headers, timeout);
-        }
+        // → the task's deadline); this layer enforces it when it is the
+        // rule's. A caller's sooner deadline is already enforced by the
+        // server's own grpc-timeout timer, outside this layer: no second
+        // timer for it.
+        let timeout = (rule.rule.timeout_ms > 0)
+            .then(|| Duration::from_millis(rule.rule.timeout_ms))
+            .filter(|timeout| shorten_deadline(headers, *timeout));
         Ok(Admitted { _in_flight: in_flight, _permit: permit, timeout })
     }
 }
@@ -496,12 +499,14 @@ fn path_or_other<'a>(compiled: &'a Compiled, path: &str) -> &'a str {
     compiled.rule(path).map_or("*", |r| r.pattern.as_str())
 }
 
-/// Sets `grpc-timeout` to `limit` unless the caller's is sooner.
-fn shorten_deadline(headers: &mut http::HeaderMap, limit: Duration) {
+/// Sets `grpc-timeout` to `limit` unless the caller's is sooner; whether it did.
+fn shorten_deadline(headers: &mut http::HeaderMap, limit: Duration) -> bool {
     let own = headers.get(&meshkit_base::deadline::GRPC_TIMEOUT).and_then(meshkit_base::deadline::parse_grpc_timeout);
-    if own.is_none_or(|d| d > limit) {
+    let shorter = own.is_none_or(|d| d > limit);
+    if shorter {
         headers.insert(meshkit_base::deadline::GRPC_TIMEOUT, meshkit_base::deadline::format_grpc_timeout(limit));
     }
+    shorter
 }
 
 /// Server codes a breaker or throttle counts as the backend failing.
@@ -639,5 +644,59 @@ where
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn governance(rule: MethodRule) -> Arc<Governance> {
+        let mut settings = GovernanceSettings::default();
+        settings.methods.insert("/pkg.Svc/Call".into(), rule);
+        Governance::new(settings)
+    }
+
+    fn headers(timeout: Option<&'static str>) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        if let Some(t) = timeout {
+            h.insert(meshkit_base::deadline::GRPC_TIMEOUT, HeaderValue::from_static(t));
+        }
+        h
+    }
+
+    #[test]
+    fn a_rule_timeout_is_enforced_here_only_when_it_is_sooner_than_the_callers() {
+        let g = governance(MethodRule { timeout_ms: 200, ..MethodRule::default() });
+        // No deadline from the caller: the rule's is set and enforced here.
+        let mut h = headers(None);
+        let admitted = g.admit("/pkg.Svc/Call", &mut h).map_err(|r| r.status).unwrap();
+        assert_eq!(admitted.timeout, Some(Duration::from_millis(200)));
+        assert_eq!(h.get("grpc-timeout").and_then(meshkit_base::deadline::parse_grpc_timeout), Some(Duration::from_millis(200)));
+        // A later deadline from the caller is shortened to the rule's.
+        let mut h = headers(Some("5S"));
+        let admitted = g.admit("/pkg.Svc/Call", &mut h).map_err(|r| r.status).unwrap();
+        assert_eq!(admitted.timeout, Some(Duration::from_millis(200)));
+        assert_eq!(h.get("grpc-timeout").and_then(meshkit_base::deadline::parse_grpc_timeout), Some(Duration::from_millis(200)));
+        // A sooner one stands, enforced by the server's own grpc-timeout
+        // timer: no second timer here.
+        let mut h = headers(Some("50m"));
+        let admitted = g.admit("/pkg.Svc/Call", &mut h).map_err(|r| r.status).unwrap();
+        assert_eq!(admitted.timeout, None);
+        assert_eq!(h.get("grpc-timeout").map(|v| v.to_str().unwrap()), Some("50m"));
+    }
+
+    #[test]
+    fn a_rate_limit_refusal_says_when_to_come_back() {
+        let g = governance(MethodRule { qps: 1.0, burst: 1, ..MethodRule::default() });
+        assert!(g.admit("/pkg.Svc/Call", &mut headers(None)).is_ok());
+        let refusal = g.admit("/pkg.Svc/Call", &mut headers(None)).err().expect("the second call in a second is refused");
+        assert_eq!(refusal.status.code(), tonic::Code::ResourceExhausted);
+        assert!(refusal.status.message().contains("rate limit of 1/s"), "{}", refusal.status.message());
+        assert!(
+            refusal.pushback > Duration::from_millis(500) && refusal.pushback <= Duration::from_secs(1),
+            "{:?}",
+            refusal.pushback
+        );
     }
 }

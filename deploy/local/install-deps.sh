@@ -48,7 +48,8 @@ fi
 # client are built from the Go module proxy, so the suite needs Go as it needs
 # Rust: the newest `go` line of the Go modules.
 go_min="$(sed -n 's/^go \(.*\)/\1/p' "$root"/services/integration-tests/tools/*/go.mod \
-    "$root"/services/integration-tests/clients/go/go.mod | sort -V | tail -n1)"
+    "$root"/services/integration-tests/clients/go/go.mod "$root"/services/integration-tests/clients/peers/go.mod \
+    | sort -V | tail -n1)"
 if (( want_test )); then
     if ! command -v go >/dev/null; then
         prereq+=("Go $go_min or newer with go on PATH, for make test's h2spec, gRPC interop and xDS clients (go.dev/dl)")
@@ -214,9 +215,11 @@ elif [[ "${MESHKIT_ETCD_MEMBERS:-1}" == 3 ]] && command -v go >/dev/null \
     && [[ "$(printf '%s\n%s\n' "$go_min" "$(go env GOVERSION | sed 's/^go//')" | sort -V | head -n1)" == "$go_min" ]]; then
     go_tools=(etcd:go.etcd.io/etcd/server/v3)
 fi
-# The bench's xDS phase calls through grpc-go too.
-if (( want_bench && !want_test )) && command -v go >/dev/null; then
-    go_tools+=(xds-client-go:.:services/integration-tests/clients/go)
+# The bench's xDS phase calls through grpc-go too; its peers phase through
+# go-zero's and grpc-go's clients, and a grpc-go server (clients/peers).
+if (( want_bench )) && command -v go >/dev/null; then
+    (( want_test )) || go_tools+=(xds-client-go:.:services/integration-tests/clients/go)
+    go_tools+=(peer-go:.:services/integration-tests/clients/peers)
 fi
 if (( ${#go_tools[@]} )); then
     for tool in "${go_tools[@]}"; do

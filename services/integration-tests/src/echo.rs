@@ -6,7 +6,7 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use std::sync::{
     Arc,
-    atomic::{AtomicI32, Ordering},
+    atomic::{AtomicI32, AtomicU64, Ordering},
 };
 
 use meshkit_common::{Mesh, MeshServer, ProcessConfig, RunningServer};
@@ -42,9 +42,21 @@ pub struct Faults {
     /// each holding one for `service_ms` (a pool of connections to a slow
     /// database, say): beyond it, calls queue and latency grows.
     pub bottleneck: Option<(Arc<tokio::sync::Semaphore>, std::time::Duration)>,
+    /// Added to every `Echo` call (a slow instance).
+    pub delay: std::time::Duration,
+    /// Every `fail_every`th `Echo` call answers UNAVAILABLE (0: none), so a
+    /// share of exactly 1/n fails, the same in every run.
+    pub fail_every: u64,
+    calls: Arc<AtomicU64>,
 }
 
 impl Faults {
+    /// An instance that answers `delay` late, and fails one Echo call in
+    /// every `fail_every` UNAVAILABLE (0: none).
+    pub fn sick(delay: std::time::Duration, fail_every: u64) -> Self {
+        Self { delay, fail_every, ..Self::default() }
+    }
+
     pub fn with_bottleneck(permits: usize, service_ms: u64) -> Self {
         Self {
             bottleneck: Some((
@@ -64,6 +76,13 @@ impl EchoService for Echo {
         let code = self.faults.fail_with.load(Ordering::Relaxed);
         if code != 0 {
             return Err(Status::new(tonic::Code::from_i32(code), "failing on purpose"));
+        }
+        if self.faults.fail_every > 0 && self.faults.calls.fetch_add(1, Ordering::Relaxed) % self.faults.fail_every == 0
+        {
+            return Err(Status::unavailable("failing one call in every few on purpose"));
+        }
+        if !self.faults.delay.is_zero() {
+            tokio::time::sleep(self.faults.delay).await;
         }
         if let Some((permits, service)) = &self.faults.bottleneck {
             let _permit = permits.acquire().await.map_err(|_| Status::internal("closed"))?;
@@ -140,8 +159,8 @@ impl EchoService for Echo {
 }
 
 /// The echo service alone, for a server built without meshkit's layers.
-pub fn echo_service(instance: &str) -> EchoServiceServer<impl EchoService> {
-    EchoServiceServer::new(Echo { instance: instance.to_owned(), faults: Faults::default() })
+pub fn echo_service(instance: &str, faults: Faults) -> EchoServiceServer<impl EchoService> {
+    EchoServiceServer::new(Echo { instance: instance.to_owned(), faults })
 }
 
 /// Starts an echo instance registered in etcd.

@@ -1,9 +1,10 @@
-//! What `MeshServer`'s default layers cost against tonic's server alone:
-//! the same echo handler in two processes (`echo-server`), each pinned to
-//! the last core, the load from this process pinned to the others; Echo
-//! calls on one direct HTTP/2 connection per server, saturated
+//! What `MeshServer`'s default layers cost against tonic's server alone,
+//! with a grpc-go server beside them as the peer's figure: the same echo
+//! reply in three processes (`echo-server` twice, `peer-go serve`), each
+//! pinned to the last core, the load from this process pinned to the others;
+//! Echo calls on one direct HTTP/2 connection per server, saturated
 //! (`CONCURRENCY` callers back to back) and at a steady 5,000 calls/s, in
-//! alternating rounds so drift on the host hits both alike. The server's CPU
+//! rounds that rotate the order so drift on the host hits all alike. The server's CPU
 //! is the sum of its threads' on-CPU time (`/proc/PID/task/*/schedstat`, in
 //! ns), so a round of a second still resolves a fraction of a µs per call.
 //!
@@ -23,7 +24,7 @@ use std::{
 use meshkit_integration_tests::{
     Etcd, ServiceProcess, bin_dir,
     echo::{EchoRequest, EchoServiceClient},
-    free_port,
+    free_port, tool,
 };
 use tonic::transport::Channel;
 
@@ -32,7 +33,7 @@ use crate::{CONCURRENCY, ROUNDS, Stats, load, median, num_cpus, paced};
 const STEADY_RATE: u64 = 5_000;
 
 /// On-CPU time of every thread of `pid`, from the scheduler's own accounting.
-fn schedstat_cpu(pid: i32) -> Duration {
+pub(crate) fn schedstat_cpu(pid: i32) -> Duration {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
     let ns: u64 = tasks
         .flatten()
@@ -42,7 +43,7 @@ fn schedstat_cpu(pid: i32) -> Duration {
     Duration::from_nanos(ns)
 }
 
-fn pin(pid: u32, cores: &str) -> anyhow::Result<()> {
+pub(crate) fn pin(pid: u32, cores: &str) -> anyhow::Result<()> {
     let status = Command::new("taskset").args(["-a", "-cp", cores, &pid.to_string()]).output()?;
     anyhow::ensure!(status.status.success(), "taskset {cores} {pid}: {}", String::from_utf8_lossy(&status.stderr));
     Ok(())
@@ -57,7 +58,12 @@ struct Server {
 async fn start(etcd: &Etcd, logs: &Path, kind: &str, name: &'static str, core: usize) -> anyhow::Result<Server> {
     let port = free_port();
     let mut command = Command::new("taskset");
-    command.arg("-c").arg(core.to_string()).arg(bin_dir().join("echo-server"));
+    command.arg("-c").arg(core.to_string());
+    if kind == "grpc-go" {
+        command.arg(tool("peer-go")).args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    } else {
+        command.arg(bin_dir().join("echo-server"));
+    }
     let env = [
         ("ECHO_SERVER", kind.to_owned()),
         ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{port}")),
@@ -76,7 +82,7 @@ async fn start(etcd: &Etcd, logs: &Path, kind: &str, name: &'static str, core: u
         };
         match connected.await {
             Ok(client) => return Ok(Server { name, process, client }),
-            Err(e) if Instant::now() > deadline => anyhow::bail!("echo-server {kind} did not answer in 20 s: {e:#}"),
+            Err(e) if Instant::now() > deadline => anyhow::bail!("echo server {kind} did not answer in 20 s: {e:#}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -125,13 +131,14 @@ impl Side {
     }
 }
 
-fn report(title: &str, bare: &Side, mesh: &Side, steady: bool) {
+/// The sides' rows, then each against the first (bare tonic).
+fn report(title: &str, sides: &[(&str, &Side)], steady: bool) {
     println!("\n== {title}");
     println!(
         "  {:<12} {:>10} {:>8} {:>8} {:>8} {:>16} {:>18}",
         "", "calls/s", "p50 µs", "p99 µs", "p99.9 µs", "server µs/call", "spread of rounds"
     );
-    for (name, s) in [("bare tonic", bare), ("MeshServer", mesh)] {
+    for (name, s) in sides {
         let h = &s.stats.hist;
         println!(
             "  {name:<12} {:>10.0} {:>8} {:>8} {:>8} {:>16.2} {:>18}",
@@ -143,22 +150,26 @@ fn report(title: &str, bare: &Side, mesh: &Side, steady: bool) {
             s.spread(),
         );
     }
-    let added = mesh.server_us() - bare.server_us();
-    let ratio = mesh.rate() / bare.rate();
-    if steady {
-        let q =
-            |s: &Side, q: f64| s.stats.hist.value_at_quantile(q) as i64 - bare.stats.hist.value_at_quantile(q) as i64;
-        println!(
-            "  MeshServer  server CPU {added:+.2} µs per call (goal <= +2), added p50 {:+} µs, p99 {:+} µs (medians of {} rounds)",
-            q(mesh, 0.5),
-            q(mesh, 0.99),
-            mesh.rounds.len()
-        );
-    } else {
-        println!(
-            "  MeshServer  throughput x{ratio:.3} (goal >= 0.95), server CPU {added:+.2} µs per call (goal <= +2) (medians of {} rounds)",
-            mesh.rounds.len()
-        );
+    let (_, bare) = sides[0];
+    for (name, side) in &sides[1..] {
+        let added = side.server_us() - bare.server_us();
+        let goal = if *name == "MeshServer" { " (goal <= +2)" } else { "" };
+        if steady {
+            let q = |q: f64| side.stats.hist.value_at_quantile(q) as i64 - bare.stats.hist.value_at_quantile(q) as i64;
+            println!(
+                "  {name:<12} server CPU {added:+.2} µs per call{goal}, added p50 {:+} µs, p99 {:+} µs (medians of {} rounds)",
+                q(0.5),
+                q(0.99),
+                side.rounds.len()
+            );
+        } else {
+            let ratio = side.rate() / bare.rate();
+            let rate_goal = if *name == "MeshServer" { " (goal >= 0.95)" } else { "" };
+            println!(
+                "  {name:<12} throughput x{ratio:.3}{rate_goal}, server CPU {added:+.2} µs per call{goal} (medians of {} rounds)",
+                side.rounds.len()
+            );
+        }
     }
 }
 
@@ -178,43 +189,47 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
 }
 
 async fn compare(etcd: &Etcd, logs: &Path, secs: u64, server_core: usize, load_cores: &str) -> anyhow::Result<()> {
-    let bare = start(etcd, logs, "bare", "bare tonic", server_core).await?;
-    let mesh = start(etcd, logs, "mesh", "MeshServer", server_core).await?;
+    let servers = [
+        start(etcd, logs, "bare", "bare tonic", server_core).await?,
+        start(etcd, logs, "mesh", "MeshServer", server_core).await?,
+        start(etcd, logs, "grpc-go", "grpc-go", server_core).await?,
+    ];
     println!(
-        "\n(servers: echo-server pinned to core {server_core}, the load to core(s) {load_cores}; one HTTP/2 connection each, concurrency {CONCURRENCY})"
+        "\n(servers: each server pinned to core {server_core}, the load to core(s) {load_cores}; one HTTP/2 connection each, concurrency {CONCURRENCY})"
     );
-    let servers = [&bare, &mesh];
-    for s in servers {
+    for s in &servers {
         load(Duration::from_millis(500), echo_call(&s.client)).await?;
     }
     let round = Duration::from_secs(secs) * 2 / ROUNDS as u32;
-    let (mut saturated, mut steady) = ([Side::default(), Side::default()], [Side::default(), Side::default()]);
+    let mut saturated: [Side; 3] = Default::default();
+    let mut steady: [Side; 3] = Default::default();
     for r in 0..ROUNDS {
-        // Alternate which goes first, so neither always follows the other.
-        let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
+        // Rotate which goes first, so none always follows another.
+        let order: Vec<usize> = (0..servers.len()).map(|k| (k + r) % servers.len()).collect();
+        for &i in &order {
             let pid = servers[i].process.pid();
             let before = schedstat_cpu(pid);
             let s = load(round, echo_call(&servers[i].client)).await?;
             saturated[i].add(s, schedstat_cpu(pid).saturating_sub(before));
         }
-        for i in order {
+        for &i in &order {
             let pid = servers[i].process.pid();
             let before = schedstat_cpu(pid);
             let s = paced(STEADY_RATE, round, echo_call(&servers[i].client)).await?;
             steady[i].add(s, schedstat_cpu(pid).saturating_sub(before));
         }
     }
-    let [sat_bare, sat_mesh] = &saturated;
+    let names = servers.each_ref().map(|s| s.name);
+    fn rows<'a>(names: &[&'static str; 3], sides: &'a [Side; 3]) -> Vec<(&'static str, &'a Side)> {
+        names.iter().copied().zip(sides.iter()).collect()
+    }
     report(
-        &format!("servers, saturated: Echo, {} vs {}, one core each", bare.name, mesh.name),
-        sat_bare,
-        sat_mesh,
+        "servers, saturated: Echo, bare tonic vs MeshServer vs grpc-go, one core each",
+        &rows(&names, &saturated),
         false,
     );
-    let [steady_bare, steady_mesh] = &steady;
-    report(&format!("servers, steady {STEADY_RATE} calls/s: Echo, one core each"), steady_bare, steady_mesh, true);
-    for s in [bare, mesh] {
+    report(&format!("servers, steady {STEADY_RATE} calls/s: Echo, one core each"), &rows(&names, &steady), true);
+    for s in servers {
         crate::stop(s.process).await;
     }
     Ok(())

@@ -18,6 +18,11 @@
 //!    `bench/spring.rs`).
 //! 8. Servers: `MeshServer` with its default layers vs tonic's server alone,
 //!    the same echo handler on one core each (see `bench/servers.rs`).
+//! 9. Governance rule by rule, in process: what each rule adds per call on
+//!    the serving and the calling side (see `bench/rules.rs`).
+//! 10. Peers: meshkit's balanced channel beside go-zero's zrpc, grpc-go's
+//!    round_robin and tonic's balanced channel, on the same three backends,
+//!    healthy, slow, failing, killed and stopped (see `bench/peers.rs`).
 //!
 //! `MESHKIT_BENCH_SECS` (default 5) sets the length of each load phase.
 
@@ -25,6 +30,10 @@
 mod events;
 #[path = "../bench/gateway.rs"]
 mod gateway;
+#[path = "../bench/peers.rs"]
+mod peers;
+#[path = "../bench/rules.rs"]
+mod rules;
 #[path = "../bench/servers.rs"]
 mod servers;
 #[path = "../bench/spring.rs"]
@@ -63,8 +72,9 @@ async fn main() -> anyhow::Result<()> {
     println!("meshkit bench ({} cores, {secs} s per load phase, concurrency {CONCURRENCY})", num_cpus());
 
     // MESHKIT_BENCH_PHASES=startup,compare,pool (default: all), e.g. to profile one.
-    let phases = std::env::var("MESHKIT_BENCH_PHASES")
-        .unwrap_or_else(|_| "startup,compare,pool,events,gateway,governance,tls,servers,xds,spring,validate".into());
+    let phases = std::env::var("MESHKIT_BENCH_PHASES").unwrap_or_else(|_| {
+        "startup,compare,pool,events,gateway,governance,rules,tls,servers,peers,xds,spring,validate".into()
+    });
     let run = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     if run("startup") {
         startup(&etcd, &db, dir.path()).await?;
@@ -90,11 +100,17 @@ async fn main() -> anyhow::Result<()> {
     if run("governance") {
         governance_overhead(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
     }
+    if run("rules") {
+        rules::run().await?;
+    }
     if run("tls") {
         tls_overhead(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
     }
     if run("servers") {
         servers::run(&etcd, dir.path(), secs).await?;
+    }
+    if run("peers") {
+        peers::run(&etcd, dir.path(), secs).await?;
     }
     if run("xds") {
         xds::run(&etcd, dir.path()).await?;
@@ -230,52 +246,96 @@ async fn governance_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phas
         .collect::<Result<_, _>>()?;
     let mut client = etcd.client().await;
     wait_users(&mut client, 2).await?;
-    // Every rule, set so that none refuses: the cost of checking, not of refusing.
+    // Every rule, set so that none refuses: the cost of checking, not of
+    // refusing. MESHKIT_BENCH_RULES=qps,breaker,… keeps only those (qps,
+    // caller_qps, concurrency, timeout_ms, breaker, shedding, throttling).
+    let only = std::env::var("MESHKIT_BENCH_RULES").ok().filter(|r| !r.trim().is_empty());
+    let on = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|r| r.trim() == name));
     let rule = MethodRule {
-        qps: 1e6,
+        qps: if on("qps") { 1e6 } else { 0.0 },
         burst: 1_000_000,
-        concurrency: 100_000,
-        caller_qps: 1e6,
+        concurrency: if on("concurrency") { 100_000 } else { 0 },
+        caller_qps: if on("caller_qps") { 1e6 } else { 0.0 },
         caller_burst: 1_000_000,
-        timeout_ms: 10_000,
-        breaker: BreakerRule { enabled: true, ..BreakerRule::default() },
+        timeout_ms: if on("timeout_ms") { 10_000 } else { 0 },
+        breaker: BreakerRule { enabled: on("breaker"), ..BreakerRule::default() },
         ..MethodRule::default()
     };
     let mut all = GovernanceSettings::default();
     all.methods.insert("/grpc.health.v1.Health/Check".into(), rule);
-    all.shedding.enabled = true;
+    all.shedding.enabled = on("shedding");
     all.shedding.cpu_threshold = 0.0;
     all.shedding.min_in_flight = 100_000;
-    all.throttling.enabled = true;
+    all.throttling.enabled = on("throttling");
     let key = "/meshkit/config/user/governance";
     let plain = ChannelBuilder::new(etcd.client().await, "/meshkit").balanced(USER);
     let governed = ChannelBuilder::new(etcd.client().await, "/meshkit")
         .with_governance(Governance::new(all.clone()))
         .balanced(USER);
-    let server_cpu =
-        || servers.iter().map(|s| gateway::stat_cpu(s.pid()).map(|(_, cpu)| cpu).unwrap_or_default()).sum::<Duration>();
+    // The servers on the last core, this process (the caller) on the others,
+    // so the two sides do not take turns on one core at random.
+    let cores = num_cpus();
+    if cores >= 2 {
+        for s in &servers {
+            servers::pin(s.pid() as u32, &(cores - 1).to_string())?;
+        }
+        servers::pin(std::process::id(), &format!("0-{}", cores.saturating_sub(2)))?;
+    }
     run_balanced(&plain, Duration::from_millis(500)).await?;
     run_balanced(&governed, Duration::from_millis(500)).await?;
-    let (mut off, mut on) = (Stats::default(), Stats::default());
-    let (mut off_server, mut on_server) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..2 {
-        client.delete(key, None).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = server_cpu();
-        off.merge(run_balanced(&plain, phase / 2).await?);
-        off_server += server_cpu() - before;
-
-        client.put(key, serde_json::to_string(&all)?, None).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = server_cpu();
-        on.merge(run_balanced(&governed, phase / 2).await?);
-        on_server += server_cpu() - before;
+    // Rounds alternate which side goes first; each round's CPU per call,
+    // caller and servers together, from the scheduler's accounting (ns).
+    let cpu = || {
+        servers.iter().map(|s| servers::schedstat_cpu(s.pid())).sum::<Duration>()
+            + servers::schedstat_cpu(std::process::id() as i32)
+    };
+    let round = phase * 2 / ROUNDS as u32;
+    let (mut stats, mut per_call) = ([Stats::default(), Stats::default()], [Vec::new(), Vec::new()]);
+    for r in 0..ROUNDS {
+        for i in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if i == 0 {
+                client.delete(key, None).await?;
+            } else {
+                client.put(key, serde_json::to_string(&all)?, None).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let before = cpu();
+            let s = run_balanced(if i == 0 { &plain } else { &governed }, round).await?;
+            per_call[i].push(cpu().saturating_sub(before).as_secs_f64() * 1e6 / s.calls.max(1) as f64);
+            stats[i].merge(s);
+        }
     }
     client.delete(key, None).await?;
-    let title = format!(
-        "governance: every rule on (none refusing) vs none (health Check on 2 instances, concurrency {CONCURRENCY})"
+    if cores >= 2 {
+        servers::pin(std::process::id(), &format!("0-{}", cores - 1))?;
+    }
+    println!(
+        "\n== governance: {} on (none refusing) vs none (health Check on 2 instances pinned to one core, the caller to the other, concurrency {CONCURRENCY}, {ROUNDS} rounds)",
+        only.as_deref().unwrap_or("every rule")
     );
-    print_side_by_side(&title, ("none", &off, off_server), ("all rules", &on, on_server), false);
+    println!(
+        "  {:<10} {:>10} {:>8} {:>8} {:>22} {:>16}",
+        "", "calls/s", "p50 µs", "p99 µs", "caller+servers µs/call", "spread of rounds"
+    );
+    for (name, i) in [("none", 0), ("rules", 1)] {
+        let mut v = per_call[i].clone();
+        v.sort_by(f64::total_cmp);
+        println!(
+            "  {name:<10} {:>10.0} {:>8} {:>8} {:>22.1} {:>16}",
+            stats[i].rate(),
+            stats[i].hist.value_at_quantile(0.5),
+            stats[i].hist.value_at_quantile(0.99),
+            median(&per_call[i]),
+            format!("{:.1}–{:.1}", v.first().copied().unwrap_or(0.0), v.last().copied().unwrap_or(0.0)),
+        );
+    }
+    let added = median(&per_call[1]) - median(&per_call[0]);
+    println!(
+        "  rules: {added:+.1} µs per call, caller and servers together (goal <= +3), throughput x{:.3} (goal >= 0.95), errors {} / {}",
+        stats[1].rate() / stats[0].rate(),
+        stats[0].errors,
+        stats[1].errors
+    );
     for s in servers {
         stop(s).await;
     }

@@ -672,12 +672,18 @@ mod tests {
         let mut h = headers(None);
         let admitted = g.admit("/pkg.Svc/Call", &mut h).map_err(|r| r.status).unwrap();
         assert_eq!(admitted.timeout, Some(Duration::from_millis(200)));
-        assert_eq!(h.get("grpc-timeout").and_then(meshkit_base::deadline::parse_grpc_timeout), Some(Duration::from_millis(200)));
+        assert_eq!(
+            h.get("grpc-timeout").and_then(meshkit_base::deadline::parse_grpc_timeout),
+            Some(Duration::from_millis(200))
+        );
         // A later deadline from the caller is shortened to the rule's.
         let mut h = headers(Some("5S"));
         let admitted = g.admit("/pkg.Svc/Call", &mut h).map_err(|r| r.status).unwrap();
         assert_eq!(admitted.timeout, Some(Duration::from_millis(200)));
-        assert_eq!(h.get("grpc-timeout").and_then(meshkit_base::deadline::parse_grpc_timeout), Some(Duration::from_millis(200)));
+        assert_eq!(
+            h.get("grpc-timeout").and_then(meshkit_base::deadline::parse_grpc_timeout),
+            Some(Duration::from_millis(200))
+        );
         // A sooner one stands, enforced by the server's own grpc-timeout
         // timer: no second timer here.
         let mut h = headers(Some("50m"));
@@ -690,7 +696,8 @@ mod tests {
     fn a_rate_limit_refusal_says_when_to_come_back() {
         let g = governance(MethodRule { qps: 1.0, burst: 1, ..MethodRule::default() });
         assert!(g.admit("/pkg.Svc/Call", &mut headers(None)).is_ok());
-        let refusal = g.admit("/pkg.Svc/Call", &mut headers(None)).err().expect("the second call in a second is refused");
+        let refusal =
+            g.admit("/pkg.Svc/Call", &mut headers(None)).err().expect("the second call in a second is refused");
         assert_eq!(refusal.status.code(), tonic::Code::ResourceExhausted);
         assert!(refusal.status.message().contains("rate limit of 1/s"), "{}", refusal.status.message());
         assert!(

@@ -21,8 +21,8 @@
 //! 9. Governance rule by rule, in process: what each rule adds per call on
 //!    the serving and the calling side (see `bench/rules.rs`).
 //! 10. Peers: meshkit's balanced channel beside go-zero's zrpc, grpc-go's
-//!    round_robin and tonic's balanced channel, on the same three backends,
-//!    healthy, slow, failing, killed and stopped (see `bench/peers.rs`).
+//!     round_robin and tonic's balanced channel, on the same three backends,
+//!     healthy, slow, failing, killed and stopped (see `bench/peers.rs`).
 //!
 //! `MESHKIT_BENCH_SECS` (default 5) sets the length of each load phase.
 

@@ -359,6 +359,37 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// Vectored, as the socket is: without it hyper copies every response's
+    /// frames into one buffer first (the "flatten" write strategy).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.goaway.is_some() {
+            std::task::ready!(this.poll_goaway(cx))?;
+        }
+        if this.refused && this.goaway.is_none() {
+            return Poll::Ready(Err(Self::refused_error()));
+        }
+        let n = std::task::ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        for buf in bufs {
+            if left == 0 || this.outgoing.off {
+                break;
+            }
+            let take = left.min(buf.len());
+            this.scan_outgoing(&buf[..take]);
+            left -= take;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -449,6 +480,82 @@ mod tests {
         let goaway = guard.goaway.as_ref().map(|(bytes, _)| bytes.clone()).unwrap_or_default();
         assert_eq!(goaway[3], GOAWAY);
         assert!(goaway.ends_with(b"too_many_control_frames"));
+    }
+
+    /// A writer that takes at most `cap` bytes a call, across slices.
+    struct Capped {
+        written: Vec<u8>,
+        cap: usize,
+    }
+
+    impl AsyncWrite for Capped {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            let n = data.len().min(self.cap);
+            self.written.extend_from_slice(&data[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(self.cap - n);
+                self.written.extend_from_slice(&buf[..take]);
+                n += take;
+                if n == self.cap {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_pass_through_and_are_scanned_as_far_as_they_went() {
+        use tokio::io::AsyncWriteExt;
+        let mut guard =
+            FrameGuard::new(Capped { written: Vec::new(), cap: 7 }, None, GuardLimits { control_frames_per_sec: 100 });
+        assert!(guard.is_write_vectored());
+        let data = frame(DATA, 0, 1, &[1; 10]);
+        let goaway = frame(GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 0xb, b'x']);
+        let rst = frame(RST_STREAM, 0, 3, &REFUSED_STREAM.to_be_bytes());
+        let mut slices: Vec<&[u8]> = vec![&data, &goaway, &rst];
+        let mut sent = 0;
+        while !slices.is_empty() {
+            let bufs: Vec<io::IoSlice<'_>> = slices.iter().map(|s| io::IoSlice::new(s)).collect();
+            let mut n = guard.write_vectored(&bufs).await.unwrap();
+            sent += n;
+            while n > 0 {
+                let take = n.min(slices[0].len());
+                slices[0] = &slices[0][take..];
+                if slices[0].is_empty() {
+                    slices.remove(0);
+                }
+                n -= take;
+            }
+        }
+        assert_eq!(sent, data.len() + goaway.len() + rst.len());
+        assert_eq!(guard.inner.written, [data, goaway, rst].concat());
+        // The scanner saw every frame whole, however the writes split them:
+        // the DATA, and the GOAWAY and refused stream it reports.
+        assert!(guard.earned_ping);
+        assert!(guard.logged, "the GOAWAY and the refused stream were seen");
+        assert!(guard.outgoing.between_frames());
     }
 
     #[test]

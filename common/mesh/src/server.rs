@@ -341,8 +341,10 @@ impl MeshServer {
             // have open still refuses a flood.
             .http2_max_pending_accept_reset_streams(Some(config.server.max_concurrent_streams as usize))
             .layer(MapResponseLayer::new(move |mut res: http::Response<Body>| {
+                // A ready-made name: inserting by `&str` parses it on every call.
+                const INSTANCE: http::HeaderName = http::HeaderName::from_static(INSTANCE_HEADER);
                 if let Some(value) = &header {
-                    res.headers_mut().insert(INSTANCE_HEADER, value.clone());
+                    res.headers_mut().insert(INSTANCE, value.clone());
                 }
                 res
             }))

@@ -124,7 +124,7 @@ pub fn split_path(path: &str) -> (&str, &str) {
 /// The span of one call served: a root, or the child of the caller's span
 /// when the request carries a `traceparent`.
 pub fn server_span(path: &str, headers: &HeaderMap) -> Span {
-    let (service, method) = split_path(path);
+    // The fields' values are computed only when the span is recorded.
     let span = tracing::info_span!(
         target: RPC_TARGET,
         parent: None,
@@ -133,8 +133,8 @@ pub fn server_span(path: &str, headers: &HeaderMap) -> Span {
         otel.kind = "server",
         otel.status_code = Empty,
         rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
+        rpc.service = split_path(path).0,
+        rpc.method = split_path(path).1,
         rpc.grpc.status_code = Empty,
     );
     continue_from(span, &HeaderExtractor(headers))

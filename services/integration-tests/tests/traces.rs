@@ -98,6 +98,14 @@ async fn an_order_is_one_trace_from_the_gateway_through_kafka() {
     })
     .await;
     let user_id = user["id"].as_str().unwrap().to_owned();
+    // The gateway reaches order-service too (a read, safe to repeat) before
+    // the one order whose trace is checked.
+    eventually("the gateway serves order-service", Duration::from_secs(20), || async {
+        let path = format!("/v1/users/{user_id}/orders");
+        let r = send(addr, json_request("GET", addr, &path, "")).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
 
     // The caller's own trace context: every span below must join it.
     let body = format!(r#"{{"userId":"{user_id}","items":[{{"sku":"s-1","quantity":2}}]}}"#);

@@ -317,6 +317,18 @@ impl<S: AsyncWrite + Unpin> FrameGuard<S> {
         Poll::Ready(Ok(()))
     }
 
+    /// Before h2's next write: what is left of our GOAWAY goes first, and a
+    /// refused connection takes no more once it is out.
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.goaway.is_some() {
+            std::task::ready!(self.poll_goaway(cx))?;
+        }
+        if self.refused && self.goaway.is_none() {
+            return Poll::Ready(Err(Self::refused_error()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
     fn refused_error() -> io::Error {
         io::Error::new(io::ErrorKind::ConnectionAborted, "HTTP/2 client refused: too many control frames")
     }
@@ -346,12 +358,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.goaway.is_some() {
-            std::task::ready!(this.poll_goaway(cx))?;
-        }
-        if this.refused && this.goaway.is_none() {
-            return Poll::Ready(Err(Self::refused_error()));
-        }
+        std::task::ready!(this.poll_writable(cx))?;
         let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
         if !this.outgoing.off {
             this.scan_outgoing(&data[..n]);
@@ -367,12 +374,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.goaway.is_some() {
-            std::task::ready!(this.poll_goaway(cx))?;
-        }
-        if this.refused && this.goaway.is_none() {
-            return Poll::Ready(Err(Self::refused_error()));
-        }
+        std::task::ready!(this.poll_writable(cx))?;
         let n = std::task::ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
         let mut left = n;
         for buf in bufs {

@@ -19,7 +19,7 @@ use meshkit_common::{
 };
 use tower::{Layer, Service, ServiceExt};
 
-use crate::median;
+use crate::{median, spread};
 
 const PATH: &str = "/grpc.health.v1.Health/Check";
 const SERVICE: &str = "grpc.health.v1.Health";
@@ -153,11 +153,8 @@ pub async fn run() -> anyhow::Result<()> {
     let base = (median(&serve[1]), median(&call[1]));
     for (i, (name, _)) in sets.iter().enumerate() {
         let (s, c) = (median(&serve[i]), median(&call[i]));
-        let spread = {
-            let mut v = serve[i].clone();
-            v.sort_by(f64::total_cmp);
-            format!("{:.0}–{:.0}", v.first().copied().unwrap_or(0.0), v.last().copied().unwrap_or(0.0))
-        };
+        let (low, high) = spread(&serve[i]);
+        let spread = format!("{low:.0}–{high:.0}");
         println!(
             "  {name:<12} {s:>10.0} {:>+10.0} {c:>10.0} {:>+10.0} {:>+12.0} {spread:>14}",
             s - base.0,

@@ -125,9 +125,8 @@ impl Side {
     }
 
     fn spread(&self) -> String {
-        let mut us: Vec<f64> = self.rounds.iter().map(|r| r.1).collect();
-        us.sort_by(f64::total_cmp);
-        format!("{:.1}–{:.1}", us.first().copied().unwrap_or(0.0), us.last().copied().unwrap_or(0.0))
+        let (low, high) = crate::spread(&self.rounds.iter().map(|r| r.1).collect::<Vec<_>>());
+        format!("{low:.1}–{high:.1}")
     }
 }
 

@@ -39,7 +39,7 @@ use meshkit_proto::user::{CreateUserRequest, GetUserRequest, user_service_client
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use super::{Stats, load, paced, rss_kib};
+use super::{Stats, load, paced, rss_kib, spread};
 use crate::gateway::stat_cpu;
 
 const USER: &str = "meshkit.user.v1.UserService";
@@ -242,12 +242,6 @@ async fn saturate(
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
-}
-
-fn spread(values: &[f64]) -> (f64, f64) {
-    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (min, max)
 }
 
 pub async fn run(etcd: &Etcd, dir: &Path, secs: u64) -> anyhow::Result<()> {

@@ -318,15 +318,14 @@ async fn governance_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phas
         "", "calls/s", "p50 µs", "p99 µs", "caller+servers µs/call", "spread of rounds"
     );
     for (name, i) in [("none", 0), ("rules", 1)] {
-        let mut v = per_call[i].clone();
-        v.sort_by(f64::total_cmp);
+        let (low, high) = spread(&per_call[i]);
         println!(
             "  {name:<10} {:>10.0} {:>8} {:>8} {:>22.1} {:>16}",
             stats[i].rate(),
             stats[i].hist.value_at_quantile(0.5),
             stats[i].hist.value_at_quantile(0.99),
             median(&per_call[i]),
-            format!("{:.1}–{:.1}", v.first().copied().unwrap_or(0.0), v.last().copied().unwrap_or(0.0)),
+            format!("{low:.1}–{high:.1}"),
         );
     }
     let added = median(&per_call[1]) - median(&per_call[0]);
@@ -621,6 +620,13 @@ async fn balanced_vs_direct(etcd: &Etcd, db: &str, logs: &std::path::Path, phase
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
+/// The lowest and highest of `values`, to show the spread of rounds.
+fn spread(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);

@@ -167,6 +167,11 @@ impl<T> Default for MethodMap<T> {
 }
 
 impl<T> MethodMap<T> {
+    /// No pattern has a value.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.by_service.is_empty() && self.any.is_none()
+    }
+
     /// Sets the value of `pattern` (a later one for the same pattern wins).
     pub fn insert(&mut self, pattern: &MethodPattern, value: T) {
         match pattern {

@@ -32,7 +32,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, LazyLock, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -197,6 +197,30 @@ pub struct Governance {
     /// Bumped whenever the rules are replaced, so a balanced channel checks
     /// its split with one atomic read per call.
     generation: AtomicU64,
+    /// What the rules in force leave nothing to do for ([`IDLE_SERVING`],
+    /// [`IDLE_CALLING`]): a process without rules pays one atomic read per
+    /// call, not a snapshot and a lookup.
+    idle: AtomicU8,
+}
+
+/// No shedding and no method rule: nothing to check on a call served.
+const IDLE_SERVING: u8 = 1;
+/// No throttling and no method rule: nothing to check on a call made.
+const IDLE_CALLING: u8 = 2;
+
+impl Compiled {
+    fn idle(&self) -> u8 {
+        let mut idle = 0;
+        if self.rules.is_empty() {
+            if self.shedder.is_none() {
+                idle |= IDLE_SERVING;
+            }
+            if !self.settings.throttling.enabled {
+                idle |= IDLE_CALLING;
+            }
+        }
+        idle
+    }
 }
 
 impl std::fmt::Debug for Governance {
@@ -208,8 +232,10 @@ impl std::fmt::Debug for Governance {
 impl Governance {
     /// Fixed rules.
     pub fn new(settings: GovernanceSettings) -> Arc<Self> {
+        let compiled = Compiled::new(settings);
         Arc::new(Self {
-            compiled: RwLock::new(Arc::new(Compiled::new(settings))),
+            idle: AtomicU8::new(compiled.idle()),
+            compiled: RwLock::new(Arc::new(compiled)),
             rejections: Mutex::default(),
             generation: AtomicU64::new(1),
         })
@@ -238,7 +264,13 @@ impl Governance {
     /// Swaps in new rules.
     pub fn replace(&self, settings: GovernanceSettings) {
         let compiled = Arc::new(Compiled::new(settings));
-        *self.compiled.write().unwrap_or_else(|p| p.into_inner()) = compiled;
+        let idle = compiled.idle();
+        {
+            let mut slot = self.compiled.write().unwrap_or_else(|p| p.into_inner());
+            *slot = compiled;
+            // Under the lock: a reader that sees this also sees the rules.
+            self.idle.store(idle, Ordering::Release);
+        }
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -250,6 +282,10 @@ impl Governance {
     /// The traffic split of calls to `service`, if one is set.
     pub fn split(&self, service: &str) -> Option<Arc<VersionSplit>> {
         self.snapshot().splits.get(service).cloned()
+    }
+
+    fn is_idle(&self, side: u8) -> bool {
+        self.idle.load(Ordering::Acquire) & side != 0
     }
 
     fn snapshot(&self) -> Arc<Compiled> {
@@ -378,6 +414,9 @@ impl Governance {
         path: &str,
         headers: &mut http::HeaderMap,
     ) -> Result<Option<CallGuard>, tonic::Status> {
+        if self.is_idle(IDLE_CALLING) {
+            return Ok(None);
+        }
         let compiled = self.snapshot();
         let throttle = compiled.settings.throttling.enabled.then(|| compiled.throttle(service));
         if let Some(throttle) = &throttle {
@@ -607,13 +646,20 @@ where
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = futures::future::Either<
+        S::Future,
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        use futures::future::Either;
+        if self.governance.is_idle(IDLE_SERVING) {
+            return Either::Left(self.inner.call(req));
+        }
         let uri = req.uri().clone();
         match self.governance.admit(uri.path(), req.headers_mut()) {
             Err(refusal) => {
@@ -622,11 +668,11 @@ where
                 if let Ok(v) = HeaderValue::from_str(&ms) {
                     res.headers_mut().insert(PUSHBACK_HEADER, v);
                 }
-                Box::pin(async move { Ok(res) })
+                Either::Right(Box::pin(async move { Ok(res) }))
             }
             Ok(admitted) => {
                 let fut = self.inner.call(req);
-                Box::pin(async move {
+                Either::Right(Box::pin(async move {
                     let res = match admitted.timeout {
                         Some(limit) => match tokio::time::timeout(limit, fut).await {
                             Ok(res) => res,
@@ -641,7 +687,7 @@ where
                     };
                     drop(admitted);
                     res
-                })
+                }))
             }
         }
     }
@@ -705,5 +751,33 @@ mod tests {
             "{:?}",
             refusal.pushback
         );
+    }
+
+    #[tokio::test]
+    async fn the_serving_layer_passes_calls_through_until_a_rule_is_set_and_checks_them_after() {
+        use tower::ServiceExt;
+        let g = Governance::new(GovernanceSettings::default());
+        let ok = tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        });
+        let svc = GovernanceLayer(g.clone()).layer(ok);
+        let call = || http::Request::builder().uri("/pkg.Svc/Call").body(()).expect("a request");
+        let status = |res: &http::Response<Body>| {
+            res.headers().get("grpc-status").map(|v| v.to_str().unwrap_or_default().to_owned())
+        };
+        for _ in 0..3 {
+            let res = svc.clone().oneshot(call()).await.expect("infallible");
+            assert_eq!(status(&res), None, "refused with no rule set");
+        }
+        let mut settings = GovernanceSettings::default();
+        settings.methods.insert("/pkg.Svc/Call".into(), MethodRule { qps: 1.0, burst: 1, ..MethodRule::default() });
+        g.replace(settings);
+        assert_eq!(status(&svc.clone().oneshot(call()).await.expect("infallible")), None);
+        let res = svc.clone().oneshot(call()).await.expect("infallible");
+        assert_eq!(status(&res).as_deref(), Some("8"), "the rule set later was not applied");
+        assert!(res.headers().contains_key(PUSHBACK_HEADER));
+        // And back to none: nothing refused.
+        g.replace(GovernanceSettings::default());
+        assert_eq!(status(&svc.clone().oneshot(call()).await.expect("infallible")), None);
     }
 }

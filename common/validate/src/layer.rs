@@ -11,6 +11,7 @@
 //! compression, so tonic refuses them anyway.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -33,7 +34,7 @@ impl<S> tower::Layer<S> for ValidateLayer {
     type Service = ValidateService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ValidateService { inner, validator: self.0.clone() }
+        ValidateService { inner, validator: Arc::new(self.0.clone()) }
     }
 }
 
@@ -41,7 +42,8 @@ impl<S> tower::Layer<S> for ValidateLayer {
 #[derive(Debug, Clone)]
 pub struct ValidateService<S> {
     inner: S,
-    validator: Validator,
+    /// One reference to count: hyper clones the service for every request.
+    validator: Arc<Validator>,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for ValidateService<S>
@@ -74,7 +76,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         desc: MessageDescriptor,
-        validator: Validator,
+        validator: Arc<Validator>,
         // Bytes of a message not yet whole.
         pending: BytesMut,
         // Past a message too long to check: the rest passes as it comes.
@@ -84,7 +86,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> CheckedBody<B> {
-    fn new(inner: B, desc: MessageDescriptor, validator: Validator) -> Self {
+    fn new(inner: B, desc: MessageDescriptor, validator: Arc<Validator>) -> Self {
         Self { inner, desc, validator, pending: BytesMut::new(), unchecked: false, failed: false }
     }
 }
@@ -193,7 +195,7 @@ mod tests {
 
     /// The body `chunks` make, read through the check: the bytes passed and the error that ended it.
     async fn read(chunks: Vec<Vec<u8>>) -> (Vec<u8>, Option<tonic::Status>) {
-        let validator = validator();
+        let validator = Arc::new(validator());
         let frames = chunks.into_iter().map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(c))));
         let inner = StreamBody::new(futures::stream::iter(frames));
         let mut body = CheckedBody::new(inner, validator.method(METHOD).unwrap().clone(), validator);

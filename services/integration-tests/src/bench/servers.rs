@@ -218,6 +218,35 @@ async fn compare(etcd: &Etcd, logs: &Path, secs: u64, server_core: usize, load_c
             steady[i].add(s, schedstat_cpu(pid).saturating_sub(before));
         }
     }
+    // Paired: bare tonic and one other side at the same steady rate at the
+    // same time, on the same core, so what the machine does meanwhile
+    // (frequency, neighbours) falls on both; the difference per round.
+    let mut paired: [Vec<f64>; 3] = Default::default();
+    for r in 0..ROUNDS {
+        for i in 1..servers.len() {
+            let (a, b) = (&servers[0], &servers[i]);
+            let (a_pid, b_pid) = (a.process.pid(), b.process.pid());
+            let (a0, b0) = (schedstat_cpu(a_pid), schedstat_cpu(b_pid));
+            // Alternate which load starts first.
+            let (sa, sb) = if r % 2 == 0 {
+                tokio::join!(
+                    paced(STEADY_RATE, round, echo_call(&a.client)),
+                    paced(STEADY_RATE, round, echo_call(&b.client))
+                )
+            } else {
+                let (sb, sa) = tokio::join!(
+                    paced(STEADY_RATE, round, echo_call(&b.client)),
+                    paced(STEADY_RATE, round, echo_call(&a.client))
+                );
+                (sa, sb)
+            };
+            let (sa, sb) = (sa?, sb?);
+            let per_call = |cpu: Duration, s: &Stats| cpu.as_secs_f64() * 1e6 / s.calls.max(1) as f64;
+            let a_us = per_call(schedstat_cpu(a_pid).saturating_sub(a0), &sa);
+            let b_us = per_call(schedstat_cpu(b_pid).saturating_sub(b0), &sb);
+            paired[i].push(b_us - a_us);
+        }
+    }
     let names = servers.each_ref().map(|s| s.name);
     fn rows<'a>(names: &[&'static str; 3], sides: &'a [Side; 3]) -> Vec<(&'static str, &'a Side)> {
         names.iter().copied().zip(sides.iter()).collect()
@@ -228,6 +257,18 @@ async fn compare(etcd: &Etcd, logs: &Path, secs: u64, server_core: usize, load_c
         false,
     );
     report(&format!("servers, steady {STEADY_RATE} calls/s: Echo, one core each"), &rows(&names, &steady), true);
+    println!(
+        "\n== servers, paired at {STEADY_RATE} calls/s each: bare tonic and another side loaded at once on core {server_core}, {ROUNDS} rounds"
+    );
+    for (i, diffs) in paired.iter().enumerate().skip(1) {
+        let (low, high) = crate::spread(diffs);
+        let goal = if names[i] == "MeshServer" { " (goal <= +2)" } else { "" };
+        println!(
+            "  {:<12} server CPU {:+.2} µs per call{goal} against bare tonic in the same rounds (median; rounds {low:+.2} to {high:+.2})",
+            names[i],
+            median(diffs)
+        );
+    }
     for s in servers {
         crate::stop(s.process).await;
     }

@@ -116,6 +116,18 @@ where
 }
 
 impl Connection {
+    /// The last attempt to connect failed; the next call would get its error.
+    pub(crate) fn failed(&self) -> bool {
+        matches!(self.state, State::Failed(_))
+    }
+
+    /// Drops a failed attempt's error: the next readiness check connects again.
+    pub(crate) fn forget_failure(&mut self) {
+        if self.failed() {
+            self.state = State::Idle;
+        }
+    }
+
     /// A connection to `authority` (`host:port`) that connects on first use.
     pub(crate) fn lazy(authority: Authority, settings: ConnectSettings) -> Self {
         Self { authority, settings, state: State::Idle }

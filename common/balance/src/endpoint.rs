@@ -321,6 +321,24 @@ impl EndpointStats {
         self.calls.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A connection to the endpoint could not be made: a failure, and an
+    /// ejection. Whether the endpoint is now ejected (not when it is the
+    /// last one in rotation).
+    fn connect_failed(&self, now: Instant) -> bool {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        s.failure_score =
+            decayed(s.failure_score, now.saturating_duration_since(s.failure_at), self.config.failure_decay) + 1.0;
+        s.failure_at = now;
+        s.consecutive_failures += 1;
+        if s.ejected_until.is_none() && self.eject(&mut s, now) {
+            drop(s);
+            self.pool.notify();
+            return true;
+        }
+        s.ejected_until.is_some()
+    }
+
     fn finished(&self, outcome: Option<Outcome>, latency: Duration, now: Instant) {
         self.inflight.fetch_sub(1, Ordering::Relaxed);
         let sample = latency.as_nanos() as f64;
@@ -549,23 +567,34 @@ impl Service<Request> for EndpointService {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if let Some(until) = self.stats.ejected_until() {
-            let timer = self.eject_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until.into())));
-            timer.as_mut().reset(until.into());
-            ready!(timer.as_mut().poll(cx));
-            // The timer fired: ask again, which turns the endpoint into a probe.
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+        loop {
+            if let Some(until) = self.stats.ejected_until() {
+                let timer = self.eject_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until.into())));
+                timer.as_mut().reset(until.into());
+                ready!(timer.as_mut().poll(cx));
+                // The timer fired: ask again, which turns the endpoint into a probe.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let index = match self.ready {
+                Some(i) => i,
+                None => self.pick_connection(),
+            };
+            // A connection never fails readiness: lost connections reach
+            // the next call, where the endpoint counts them.
+            ready!(self.connections[index].channel.poll_ready(cx))?;
+            // Connecting failed (refused, timed out): the endpoint counts it
+            // and is ejected without spending a caller's call on it. Only
+            // the last endpoint in rotation, which is never ejected, hands
+            // the error to the call, so it fails at once.
+            if self.connections[index].channel.failed() && self.stats.connect_failed(Instant::now()) {
+                self.connections[index].channel.forget_failure();
+                self.ready = None;
+                continue;
+            }
+            self.ready = Some(index);
+            return Poll::Ready(Ok(()));
         }
-        let index = match self.ready {
-            Some(i) => i,
-            None => self.pick_connection(),
-        };
-        // A connection never fails readiness: connect errors and lost
-        // connections reach the next call, where the endpoint counts them.
-        ready!(self.connections[index].channel.poll_ready(cx))?;
-        self.ready = Some(index);
-        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {

@@ -439,3 +439,77 @@ mod retries {
         call.await.expect("no panic").expect("answered");
     }
 }
+
+/// A loopback address nothing listens on: connecting is refused.
+async fn refusing_addr() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+#[tokio::test]
+async fn an_endpoint_that_refuses_connections_takes_no_call_while_another_is_live() {
+    let (tx, synced, w) = watch(false);
+    // Short ejections, so the refusing endpoint is probed many times meanwhile.
+    let endpoint = EndpointConfig {
+        eject_base: Duration::from_millis(5),
+        eject_max: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let config = ChannelConfig::default().endpoint(endpoint);
+    // No method table: nothing is retried, so a call sent to the refusing
+    // endpoint would fail.
+    let channel = BalancedChannel::from_watch("meshkit.test.v1.Refused", w, &config, Arc::default());
+    tx.send(Change::Insert("live".into(), instance(ok_server().await, ""))).await.expect("open");
+    tx.send(Change::Insert("dead".into(), instance(refusing_addr().await, ""))).await.expect("open");
+    synced.send_replace(true);
+    // Several callers at once, so the live endpoint is often busy and the
+    // dead one's load looks lower.
+    let callers: Vec<_> = (0..8)
+        .map(|c| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    let req = http::Request::builder()
+                        .uri("/meshkit.test.v1.Refused/Call")
+                        .body(tonic::body::Body::empty())
+                        .expect("static request");
+                    let res = tokio::time::timeout(Duration::from_secs(2), channel.clone().oneshot(req))
+                        .await
+                        .expect("bounded")
+                        .unwrap_or_else(|e| panic!("caller {c}, call {i} failed: {}", status_of(e).message()));
+                    assert_eq!(meshkit_telemetry::metrics::status_of(res.headers()), Some(tonic::Code::Ok));
+                    if i % 10 == 9 {
+                        // Let ejections end, so the dead endpoint is probed again.
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.expect("no call failed");
+    }
+    let endpoints = channel.view().snapshot();
+    let dead = endpoints.iter().find(|(id, _)| id.as_str() == "dead").map(|(_, e)| e).expect("the dead endpoint");
+    assert_eq!(dead.calls, 0, "calls were spent on an endpoint that refuses connections");
+    assert!(dead.failures >= 2, "its refusals were not counted: {} failures", dead.failures);
+}
+
+#[tokio::test]
+async fn the_last_endpoint_refusing_connections_fails_calls_at_once() {
+    let (tx, synced, w) = watch(false);
+    let channel = BalancedChannel::from_watch("meshkit.test.v1.Refused", w, &ChannelConfig::default(), Arc::default());
+    tx.send(Change::Insert("dead".into(), instance(refusing_addr().await, ""))).await.expect("open");
+    synced.send_replace(true);
+    for _ in 0..3 {
+        let req = http::Request::builder()
+            .uri("/meshkit.test.v1.Refused/Call")
+            .body(tonic::body::Body::empty())
+            .expect("req");
+        let err = tokio::time::timeout(Duration::from_secs(1), channel.clone().oneshot(req))
+            .await
+            .expect("fails without waiting")
+            .expect_err("nothing listens");
+        assert_eq!(status_of(err).code(), tonic::Code::Unavailable);
+    }
+}

@@ -325,18 +325,27 @@ impl EndpointStats {
     /// ejection. Whether the endpoint is now ejected (not when it is the
     /// last one in rotation).
     fn connect_failed(&self, now: Instant) -> bool {
-        self.failures.fetch_add(1, Ordering::Relaxed);
         let mut s = self.lock();
+        let ejected_now = self.failed(&mut s, now, true);
+        let ejected = s.ejected_until.is_some();
+        drop(s);
+        if ejected_now {
+            self.pool.notify();
+        }
+        ejected
+    }
+
+    /// Counts a failure; ejects the endpoint when `lost` (its connection
+    /// went), when it was a probe, or after `eject_after` in a row. Whether
+    /// it ejected it now: the pool is to be told, once the lock is dropped.
+    fn failed(&self, s: &mut State, now: Instant, lost: bool) -> bool {
+        self.failures.fetch_add(1, Ordering::Relaxed);
         s.failure_score =
             decayed(s.failure_score, now.saturating_duration_since(s.failure_at), self.config.failure_decay) + 1.0;
         s.failure_at = now;
         s.consecutive_failures += 1;
-        if s.ejected_until.is_none() && self.eject(&mut s, now) {
-            drop(s);
-            self.pool.notify();
-            return true;
-        }
-        s.ejected_until.is_some()
+        let eject = lost || s.probing || s.consecutive_failures >= self.config.eject_after;
+        eject && s.ejected_until.is_none() && self.eject(s, now)
     }
 
     fn finished(&self, outcome: Option<Outcome>, latency: Duration, now: Instant) {
@@ -377,14 +386,7 @@ impl EndpointStats {
             }
             return;
         }
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        s.failure_score =
-            decayed(s.failure_score, now.saturating_duration_since(s.failure_at), self.config.failure_decay) + 1.0;
-        s.failure_at = now;
-        s.consecutive_failures += 1;
-        let eject =
-            outcome == Outcome::ConnectionLost || s.probing || s.consecutive_failures >= self.config.eject_after;
-        if eject && s.ejected_until.is_none() && self.eject(&mut s, now) {
+        if self.failed(&mut s, now, outcome == Outcome::ConnectionLost) {
             drop(s);
             self.pool.notify();
         }

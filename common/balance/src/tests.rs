@@ -440,6 +440,14 @@ mod retries {
     }
 }
 
+/// A call of a method no table knows, so it is never retried.
+fn unknown_call() -> Request {
+    http::Request::builder()
+        .uri("/meshkit.test.v1.Refused/Call")
+        .body(tonic::body::Body::empty())
+        .expect("static request")
+}
+
 /// A loopback address nothing listens on: connecting is refused.
 async fn refusing_addr() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -469,11 +477,7 @@ async fn an_endpoint_that_refuses_connections_takes_no_call_while_another_is_liv
             let channel = channel.clone();
             tokio::spawn(async move {
                 for i in 0..40 {
-                    let req = http::Request::builder()
-                        .uri("/meshkit.test.v1.Refused/Call")
-                        .body(tonic::body::Body::empty())
-                        .expect("static request");
-                    let res = tokio::time::timeout(Duration::from_secs(2), channel.clone().oneshot(req))
+                    let res = tokio::time::timeout(Duration::from_secs(2), channel.clone().oneshot(unknown_call()))
                         .await
                         .expect("bounded")
                         .unwrap_or_else(|e| panic!("caller {c}, call {i} failed: {}", status_of(e).message()));
@@ -502,11 +506,7 @@ async fn the_last_endpoint_refusing_connections_fails_calls_at_once() {
     tx.send(Change::Insert("dead".into(), instance(refusing_addr().await, ""))).await.expect("open");
     synced.send_replace(true);
     for _ in 0..3 {
-        let req = http::Request::builder()
-            .uri("/meshkit.test.v1.Refused/Call")
-            .body(tonic::body::Body::empty())
-            .expect("req");
-        let err = tokio::time::timeout(Duration::from_secs(1), channel.clone().oneshot(req))
+        let err = tokio::time::timeout(Duration::from_secs(1), channel.clone().oneshot(unknown_call()))
             .await
             .expect("fails without waiting")
             .expect_err("nothing listens");

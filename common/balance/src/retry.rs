@@ -126,16 +126,23 @@ where
         let state = self.state.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let deadline = deadline::for_request(&req, started);
+            let deadline = deadline::call_deadline(&req, started);
+            // A request whose own grpc-timeout is its deadline goes out with
+            // that header on its first attempt: the same value call after
+            // call stays one byte in HPACK's table.
+            let own = deadline.is_some_and(|d| d.own);
+            let deadline = deadline.map(|d| d.at);
             let method = state.methods.get(req.uri().path());
             state.budget.deposit_at(started.into_std());
             match method {
-                Some(info) if !info.client_streaming => replayable(inner, req, info, started, deadline, &state).await,
+                Some(info) if !info.client_streaming => {
+                    replayable(inner, req, info, started, deadline, own, &state).await
+                }
                 // Unknown or streaming requests cannot be replayed: one attempt.
                 _ => {
                     let path = req.uri().path().to_owned();
                     let mut inner = inner;
-                    attempt(&mut inner, true, req, started, deadline, None).await.unwrap_or_else(|_| {
+                    attempt(&mut inner, true, own, req, started, deadline, None).await.unwrap_or_else(|_| {
                         Err(tonic::Status::deadline_exceeded(format!("deadline exceeded calling {path}")).into())
                     })
                 }
@@ -150,6 +157,7 @@ async fn replayable(
     info: MethodInfo,
     started: Instant,
     deadline: Option<Instant>,
+    own: bool,
     state: &RetryState,
 ) -> Result<Response, BoxError> {
     let RetryState { budget, config, counters, .. } = state;
@@ -170,18 +178,19 @@ async fn replayable(
         };
 
         let now = if attempts == 1 { started } else { Instant::now() };
-        let result = match attempt(&mut inner, attempts == 1, req, now, deadline, attempt_timeout).await {
-            Ok(result) => result,
-            Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d) => {
-                return Err(tonic::Status::deadline_exceeded(format!(
-                    "deadline exceeded calling {} after {attempts} attempt(s)",
-                    replay.uri.path()
-                ))
-                .into());
-            }
-            // Only the attempt timed out: an idempotent call may go elsewhere.
-            Err(attempt_timed_out) => Err(attempt_timed_out),
-        };
+        let result =
+            match attempt(&mut inner, attempts == 1, own && attempts == 1, req, now, deadline, attempt_timeout).await {
+                Ok(result) => result,
+                Err(_) if deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d) => {
+                    return Err(tonic::Status::deadline_exceeded(format!(
+                        "deadline exceeded calling {} after {attempts} attempt(s)",
+                        replay.uri.path()
+                    ))
+                    .into());
+                }
+                // Only the attempt timed out: an idempotent call may go elsewhere.
+                Err(attempt_timed_out) => Err(attempt_timed_out),
+            };
         let retry = match &result {
             Ok(resp) => {
                 info.idempotent
@@ -238,10 +247,13 @@ impl Replay {
 }
 
 /// One attempt, bounded by the deadline and, for idempotent calls, the
-/// attempt timeout. `Err` means the attempt timed out.
+/// attempt timeout. `Err` means the attempt timed out. Its `grpc-timeout`
+/// is set to what is left of the deadline unless `header_current` (the
+/// first attempt of a request whose own header is its deadline).
 async fn attempt<S>(
     inner: &mut S,
     already_ready: bool,
+    header_current: bool,
     mut req: Request,
     now: Instant,
     deadline: Option<Instant>,
@@ -262,7 +274,9 @@ where
         if d <= sent {
             return Err(AttemptTimedOut.into());
         }
-        req.headers_mut().insert(deadline::GRPC_TIMEOUT, deadline::format_grpc_timeout(d - sent));
+        if !header_current {
+            req.headers_mut().insert(deadline::GRPC_TIMEOUT, deadline::remaining_grpc_timeout(d - sent));
+        }
     }
     let call = async {
         if !already_ready {

@@ -425,6 +425,26 @@ mod retries {
     }
 
     #[tokio::test]
+    async fn the_first_attempt_keeps_its_own_grpc_timeout_and_a_retry_sends_what_is_left() {
+        let (call, mut handle) = call_with_timeout("5S").await;
+        let (first, respond) = handle.next_request().await.expect("first attempt");
+        let header = &first.headers()["grpc-timeout"];
+        // As the caller wrote it: the same value on every call stays indexed in HPACK.
+        assert_eq!(header, "5S");
+        assert!(!header.is_sensitive());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        respond.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let (second, respond) = handle.next_request().await.expect("a retry");
+        let header = &second.headers()["grpc-timeout"];
+        let left = meshkit_base::deadline::parse_grpc_timeout(header).expect("a grpc-timeout");
+        assert!(left < Duration::from_millis(4_980) && left > Duration::from_secs(4), "{left:?}");
+        // A value of its own: sent without taking a place in the header table.
+        assert!(header.is_sensitive());
+        respond.send_response(ok());
+        call.await.expect("no panic").expect("answered");
+    }
+
+    #[tokio::test]
     async fn an_inherited_deadline_travels_as_grpc_timeout() {
         let (svc, mut handle) = mock::pair::<Request, Response>();
         let mut retry = Retry::new(svc, table(), RetryConfig::default(), "test.Retry");
@@ -435,6 +455,7 @@ mod retries {
         let timeout =
             sent.headers().get("grpc-timeout").and_then(meshkit_base::deadline::parse_grpc_timeout).expect("header");
         assert!(timeout <= Duration::from_millis(250) && timeout > Duration::from_millis(150), "{timeout:?}");
+        assert!(sent.headers()["grpc-timeout"].is_sensitive(), "its value is this call's alone");
         respond.send_response(ok());
         call.await.expect("no panic").expect("answered");
     }

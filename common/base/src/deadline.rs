@@ -57,23 +57,62 @@ pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
 pub fn format_grpc_timeout(d: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
     let (n, unit) = if d.as_micros() <= MAX {
-        (d.as_micros().max(1), "u")
+        (d.as_micros().max(1), b'u')
     } else if d.as_millis() <= MAX {
-        (d.as_millis(), "m")
+        (d.as_millis(), b'm')
     } else {
-        (u128::from(d.as_secs()).min(MAX), "S")
+        (u128::from(d.as_secs()).min(MAX), b'S')
     };
-    HeaderValue::from_str(&format!("{n}{unit}")).unwrap_or_else(|_| HeaderValue::from_static("1S"))
+    // At most 8 digits and the unit, written without the formatting machinery.
+    let mut n = n as u32;
+    let mut text = [0u8; 9];
+    let mut at = text.len() - 1;
+    text[at] = unit;
+    loop {
+        at -= 1;
+        text[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&text[at..]).unwrap_or_else(|_| HeaderValue::from_static("1S"))
+}
+
+/// A call's deadline and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallDeadline {
+    pub at: Instant,
+    /// Whether it is the request's own `grpc-timeout` (not a sooner one
+    /// inherited from the call being served): the header already says it.
+    pub own: bool,
 }
 
 /// The deadline for an outgoing call: the sooner of its own `grpc-timeout`
 /// and the one inherited from the call being served.
 pub fn for_request<B>(req: &http::Request<B>, now: Instant) -> Option<Instant> {
+    call_deadline(req, now).map(|d| d.at)
+}
+
+/// [`for_request`], saying whether the request's own header set it.
+pub fn call_deadline<B>(req: &http::Request<B>, now: Instant) -> Option<CallDeadline> {
     let own = req.headers().get(&GRPC_TIMEOUT).and_then(parse_grpc_timeout).map(|t| now + t);
     match (own, current()) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+        (Some(a), Some(b)) if b < a => Some(CallDeadline { at: b, own: false }),
+        (Some(a), _) => Some(CallDeadline { at: a, own: true }),
+        (None, Some(b)) => Some(CallDeadline { at: b, own: false }),
+        (None, None) => None,
     }
+}
+
+/// The `grpc-timeout` of a call sent now with `left` to go, when the value
+/// differs from call to call (an inherited deadline, a retry): marked so
+/// HPACK sends it without adding it to the connection's header table, where
+/// a new value per call would push out the headers every call repeats.
+pub fn remaining_grpc_timeout(left: Duration) -> HeaderValue {
+    let mut value = format_grpc_timeout(left);
+    value.set_sensitive(true);
+    value
 }
 
 /// Server layer: makes an incoming `grpc-timeout` the task's deadline.
@@ -146,6 +185,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn grpc_timeout_is_formatted_in_the_finest_unit_that_fits() {
+        for (d, text) in [
+            (Duration::ZERO, "1u"),
+            (Duration::from_nanos(1_500), "1u"),
+            (Duration::from_millis(250), "250000u"),
+            (Duration::from_secs(10), "10000000u"),
+            (Duration::from_secs(100), "100000m"),
+            (Duration::from_secs(200_000), "200000S"),
+            (Duration::from_secs(u64::MAX), "99999999S"),
+        ] {
+            assert_eq!(format_grpc_timeout(d).to_str().unwrap(), text, "{d:?}");
+        }
+        assert!(remaining_grpc_timeout(Duration::from_secs(1)).is_sensitive());
+    }
+
     #[tokio::test]
     async fn inherited_deadline_wins_when_sooner() {
         let now = Instant::now();
@@ -154,6 +209,12 @@ mod tests {
         let inner = now + Duration::from_secs(1);
         let got = with_deadline(inner, async { for_request(&req, now) }).await;
         assert_eq!(got, Some(inner));
+        assert_eq!(call_deadline(&req, now), Some(CallDeadline { at: now + Duration::from_secs(10), own: true }));
+        let got = with_deadline(inner, async { call_deadline(&req, now) }).await;
+        assert_eq!(got, Some(CallDeadline { at: inner, own: false }));
+        let later = now + Duration::from_secs(60);
+        let got = with_deadline(later, async { call_deadline(&req, now) }).await;
+        assert_eq!(got, Some(CallDeadline { at: now + Duration::from_secs(10), own: true }));
         assert_eq!(current(), None, "the scope ends with the future");
     }
 

@@ -164,8 +164,8 @@ impl Breaker {
         if inner.state != State::Closed {
             return;
         }
-        let slot =
-            (now.saturating_duration_since(self.started).as_millis() / self.bucket_len.as_millis().max(1)) as u64;
+        let slot = now.saturating_duration_since(self.started).as_millis() as u64
+            / (self.bucket_len.as_millis() as u64).max(1);
         let index = (slot % u64::from(BUCKETS)) as usize;
         let bucket = &mut inner.buckets[index];
         if bucket.slot != slot {

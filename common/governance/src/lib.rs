@@ -63,8 +63,11 @@ struct ServerRule {
     pattern: String,
     rule: MethodRule,
     qps: Option<DefaultDirectRateLimiter>,
-    caller: Option<DefaultKeyedRateLimiter<String>>,
+    caller: Option<CallerLimit>,
     concurrency: Option<Arc<Semaphore>>,
+    /// `timeout_ms` and its `grpc-timeout` value, formatted once: the same
+    /// value on every call stays one byte in HPACK's header table.
+    timeout: Option<(Duration, HeaderValue)>,
 }
 
 fn quota(per_sec: f64, burst: u32) -> Option<Quota> {
@@ -81,10 +84,45 @@ impl ServerRule {
         Self {
             pattern: pattern.to_owned(),
             qps: quota(rule.qps, rule.burst).map(RateLimiter::direct),
-            caller: quota(rule.caller_qps, rule.caller_burst).map(RateLimiter::keyed),
+            caller: quota(rule.caller_qps, rule.caller_burst).map(|quota| CallerLimit {
+                // Validated settings hold a header name here.
+                key: http::HeaderName::from_bytes(rule.caller_key.as_bytes()).ok(),
+                hasher: std::hash::RandomState::new(),
+                limiter: RateLimiter::keyed(quota),
+                calls: AtomicU64::new(0),
+            }),
             concurrency: (rule.concurrency > 0).then(|| Arc::new(Semaphore::new(rule.concurrency as usize))),
+            timeout: (rule.timeout_ms > 0).then(|| {
+                let limit = Duration::from_millis(rule.timeout_ms);
+                (limit, meshkit_base::deadline::format_grpc_timeout(limit))
+            }),
             rule: rule.clone(),
         }
+    }
+}
+
+/// `caller_qps`: one bucket per caller. Callers are keyed by a hash of the
+/// metadata value (random keys per process, so no caller can aim at
+/// another's bucket), and the buckets of callers gone quiet are dropped now
+/// and then, so made-up caller names cannot grow the map without end.
+struct CallerLimit {
+    key: Option<http::HeaderName>,
+    hasher: std::hash::RandomState,
+    limiter: DefaultKeyedRateLimiter<u64>,
+    calls: AtomicU64,
+}
+
+/// Calls between two sweeps of quiet callers' buckets.
+const CALLER_SWEEP: u64 = 1 << 16;
+
+impl CallerLimit {
+    fn check(&self, caller: &[u8]) -> Result<(), governor::NotUntil<governor::clock::QuantaInstant>> {
+        use std::hash::BuildHasher;
+        if self.calls.fetch_add(1, Ordering::Relaxed) % CALLER_SWEEP == CALLER_SWEEP - 1 {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+        }
+        self.limiter.check_key(&self.hasher.hash_one(caller))
     }
 }
 
@@ -418,24 +456,30 @@ impl Governance {
             return Ok(None);
         }
         let compiled = self.snapshot();
-        let throttle = compiled.settings.throttling.enabled.then(|| compiled.throttle(service));
+        let rule = compiled.rule(path);
+        if let Some((limit, value)) = rule.and_then(|r| r.timeout.as_ref()) {
+            shorten_deadline(headers, *limit, value);
+        }
+        let breaker_rule = rule.map(|r| &r.rule).filter(|r| r.breaker.enabled);
+        let throttling = compiled.settings.throttling.enabled;
+        if !throttling && breaker_rule.is_none() {
+            return Ok(None);
+        }
+        // One reading of the clock for the throttle, the breaker and the guard.
+        let now = Instant::now();
+        let throttle = throttling.then(|| compiled.throttle(service));
         if let Some(throttle) = &throttle {
-            if let Some(p) = throttle.refuse(rand::random::<f64>()) {
-                throttle.record(false);
+            if let Some(p) = throttle.refuse_at(rand::random::<f64>(), now) {
+                throttle.record_at(false, now);
                 self.count("client", service, "throttling");
                 return Err(tonic::Status::unavailable(format!(
                     "adaptive throttling of {service}: refused locally (probability {p:.2}) while it turns calls away"
                 )));
             }
         }
-        let rule = compiled.rule(path).map(|r| &r.rule);
-        if let Some(timeout) = rule.map(|r| r.timeout_ms).filter(|t| *t > 0) {
-            shorten_deadline(headers, Duration::from_millis(timeout));
-        }
-        let breaker = rule.filter(|r| r.breaker.enabled).map(|r| compiled.breaker(service, path, r));
-        let permit = match &breaker {
-            Some(b) => match b.acquire() {
-                Ok(p) => Some(p),
+        let breaker = match breaker_rule.map(|r| compiled.breaker(service, path, r)) {
+            Some(b) => match b.acquire_at(now) {
+                Ok(permit) => Some((b, permit)),
                 Err(refused) => {
                     self.count("client", service, "breaker");
                     return Err(tonic::Status::unavailable(format!(
@@ -447,10 +491,7 @@ impl Governance {
             },
             None => None,
         };
-        if throttle.is_none() && breaker.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(CallGuard { throttle, breaker: breaker.zip(permit), started: Instant::now() }))
+        Ok(Some(CallGuard { throttle, breaker, started: now }))
     }
 
     // === the serving side ===
@@ -493,16 +534,18 @@ impl Governance {
                 });
             }
         }
-        if let Some(limiter) = &rule.caller {
-            let caller = headers.get(rule.rule.caller_key.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("");
-            if let Err(not_until) = limiter.check_key(&caller.to_owned()) {
+        if let Some(limit) = &rule.caller {
+            let caller = limit.key.as_ref().and_then(|k| headers.get(k)).map_or(&b""[..], |v| v.as_bytes());
+            if let Err(not_until) = limit.check(caller) {
                 self.count("server", &rule.pattern, "caller_qps");
                 return Err(Refusal {
                     status: tonic::Status::resource_exhausted(format!(
                         "rate limit of {}/s per caller on {path} exceeded by {:?} ({})",
-                        rule.rule.caller_qps, caller, rule.rule.caller_key
+                        rule.rule.caller_qps,
+                        String::from_utf8_lossy(caller),
+                        rule.rule.caller_key
                     )),
-                    pushback: not_until.wait_time_from(limiter.clock().now()),
+                    pushback: not_until.wait_time_from(limit.limiter.clock().now()),
                 });
             }
         }
@@ -527,9 +570,8 @@ impl Governance {
         // rule's. A caller's sooner deadline is already enforced by the
         // server's own grpc-timeout timer, outside this layer: no second
         // timer for it.
-        let timeout = (rule.rule.timeout_ms > 0)
-            .then(|| Duration::from_millis(rule.rule.timeout_ms))
-            .filter(|timeout| shorten_deadline(headers, *timeout));
+        let timeout =
+            rule.timeout.as_ref().filter(|(limit, value)| shorten_deadline(headers, *limit, value)).map(|t| t.0);
         Ok(Admitted { _in_flight: in_flight, _permit: permit, timeout })
     }
 }
@@ -538,12 +580,13 @@ fn path_or_other<'a>(compiled: &'a Compiled, path: &str) -> &'a str {
     compiled.rule(path).map_or("*", |r| r.pattern.as_str())
 }
 
-/// Sets `grpc-timeout` to `limit` unless the caller's is sooner; whether it did.
-fn shorten_deadline(headers: &mut http::HeaderMap, limit: Duration) -> bool {
+/// Sets `grpc-timeout` to `limit` (as `value`) unless the caller's is
+/// sooner; whether it did.
+fn shorten_deadline(headers: &mut http::HeaderMap, limit: Duration, value: &HeaderValue) -> bool {
     let own = headers.get(&meshkit_base::deadline::GRPC_TIMEOUT).and_then(meshkit_base::deadline::parse_grpc_timeout);
     let shorter = own.is_none_or(|d| d > limit);
     if shorter {
-        headers.insert(meshkit_base::deadline::GRPC_TIMEOUT, meshkit_base::deadline::format_grpc_timeout(limit));
+        headers.insert(meshkit_base::deadline::GRPC_TIMEOUT, value.clone());
     }
     shorter
 }
@@ -563,11 +606,12 @@ pub struct CallGuard {
 
 impl CallGuard {
     pub fn finish(self, code: tonic::Code) {
+        let now = Instant::now();
         if let Some(throttle) = &self.throttle {
-            throttle.record(!matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted));
+            throttle.record_at(!matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted), now);
         }
         if let Some((breaker, permit)) = self.breaker {
-            breaker.record(permit, is_failure(code), self.started.elapsed());
+            breaker.record_at(permit, is_failure(code), now.saturating_duration_since(self.started), now);
         }
     }
 }
@@ -641,54 +685,95 @@ pub struct GovernanceService<S> {
 impl<S, B> Service<http::Request<B>> for GovernanceService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = futures::future::Either<
-        S::Future,
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>,
-    >;
+    type Future = GovernedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        use futures::future::Either;
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if self.governance.is_idle(IDLE_SERVING) {
-            return Either::Left(self.inner.call(req));
+            return GovernedFuture { state: Governed::Passed { fut: self.inner.call(req) } };
         }
-        let uri = req.uri().clone();
-        match self.governance.admit(uri.path(), req.headers_mut()) {
+        let (mut parts, body) = req.into_parts();
+        let state = match self.governance.admit(parts.uri.path(), &mut parts.headers) {
             Err(refusal) => {
                 let mut res = refusal.status.into_http::<Body>();
                 let ms = refusal.pushback.as_millis().max(1).to_string();
                 if let Ok(v) = HeaderValue::from_str(&ms) {
                     res.headers_mut().insert(PUSHBACK_HEADER, v);
                 }
-                Either::Right(Box::pin(async move { Ok(res) }))
+                Governed::Refused { res: Some(res) }
             }
-            Ok(admitted) => {
-                let fut = self.inner.call(req);
-                Either::Right(Box::pin(async move {
-                    let res = match admitted.timeout {
-                        Some(limit) => match tokio::time::timeout(limit, fut).await {
-                            Ok(res) => res,
-                            Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
-                                "{} did not finish within its {} ms timeout",
-                                uri.path(),
-                                limit.as_millis()
-                            ))
-                            .into_http()),
-                        },
-                        None => fut.await,
-                    };
-                    drop(admitted);
-                    res
+            Ok(admitted) => match admitted.timeout {
+                None => {
+                    let fut = self.inner.call(http::Request::from_parts(parts, body));
+                    Governed::Admitted { fut, admitted: Some(admitted) }
+                }
+                Some(limit) => {
+                    // The path, for the message should the rule's time run out.
+                    let uri = parts.uri.clone();
+                    let fut = tokio::time::timeout(limit, self.inner.call(http::Request::from_parts(parts, body)));
+                    Governed::Timed { fut, admitted: Some(admitted), uri, limit }
+                }
+            },
+        };
+        GovernedFuture { state }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call through the serving layer: passed on (no rule), admitted
+    /// (holding its in-flight count and permit until the response), bounded
+    /// by the rule's timeout, or refused.
+    pub struct GovernedFuture<F> {
+        #[pin]
+        state: Governed<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = GovernedProj]
+    enum Governed<F> {
+        Passed { #[pin] fut: F },
+        Admitted { #[pin] fut: F, admitted: Option<Admitted> },
+        Timed { #[pin] fut: tokio::time::Timeout<F>, admitted: Option<Admitted>, uri: http::Uri, limit: Duration },
+        Refused { res: Option<http::Response<Body>> },
+    }
+}
+
+impl<F, E> std::future::Future for GovernedFuture<F>
+where
+    F: std::future::Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = Result<http::Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            GovernedProj::Passed { fut } => fut.poll(cx),
+            GovernedProj::Admitted { fut, admitted } => {
+                let res = std::task::ready!(fut.poll(cx));
+                admitted.take();
+                Poll::Ready(res)
+            }
+            GovernedProj::Timed { fut, admitted, uri, limit } => {
+                let res = std::task::ready!(fut.poll(cx));
+                admitted.take();
+                Poll::Ready(res.unwrap_or_else(|_| {
+                    Ok(tonic::Status::deadline_exceeded(format!(
+                        "{} did not finish within its {} ms timeout",
+                        uri.path(),
+                        limit.as_millis()
+                    ))
+                    .into_http())
                 }))
             }
+            GovernedProj::Refused { res } => Poll::Ready(Ok(res
+                .take()
+                .unwrap_or_else(|| tonic::Status::internal("a refused call was polled again").into_http()))),
         }
     }
 }
@@ -751,6 +836,35 @@ mod tests {
             "{:?}",
             refusal.pushback
         );
+    }
+
+    #[test]
+    fn each_caller_has_its_own_bucket_and_quiet_callers_are_swept() {
+        let g = governance(MethodRule { caller_qps: 1.0, caller_burst: 1, ..MethodRule::default() });
+        let from = |caller: &'static str| {
+            let mut h = headers(None);
+            h.insert("x-meshkit-caller", HeaderValue::from_static(caller));
+            h
+        };
+        assert!(g.admit("/pkg.Svc/Call", &mut from("orders")).is_ok());
+        let refusal = g.admit("/pkg.Svc/Call", &mut from("orders")).err().expect("orders' second call is refused");
+        assert!(refusal.status.message().contains("exceeded by \"orders\""), "{}", refusal.status.message());
+        assert!(g.admit("/pkg.Svc/Call", &mut from("billing")).is_ok(), "another caller has its own bucket");
+        assert!(g.admit("/pkg.Svc/Call", &mut headers(None)).is_ok(), "no caller metadata is one caller too");
+        // Made-up callers, a sweep's worth: once their buckets are full
+        // again (1 ms at 1,000/s), the next sweep drops them.
+        let g = governance(MethodRule { caller_qps: 1_000.0, caller_burst: 1, ..MethodRule::default() });
+        let compiled = g.snapshot();
+        let limit = compiled.rule("/pkg.Svc/Call").and_then(|r| r.caller.as_ref()).expect("a caller limit");
+        for i in 0..CALLER_SWEEP / 2 {
+            let _ = limit.check(format!("caller-{i}").as_bytes());
+        }
+        assert_eq!(limit.limiter.len(), CALLER_SWEEP as usize / 2);
+        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..CALLER_SWEEP / 2 {
+            let _ = limit.check(b"steady");
+        }
+        assert!(limit.limiter.len() <= 1, "{} buckets kept", limit.limiter.len());
     }
 
     #[tokio::test]

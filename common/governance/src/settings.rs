@@ -165,7 +165,9 @@ impl Settings for GovernanceSettings {
             if rule.caller_qps > 0.0 && rule.caller_key.trim().is_empty() {
                 return bad(at("caller_key"), "must name a metadata key when caller_qps is set");
             }
-            if rule.caller_key.chars().any(|c| c.is_ascii_uppercase() || c.is_whitespace()) {
+            if rule.caller_key.chars().any(|c| c.is_ascii_uppercase() || c.is_whitespace())
+                || http::HeaderName::from_bytes(rule.caller_key.as_bytes()).is_err()
+            {
                 return bad(at("caller_key"), format!("{:?} is not a lower-case metadata key", rule.caller_key));
             }
             if rule.timeout_ms > 3_600_000 {

@@ -53,7 +53,8 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.shedder.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.shedder.complete(self.started.elapsed(), Instant::now());
+        let now = Instant::now();
+        self.shedder.complete(now.saturating_duration_since(self.started), now);
     }
 }
 
@@ -79,7 +80,7 @@ impl Shedder {
     }
 
     fn slot(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.started).as_micros() / self.bucket_len.as_micros().max(1)) as u64
+        now.saturating_duration_since(self.started).as_micros() as u64 / (self.bucket_len.as_micros() as u64).max(1)
     }
 
     fn complete(&self, rt: Duration, now: Instant) {

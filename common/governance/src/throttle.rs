@@ -5,10 +5,7 @@
 //! backend is never throttled (requests ≤ k × accepts); one that refuses
 //! everything sees only a trickle of calls, enough to notice recovery.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{sync::Mutex, time::Instant};
 
 use crate::settings::ThrottlingSettings;
 
@@ -25,7 +22,7 @@ const BUCKETS: u64 = 10;
 pub struct Throttle {
     k: f64,
     started: Instant,
-    bucket_len: Duration,
+    bucket_ms: u64,
     buckets: Mutex<[Bucket; BUCKETS as usize]>,
 }
 
@@ -34,13 +31,13 @@ impl Throttle {
         Self {
             k: settings.k,
             started: Instant::now(),
-            bucket_len: Duration::from_millis((settings.window_ms / BUCKETS).max(1)),
+            bucket_ms: (settings.window_ms / BUCKETS).max(1),
             buckets: Mutex::new([Bucket::default(); BUCKETS as usize]),
         }
     }
 
     fn slot(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.started).as_millis() / self.bucket_len.as_millis().max(1)) as u64
+        now.saturating_duration_since(self.started).as_millis() as u64 / self.bucket_ms
     }
 
     fn totals(&self, now: Instant) -> (u64, u64) {
@@ -54,13 +51,21 @@ impl Throttle {
 
     /// The probability a call is refused now.
     pub fn reject_probability(&self) -> f64 {
-        let (requests, accepts) = self.totals(Instant::now());
+        self.probability(Instant::now())
+    }
+
+    fn probability(&self, now: Instant) -> f64 {
+        let (requests, accepts) = self.totals(now);
         ((requests as f64 - self.k * accepts as f64) / (requests as f64 + 1.0)).max(0.0)
     }
 
     /// Whether to refuse this call locally; `draw` is uniform in [0, 1).
     pub fn refuse(&self, draw: f64) -> Option<f64> {
-        let p = self.reject_probability();
+        self.refuse_at(draw, Instant::now())
+    }
+
+    pub(crate) fn refuse_at(&self, draw: f64, now: Instant) -> Option<f64> {
+        let p = self.probability(now);
         (draw < p).then_some(p)
     }
 
@@ -69,7 +74,7 @@ impl Throttle {
         self.record_at(accepted, Instant::now());
     }
 
-    fn record_at(&self, accepted: bool, now: Instant) {
+    pub(crate) fn record_at(&self, accepted: bool, now: Instant) {
         let slot = self.slot(now);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = &mut buckets[(slot % BUCKETS) as usize];
@@ -83,6 +88,8 @@ impl Throttle {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

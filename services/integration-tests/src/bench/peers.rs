@@ -271,39 +271,14 @@ async fn run_client(
     } else {
         command.args(["--rate", &RATE.to_string()]);
     }
-    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-    let mut child = command.spawn()?;
-    let pid = child.id().ok_or_else(|| anyhow::anyhow!("{} exited at once", client.name()))? as i32;
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let mut next_line = async || -> anyhow::Result<serde_json::Value> {
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(secs + 30), lines.next_line())
-                .await
-                .map_err(|_| anyhow::anyhow!("{} said nothing for {} s", client.name(), secs + 30))??
-                .ok_or_else(|| anyhow::anyhow!("{} ended early", client.name()))?;
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                return Ok(v);
-            }
+    let sick = async {
+        if matches!(scenario, Scenario::Killed | Scenario::Stopped) {
+            tokio::time::sleep(Duration::from_secs(secs) / 3).await;
+            cell.backends[0].signal(if scenario == Scenario::Killed { 9 } else { 19 });
         }
     };
-    let measuring = next_line().await?;
-    anyhow::ensure!(
-        measuring["event"] == "measuring",
-        "{}: expected the measuring line, got {measuring}",
-        client.name()
-    );
-    let cpu0 = schedstat_cpu(pid);
-    if matches!(scenario, Scenario::Killed | Scenario::Stopped) {
-        tokio::time::sleep(Duration::from_secs(secs) / 3).await;
-        cell.backends[0].signal(if scenario == Scenario::Killed { 9 } else { 19 });
-    }
-    let summary = next_line().await?;
-    let cpu = schedstat_cpu(pid).saturating_sub(cpu0);
-    // The client waits for its stdin to close, so its CPU could be read.
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.shutdown().await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let run = drive_client(command, client.name(), secs, &[], sick).await?;
+    let summary = &run.summary;
     let number = |k: &str| summary[k].as_u64().unwrap_or(0);
     let calls = number("calls");
     let by_code = summary["by_code"]
@@ -318,8 +293,56 @@ async fn run_client(
         p50: number("p50_us"),
         p99: number("p99_us"),
         p999: number("p999_us"),
-        cpu_us_per_call: cpu.as_secs_f64() * 1e6 / calls.max(1) as f64,
+        cpu_us_per_call: run.cpu.as_secs_f64() * 1e6 / calls.max(1) as f64,
     })
+}
+
+/// A load client's run (`peer-client` or `peer-go client`): its summary
+/// line, and the on-CPU time of its process and of the `watched` processes
+/// (its backends) over its measured window.
+pub(crate) struct ClientRun {
+    pub summary: serde_json::Value,
+    pub cpu: Duration,
+    pub watched: Duration,
+}
+
+/// Runs a load client to its summary; `mid_run` runs once its measured
+/// window has begun.
+pub(crate) async fn drive_client(
+    mut command: tokio::process::Command,
+    name: &str,
+    secs: u64,
+    watched: &[i32],
+    mid_run: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<ClientRun> {
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    let mut child = command.spawn()?;
+    let pid = child.id().ok_or_else(|| anyhow::anyhow!("{name} exited at once"))? as i32;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut next_line = async || -> anyhow::Result<serde_json::Value> {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(secs + 30), lines.next_line())
+                .await
+                .map_err(|_| anyhow::anyhow!("{name} said nothing for {} s", secs + 30))??
+                .ok_or_else(|| anyhow::anyhow!("{name} ended early"))?;
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                return Ok(v);
+            }
+        }
+    };
+    let measuring = next_line().await?;
+    anyhow::ensure!(measuring["event"] == "measuring", "{name}: expected the measuring line, got {measuring}");
+    let watched_cpu = || watched.iter().map(|&p| schedstat_cpu(p)).sum::<Duration>();
+    let (cpu0, watched0) = (schedstat_cpu(pid), watched_cpu());
+    mid_run.await;
+    let summary = next_line().await?;
+    let (cpu, watched) = (schedstat_cpu(pid).saturating_sub(cpu0), watched_cpu().saturating_sub(watched0));
+    // The client waits for its stdin to close, so its CPU could be read.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.shutdown().await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    Ok(ClientRun { summary, cpu, watched })
 }
 
 /// Medians of one client's rounds, failures summed.

@@ -18,8 +18,10 @@
 //!    `bench/spring.rs`).
 //! 8. Servers: `MeshServer` with its default layers vs tonic's server alone,
 //!    the same echo handler on one core each (see `bench/servers.rs`).
-//! 9. Governance rule by rule, in process: what each rule adds per call on
-//!    the serving and the calling side (see `bench/rules.rs`).
+//! 9. Governance: every rule on (none refusing) against none, end to end,
+//!    both sides loaded at once (see `bench/governance.rs`); then rule by
+//!    rule, in process: what each adds per call on the serving and the
+//!    calling side (see `bench/rules.rs`).
 //! 10. Peers: meshkit's balanced channel beside go-zero's zrpc, grpc-go's
 //!     round_robin and tonic's balanced channel, on the same three backends,
 //!     healthy, slow, failing, killed and stopped (see `bench/peers.rs`).
@@ -30,6 +32,8 @@
 mod events;
 #[path = "../bench/gateway.rs"]
 mod gateway;
+#[path = "../bench/governance.rs"]
+mod governance;
 #[path = "../bench/peers.rs"]
 mod peers;
 #[path = "../bench/rules.rs"]
@@ -98,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
         gateway::run(&etcd, dir.path(), secs).await?;
     }
     if run("governance") {
-        governance_overhead(&etcd, &db, dir.path(), Duration::from_secs(secs)).await?;
+        governance::run(&etcd, dir.path(), secs).await?;
     }
     if run("rules") {
         rules::run().await?;
@@ -226,116 +230,6 @@ async fn tls_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phase: Dura
     );
     print_side_by_side(&title, ("plaintext", &off, off_server), ("mTLS", &on, on_server), true);
     for s in plain_servers.into_iter().chain(tls_servers) {
-        stop(s).await;
-    }
-    Ok(())
-}
-
-/// What every governance layer costs when it refuses nothing: the same two
-/// user-service processes and the same load, with every rule on (serving
-/// side switched through the config center, calling side on the channel)
-/// and with none, alternated so drift hits both alike. CPU is counted on
-/// both sides: this process (the caller) and the two servers.
-async fn governance_overhead(etcd: &Etcd, db: &str, logs: &std::path::Path, phase: Duration) -> anyhow::Result<()> {
-    use meshkit_common::{
-        config::{BreakerRule, GovernanceSettings, MethodRule},
-        governance::Governance,
-    };
-    let servers: Vec<ServiceProcess> = (0..2)
-        .map(|_| ServiceProcess::spawn("user-service", &service_env(etcd, db, free_port()), logs))
-        .collect::<Result<_, _>>()?;
-    let mut client = etcd.client().await;
-    wait_users(&mut client, 2).await?;
-    // Every rule, set so that none refuses: the cost of checking, not of
-    // refusing. MESHKIT_BENCH_RULES=qps,breaker,… keeps only those (qps,
-    // caller_qps, concurrency, timeout_ms, breaker, shedding, throttling).
-    let only = std::env::var("MESHKIT_BENCH_RULES").ok().filter(|r| !r.trim().is_empty());
-    let on = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|r| r.trim() == name));
-    let rule = MethodRule {
-        qps: if on("qps") { 1e6 } else { 0.0 },
-        burst: 1_000_000,
-        concurrency: if on("concurrency") { 100_000 } else { 0 },
-        caller_qps: if on("caller_qps") { 1e6 } else { 0.0 },
-        caller_burst: 1_000_000,
-        timeout_ms: if on("timeout_ms") { 10_000 } else { 0 },
-        breaker: BreakerRule { enabled: on("breaker"), ..BreakerRule::default() },
-        ..MethodRule::default()
-    };
-    let mut all = GovernanceSettings::default();
-    all.methods.insert("/grpc.health.v1.Health/Check".into(), rule);
-    all.shedding.enabled = on("shedding");
-    all.shedding.cpu_threshold = 0.0;
-    all.shedding.min_in_flight = 100_000;
-    all.throttling.enabled = on("throttling");
-    let key = "/meshkit/config/user/governance";
-    let plain = ChannelBuilder::new(etcd.client().await, "/meshkit").balanced(USER);
-    let governed = ChannelBuilder::new(etcd.client().await, "/meshkit")
-        .with_governance(Governance::new(all.clone()))
-        .balanced(USER);
-    // The servers on the last core, this process (the caller) on the others,
-    // so the two sides do not take turns on one core at random.
-    let cores = num_cpus();
-    if cores >= 2 {
-        for s in &servers {
-            servers::pin(s.pid() as u32, &(cores - 1).to_string())?;
-        }
-        servers::pin(std::process::id(), &format!("0-{}", cores.saturating_sub(2)))?;
-    }
-    run_balanced(&plain, Duration::from_millis(500)).await?;
-    run_balanced(&governed, Duration::from_millis(500)).await?;
-    // Rounds alternate which side goes first; each round's CPU per call,
-    // caller and servers together, from the scheduler's accounting (ns).
-    let cpu = || {
-        servers.iter().map(|s| servers::schedstat_cpu(s.pid())).sum::<Duration>()
-            + servers::schedstat_cpu(std::process::id() as i32)
-    };
-    let round = phase * 2 / ROUNDS as u32;
-    let (mut stats, mut per_call) = ([Stats::default(), Stats::default()], [Vec::new(), Vec::new()]);
-    for r in 0..ROUNDS {
-        for i in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
-            if i == 0 {
-                client.delete(key, None).await?;
-            } else {
-                client.put(key, serde_json::to_string(&all)?, None).await?;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let before = cpu();
-            let s = run_balanced(if i == 0 { &plain } else { &governed }, round).await?;
-            per_call[i].push(cpu().saturating_sub(before).as_secs_f64() * 1e6 / s.calls.max(1) as f64);
-            stats[i].merge(s);
-        }
-    }
-    client.delete(key, None).await?;
-    if cores >= 2 {
-        servers::pin(std::process::id(), &format!("0-{}", cores - 1))?;
-    }
-    println!(
-        "\n== governance: {} on (none refusing) vs none (health Check on 2 instances pinned to one core, the caller to the other, concurrency {CONCURRENCY}, {ROUNDS} rounds)",
-        only.as_deref().unwrap_or("every rule")
-    );
-    println!(
-        "  {:<10} {:>10} {:>8} {:>8} {:>22} {:>16}",
-        "", "calls/s", "p50 µs", "p99 µs", "caller+servers µs/call", "spread of rounds"
-    );
-    for (name, i) in [("none", 0), ("rules", 1)] {
-        let (low, high) = spread(&per_call[i]);
-        println!(
-            "  {name:<10} {:>10.0} {:>8} {:>8} {:>22.1} {:>16}",
-            stats[i].rate(),
-            stats[i].hist.value_at_quantile(0.5),
-            stats[i].hist.value_at_quantile(0.99),
-            median(&per_call[i]),
-            format!("{low:.1}–{high:.1}"),
-        );
-    }
-    let added = median(&per_call[1]) - median(&per_call[0]);
-    println!(
-        "  rules: {added:+.1} µs per call, caller and servers together (goal <= +3), throughput x{:.3} (goal >= 0.95), errors {} / {}",
-        stats[1].rate() / stats[0].rate(),
-        stats[0].errors,
-        stats[1].errors
-    );
-    for s in servers {
         stop(s).await;
     }
     Ok(())

@@ -5,7 +5,7 @@
 //! ```text
 //! peer-client --client meshkit|tonic [--etcd ENDPOINT [--prefix /meshkit]]
 //!     [--addrs A,B,C] [--rate 2000 | --concurrency 64] [--seconds 5]
-//!     [--warmup-seconds 1] [--deadline-ms 1000]
+//!     [--warmup-seconds 1] [--deadline-ms 1000] [--governance RULES_JSON]
 //! ```
 //!
 //! Calls `meshkit.echo.v1.EchoService/Echo`: open loop at `--rate` (each
@@ -24,7 +24,9 @@
 //!   retries nothing.
 //!
 //! Each call carries the deadline as `grpc-timeout` and is abandoned when it
-//! passes, as grpc-go's context deadline does.
+//! passes, as grpc-go's context deadline does; `--deadline-ms 0` sends none.
+//! `--governance` gives the meshkit channel the calling side's rules (the
+//! JSON of a `governance` config section).
 
 use std::{
     collections::BTreeMap,
@@ -35,8 +37,12 @@ use std::{
     time::Duration,
 };
 
-use meshkit_common::ChannelBuilder;
 use meshkit_common::methods::MethodTable;
+use meshkit_common::{
+    ChannelBuilder,
+    config::{GovernanceSettings, Settings as _},
+    governance::Governance,
+};
 use meshkit_integration_tests::echo::{ECHO, ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient};
 use tokio::time::Instant;
 use tonic::{Code, transport::Endpoint};
@@ -55,6 +61,7 @@ struct Args {
     seconds: f64,
     warmup: f64,
     deadline: Duration,
+    governance: Option<GovernanceSettings>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -68,6 +75,7 @@ fn parse_args() -> anyhow::Result<Args> {
         seconds: 5.0,
         warmup: 1.0,
         deadline: Duration::from_secs(1),
+        governance: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,6 +91,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--seconds" => args.seconds = number(&value)?,
             "--warmup-seconds" => args.warmup = number(&value)?,
             "--deadline-ms" => args.deadline = Duration::from_millis(number(&value)? as u64),
+            "--governance" => {
+                let settings: GovernanceSettings =
+                    serde_json::from_str(&value).map_err(|e| anyhow::anyhow!("--governance: {e}"))?;
+                settings.validate().map_err(|e| anyhow::anyhow!("--governance: {e}"))?;
+                args.governance = Some(settings);
+            }
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -165,9 +179,14 @@ where
     <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
 {
     let mut request = tonic::Request::new(EchoRequest { text: "bench".into(), ..Default::default() });
-    request.set_timeout(deadline);
     let started = Instant::now();
-    let code = match tokio::time::timeout(deadline, client.echo(request)).await {
+    let result = if deadline.is_zero() {
+        Ok(client.echo(request).await)
+    } else {
+        request.set_timeout(deadline);
+        tokio::time::timeout(deadline, client.echo(request)).await
+    };
+    let code = match result {
         Ok(Ok(_)) => Code::Ok,
         Ok(Err(status)) => {
             // The first few failures, whole, on stderr: what a count cannot say.
@@ -251,7 +270,11 @@ async fn main() -> anyhow::Result<()> {
             // methods, so a call that never left is retried elsewhere.
             let mut methods = MethodTable::meshkit();
             methods.extend(MethodTable::from_descriptor_set(ECHO_DESCRIPTOR_SET)?);
-            let channel = ChannelBuilder::new(etcd, args.prefix.clone()).with_methods(methods).balanced(ECHO);
+            let mut builder = ChannelBuilder::new(etcd, args.prefix.clone()).with_methods(methods);
+            if let Some(settings) = &args.governance {
+                builder = builder.with_governance(Governance::new(settings.clone()));
+            }
+            let channel = builder.balanced(ECHO);
             drive(EchoServiceClient::new(channel), &args).await
         }
         "tonic" => {

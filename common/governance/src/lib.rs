@@ -126,14 +126,18 @@ impl CallerLimit {
     }
 }
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The rules in force, compiled.
 struct Compiled {
     settings: GovernanceSettings,
     rules: MethodMap<Arc<ServerRule>>,
     shedder: Option<Arc<Shedder>>,
     /// Calling side, created on first use: service → method → breaker.
-    breakers: Mutex<HashMap<String, HashMap<String, Arc<Breaker>>>>,
-    throttles: Mutex<HashMap<String, Arc<Throttle>>>,
+    /// Looked up on every call, so with a fast hash: the keys are the
+    /// process's own services and bounded paths.
+    breakers: Mutex<FastMap<String, FastMap<String, Arc<Breaker>>>>,
+    throttles: Mutex<FastMap<String, Arc<Throttle>>>,
     splits: HashMap<String, Arc<VersionSplit>>,
 }
 
@@ -184,7 +188,7 @@ impl Compiled {
             return b.clone();
         }
         // Bounded like the metrics: made-up paths share one breaker.
-        let total: usize = breakers.values().map(HashMap::len).sum();
+        let total: usize = breakers.values().map(FastMap::len).sum();
         let key = if total >= 1_000 { "other" } else { path };
         let methods = breakers.entry(service.to_owned()).or_default();
         methods.entry(key.to_owned()).or_insert_with(|| Arc::new(Breaker::new(rule.breaker.clone()))).clone()
@@ -583,7 +587,12 @@ fn path_or_other<'a>(compiled: &'a Compiled, path: &str) -> &'a str {
 /// Sets `grpc-timeout` to `limit` (as `value`) unless the caller's is
 /// sooner; whether it did.
 fn shorten_deadline(headers: &mut http::HeaderMap, limit: Duration, value: &HeaderValue) -> bool {
-    let own = headers.get(&meshkit_base::deadline::GRPC_TIMEOUT).and_then(meshkit_base::deadline::parse_grpc_timeout);
+    let own = headers.get(&meshkit_base::deadline::GRPC_TIMEOUT);
+    if own == Some(value) {
+        // Set by a caller under the same rule: nothing to parse.
+        return false;
+    }
+    let own = own.and_then(meshkit_base::deadline::parse_grpc_timeout);
     let shorter = own.is_none_or(|d| d > limit);
     if shorter {
         headers.insert(meshkit_base::deadline::GRPC_TIMEOUT, value.clone());

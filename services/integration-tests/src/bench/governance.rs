@@ -14,7 +14,8 @@
 //!   median of the rounds. Rounds alternate which side starts first.
 //! - CPU per call, caller and servers together: the on-CPU time of the
 //!   client and of its two servers over the client's measured window
-//!   (`/proc/PID/task/*/schedstat`).
+//!   (`/proc/PID/task/*/schedstat`). Every round is written to
+//!   `target/bench/governance.csv`.
 //! - Steady: [`STEADY_RATE`] calls/s each, open loop. Saturated: `CONCURRENCY`
 //!   callers back to back each; sharing the cores, each side gets what its
 //!   cost per call allows, so the ratio of their calls/s is the throughput
@@ -23,13 +24,18 @@
 //! Goal (issue: peers): every rule costs at most 3 µs per call, caller and
 //! servers together, and keeps at least 0.95x of the throughput.
 //! `MESHKIT_BENCH_RULES=qps,breaker,…` keeps only the rules named (qps,
-//! caller_qps, concurrency, timeout_ms, breaker, shedding, throttling).
+//! caller_qps, concurrency, timeout_ms, breaker, shedding, throttling);
+//! `MESHKIT_BENCH_DEADLINE_MS=1000` gives every call of both sides a deadline
+//! of its own, as most gRPC callers set one.
 
-use std::{path::Path, time::Duration};
+use std::{fmt::Write as _, path::Path, time::Duration};
 
 use etcd_client::GetOptions;
 use meshkit_common::config::{BreakerRule, GovernanceSettings, MethodRule};
 use meshkit_integration_tests::{Etcd, ServiceProcess, bin_dir, echo::ECHO, free_port};
+
+/// The CSV's columns, one row per side and round.
+const CSV_HEADER: &str = "load,round,side,calls_per_s,p50_us,p99_us,failed,caller_us_per_call,servers_us_per_call\n";
 
 use super::peers::{ClientRun, drive_client};
 use super::servers::pin;
@@ -111,10 +117,11 @@ async fn start_side(
 
 /// Load on one side: `rate` calls/s open loop, or `CONCURRENCY` callers when 0.
 fn client_command(etcd: &Etcd, side: &Side, cores: &str, rate: u64, secs: u64) -> tokio::process::Command {
+    let deadline_ms = std::env::var("MESHKIT_BENCH_DEADLINE_MS").unwrap_or_else(|_| "0".into());
     let mut command = tokio::process::Command::new("taskset");
     command.arg("-c").arg(cores).arg(bin_dir().join("peer-client"));
     command.args(["--client", "meshkit", "--etcd", &etcd.endpoint(), "--prefix", &side.prefix]);
-    command.args(["--seconds", &secs.to_string(), "--warmup-seconds", "1", "--deadline-ms", "0"]);
+    command.args(["--seconds", &secs.to_string(), "--warmup-seconds", "1", "--deadline-ms", &deadline_ms]);
     if rate > 0 {
         command.args(["--rate", &rate.to_string()]);
     } else {
@@ -134,6 +141,7 @@ struct Rounds {
     servers: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
+    failed_by_round: Vec<u64>,
     failed: u64,
 }
 
@@ -147,6 +155,7 @@ impl Rounds {
         self.p50.push(number("p50_us") as f64);
         self.p99.push(number("p99_us") as f64);
         self.failed += number("failed");
+        self.failed_by_round.push(number("failed"));
     }
 
     fn total(&self, round: usize) -> f64 {
@@ -232,8 +241,30 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
     .await;
     pin(std::process::id(), &format!("0-{}", cores - 1))?;
     let (steady, saturated) = result?;
+    let mut csv = String::from(CSV_HEADER);
+    for (load, rounds) in
+        [(format!("steady {STEADY_RATE}/s"), &steady), (format!("saturated {CONCURRENCY}"), &saturated)]
+    {
+        for (side, r) in ["none", "rules"].iter().zip(rounds.iter()) {
+            for i in 0..r.rate.len() {
+                let _ = writeln!(
+                    csv,
+                    "{load},{i},{side},{:.0},{},{},{},{:.2},{:.2}",
+                    r.rate[i], r.p50[i], r.p99[i], r.failed_by_round[i], r.client[i], r.servers[i]
+                );
+            }
+        }
+    }
+    let dir = bin_dir().join("../bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("governance.csv");
+    std::fs::write(&file, csv)?;
+    let deadline = match std::env::var("MESHKIT_BENCH_DEADLINE_MS") {
+        Ok(ms) if ms != "0" => format!("each call with its own {ms} ms deadline"),
+        _ => "calls without a deadline of their own".to_owned(),
+    };
     println!(
-        "\n== governance: {} on (none refusing) vs none, paired: Echo through meshkit's channel (peer-client) to 2 MeshServer instances per side; both sides at once, the 4 servers on core {server_core}, the 2 clients on {load_cores}; {ROUNDS} rounds of {window} s",
+        "\n== governance: {} on (none refusing) vs none, paired: Echo through meshkit's channel (peer-client) to 2 MeshServer instances per side, {deadline}; both sides at once, the 4 servers on core {server_core}, the 2 clients on {load_cores}; {ROUNDS} rounds of {window} s",
         only.as_deref().unwrap_or("every rule")
     );
     println!(
@@ -245,6 +276,7 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
     let ratios: Vec<f64> = (0..saturated[0].rate.len()).map(|i| saturated[1].rate[i] / saturated[0].rate[i]).collect();
     let (low, high) = spread(&ratios);
     println!("    rules: throughput x{:.3} of none's (goal >= 0.95; rounds x{low:.3} to x{high:.3})", median(&ratios));
+    println!("    (every round: {})", file.display());
     for side in sides {
         for server in side.servers {
             crate::stop(server).await;

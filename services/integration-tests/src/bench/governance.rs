@@ -38,8 +38,8 @@ use meshkit_integration_tests::{Etcd, ServiceProcess, bin_dir, echo::ECHO, free_
 const CSV_HEADER: &str = "load,round,side,calls_per_s,p50_us,p99_us,failed,caller_us_per_call,servers_us_per_call\n";
 
 use super::peers::{ClientRun, drive_client};
-use super::servers::pin;
-use crate::{CONCURRENCY, ROUNDS, median, num_cpus, spread};
+use super::servers::{pin, split_cores};
+use crate::{CONCURRENCY, ROUNDS, median, spread};
 
 const STEADY_RATE: u64 = 5_000;
 const ECHO_METHOD: &str = "/meshkit.echo.v1.EchoService/Echo";
@@ -217,13 +217,7 @@ fn report(title: &str, rounds: &[Rounds; 2]) {
 }
 
 pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
-    let cores = num_cpus();
-    if cores < 2 {
-        println!("\n== governance: needs two cores (one for the servers, one for the load); skipped");
-        return Ok(());
-    }
-    let server_core = cores - 1;
-    let load_cores = if cores == 2 { "0".to_owned() } else { format!("0-{}", cores - 2) };
+    let Some((server_core, load_cores)) = split_cores("governance") else { return Ok(()) };
     let only = std::env::var("MESHKIT_BENCH_RULES").ok().filter(|r| !r.trim().is_empty());
     let all = rules(only.as_deref());
     let sides = [
@@ -239,7 +233,7 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
         anyhow::Ok((steady, saturated))
     }
     .await;
-    pin(std::process::id(), &format!("0-{}", cores - 1))?;
+    pin(std::process::id(), &format!("0-{server_core}"))?;
     let (steady, saturated) = result?;
     let mut csv = String::from(CSV_HEADER);
     for (load, rounds) in

@@ -172,15 +172,21 @@ fn report(title: &str, sides: &[(&str, &Side)], steady: bool) {
     }
 }
 
-pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
+/// The last core for the servers and the others for the load; None (and a
+/// line saying `phase` is skipped) on a machine with one.
+pub(crate) fn split_cores(phase: &str) -> Option<(usize, String)> {
     let cores = num_cpus();
     if cores < 2 {
-        println!("\n== servers: needs two cores (one for the server, one for the load); skipped");
-        return Ok(());
+        println!("\n== {phase}: needs two cores (one for the servers, one for the load); skipped");
+        return None;
     }
-    let server_core = cores - 1;
-    let load_cores = if cores == 2 { "0".to_owned() } else { format!("0-{}", cores - 2) };
-    let all_cores = format!("0-{}", cores - 1);
+    let load = if cores == 2 { "0".to_owned() } else { format!("0-{}", cores - 2) };
+    Some((cores - 1, load))
+}
+
+pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
+    let Some((server_core, load_cores)) = split_cores("servers") else { return Ok(()) };
+    let all_cores = format!("0-{server_core}");
     pin(std::process::id(), &load_cores)?;
     let result = compare(etcd, logs, secs, server_core, &load_cores).await;
     pin(std::process::id(), &all_cores)?;

@@ -89,12 +89,7 @@ pub struct CallDeadline {
 }
 
 /// The deadline for an outgoing call: the sooner of its own `grpc-timeout`
-/// and the one inherited from the call being served.
-pub fn for_request<B>(req: &http::Request<B>, now: Instant) -> Option<Instant> {
-    call_deadline(req, now).map(|d| d.at)
-}
-
-/// [`for_request`], saying whether the request's own header set it.
+/// and the one inherited from the call being served, and where it came from.
 pub fn call_deadline<B>(req: &http::Request<B>, now: Instant) -> Option<CallDeadline> {
     let own = req.headers().get(&GRPC_TIMEOUT).and_then(parse_grpc_timeout).map(|t| now + t);
     match (own, current()) {
@@ -205,9 +200,9 @@ mod tests {
     async fn inherited_deadline_wins_when_sooner() {
         let now = Instant::now();
         let req = http::Request::builder().header("grpc-timeout", "10S").body(()).unwrap();
-        assert_eq!(for_request(&req, now), Some(now + Duration::from_secs(10)));
+        assert_eq!(call_deadline(&req, now).map(|d| d.at), Some(now + Duration::from_secs(10)));
         let inner = now + Duration::from_secs(1);
-        let got = with_deadline(inner, async { for_request(&req, now) }).await;
+        let got = with_deadline(inner, async { call_deadline(&req, now).map(|d| d.at) }).await;
         assert_eq!(got, Some(inner));
         assert_eq!(call_deadline(&req, now), Some(CallDeadline { at: now + Duration::from_secs(10), own: true }));
         let got = with_deadline(inner, async { call_deadline(&req, now) }).await;

@@ -141,8 +141,7 @@ struct Rounds {
     servers: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
-    failed_by_round: Vec<u64>,
-    failed: u64,
+    failed: Vec<u64>,
 }
 
 impl Rounds {
@@ -154,8 +153,7 @@ impl Rounds {
         self.servers.push(run.watched.as_secs_f64() * 1e6 / calls);
         self.p50.push(number("p50_us") as f64);
         self.p99.push(number("p99_us") as f64);
-        self.failed += number("failed");
-        self.failed_by_round.push(number("failed"));
+        self.failed.push(number("failed"));
     }
 
     fn total(&self, round: usize) -> f64 {
@@ -197,7 +195,7 @@ fn report(title: &str, rounds: &[Rounds; 2]) {
             median(&r.client),
             median(&r.servers),
             median(&totals),
-            r.failed
+            r.failed.iter().sum::<u64>()
         );
     }
     let n = rounds[0].rate.len();
@@ -244,7 +242,7 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
                 let _ = writeln!(
                     csv,
                     "{load},{i},{side},{:.0},{},{},{},{:.2},{:.2}",
-                    r.rate[i], r.p50[i], r.p99[i], r.failed_by_round[i], r.client[i], r.servers[i]
+                    r.rate[i], r.p50[i], r.p99[i], r.failed[i], r.client[i], r.servers[i]
                 );
             }
         }

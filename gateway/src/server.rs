@@ -236,7 +236,22 @@ fn upstream_deadline(headers: &mut HeaderMap, limit: Duration, value: &HeaderVal
 #[derive(Clone)]
 pub struct Dispatch {
     gateway: Arc<Gateway>,
-    peer: SocketAddr,
+    peer: Peer,
+}
+
+/// A connection's client: its address, and that address as an
+/// `x-forwarded-for` value, formatted once per connection rather than per
+/// request.
+#[derive(Clone)]
+struct Peer {
+    addr: SocketAddr,
+    forwarded: Option<HeaderValue>,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr) -> Self {
+        Self { addr, forwarded: HeaderValue::from_str(&addr.ip().to_string()).ok() }
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -252,7 +267,7 @@ impl Service<Request<Incoming>> for Dispatch {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        let grpc = GrpcCall { gateway: self.gateway.clone(), peer: self.peer };
+        let grpc = GrpcCall { gateway: self.gateway.clone(), peer: self.peer.clone() };
         if content_type.starts_with("application/grpc-web") {
             let mut web = tonic_web::GrpcWebLayer::new().layer(grpc);
             return Box::pin(async move { web.call(req).await });
@@ -262,7 +277,7 @@ impl Service<Request<Incoming>> for Dispatch {
             return Box::pin(async move { grpc.call(req.map(Body::new)).await });
         }
         let gateway = self.gateway.clone();
-        let peer = self.peer;
+        let peer = self.peer.clone();
         let span = meshkit_common::trace::http_server_span(req.method(), req.uri().path(), req.headers());
         Box::pin(async move {
             let res = rest(gateway, peer, req).instrument(span.clone()).await;
@@ -276,7 +291,7 @@ impl Service<Request<Incoming>> for Dispatch {
 #[derive(Clone)]
 struct GrpcCall {
     gateway: Arc<Gateway>,
-    peer: SocketAddr,
+    peer: Peer,
 }
 
 impl Service<Request<Body>> for GrpcCall {
@@ -290,7 +305,7 @@ impl Service<Request<Body>> for GrpcCall {
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let gateway = self.gateway.clone();
-        let peer = self.peer;
+        let peer = self.peer.clone();
         // The gateway's own hop: RED metrics and a server span whose child
         // is the upstream call.
         let record = CallRecord::server(req.uri().path(), req.headers());
@@ -304,7 +319,7 @@ impl Service<Request<Body>> for GrpcCall {
     }
 }
 
-async fn grpc(gateway: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) -> Response<Body> {
+async fn grpc(gateway: Arc<Gateway>, peer: Peer, mut req: Request<Body>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let local = if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
         Some(&gateway.reflection_v1)
@@ -329,15 +344,15 @@ async fn grpc(gateway: Arc<Gateway>, peer: SocketAddr, mut req: Request<Body>) -
         ))
         .into_http();
     };
-    if let Err(wait) = gateway.admit(peer.ip()) {
-        return rate_limited_status(&gateway, peer, wait).into_http();
+    if let Err(wait) = gateway.admit(peer.addr.ip()) {
+        return rate_limited_status(&gateway, peer.addr, wait).into_http();
     }
     if let Err(status) = gateway.auth.authorize(&path, req.headers_mut()) {
         auth_refused(&status);
         return status.into_http();
     }
     gateway.set_deadline(req.headers_mut());
-    forwarded_for(req.headers_mut(), peer);
+    forwarded_for(req.headers_mut(), &peer);
     // A unary request is read here, bounded, so an oversized one is refused
     // with a clear status instead of a reset mid-stream.
     let client_streaming = gateway.contracts.method(&path).is_none_or(|m| m.is_client_streaming());
@@ -373,19 +388,20 @@ fn rate_limited_status(gateway: &Gateway, peer: SocketAddr, wait: Duration) -> t
     ))
 }
 
-fn forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+fn forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
+    const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", peer.addr.ip())).ok(),
+        None => peer.forwarded.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(value) = value {
+        headers.insert(X_FORWARDED_FOR, value);
     }
 }
 
 // === REST ===
 
-async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn rest(gateway: Arc<Gateway>, peer: Peer, req: Request<Incoming>) -> Response<Body> {
     let pool = gateway.contracts.pool();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -397,8 +413,8 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
     if method == Method::GET && path == "/healthz" {
         return json_response(StatusCode::OK, &json!({"status": "ok"}));
     }
-    if let Err(wait) = gateway.admit(peer.ip()) {
-        let mut res = status_response(&rate_limited_status(&gateway, peer, wait), None);
+    if let Err(wait) = gateway.admit(peer.addr.ip()) {
+        let mut res = status_response(&rate_limited_status(&gateway, peer.addr, wait), None);
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
         res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         return res;
@@ -503,7 +519,7 @@ async fn rest(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>) -
         }
     }
     gateway.set_deadline(headers);
-    forwarded_for(headers, peer);
+    forwarded_for(headers, &peer);
     let guard = gateway.timeout() + Duration::from_secs(1);
     let response = match tokio::time::timeout(guard, channel.clone().oneshot(upstream)).await {
         Ok(Ok(res)) => res,
@@ -844,7 +860,7 @@ async fn serve(
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let dispatch = Dispatch { gateway: gateway.clone(), peer };
+        let dispatch = Dispatch { gateway: gateway.clone(), peer: Peer::new(peer) };
         let service = tower::util::option_layer(cors.clone()).layer(dispatch);
         let Some(edge) = edge_tls.clone() else {
             let stream = FrameGuard::new(stream, Some(peer), limits);
@@ -909,5 +925,26 @@ mod tests {
         assert_eq!(after(Some("1M")).as_deref(), Some(configured));
         assert_eq!(after(None).as_deref(), Some(configured));
         assert_eq!(after(Some("soon")).as_deref(), Some(configured));
+    }
+
+    #[test]
+    fn x_forwarded_for_names_the_client_after_any_proxies_before_it() {
+        let peer = Peer::new("10.0.0.7:41000".parse().expect("address"));
+        let after = |prior: Option<&'static str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(prior) = prior {
+                headers.insert("x-forwarded-for", HeaderValue::from_static(prior));
+            }
+            forwarded_for(&mut headers, &peer);
+            let all: Vec<_> = headers.get_all("x-forwarded-for").iter().map(|v| v.to_str().unwrap_or("?")).collect();
+            all.join(" | ")
+        };
+        assert_eq!(after(None), "10.0.0.7");
+        assert_eq!(after(Some("203.0.113.9")), "203.0.113.9, 10.0.0.7");
+        assert_eq!(after(Some("203.0.113.9, 198.51.100.2")), "203.0.113.9, 198.51.100.2, 10.0.0.7");
+        let v6 = Peer::new("[2001:db8::1]:443".parse().expect("address"));
+        let mut headers = HeaderMap::new();
+        forwarded_for(&mut headers, &v6);
+        assert_eq!(headers.get("x-forwarded-for").map(|v| v.to_str().unwrap_or("?")), Some("2001:db8::1"));
     }
 }

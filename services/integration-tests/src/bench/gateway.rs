@@ -19,8 +19,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use meshkit_integration_tests::{
     Etcd, ServiceProcess,
-    echo::{ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient, start_echo},
-    free_port, mesh_config,
+    echo::{ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient},
+    free_port,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -31,8 +31,21 @@ const RATE: u64 = 2_000;
 
 pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
     let phase = Duration::from_secs(secs);
-    let backend = start_echo(mesh_config(etcd, "sqlite::memory:")).await?;
-    let backend_addr = backend.local_addr();
+    // The backend is a process of its own (`echo-server`, `MeshServer` with
+    // its default layers), so its CPU is read apart from the load generators'.
+    let backend_port = free_port();
+    let backend = ServiceProcess::spawn(
+        "echo-server",
+        &[
+            ("ECHO_SERVER", "mesh".to_owned()),
+            ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{backend_port}")),
+            ("MESHKIT_ETCD_ENDPOINTS", etcd.endpoint()),
+            ("MESHKIT_ADMIN_ENABLED", "false".to_owned()),
+        ],
+        logs,
+    )?;
+    wait_listening(backend_port, "echo-server did not listen")?;
+    let backend_addr = std::net::SocketAddr::from(([127, 0, 0, 1], backend_port));
     let descriptors = logs.join("echo.binpb");
     std::fs::write(&descriptors, ECHO_DESCRIPTOR_SET)?;
 
@@ -183,12 +196,13 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
         logs,
         backend_addr.port(),
         [(gateway_port, gateway.pid()), (nginx.port, nginx.pid()), (haproxy.port, haproxy.pid())],
+        backend.pid(),
     )
     .await?;
     drop(haproxy);
     drop(nginx);
     drop(gateway);
-    backend.shutdown().await?;
+    drop(backend);
     Ok(())
 }
 
@@ -258,9 +272,9 @@ impl Run {
 }
 
 /// h2load (nghttp2) against `port`: unary Echo calls in `shape`. Its CPU is
-/// what bash's `times` reports for its child; the backend's is this
-/// process's own (it serves the backend and idles otherwise).
-fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>) -> anyhow::Result<Run> {
+/// what bash's `times` reports for its child; the backend's is its
+/// process's (`backend`, the echo-server's pid).
+fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>, backend: i32) -> anyhow::Result<Run> {
     let mut args = vec![
         format!("-c{}", shape.connections),
         format!("-m{}", shape.streams),
@@ -271,7 +285,7 @@ fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>) -> anyhow::
         args.push(format!("--rps={rate}"));
     }
     let proxy_before = proxy.map(tree_times).unwrap_or_default();
-    let backend_before = tree_times(std::process::id() as i32);
+    let backend_before = tree_times(backend);
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(r#"h2load "$@" -H 'content-type: application/grpc' -H 'te: trailers' && times"#)
@@ -282,7 +296,7 @@ fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>) -> anyhow::
         .arg(format!("http://127.0.0.1:{port}/meshkit.echo.v1.EchoService/Echo"))
         .output()
         .context("running h2load (deploy/local/install-deps.sh --bench installs it)")?;
-    let backend_after = tree_times(std::process::id() as i32);
+    let backend_after = tree_times(backend);
     let proxy_after = proxy.map(tree_times).unwrap_or_default();
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "h2load failed: {text}{}", String::from_utf8_lossy(&out.stderr));
@@ -336,7 +350,7 @@ fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>) -> anyhow::
 /// gRPC passthrough in every load shape, h2load driving the direct path, the
 /// gateway, nginx and HAProxy in alternating rounds: CPU per request of the
 /// proxy and of the whole system (load generator, proxy, backend).
-async fn shapes(logs: &Path, backend_port: u16, proxies: [(u16, i32); 3]) -> anyhow::Result<()> {
+async fn shapes(logs: &Path, backend_port: u16, proxies: [(u16, i32); 3], backend: i32) -> anyhow::Result<()> {
     const ROUNDS: usize = 3;
     let body = logs.join("echo-request.bin");
     let message = prost::Message::encode_to_vec(&EchoRequest { text: "bench".into(), ..Default::default() });
@@ -355,14 +369,14 @@ async fn shapes(logs: &Path, backend_port: u16, proxies: [(u16, i32); 3]) -> any
         "\n== gRPC passthrough by load shape (h2load, unary Echo; medians of {ROUNDS} alternating rounds, spread = max - min)"
     );
     println!(
-        "  proxies: the gateway (2 runtime threads), nginx 1.22 grpc_pass (2 workers), HAProxy 2.6 (2 threads, h2 both sides); no CPU pinning"
+        "  proxies: the gateway (2 runtime threads), nginx 1.22 grpc_pass (2 workers), HAProxy 2.6 (2 threads, h2 both sides); the backend: echo-server (MeshServer), a process of its own; no CPU pinning"
     );
     for shape in &SHAPES {
         let mut runs: [Vec<Run>; 4] = Default::default();
         for _ in 0..ROUNDS {
             for (i, (port, pid)) in targets.iter().enumerate() {
                 let (port, pid, shape_ref, body) = (*port, *pid, shape, body.clone());
-                let run = tokio::task::block_in_place(|| h2load(port, shape_ref, &body, pid))?;
+                let run = tokio::task::block_in_place(|| h2load(port, shape_ref, &body, pid, backend))?;
                 runs[i].push(run);
             }
         }

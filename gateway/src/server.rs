@@ -644,9 +644,11 @@ pub(crate) async fn start_worker(
     let etcd = meshkit_common::etcd::connect(&config.etcd).await?;
     // mTLS to the services with the gateway's own identity, when `tls` is on.
     let upstream_tls = meshkit_common::tls::Tls::from_settings(&config.tls)?;
-    // The config center, for the traffic splits by version the channels
-    // follow and (in the first worker) the log filter. The gateway applies
-    // no other calling-side rule: its per-client limit is its own.
+    // The config center, for the calling-side governance of the upstream
+    // channels (breakers, throttling, method timeouts, retries and traffic
+    // splits, as every process's channels follow them; with no rule set a
+    // call pays one atomic read) and, in the first worker, the log filter.
+    // The per-client limit is the gateway's own.
     let center = meshkit_common::config_center::ConfigCenter::start(
         etcd.clone(),
         &config.etcd.prefix,
@@ -654,14 +656,14 @@ pub(crate) async fn start_worker(
         COMPONENT,
     )
     .await?;
-    let splits = meshkit_common::governance::Governance::watching(center.section(|c| c.mesh.governance.clone()));
+    let governance = meshkit_common::governance::Governance::watching(center.section(|c| c.mesh.governance.clone()));
     if with_admin {
         follow_log_filter(center.section(|c| c.mesh.log.filter.clone()));
     }
     let channels = ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone())
         .with_methods(contracts.method_table())
         .with_tls(upstream_tls)
-        .with_splits(splits);
+        .with_governance(governance);
     let edge_tls = if config.gateway.tls_cert_file.is_empty() {
         None
     } else {

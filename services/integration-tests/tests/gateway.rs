@@ -423,6 +423,38 @@ async fn grpc_passes_through_unchanged_with_every_streaming_kind() {
 }
 
 #[tokio::test]
+async fn calling_side_governance_applies_to_passthrough_once_a_rule_is_set() {
+    let c = Cluster::start(|_| {}).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr)).unwrap().connect().await.unwrap();
+    let mut echo = EchoServiceClient::new(channel);
+    let fail = FailRequest { code: Code::Internal as i32, message: "failing on purpose".into() };
+    // No rule: every failure comes from upstream, as it was sent.
+    for _ in 0..10 {
+        let status = echo.fail(fail.clone()).await.unwrap_err();
+        assert_eq!((status.code(), status.message()), (Code::Internal, "failing on purpose"));
+    }
+    // A breaker on Fail, written to the config center for the gateway.
+    let rule = r#"{"/meshkit.echo.v1.EchoService/Fail":{"breaker":{"enabled":true,"error_ratio":0.5,"min_requests":5,"window_ms":10000,"open_ms":60000}}}"#;
+    let mut etcd = c.etcd.client().await;
+    etcd.put("/meshkit/config/gateway/governance.methods", rule, None).await.unwrap();
+    let refused = eventually("the gateway's breaker opens", Duration::from_secs(10), || {
+        let mut echo = echo.clone();
+        let fail = fail.clone();
+        async move {
+            let status = echo.fail(fail).await.unwrap_err();
+            (status.code() == Code::Unavailable).then_some(status)
+        }
+    })
+    .await;
+    assert!(refused.message().contains("circuit breaker"), "{refused:?}");
+    // Refused at the gateway: the other methods of the service still pass.
+    let reply = echo.echo(EchoRequest { text: "still served".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(reply.get_ref().request.as_ref().map(|r| r.text.as_str()), Some("still served"));
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn grpc_web_binary_and_text_with_cors() {
     let c = Cluster::start(|g| g.cors_origins = vec!["http://app.example".into()]).await;
     let request = meshkit_proto::user::CreateUserRequest { name: "W".into(), email: "w@example.com".into() };

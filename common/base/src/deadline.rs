@@ -100,6 +100,24 @@ pub fn call_deadline<B>(req: &http::Request<B>, now: Instant) -> Option<CallDead
     }
 }
 
+/// Makes `headers`' `grpc-timeout` the sooner of its own and `limit`, whose
+/// header is `value` (formatted once by the caller); whether it set `value`.
+/// An own value that is sooner stays byte for byte, and one equal to
+/// `value` is not even parsed, so a value a caller repeats call after call
+/// keeps its single byte in HPACK's table on the next hop.
+pub fn cap_grpc_timeout(headers: &mut http::HeaderMap, limit: Duration, value: &HeaderValue) -> bool {
+    let own = headers.get(&GRPC_TIMEOUT);
+    if own == Some(value) {
+        return false;
+    }
+    let own = own.and_then(parse_grpc_timeout);
+    let later = own.is_none_or(|own| own > limit);
+    if later {
+        headers.insert(GRPC_TIMEOUT, value.clone());
+    }
+    later
+}
+
 /// The `grpc-timeout` of a call sent now with `left` to go, when the value
 /// differs from call to call (an inherited deadline, a retry): marked so
 /// HPACK sends it without adding it to the connection's header table, where
@@ -194,6 +212,27 @@ mod tests {
             assert_eq!(format_grpc_timeout(d).to_str().unwrap(), text, "{d:?}");
         }
         assert!(remaining_grpc_timeout(Duration::from_secs(1)).is_sensitive());
+    }
+
+    #[test]
+    fn a_cap_keeps_a_sooner_value_as_it_came_and_replaces_a_later_or_missing_one() {
+        let limit = Duration::from_secs(15);
+        let value = format_grpc_timeout(limit);
+        let after = |own: Option<&'static str>| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(own) = own {
+                headers.insert("grpc-timeout", HeaderValue::from_static(own));
+            }
+            let set = cap_grpc_timeout(&mut headers, limit, &value);
+            (headers.get("grpc-timeout").map(|v| v.to_str().unwrap_or_default().to_owned()), set)
+        };
+        let configured = value.to_str().unwrap_or_default().to_owned();
+        assert_eq!(after(Some("2S")), (Some("2S".to_owned()), false));
+        assert_eq!(after(Some("250m")), (Some("250m".to_owned()), false));
+        assert_eq!(after(Some("1M")), (Some(configured.clone()), true));
+        assert_eq!(after(None), (Some(configured.clone()), true));
+        assert_eq!(after(Some("soon")), (Some(configured.clone()), true));
+        assert_eq!(after(Some("15000000u")), (Some(configured), false));
     }
 
     #[tokio::test]

@@ -462,7 +462,7 @@ impl Governance {
         let compiled = self.snapshot();
         let rule = compiled.rule(path);
         if let Some((limit, value)) = rule.and_then(|r| r.timeout.as_ref()) {
-            shorten_deadline(headers, *limit, value);
+            meshkit_base::deadline::cap_grpc_timeout(headers, *limit, value);
         }
         let breaker_rule = rule.map(|r| &r.rule).filter(|r| r.breaker.enabled);
         let throttling = compiled.settings.throttling.enabled;
@@ -574,30 +574,17 @@ impl Governance {
         // rule's. A caller's sooner deadline is already enforced by the
         // server's own grpc-timeout timer, outside this layer: no second
         // timer for it.
-        let timeout =
-            rule.timeout.as_ref().filter(|(limit, value)| shorten_deadline(headers, *limit, value)).map(|t| t.0);
+        let timeout = rule
+            .timeout
+            .as_ref()
+            .filter(|(limit, value)| meshkit_base::deadline::cap_grpc_timeout(headers, *limit, value))
+            .map(|t| t.0);
         Ok(Admitted { _in_flight: in_flight, _permit: permit, timeout })
     }
 }
 
 fn path_or_other<'a>(compiled: &'a Compiled, path: &str) -> &'a str {
     compiled.rule(path).map_or("*", |r| r.pattern.as_str())
-}
-
-/// Sets `grpc-timeout` to `limit` (as `value`) unless the caller's is
-/// sooner; whether it did.
-fn shorten_deadline(headers: &mut http::HeaderMap, limit: Duration, value: &HeaderValue) -> bool {
-    let own = headers.get(&meshkit_base::deadline::GRPC_TIMEOUT);
-    if own == Some(value) {
-        // Set by a caller under the same rule: nothing to parse.
-        return false;
-    }
-    let own = own.and_then(meshkit_base::deadline::parse_grpc_timeout);
-    let shorter = own.is_none_or(|d| d > limit);
-    if shorter {
-        headers.insert(meshkit_base::deadline::GRPC_TIMEOUT, value.clone());
-    }
-    shorter
 }
 
 /// Server codes a breaker or throttle counts as the backend failing.

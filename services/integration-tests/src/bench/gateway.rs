@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use meshkit_integration_tests::{
     Etcd, ServiceProcess,
-    echo::{ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient},
+    echo::{ECHO, ECHO_DESCRIPTOR_SET, EchoRequest, EchoServiceClient},
     free_port,
 };
 use tonic::transport::{Channel, Endpoint};
@@ -41,10 +41,13 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
             ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{backend_port}")),
             ("MESHKIT_ETCD_ENDPOINTS", etcd.endpoint()),
             ("MESHKIT_ADMIN_ENABLED", "false".to_owned()),
+            ("MESHKIT_REGISTRY_INSTANCE_ID", "bench-echo".to_owned()),
         ],
         logs,
     )?;
-    wait_listening(backend_port, "echo-server did not listen")?;
+    // Registered, not only listening (it binds first): the gateway's first
+    // call must find it.
+    meshkit_integration_tests::fleet::wait_registered(&etcd.client().await, ECHO, &["bench-echo"]).await;
     let backend_addr = std::net::SocketAddr::from(([127, 0, 0, 1], backend_port));
     let descriptors = logs.join("echo.binpb");
     std::fs::write(&descriptors, ECHO_DESCRIPTOR_SET)?;

@@ -10,8 +10,17 @@ secs="${1:-300}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 dir="$here/../../services/integration-tests/fuzz"
 cd "$dir"
-cargo +nightly fuzz build -O 2>&1 | grep -E '^(error|warning: unused)' -A5 || true
-cargo +nightly fuzz build -O >/dev/null 2>&1 || { echo "fuzz: the targets do not build" >&2; exit 1; }
+mkdir -p target
+build_log="target/fuzz-build.log"
+if ! cargo +nightly fuzz build -O >"$build_log" 2>&1; then
+    # Say why: the compiler's errors, else the end of the log (a linker
+    # killed, a full disk), and the space left where the build writes.
+    grep -E '^error' -A8 "$build_log" | head -60 >&2 || true
+    tail -25 "$build_log" >&2
+    echo "fuzz: the targets do not build ($(df -h --output=avail . | tail -1 | tr -d ' ') free on this disk)" >&2
+    exit 1
+fi
+grep -E '^warning: unused' -A5 "$build_log" || true
 status=0
 for target in $(cargo +nightly fuzz list); do
     mkdir -p "corpus/$target"

@@ -37,10 +37,9 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use meshkit_common::{
-    BalancedChannel, ChannelBuilder, Instance, RegistrySession,
-    admin::AdminServer,
-    deadline,
+    BalancedChannel, ChannelBuilder, Mesh, MeshServer, deadline,
     metrics::{CallRecord, ObservedBody},
+    server::Presence,
 };
 use serde_json::json;
 
@@ -566,11 +565,12 @@ async fn rest(gateway: Arc<Gateway>, peer: Peer, req: Request<Incoming>) -> Resp
 /// A started gateway.
 pub struct RunningGateway {
     addr: SocketAddr,
-    admin: Option<AdminServer>,
-    registry: Option<RegistrySession>,
+    /// The admin endpoint and the registration (the first worker's).
+    presence: Option<Presence>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
-    _center: meshkit_common::config_center::ConfigCenter<GatewayConfig>,
+    /// Keeps the config center following etcd.
+    _mesh: Mesh<GatewayConfig>,
 }
 
 impl RunningGateway {
@@ -579,7 +579,7 @@ impl RunningGateway {
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(AdminServer::local_addr)
+        self.presence.as_ref().and_then(Presence::admin_addr)
     }
 
     /// Serves until `stop` resolves, then shuts down.
@@ -591,15 +591,16 @@ impl RunningGateway {
     /// Stops accepting, lets open requests finish (bounded by
     /// `server.drain_timeout_ms`), closes the connections.
     pub async fn shutdown(mut self) {
-        if let Some(session) = self.registry.take() {
-            session.close().await;
+        let mut presence = self.presence.take();
+        if let Some(presence) = &mut presence {
+            presence.deregister().await;
         }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
-        if let Some(admin) = self.admin.take() {
-            admin.stop().await;
+        if let Some(presence) = presence {
+            presence.stop().await;
         }
     }
 }
@@ -626,33 +627,19 @@ pub(crate) async fn start_worker(
     config: GatewayConfig,
     listen: &str,
     reuse_port: bool,
-    with_admin: bool,
+    first: bool,
     limiter: Option<Arc<Limiter>>,
 ) -> Result<RunningGateway, StartError> {
     let contracts = Contracts::load(&config.gateway.descriptor_sets)?;
-    let etcd = meshkit_common::etcd::connect(&config.etcd).await?;
-    // mTLS to the services with the gateway's own identity, when `tls` is on.
-    let upstream_tls = meshkit_common::tls::Tls::from_settings(&config.tls)?;
-    // The config center, for the calling-side governance of the upstream
-    // channels (breakers, throttling, method timeouts, retries and traffic
-    // splits, as every process's channels follow them; with no rule set a
-    // call pays one atomic read) and, in the first worker, the log filter.
-    // The per-client limit is the gateway's own.
-    let center = meshkit_common::config_center::ConfigCenter::start(
-        etcd.clone(),
-        &config.etcd.prefix,
-        config.clone(),
-        COMPONENT,
-    )
-    .await?;
-    let governance = meshkit_common::governance::Governance::watching(center.section(|c| c.mesh.governance.clone()));
-    if with_admin {
-        follow_log_filter(center.section(|c| c.mesh.log.filter.clone()));
-    }
-    let channels = ChannelBuilder::new(etcd.clone(), config.etcd.prefix.clone())
-        .with_methods(contracts.method_table())
-        .with_tls(upstream_tls)
-        .with_governance(governance);
+    // What every process starts from: etcd, the config center, the
+    // calling-side governance of the upstream channels (breakers,
+    // throttling, method timeouts, retries and traffic splits; with no rule
+    // set a call pays one atomic read), mTLS to the services with the
+    // gateway's own identity when `tls` is on, and the live log filter. The
+    // per-client limit is the gateway's own.
+    let mesh = Mesh::connect(&config, COMPONENT).await?;
+    let config = mesh.config();
+    let channels = mesh.channels.clone().with_methods(contracts.method_table());
     let edge_tls = if config.gateway.tls_cert_file.is_empty() {
         None
     } else {
@@ -667,13 +654,16 @@ pub(crate) async fn start_worker(
     let listen_error = |source| StartError::Listen { addr: listen.to_owned(), source };
     let listener = bind(listen, reuse_port).map_err(listen_error)?;
     let addr = listener.local_addr().map_err(listen_error)?;
-    let admin = if config.admin.enabled && with_admin {
-        let listen = config.admin.listen.parse().map_err(|_| StartError::Config("admin.listen".into()))?;
-        Some(AdminServer::start(listen, vec![channels.clone()], Vec::new(), Vec::new()).await?)
+    // One admin endpoint and one registration per process (the first
+    // worker's), from the shared server builder: the gateway shows in
+    // `meshctl instances` and scrape-target discovery, with its pools,
+    // governance and config-center status on the admin endpoint.
+    let presence = if first {
+        Some(MeshServer::new(config.clone()).with_mesh(&mesh).start_beside(addr, GATEWAY_SERVICE).await?)
     } else {
         None
     };
-    if gateway.limiter.is_some() && with_admin {
+    if gateway.limiter.is_some() && first {
         // Forget idle clients now and then so the limiter's memory stays bounded.
         let weak = Arc::downgrade(&gateway);
         tokio::spawn(async move {
@@ -688,17 +678,6 @@ pub(crate) async fn start_worker(
             }
         });
     }
-    // One registration per process (the worker with the admin endpoint), so
-    // the gateway shows in `meshctl instances` and scrape-target discovery.
-    let registry = if with_admin && config.registry.enabled {
-        let session = register(&config, etcd, addr, admin.as_ref().map(AdminServer::local_addr)).await?;
-        if let (Some(admin), Some((session, id))) = (&admin, &session) {
-            admin.add_source(session.metrics_source(id));
-        }
-        session.map(|(session, _)| session)
-    } else {
-        None
-    };
     let cors = cors_layer(&config.gateway.cors_origins).map_err(StartError::Config)?;
     let drain = Duration::from_millis(config.server.drain_timeout_ms);
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -721,57 +700,15 @@ pub(crate) async fn start_worker(
     let (stop_tx, stop_rx) = oneshot::channel();
     let connections = Connections { builder, limits, edge_tls };
     let task = tokio::spawn(serve(listener, connections, gateway, cors, stop_rx, drain));
-    tracing::debug!(%addr, admin = ?admin.as_ref().map(AdminServer::local_addr), "gateway worker listening");
-    Ok(RunningGateway { addr, admin, registry, stop: Some(stop_tx), task, _center: center })
+    tracing::debug!(%addr, admin = ?presence.as_ref().and_then(Presence::admin_addr), "gateway worker listening");
+    Ok(RunningGateway { addr, presence, stop: Some(stop_tx), task, _mesh: mesh })
 }
 
 /// The component name the gateway reads its settings under.
 pub const COMPONENT: &str = "gateway";
 
-/// Applies the config center's `log.filter` as it changes.
-fn follow_log_filter(mut filter: tokio::sync::watch::Receiver<String>) {
-    tokio::spawn(async move {
-        while filter.changed().await.is_ok() {
-            let directives = filter.borrow_and_update().clone();
-            match meshkit_common::telemetry::set_filter(&directives) {
-                Ok(()) => tracing::info!(filter = directives, "log filter changed"),
-                Err(e) => tracing::warn!(filter = directives, error = e, "log filter refused"),
-            }
-        }
-    });
-}
-
 /// The service name the gateway registers under.
 pub const GATEWAY_SERVICE: &str = "meshkit.gateway";
-
-/// Registers the gateway's address (and admin endpoint) in etcd.
-async fn register(
-    config: &GatewayConfig,
-    etcd: etcd_client::Client,
-    addr: SocketAddr,
-    admin: Option<SocketAddr>,
-) -> Result<Option<(RegistrySession, String)>, StartError> {
-    let id = if config.registry.instance_id.is_empty() {
-        meshkit_common::server::new_instance_id()
-    } else {
-        config.registry.instance_id.clone()
-    };
-    let mut metadata = std::collections::BTreeMap::from([("component".to_owned(), "gateway".to_owned())]);
-    if let Some(admin) = admin {
-        metadata.insert("admin".into(), meshkit_common::server::advertised(admin, &config.etcd.endpoints));
-    }
-    let instance = Instance {
-        addr: meshkit_common::server::advertised(addr, &config.etcd.endpoints),
-        zone: config.registry.zone.clone(),
-        weight: config.registry.weight,
-        version: config.registry.version.clone(),
-        metadata,
-    };
-    let value = serde_json::to_string(&instance).map_err(|e| StartError::Config(e.to_string()))?;
-    let key = meshkit_common::registry::instance_key(&config.etcd.prefix, GATEWAY_SERVICE, &id);
-    let session = RegistrySession::start(etcd, config.registry.ttl_secs, vec![(key, value)]).await?;
-    Ok(Some((session, id)))
-}
 
 fn bind(listen: &str, reuse_port: bool) -> std::io::Result<TcpListener> {
     let addr: SocketAddr =

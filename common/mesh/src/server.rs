@@ -89,7 +89,8 @@ impl<C: ProcessConfig> Mesh<C> {
             while filter.changed().await.is_ok() {
                 let directives = filter.borrow_and_update().clone();
                 match meshkit_telemetry::set_filter(&directives) {
-                    Ok(()) => tracing::info!(filter = directives, "log filter changed"),
+                    Ok(true) => tracing::info!(filter = directives, "log filter changed"),
+                    Ok(false) => {}
                     Err(e) => tracing::warn!(filter = directives, error = e, "log filter refused"),
                 }
             }
@@ -243,8 +244,9 @@ impl MeshServer {
 
     /// Binds, serves, marks every service SERVING and registers in etcd.
     /// Returns once the instance is registered and answering.
-    pub async fn start(self) -> Result<RunningServer> {
+    pub async fn start(mut self) -> Result<RunningServer> {
         let started = Instant::now();
+        let (tls, governance) = self.resolve()?;
         let MeshServer {
             config,
             mut routes,
@@ -252,28 +254,15 @@ impl MeshServer {
             mut metadata,
             etcd,
             channels,
-            mut reports,
+            reports,
             sources,
-            governance,
+            governance: _,
             center,
-            tls,
+            tls: _,
             authz,
             on_shutdown,
         } = self;
-        let tls = match tls {
-            Some(tls) => Some(tls),
-            None => meshkit_tls::Tls::from_settings(&config.tls)?,
-        };
         let authz = authz.unwrap_or_else(|| meshkit_tls::authz::Authz::new(config.authz.clone()));
-        if let Some(tls) = tls.clone() {
-            reports.push(("tls".into(), Arc::new(move || tls.report())));
-        }
-        let governance = governance.unwrap_or_else(|| Governance::new(config.governance.clone()));
-        let report = governance.clone();
-        reports
-            .push(("governance".into(), Arc::new(move || serde_json::to_value(report.report()).unwrap_or_default())));
-        let mut sources = sources;
-        sources.push(governance.metrics_source());
         let listen: SocketAddr = config
             .server
             .listen
@@ -306,19 +295,7 @@ impl MeshServer {
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let admin = if config.admin.enabled {
-            let listen: SocketAddr = config
-                .admin
-                .listen
-                .parse()
-                .map_err(|_| Error::Config(format!("admin.listen: {:?} is not an address", config.admin.listen)))?;
-            let admin = AdminServer::start(listen, channels, reports, sources).await?;
-            // Scrapers and meshctl read it from the registry: an address they can reach.
-            metadata.insert("admin".into(), advertised(admin.local_addr(), &config.etcd.endpoints));
-            Some(admin)
-        } else {
-            None
-        };
+        let admin = start_admin(&config, channels, reports, sources, &mut metadata).await?;
         // The contract's rules, checked on every request of a method that has them.
         let validator = meshkit_validate::Validator::for_contracts(&services)
             .map_err(|fault| Error::Config(format!("validation: {fault}")))?;
@@ -388,76 +365,236 @@ impl MeshServer {
             health.set_service_status(*name, ServingStatus::Serving).await;
         }
 
-        let mut control_tasks = Vec::new();
-        let registry = if config.registry.enabled && !services.is_empty() {
-            let client = match etcd {
-                Some(c) => c,
-                None => meshkit_registry::etcd::connect(&config.etcd).await?,
-            };
-            let addr = if config.server.advertise.is_empty() {
-                advertised(local_addr, &config.etcd.endpoints)
-            } else {
-                config.server.advertise.clone()
-            };
-            // It follows its control keys (drain, weight): operators may use them.
-            metadata.insert(control::FOLLOWS.into(), "1".into());
-            let instance = Instance {
-                addr,
-                zone: config.registry.zone.clone(),
-                weight: config.registry.weight,
-                version: config.registry.version.clone(),
-                metadata,
-            };
-            let value = serde_json::to_string(&instance).map_err(|e| Error::Config(e.to_string()))?;
-            let entries = services
-                .iter()
-                .map(|name| (instance_key(&config.etcd.prefix, name, &instance_id), value.clone()))
-                .collect();
-            match RegistrySession::start(client.clone(), config.registry.ttl_secs, entries).await {
-                Ok(session) => {
-                    if let Some(admin) = &admin {
-                        admin.add_source(session.metrics_source(&instance_id));
-                    }
-                    let names = services.iter().map(|s| (*s).to_owned()).collect();
-                    let (in_force, follower) =
-                        control::follow(client, &config.etcd.prefix, &instance_id, names, instance, &session);
-                    control_tasks.push(follower);
-                    control_tasks.push(tokio::spawn(drained_not_serving(in_force, health.clone())));
-                    Some(session)
+        let presence = match Presence::register(
+            admin,
+            center,
+            &config,
+            etcd,
+            Beside { addr: local_addr, instance_id, services: &services, metadata },
+            Some(&health),
+        )
+        .await
+        {
+            Ok(presence) => presence,
+            Err(e) => {
+                let _ = stop_tx.send(());
+                for hook in on_shutdown {
+                    hook.await;
                 }
-                Err(e) => {
-                    let _ = stop_tx.send(());
-                    for hook in on_shutdown {
-                        hook.await;
-                    }
-                    return Err(e.into());
-                }
+                return Err(e);
             }
-        } else {
-            None
         };
         tracing::info!(
             addr = %local_addr,
-            instance_id,
+            instance_id = presence.instance_id(),
             services = ?services,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "serving and registered"
         );
         Ok(RunningServer {
-            admin,
-            _center: center,
+            presence,
             local_addr,
-            instance_id,
             services,
             health,
-            registry,
-            control_tasks,
             stop: Some(stop_tx),
             task,
             on_shutdown,
             drain_delay: Duration::from_millis(config.server.drain_delay_ms),
             drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
         })
+    }
+}
+
+impl MeshServer {
+    /// The parts every start shares: the TLS material (the builder's, or
+    /// from the `tls` section) and the serving-side governance, both shown
+    /// on the admin endpoint, governance's metrics with them.
+    fn resolve(&mut self) -> Result<(Option<Arc<meshkit_tls::Tls>>, Arc<Governance>)> {
+        let tls = match self.tls.take() {
+            Some(tls) => Some(tls),
+            None => meshkit_tls::Tls::from_settings(&self.config.tls)?,
+        };
+        if let Some(tls) = tls.clone() {
+            self.reports.push(("tls".into(), Arc::new(move || tls.report())));
+        }
+        let governance = self.governance.take().unwrap_or_else(|| Governance::new(self.config.governance.clone()));
+        let report = governance.clone();
+        self.reports
+            .push(("governance".into(), Arc::new(move || serde_json::to_value(report.report()).unwrap_or_default())));
+        self.sources.push(governance.metrics_source());
+        Ok((tls, governance))
+    }
+
+    /// For a process that serves a listener of its own instead of gRPC
+    /// services (the gateway's HTTP one): everything [`Self::start`] does
+    /// beside its listener, nothing in it. The admin endpoint (this
+    /// builder's pools, reports and metrics) starts, and `addr` is
+    /// registered under `service` with the builder's metadata.
+    ///
+    /// Health and the operators' control keys (drain, weight) belong to the
+    /// caller's listener, so they are not followed here.
+    pub async fn start_beside(mut self, addr: SocketAddr, service: &'static str) -> Result<Presence> {
+        self.resolve()?;
+        let MeshServer { config, mut metadata, etcd, channels, reports, sources, center, .. } = self;
+        let admin = start_admin(&config, channels, reports, sources, &mut metadata).await?;
+        let instance_id = if config.registry.instance_id.is_empty() {
+            new_instance_id()
+        } else {
+            config.registry.instance_id.clone()
+        };
+        let beside = Beside { addr, instance_id, services: &[service], metadata };
+        Presence::register(admin, center, &config, etcd, beside, None).await
+    }
+}
+
+/// The admin endpoint when `admin.enabled`, its address published in
+/// `metadata` (scrapers and meshctl read it from the registry, so an
+/// address they can reach).
+async fn start_admin(
+    config: &MeshConfig,
+    channels: Vec<ChannelBuilder>,
+    reports: Vec<Report>,
+    sources: Vec<meshkit_telemetry::metrics::Source>,
+    metadata: &mut BTreeMap<String, String>,
+) -> Result<Option<AdminServer>> {
+    if !config.admin.enabled {
+        return Ok(None);
+    }
+    let listen: SocketAddr = config
+        .admin
+        .listen
+        .parse()
+        .map_err(|_| Error::Config(format!("admin.listen: {:?} is not an address", config.admin.listen)))?;
+    let admin = AdminServer::start(listen, channels, reports, sources).await?;
+    metadata.insert("admin".into(), advertised(admin.local_addr(), &config.etcd.endpoints));
+    Ok(Some(admin))
+}
+
+/// What a [`Presence`] registers: the serving address, the instance and
+/// the services it answers for.
+struct Beside<'a> {
+    addr: SocketAddr,
+    instance_id: String,
+    services: &'a [&'static str],
+    metadata: BTreeMap<String, String>,
+}
+
+/// A serving process's presence beside its listener: its admin endpoint
+/// and its registration in etcd (the lease kept alive, and the operators'
+/// control keys followed where the listener answers health). A
+/// [`RunningServer`] holds one; [`MeshServer::start_beside`] makes one for a
+/// listener the process serves itself.
+pub struct Presence {
+    admin: Option<AdminServer>,
+    registry: Option<RegistrySession>,
+    instance_id: String,
+    /// Following the operators' control keys; stopped before the drain.
+    control_tasks: Vec<JoinHandle<()>>,
+    /// Kept so settings keep following etcd while the process serves.
+    _center: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Presence {
+    /// Registers `beside` when `registry.enabled` and it names a service.
+    /// With `health`, the instance follows its control keys, and a service
+    /// an operator drains answers NOT_SERVING there.
+    async fn register(
+        admin: Option<AdminServer>,
+        center: Option<Arc<dyn std::any::Any + Send + Sync>>,
+        config: &MeshConfig,
+        etcd: Option<Client>,
+        beside: Beside<'_>,
+        health: Option<&HealthReporter>,
+    ) -> Result<Self> {
+        let Beside { addr, instance_id, services, mut metadata } = beside;
+        let mut presence = Presence { admin, registry: None, instance_id, control_tasks: Vec::new(), _center: center };
+        if !config.registry.enabled || services.is_empty() {
+            return Ok(presence);
+        }
+        let client = match etcd {
+            Some(c) => c,
+            None => meshkit_registry::etcd::connect(&config.etcd).await?,
+        };
+        let addr = if config.server.advertise.is_empty() {
+            advertised(addr, &config.etcd.endpoints)
+        } else {
+            config.server.advertise.clone()
+        };
+        if health.is_some() {
+            // It follows its control keys (drain, weight): operators may use them.
+            metadata.insert(control::FOLLOWS.into(), "1".into());
+        }
+        let instance = Instance {
+            addr,
+            zone: config.registry.zone.clone(),
+            weight: config.registry.weight,
+            version: config.registry.version.clone(),
+            metadata,
+        };
+        let value = serde_json::to_string(&instance).map_err(|e| Error::Config(e.to_string()))?;
+        let entries = services
+            .iter()
+            .map(|name| (instance_key(&config.etcd.prefix, name, &presence.instance_id), value.clone()))
+            .collect();
+        let session = RegistrySession::start(client.clone(), config.registry.ttl_secs, entries).await?;
+        if let Some(admin) = &presence.admin {
+            admin.add_source(session.metrics_source(&presence.instance_id));
+        }
+        if let Some(health) = health {
+            let names = services.iter().map(|s| (*s).to_owned()).collect();
+            let (in_force, follower) =
+                control::follow(client, &config.etcd.prefix, &presence.instance_id, names, instance, &session);
+            presence.control_tasks.push(follower);
+            presence.control_tasks.push(tokio::spawn(drained_not_serving(in_force, health.clone())));
+        }
+        presence.registry = Some(session);
+        Ok(presence)
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The admin endpoint's address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    /// The registry session, when registration is enabled.
+    pub fn registry(&self) -> Option<&RegistrySession> {
+        self.registry.as_ref()
+    }
+
+    /// Leaves the registry: stops following the control keys and revokes
+    /// the lease, so watchers drop the instance. Says whether it was
+    /// registered (then watchers need a moment before the listener stops).
+    pub async fn deregister(&mut self) -> bool {
+        for task in self.control_tasks.drain(..) {
+            task.abort();
+        }
+        match self.registry.take() {
+            Some(registry) => {
+                registry.close().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Deregisters if still registered, then stops the admin endpoint.
+    pub async fn stop(mut self) {
+        self.deregister().await;
+        if let Some(admin) = self.admin.take() {
+            admin.stop().await;
+        }
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        for task in &self.control_tasks {
+            task.abort();
+        }
     }
 }
 
@@ -607,16 +744,11 @@ pub fn new_instance_id() -> String {
 /// A started server; dropping it without [`shutdown`](Self::shutdown) stops
 /// serving abruptly and leaves the lease to expire by TTL.
 pub struct RunningServer {
-    admin: Option<AdminServer>,
-    /// Kept so settings keep following etcd while the server runs.
-    _center: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    /// The admin endpoint and the registration.
+    presence: Presence,
     local_addr: SocketAddr,
-    instance_id: String,
     services: Vec<&'static str>,
     health: HealthReporter,
-    registry: Option<RegistrySession>,
-    /// Following the operators' control keys; stopped before the drain.
-    control_tasks: Vec<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
     on_shutdown: Vec<ShutdownHook>,
@@ -631,17 +763,17 @@ impl RunningServer {
     }
 
     pub fn instance_id(&self) -> &str {
-        &self.instance_id
+        self.presence.instance_id()
     }
 
     /// The admin endpoint's address, when enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(AdminServer::local_addr)
+        self.presence.admin_addr()
     }
 
     /// The registry session, when registration is enabled.
     pub fn registry(&self) -> Option<&RegistrySession> {
-        self.registry.as_ref()
+        self.presence.registry()
     }
 
     /// Serves until `stop` resolves (e.g. [`Signals::recv`](meshkit_base::shutdown::Signals::recv)),
@@ -651,9 +783,7 @@ impl RunningServer {
             _ = stop => self.shutdown().await,
             result = &mut self.task => {
                 // The server stopped on its own: report why.
-                if let Some(registry) = self.registry.take() {
-                    registry.close().await;
-                }
+                self.presence.deregister().await;
                 self.run_shutdown_hooks().await;
                 result.map_err(|e| Error::Io(std::io::Error::other(e)))?
             }
@@ -665,15 +795,11 @@ impl RunningServer {
     /// for in-flight calls.
     pub async fn shutdown(mut self) -> Result<()> {
         let started = Instant::now();
-        for task in self.control_tasks.drain(..) {
-            task.abort();
-        }
         self.health.set_service_status("", ServingStatus::NotServing).await;
         for name in &self.services {
             self.health.set_service_status(*name, ServingStatus::NotServing).await;
         }
-        if let Some(registry) = self.registry.take() {
-            registry.close().await;
+        if self.presence.deregister().await {
             tokio::time::sleep(self.drain_delay).await;
         }
         if let Some(stop) = self.stop.take() {
@@ -692,7 +818,7 @@ impl RunningServer {
             }
         };
         self.run_shutdown_hooks().await;
-        if let Some(admin) = self.admin.take() {
+        if let Some(admin) = self.presence.admin.take() {
             admin.stop().await;
         }
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
@@ -712,9 +838,6 @@ impl RunningServer {
 
 impl Drop for RunningServer {
     fn drop(&mut self) {
-        for task in &self.control_tasks {
-            task.abort();
-        }
         if self.stop.is_some() {
             self.task.abort();
         }

@@ -166,16 +166,26 @@ type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 static FILTER: OnceLock<SetFilter> = OnceLock::new();
 
 /// Changes the log filter of the running process (`log.filter` from the
-/// config center). `RUST_LOG`, when set, stays in force.
-pub fn set_filter(directives: &str) -> Result<(), String> {
+/// config center). `RUST_LOG`, when set, stays in force. Says whether the
+/// filter changed: several config centers in one process (the gateway's
+/// workers) follow the same setting, and only the first to see a new value
+/// applies it.
+pub fn set_filter(directives: &str) -> Result<bool, String> {
     if std::env::var("RUST_LOG").is_ok_and(|v| !v.is_empty()) {
-        return Ok(());
+        return Ok(false);
     }
-    match FILTER.get() {
-        Some(set) => set(directives),
-        None => Ok(()),
+    let Some(set) = FILTER.get() else { return Ok(false) };
+    let mut applied = APPLIED.lock().unwrap_or_else(|p| p.into_inner());
+    if applied.as_deref() == Some(directives) {
+        return Ok(false);
     }
+    set(directives)?;
+    *applied = Some(directives.to_owned());
+    Ok(true)
 }
+
+/// The directives `set_filter` last applied.
+static APPLIED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 fn exporter() -> Result<(tokio::runtime::Runtime, opentelemetry_otlp::SpanExporter), String> {
     use opentelemetry_otlp::WithExportConfig as _;

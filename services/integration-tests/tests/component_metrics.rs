@@ -9,7 +9,7 @@ use std::{collections::HashMap, time::Duration};
 use meshkit_common::{ChannelBuilder, admin::http_get};
 use meshkit_integration_tests::TestConfig;
 use meshkit_integration_tests::{
-    Broker, Etcd, create_user, eventually,
+    Broker, Etcd, create_user, eventually, fleet,
     http::{json_request, send},
     init_logs, mesh_config,
     prometheus::parse,
@@ -126,8 +126,26 @@ async fn components_report_their_state_after_an_order_flow() {
     let m = scrape(gateway.admin_addr().unwrap()).await;
     assert_eq!(sum(&m, "meshkit_gateway_rejections_total", &["reason=\"rate_limited\""]), Some(f64::from(refused)));
     assert!(sum(&m, "meshkit_client_requests_total", &["UserService/GetUser", "code=\"OK\""]).unwrap() >= 1.0);
+    // It starts from the shared server builder: registered with its
+    // component and admin endpoint, whose reports show the config center
+    // and governance, and whose metrics its registry session, as every
+    // process's do.
+    let client = etcd.client().await;
+    let ids = fleet::registered(&client, meshkit_gateway::server::GATEWAY_SERVICE).await;
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let instance = fleet::instance(&client, meshkit_gateway::server::GATEWAY_SERVICE, &ids[0]).await;
+    let admin = gateway.admin_addr().unwrap();
+    assert_eq!(instance.addr, addr.to_string());
+    assert_eq!(instance.metadata.get("component").map(String::as_str), Some("gateway"));
+    assert_eq!(instance.metadata.get("admin"), Some(&admin.to_string()));
+    let reports: serde_json::Value =
+        serde_json::from_str(&http_get(&admin.to_string(), "/reports").await.unwrap()).unwrap();
+    assert!(reports["config"]["applied_revision"].as_i64().is_some(), "{reports}");
+    assert!(reports["governance"].is_object(), "{reports}");
+    assert_eq!(sum(&m, "meshkit_registry_session_up", &[&ids[0]]), Some(1.0));
 
     gateway.shutdown().await;
+    assert!(fleet::registered(&client, meshkit_gateway::server::GATEWAY_SERVICE).await.is_empty(), "deregistered");
     for server in [notification, order, user] {
         server.shutdown().await.unwrap();
     }

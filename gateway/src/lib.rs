@@ -7,6 +7,7 @@
 //! its settings), so it needs no routing table.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod auth;
 pub mod contracts;
 pub mod errors;

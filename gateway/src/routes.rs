@@ -2,6 +2,8 @@
 //! binding (the rule and each of its `additional_bindings`), no hand-written
 //! route per method.
 
+use std::sync::Arc;
+
 use http::Method;
 use meshkit_proto::google::api::{HttpRule, http_rule::Pattern};
 use prost::Message;
@@ -41,13 +43,13 @@ pub struct Route {
 /// All REST routes, most specific first.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
-    routes: Vec<Route>,
+    routes: Vec<Arc<Route>>,
 }
 
 /// What the router found for a request.
 #[derive(Debug)]
 pub enum RouteMatch<'a> {
-    Found(&'a Route, Captures),
+    Found(&'a Arc<Route>, Captures),
     /// The path exists, but not for this HTTP method.
     MethodNotAllowed(Vec<Method>),
     NotFound,
@@ -87,12 +89,12 @@ impl Router {
                     continue;
                 }
                 let base = format!("{}_{}", service.name(), method.name());
-                routes.push(route(&method, &rule, base.clone()).map_err(fail)?);
+                routes.push(Arc::new(route(&method, &rule, base.clone()).map_err(fail)?));
                 for (i, extra) in rule.additional_bindings.iter().enumerate() {
                     if !extra.additional_bindings.is_empty() {
                         return Err(fail("additional_bindings cannot nest".into()));
                     }
-                    routes.push(route(&method, extra, format!("{base}_{}", i + 1)).map_err(fail)?);
+                    routes.push(Arc::new(route(&method, extra, format!("{base}_{}", i + 1)).map_err(fail)?));
                 }
             }
         }
@@ -101,7 +103,7 @@ impl Router {
         Ok(Self { routes })
     }
 
-    pub fn routes(&self) -> &[Route] {
+    pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
     }
 

@@ -9,16 +9,17 @@
 //! - anything else → `/openapi.json`, `/healthz`, or a REST route from the
 //!   `google.api.http` annotations, transcoded to a unary gRPC call.
 //!
-//! Every call, whatever its protocol, passes the same per-client rate limit
-//! and JWT policy, and gets an upstream deadline (`gateway.request_timeout_ms`,
-//! or the client's own `grpc-timeout` if sooner).
+//! Every call, whatever its protocol, passes the same admission layers
+//! ([`crate::admission`]): the per-client rate limit, the JWT policy, and an
+//! upstream deadline (`gateway.request_timeout_ms`, or the client's own
+//! `grpc-timeout` if sooner) with `x-forwarded-for`.
 
 use meshkit_common::h2guard::{FrameGuard, GuardLimits};
 use std::{
     collections::HashMap,
     convert::Infallible,
     future::Future,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     num::NonZeroU32,
     pin::Pin,
     sync::Arc,
@@ -27,8 +28,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use governor::{Quota, RateLimiter};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::{
@@ -37,7 +38,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use meshkit_common::{
-    BalancedChannel, ChannelBuilder, Mesh, MeshServer, deadline,
+    BalancedChannel, ChannelBuilder, Mesh, MeshServer,
     metrics::{CallRecord, ObservedBody},
     server::Presence,
 };
@@ -46,16 +47,21 @@ use serde_json::json;
 use crate::settings::{GatewayConfig, GatewaySettings};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::body::Body;
-use tower::{Layer, Service, ServiceExt, util::BoxCloneSyncService};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 
 use crate::{
+    admission::{
+        Admitted, AsGrpc, Jwt, JwtLayer, Limiter, MethodPath, Peer, RateLimit, RateLimitLayer, Refusal, Refuse,
+        Upstream, UpstreamLayer, rejected,
+    },
     auth::Auth,
     contracts::Contracts,
     errors::{json_response, refusal, status_response},
     openapi,
-    routes::{RouteMatch, Router},
+    routes::{Route, RouteMatch, Router},
+    template::Captures,
     transcode,
 };
 
@@ -66,34 +72,6 @@ const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 /// Metadata passed from a REST request to the upstream call.
 const FORWARDED_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"];
-
-/// Counts a request the gateway refused before any upstream call, by reason:
-/// `rate_limited`, `unauthenticated`, `permission_denied`, `too_large`.
-fn rejected(reason: &'static str) {
-    REJECTIONS.get_or_create(&RejectionLabels { reason }).inc();
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct RejectionLabels {
-    reason: &'static str,
-}
-
-/// `meshkit_gateway_rejections_total{reason}`.
-static REJECTIONS: std::sync::LazyLock<meshkit_common::metrics::CounterFamily<RejectionLabels>> =
-    std::sync::LazyLock::new(|| {
-        meshkit_common::metrics::counters(
-            "meshkit_gateway_rejections",
-            "Requests the gateway refused before calling upstream, by reason.",
-        )
-    });
-
-/// Counts an authorization refusal by its status.
-fn auth_refused(status: &tonic::Status) {
-    rejected(if status.code() == tonic::Code::Unauthenticated { "unauthenticated" } else { "permission_denied" });
-}
-
-/// The per-client rate limiter, shared by every worker of a process.
-pub type Limiter = DefaultKeyedRateLimiter<IpAddr>;
 
 /// The limiter `settings` ask for, if any.
 pub fn limiter(settings: &GatewaySettings) -> Option<Arc<Limiter>> {
@@ -108,12 +86,10 @@ pub struct Gateway {
     contracts: Contracts,
     router: Router,
     channels: HashMap<String, BalancedChannel>,
-    auth: Auth,
+    auth: Arc<Auth>,
     limiter: Option<Arc<Limiter>>,
     settings: GatewaySettings,
     openapi: Bytes,
-    /// `request_timeout_ms` as a `grpc-timeout`, formatted once.
-    timeout_header: HeaderValue,
     reflection_v1: LocalService,
     reflection_v1alpha: LocalService,
     health: LocalService,
@@ -156,7 +132,7 @@ impl Gateway {
         limiter: Option<Arc<Limiter>>,
     ) -> Result<Self, StartError> {
         let router = Router::from_contracts(&contracts)?;
-        let auth = Auth::from_settings(&settings.jwt).map_err(StartError::Config)?;
+        let auth = Arc::new(Auth::from_settings(&settings.jwt).map_err(StartError::Config)?);
         let reflection = || {
             let mut builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
@@ -189,7 +165,6 @@ impl Gateway {
             limiter,
             settings: settings.clone(),
             openapi,
-            timeout_header: deadline::format_grpc_timeout(Duration::from_millis(settings.request_timeout_ms)),
             reflection_v1,
             reflection_v1alpha,
             health: BoxCloneSyncService::new(health),
@@ -199,55 +174,56 @@ impl Gateway {
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.settings.request_timeout_ms)
     }
-
-    /// Takes one request from `peer`'s allowance, or says how long to wait.
-    fn admit(&self, peer: IpAddr) -> Result<(), Duration> {
-        let Some(limiter) = &self.limiter else { return Ok(()) };
-        limiter.check_key(&peer).map_err(|not_until| {
-            rejected("rate_limited");
-            // The limiter's own clock: building one calibrates a new TSC
-            // clock (about 15 µs), too dear for every refused request.
-            not_until.wait_time_from(limiter.clock().now())
-        })
-    }
-
-    /// The upstream deadline: the client's `grpc-timeout` if sooner than the
-    /// configured one (then as the client wrote it).
-    fn set_deadline(&self, headers: &mut HeaderMap) {
-        deadline::cap_grpc_timeout(headers, self.timeout(), &self.timeout_header);
-    }
 }
 
 // === dispatch ===
 
-/// The tower service of one connection.
+/// The tower service of one connection: gRPC, grpc-web and REST, each
+/// through the shared admission layers ([`crate::admission`]) built once
+/// for the connection's client.
 #[derive(Clone)]
 pub struct Dispatch {
     gateway: Arc<Gateway>,
-    peer: Peer,
-}
-
-/// A connection's client: its address, and that address as an
-/// `x-forwarded-for` value, formatted once per connection rather than per
-/// request.
-#[derive(Clone)]
-struct Peer {
-    addr: SocketAddr,
-    forwarded: Option<HeaderValue>,
-}
-
-impl Peer {
-    fn new(addr: SocketAddr) -> Self {
-        Self { addr, forwarded: HeaderValue::from_str(&addr.ip().to_string()).ok() }
-    }
+    grpc: GrpcCall,
+    rest: RestStack,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type CallFuture = BoxFuture<Result<Response<Body>, Infallible>>;
+
+/// A passthrough call after admission: client → rate limit → JWT →
+/// upstream metadata → the balanced channel.
+type GrpcStack = RateLimit<Jwt<Upstream<Passthrough>, AsGrpc>, AsGrpc>;
+
+/// A REST call: rate limit → route → JWT (the policy of the route's
+/// method) → transcode → upstream metadata → the balanced channel.
+type RestStack = RateLimit<RestRoute<Jwt<RestCall, AsJson>>, AsJson>;
+
+impl Dispatch {
+    pub fn new(gateway: Arc<Gateway>, client: SocketAddr) -> Self {
+        let peer = Peer::new(client);
+        let settings = &gateway.settings;
+        let limit = (gateway.limiter.clone(), settings.rate_limit_per_sec, client.ip());
+        let upstream = UpstreamLayer::new(gateway.timeout(), peer);
+        let passthrough = |collect_unary| Passthrough { gateway: gateway.clone(), collect_unary };
+        let grpc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(limit.0.clone(), limit.1, limit.2, AsGrpc))
+            .layer(JwtLayer::new(gateway.auth.clone(), AsGrpc))
+            .layer(upstream.clone())
+            .service(passthrough(true));
+        let rest = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(limit.0, limit.1, limit.2, AsJson))
+            .layer_fn(|inner| RestRoute { gateway: gateway.clone(), inner })
+            .layer(JwtLayer::new(gateway.auth.clone(), AsJson))
+            .service(RestCall { gateway: gateway.clone(), upstream: upstream.layer(passthrough(false)) });
+        Self { gateway: gateway.clone(), grpc: GrpcCall { gateway: gateway.clone(), admitted: grpc }, rest }
+    }
+}
 
 impl Service<Request<Incoming>> for Dispatch {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -255,51 +231,69 @@ impl Service<Request<Incoming>> for Dispatch {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        let grpc = GrpcCall { gateway: self.gateway.clone(), peer: self.peer.clone() };
         if content_type.starts_with("application/grpc-web") {
-            let mut web = tonic_web::GrpcWebLayer::new().layer(grpc);
+            let mut web = tonic_web::GrpcWebLayer::new().layer(self.grpc.clone());
             return Box::pin(async move { web.call(req).await });
         }
         if content_type.starts_with("application/grpc") {
-            let mut grpc = grpc;
-            return Box::pin(async move { grpc.call(req.map(Body::new)).await });
+            return self.grpc.call(req.map(Body::new));
         }
         let gateway = self.gateway.clone();
-        let peer = self.peer.clone();
+        let rest = self.rest.clone();
         let span = meshkit_common::trace::http_server_span(req.method(), req.uri().path(), req.headers());
         Box::pin(async move {
-            let res = rest(gateway, peer, req).instrument(span.clone()).await;
+            let res = rest_or_local(gateway, rest, req).instrument(span.clone()).await;
             meshkit_common::trace::record_http_status(&span, res.status());
             Ok(res)
         })
     }
 }
 
-/// A gRPC call (native, or translated from grpc-web).
+/// A gRPC call (native, or translated from grpc-web): health and
+/// reflection answered here, every other call admitted and passed through.
 #[derive(Clone)]
 struct GrpcCall {
     gateway: Arc<Gateway>,
-    peer: Peer,
+    admitted: GrpcStack,
 }
 
 impl Service<Request<Body>> for GrpcCall {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let gateway = self.gateway.clone();
-        let peer = self.peer.clone();
         // The gateway's own hop: RED metrics and a server span whose child
         // is the upstream call.
         let record = CallRecord::server(req.uri().path(), req.headers());
         let span = record.span().clone();
+        let path = req.uri().path();
+        let local = if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
+            Some(&self.gateway.reflection_v1)
+        } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
+            Some(&self.gateway.reflection_v1alpha)
+        } else if path.starts_with("/grpc.health.v1.Health/") {
+            Some(&self.gateway.health)
+        } else {
+            None
+        };
+        let answer: CallFuture = match local {
+            Some(service) => Box::pin(service.clone().oneshot(req)),
+            None => {
+                // Every admission step is ready at once (none holds capacity).
+                let _entered = span.enter();
+                Box::pin(self.admitted.call(req))
+            }
+        };
         Box::pin(async move {
-            let res = grpc(gateway, peer, req).instrument(span).await;
+            let res = match answer.instrument(span).await {
+                Ok(res) => res,
+                Err(never) => match never {},
+            };
             let (parts, body) = res.into_parts();
             let body = Body::new(ObservedBody::new(body, record, &parts.headers));
             Ok(Response::from_parts(parts, body))
@@ -307,23 +301,34 @@ impl Service<Request<Body>> for GrpcCall {
     }
 }
 
-async fn grpc(gateway: Arc<Gateway>, peer: Peer, mut req: Request<Body>) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    let local = if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
-        Some(&gateway.reflection_v1)
-    } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
-        Some(&gateway.reflection_v1alpha)
-    } else if path.starts_with("/grpc.health.v1.Health/") {
-        Some(&gateway.health)
-    } else {
-        None
-    };
-    if let Some(service) = local {
-        return match service.clone().oneshot(req).await {
-            Ok(res) => res,
-            Err(never) => match never {},
-        };
+/// The innermost service of every protocol: the balanced channel of the
+/// service the path names. With `collect_unary`, a unary request is read
+/// here first, bounded, so an oversized one is refused with a clear status
+/// instead of a reset mid-stream.
+#[derive(Clone)]
+pub struct Passthrough {
+    gateway: Arc<Gateway>,
+    collect_unary: bool,
+}
+
+impl Service<Request<Body>> for Passthrough {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let gateway = self.gateway.clone();
+        let collect_unary = self.collect_unary;
+        Box::pin(async move { Ok(passthrough(gateway, collect_unary, req).await) })
+    }
+}
+
+async fn passthrough(gateway: Arc<Gateway>, collect_unary: bool, mut req: Request<Body>) -> Response<Body> {
+    let path = req.uri().path();
     let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
     let Some(channel) = gateway.channels.get(service) else {
         return tonic::Status::unimplemented(format!(
@@ -332,19 +337,7 @@ async fn grpc(gateway: Arc<Gateway>, peer: Peer, mut req: Request<Body>) -> Resp
         ))
         .into_http();
     };
-    if let Err(wait) = gateway.admit(peer.addr.ip()) {
-        return rate_limited_status(&gateway, peer.addr, wait).into_http();
-    }
-    if let Err(status) = gateway.auth.authorize(&path, req.headers_mut()) {
-        auth_refused(&status);
-        return status.into_http();
-    }
-    gateway.set_deadline(req.headers_mut());
-    forwarded_for(req.headers_mut(), &peer);
-    // A unary request is read here, bounded, so an oversized one is refused
-    // with a clear status instead of a reset mid-stream.
-    let client_streaming = gateway.contracts.method(&path).is_none_or(|m| m.is_client_streaming());
-    if !client_streaming {
+    if collect_unary && gateway.contracts.method(path).is_some_and(|m| !m.is_client_streaming()) {
         let (parts, body) = req.into_parts();
         let limit = gateway.settings.max_body_bytes as usize + 5;
         let bytes = match Limited::new(body, limit).collect().await {
@@ -367,32 +360,36 @@ async fn grpc(gateway: Arc<Gateway>, peer: Peer, mut req: Request<Body>) -> Resp
     }
 }
 
-fn rate_limited_status(gateway: &Gateway, peer: SocketAddr, wait: Duration) -> tonic::Status {
-    tonic::Status::resource_exhausted(format!(
-        "rate limit of {} requests/s for {} exceeded; retry in {} ms",
-        gateway.settings.rate_limit_per_sec,
-        peer.ip(),
-        wait.as_millis().max(1)
-    ))
-}
+// === REST ===
 
-fn forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
-    const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", peer.addr.ip())).ok(),
-        None => peer.forwarded.clone(),
-    };
-    if let Some(value) = value {
-        headers.insert(X_FORWARDED_FOR, value);
+/// REST refusals: the status as a JSON error with its HTTP code, with
+/// `Retry-After` on a rate-limit refusal and `WWW-Authenticate` when a
+/// token is missing or invalid.
+#[derive(Debug, Clone, Copy)]
+pub struct AsJson;
+
+impl Refuse for AsJson {
+    fn refuse(&self, refusal: Refusal) -> Response<Body> {
+        let mut res = status_response(refusal.status(), None);
+        match refusal {
+            Refusal::RateLimited { wait, .. } => {
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Refusal::Auth(status) if status.code() == tonic::Code::Unauthenticated => {
+                res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Refusal::Auth(_) => {}
+        }
+        res
     }
 }
 
-// === REST ===
-
-async fn rest(gateway: Arc<Gateway>, peer: Peer, req: Request<Incoming>) -> Response<Body> {
-    let pool = gateway.contracts.pool();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+/// What the gateway answers itself, unlimited: the OpenAPI document and
+/// its own health. Everything else is a REST call.
+async fn rest_or_local(gateway: Arc<Gateway>, rest: RestStack, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method();
+    let path = req.uri().path();
     if method == Method::GET && path == "/openapi.json" {
         let mut res = Response::new(Body::new(Full::new(gateway.openapi.clone())));
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -401,41 +398,112 @@ async fn rest(gateway: Arc<Gateway>, peer: Peer, req: Request<Incoming>) -> Resp
     if method == Method::GET && path == "/healthz" {
         return json_response(StatusCode::OK, &json!({"status": "ok"}));
     }
-    if let Err(wait) = gateway.admit(peer.addr.ip()) {
-        let mut res = status_response(&rate_limited_status(&gateway, peer.addr, wait), None);
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return res;
+    match rest.oneshot(req).await {
+        Ok(res) => res,
+        Err(never) => match never {},
     }
-    if percent_encoding::percent_decode_str(&path).decode_utf8().is_err() {
-        return refusal(
-            StatusCode::BAD_REQUEST,
-            tonic::Code::InvalidArgument,
-            format!("the path {path} is not valid UTF-8 once percent-decoded"),
-        );
+}
+
+/// The route a REST request matched, for the steps after routing.
+#[derive(Clone)]
+struct Routed {
+    route: Arc<Route>,
+    captures: Captures,
+}
+
+/// Finds the REST request's route, or answers 400, 404 or 405; the route
+/// and its method (for the JWT policy) go on as request extensions.
+#[derive(Clone)]
+pub struct RestRoute<S> {
+    gateway: Arc<Gateway>,
+    inner: S,
+}
+
+impl<S> Service<Request<Incoming>> for RestRoute<S>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Unpin,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Admitted<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
     }
-    let (route, captures) = match gateway.router.find(&method, &path) {
-        RouteMatch::Found(route, captures) => {
-            meshkit_common::trace::record_route(&tracing::Span::current(), &method, &route.template);
-            (route, captures)
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let refused = |res| Admitted::Refused(Some(res));
+        let method = req.method().clone();
+        let path = req.uri().path();
+        if percent_encoding::percent_decode_str(path).decode_utf8().is_err() {
+            return refused(refusal(
+                StatusCode::BAD_REQUEST,
+                tonic::Code::InvalidArgument,
+                format!("the path {path} is not valid UTF-8 once percent-decoded"),
+            ));
         }
-        RouteMatch::MethodNotAllowed(allowed) => {
-            let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-            let mut res = refusal(
-                StatusCode::METHOD_NOT_ALLOWED,
-                tonic::Code::Unimplemented,
-                format!("{method} is not allowed on {path}; allowed: {}", names.join(", ")),
-            );
-            if let Ok(v) = HeaderValue::from_str(&names.join(", ")) {
-                res.headers_mut().insert(header::ALLOW, v);
+        let routed = match self.gateway.router.find(&method, path) {
+            RouteMatch::Found(route, captures) => {
+                meshkit_common::trace::record_route(&tracing::Span::current(), &method, &route.template);
+                Routed { route: route.clone(), captures }
             }
-            return res;
-        }
-        RouteMatch::NotFound => {
-            return refusal(StatusCode::NOT_FOUND, tonic::Code::NotFound, format!("no route for {method} {path}"));
-        }
-    };
+            RouteMatch::MethodNotAllowed(allowed) => {
+                let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+                let mut res = refusal(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    tonic::Code::Unimplemented,
+                    format!("{method} is not allowed on {path}; allowed: {}", names.join(", ")),
+                );
+                if let Ok(v) = HeaderValue::from_str(&names.join(", ")) {
+                    res.headers_mut().insert(header::ALLOW, v);
+                }
+                return refused(res);
+            }
+            RouteMatch::NotFound => {
+                return refused(refusal(
+                    StatusCode::NOT_FOUND,
+                    tonic::Code::NotFound,
+                    format!("no route for {method} {path}"),
+                ));
+            }
+        };
+        req.extensions_mut().insert(MethodPath(routed.route.grpc_path.clone()));
+        req.extensions_mut().insert(routed);
+        Admitted::Inner(self.inner.call(req))
+    }
+}
+
+/// An admitted REST call: reads and checks the body, transcodes it to the
+/// route's gRPC request, calls it through `upstream` and renders the
+/// answer as JSON.
+#[derive(Clone)]
+pub struct RestCall {
+    gateway: Arc<Gateway>,
+    upstream: Upstream<Passthrough>,
+}
+
+impl Service<Request<Incoming>> for RestCall {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let (gateway, upstream) = (self.gateway.clone(), self.upstream.clone());
+        Box::pin(async move { Ok(rest(gateway, upstream, req).await) })
+    }
+}
+
+async fn rest(gateway: Arc<Gateway>, upstream: Upstream<Passthrough>, req: Request<Incoming>) -> Response<Body> {
+    let pool = gateway.contracts.pool();
     let (mut parts, body) = req.into_parts();
+    let Some(Routed { route, captures }) = parts.extensions.remove::<Routed>() else {
+        return status_response(&tonic::Status::internal("a REST call reached transcoding without a route"), None);
+    };
     let limit = gateway.settings.max_body_bytes as usize;
     let body = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -466,29 +534,18 @@ async fn rest(gateway: Arc<Gateway>, peer: Peer, req: Request<Incoming>) -> Resp
             );
         }
     }
-    if let Err(status) = gateway.auth.authorize(&route.grpc_path, &mut parts.headers) {
-        auth_refused(&status);
-        let mut res = status_response(&status, None);
-        if status.code() == tonic::Code::Unauthenticated {
-            res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        return res;
-    }
-    let message = match transcode::request_message(route, captures, parts.uri.query(), &body) {
+    let message = match transcode::request_message(&route, captures, parts.uri.query(), &body) {
         Ok(m) => m,
         Err(bad) => return status_response(&tonic::Status::invalid_argument(bad.0), None),
     };
-    let Some(channel) = gateway.channels.get(route.method.parent_service().full_name()) else {
-        return status_response(&tonic::Status::unimplemented("no channel for the route's service"), None);
-    };
-    let mut upstream = Request::new(Body::new(Full::new(transcode::frame(&message))));
-    *upstream.method_mut() = Method::POST;
-    *upstream.uri_mut() = match route.grpc_path.parse() {
+    let mut call = Request::new(Body::new(Full::new(transcode::frame(&message))));
+    *call.method_mut() = Method::POST;
+    *call.uri_mut() = match route.grpc_path.parse() {
         Ok(uri) => uri,
         Err(_) => return status_response(&tonic::Status::internal("unroutable method path"), None),
     };
-    *upstream.version_mut() = http::Version::HTTP_2;
-    let headers = upstream.headers_mut();
+    *call.version_mut() = http::Version::HTTP_2;
+    let headers = call.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
     for name in
@@ -506,12 +563,10 @@ async fn rest(gateway: Arc<Gateway>, peer: Peer, req: Request<Incoming>) -> Resp
             }
         }
     }
-    gateway.set_deadline(headers);
-    forwarded_for(headers, &peer);
     let guard = gateway.timeout() + Duration::from_secs(1);
-    let response = match tokio::time::timeout(guard, channel.clone().oneshot(upstream)).await {
+    let response = match tokio::time::timeout(guard, upstream.oneshot(call)).await {
         Ok(Ok(res)) => res,
-        Ok(Err(e)) => return status_response(&tonic::Status::from_error(e), Some(pool)),
+        Ok(Err(never)) => match never {},
         Err(_) => {
             return status_response(
                 &tonic::Status::deadline_exceeded(format!("{} did not answer in time", route.grpc_path)),
@@ -546,7 +601,7 @@ async fn rest(gateway: Arc<Gateway>, peer: Peer, req: Request<Incoming>) -> Resp
     if status.code() != tonic::Code::Ok {
         return status_response(&status, Some(pool));
     }
-    let rendered = transcode::split_frames(collected.to_bytes()).and_then(|frames| transcode::render(route, &frames));
+    let rendered = transcode::split_frames(collected.to_bytes()).and_then(|frames| transcode::render(&route, &frames));
     match rendered {
         Ok(json) => {
             let mut res = Response::new(Body::new(Full::new(Bytes::from(json))));
@@ -788,7 +843,7 @@ async fn serve(
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let dispatch = Dispatch { gateway: gateway.clone(), peer: Peer::new(peer) };
+        let dispatch = Dispatch::new(gateway.clone(), peer);
         let service = tower::util::option_layer(cors.clone()).layer(dispatch);
         let Some(edge) = edge_tls.clone() else {
             let stream = FrameGuard::new(stream, Some(peer), limits);
@@ -828,31 +883,5 @@ async fn serve(
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(?drain, "connections still open after the drain timeout; closing them");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn x_forwarded_for_names_the_client_after_any_proxies_before_it() {
-        let peer = Peer::new("10.0.0.7:41000".parse().expect("address"));
-        let after = |prior: Option<&'static str>| {
-            let mut headers = HeaderMap::new();
-            if let Some(prior) = prior {
-                headers.insert("x-forwarded-for", HeaderValue::from_static(prior));
-            }
-            forwarded_for(&mut headers, &peer);
-            let all: Vec<_> = headers.get_all("x-forwarded-for").iter().map(|v| v.to_str().unwrap_or("?")).collect();
-            all.join(" | ")
-        };
-        assert_eq!(after(None), "10.0.0.7");
-        assert_eq!(after(Some("203.0.113.9")), "203.0.113.9, 10.0.0.7");
-        assert_eq!(after(Some("203.0.113.9, 198.51.100.2")), "203.0.113.9, 198.51.100.2, 10.0.0.7");
-        let v6 = Peer::new("[2001:db8::1]:443".parse().expect("address"));
-        let mut headers = HeaderMap::new();
-        forwarded_for(&mut headers, &v6);
-        assert_eq!(headers.get("x-forwarded-for").map(|v| v.to_str().unwrap_or("?")), Some("2001:db8::1"));
     }
 }

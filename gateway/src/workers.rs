@@ -10,7 +10,10 @@ use std::{future::Future, sync::mpsc, thread};
 use crate::settings::GatewayConfig;
 use tokio::sync::watch;
 
-use crate::server::{Limiter, StartError, limiter, start_worker};
+use crate::{
+    admission::Limiter,
+    server::{StartError, limiter, start_worker},
+};
 
 /// How many workers `gateway.workers` asks for (0: one per core).
 pub fn count(config: &GatewayConfig) -> usize {

@@ -572,6 +572,9 @@ async fn jwt_policies_accept_and_refuse() {
     assert_eq!(r.status, 401, "{}", r.text());
     assert_eq!(r.headers["www-authenticate"], "Bearer");
     assert!(r.json()["message"].as_str().unwrap().contains("requires a bearer token"));
+    // Refused before its body is read: malformed JSON gets the same 401.
+    let r = send(c.addr, with("POST", "/v1/users", None, "{\"name\": ")).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
     let r = send(c.addr, with("POST", "/v1/users", Some(&expired), body)).await.unwrap();
     assert_eq!(r.status, 401, "{}", r.text());
     assert!(r.json()["message"].as_str().unwrap().contains("invalid bearer token"), "{}", r.text());

@@ -123,43 +123,46 @@ impl Peer {
     }
 }
 
-// === rate limit ===
+// === admission steps ===
 
-/// Takes one request from the client's allowance, or refuses it with how
-/// long to wait.
+/// One admission step: passes a request on (perhaps amended), or refuses it.
+pub trait Check {
+    fn check<B>(&self, req: Request<B>) -> Result<Request<B>, Refusal>;
+}
+
+/// A [`Check`] as a layer; `refuse` renders its refusals for the protocol.
 #[derive(Clone)]
-pub struct RateLimitLayer<R> {
-    limiter: Option<Arc<Limiter>>,
-    per_sec: u32,
-    client: IpAddr,
+pub struct AdmitLayer<C, R> {
+    check: C,
     refuse: R,
 }
 
-impl<R> RateLimitLayer<R> {
-    /// `per_sec` names the limit in the refusal; no `limiter`, no limit.
-    pub fn new(limiter: Option<Arc<Limiter>>, per_sec: u32, client: IpAddr, refuse: R) -> Self {
-        Self { limiter, per_sec, client, refuse }
+impl<C, R> AdmitLayer<C, R> {
+    pub fn new(check: C, refuse: R) -> Self {
+        Self { check, refuse }
     }
 }
 
-impl<S, R: Clone> Layer<S> for RateLimitLayer<R> {
-    type Service = RateLimit<S, R>;
+impl<S, C: Clone, R: Clone> Layer<S> for AdmitLayer<C, R> {
+    type Service = Admit<S, C, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit { inner, layer: self.clone() }
+        Admit { inner, check: self.check.clone(), refuse: self.refuse.clone() }
     }
 }
 
 #[derive(Clone)]
-pub struct RateLimit<S, R> {
+pub struct Admit<S, C, R> {
     inner: S,
-    layer: RateLimitLayer<R>,
+    check: C,
+    refuse: R,
 }
 
-impl<S, R, B> Service<Request<B>> for RateLimit<S, R>
+impl<S, C, R, B> Service<Request<B>> for Admit<S, C, R>
 where
     S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
     S::Future: Unpin,
+    C: Check,
     R: Refuse,
 {
     type Response = Response<Body>;
@@ -171,26 +174,49 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let RateLimitLayer { limiter, per_sec, client, refuse } = &self.layer;
-        let Some(limiter) = limiter else { return Admitted::Inner(self.inner.call(req)) };
-        match limiter.check_key(client) {
-            Ok(()) => Admitted::Inner(self.inner.call(req)),
-            Err(not_until) => {
-                rejected("rate_limited");
-                // The limiter's own clock: building one calibrates a new TSC
-                // clock (about 15 µs), too dear for every refused request.
-                let wait = not_until.wait_time_from(limiter.clock().now());
-                let status = tonic::Status::resource_exhausted(format!(
-                    "rate limit of {per_sec} requests/s for {client} exceeded; retry in {} ms",
-                    wait.as_millis().max(1)
-                ));
-                Admitted::Refused(Some(refuse.refuse(Refusal::RateLimited { status, wait })))
-            }
+        match self.check.check(req) {
+            Ok(req) => Admitted::Inner(self.inner.call(req)),
+            Err(refusal) => Admitted::Refused(Some(self.refuse.refuse(refusal))),
         }
     }
 }
 
-// === JWT ===
+/// Takes one request from the client's allowance, or refuses it with how
+/// long to wait.
+#[derive(Clone)]
+pub struct RateLimit {
+    limiter: Option<Arc<Limiter>>,
+    per_sec: u32,
+    client: IpAddr,
+}
+
+impl RateLimit {
+    /// `per_sec` names the limit in the refusal; no `limiter`, no limit.
+    pub fn new(limiter: Option<Arc<Limiter>>, per_sec: u32, client: IpAddr) -> Self {
+        Self { limiter, per_sec, client }
+    }
+}
+
+impl Check for RateLimit {
+    fn check<B>(&self, req: Request<B>) -> Result<Request<B>, Refusal> {
+        let Some(limiter) = &self.limiter else { return Ok(req) };
+        let not_until = match limiter.check_key(&self.client) {
+            Ok(()) => return Ok(req),
+            Err(not_until) => not_until,
+        };
+        rejected("rate_limited");
+        // The limiter's own clock: building one calibrates a new TSC clock
+        // (about 15 µs), too dear for every refused request.
+        let wait = not_until.wait_time_from(limiter.clock().now());
+        let status = tonic::Status::resource_exhausted(format!(
+            "rate limit of {} requests/s for {} exceeded; retry in {} ms",
+            self.per_sec,
+            self.client,
+            wait.as_millis().max(1)
+        ));
+        Err(Refusal::RateLimited { status, wait })
+    }
+}
 
 /// The method a request calls, when its path is not the method's own (a
 /// REST route's `/package.Service/Method`); a gRPC request's path is.
@@ -201,60 +227,21 @@ pub struct MethodPath(pub String);
 /// verifies the bearer token, refuses what the policy does not accept and
 /// adds the verified identity as metadata.
 #[derive(Clone)]
-pub struct JwtLayer<R> {
-    auth: Arc<Auth>,
-    refuse: R,
-}
+pub struct Jwt(pub Arc<Auth>);
 
-impl<R> JwtLayer<R> {
-    pub fn new(auth: Arc<Auth>, refuse: R) -> Self {
-        Self { auth, refuse }
-    }
-}
-
-impl<S, R: Clone> Layer<S> for JwtLayer<R> {
-    type Service = Jwt<S, R>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Jwt { inner, layer: self.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct Jwt<S, R> {
-    inner: S,
-    layer: JwtLayer<R>,
-}
-
-impl<S, R, B> Service<Request<B>> for Jwt<S, R>
-where
-    S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
-    S::Future: Unpin,
-    R: Refuse,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Admitted<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+impl Check for Jwt {
+    fn check<B>(&self, req: Request<B>) -> Result<Request<B>, Refusal> {
         let (mut parts, body) = req.into_parts();
         let path = match parts.extensions.get::<MethodPath>() {
             Some(MethodPath(path)) => path.as_str(),
             None => parts.uri.path(),
         };
-        if let Err(status) = self.layer.auth.authorize(path, &mut parts.headers) {
-            rejected(if status.code() == tonic::Code::Unauthenticated {
-                "unauthenticated"
-            } else {
-                "permission_denied"
-            });
-            return Admitted::Refused(Some(self.layer.refuse.refuse(Refusal::Auth(status))));
+        if let Err(status) = self.0.authorize(path, &mut parts.headers) {
+            let unauthenticated = status.code() == tonic::Code::Unauthenticated;
+            rejected(if unauthenticated { "unauthenticated" } else { "permission_denied" });
+            return Err(Refusal::Auth(status));
         }
-        Admitted::Inner(self.inner.call(Request::from_parts(parts, body)))
+        Ok(Request::from_parts(parts, body))
     }
 }
 
@@ -352,7 +339,7 @@ mod tests {
             Quota::per_second(NonZeroU32::new(1).expect("1")).allow_burst(NonZeroU32::new(2).expect("2")),
         ));
         let client: IpAddr = "10.0.0.7".parse().expect("address");
-        let layer = RateLimitLayer::new(Some(limiter), 1, client, AsGrpc);
+        let layer = AdmitLayer::new(RateLimit::new(Some(limiter), 1, client), AsGrpc);
         let mut service = layer.layer(echo_headers());
         let mut codes = Vec::new();
         for _ in 0..3 {
@@ -365,7 +352,7 @@ mod tests {
         }
         assert_eq!(codes, [None, None, Some("8".to_owned())], "two in the burst, the third refused");
         // Without a limiter nothing is refused.
-        let mut open = RateLimitLayer::new(None, 0, client, AsGrpc).layer(echo_headers());
+        let mut open = AdmitLayer::new(RateLimit::new(None, 0, client), AsGrpc).layer(echo_headers());
         for _ in 0..10 {
             let res = open.ready().await.expect("ready").call(Request::new(Body::empty())).await.expect("answer");
             assert_eq!(grpc_status(&res), None);
@@ -384,7 +371,7 @@ mod tests {
             ..Default::default()
         };
         let auth = Arc::new(Auth::from_settings(&settings).expect("settings"));
-        let service = JwtLayer::new(auth, AsGrpc).layer(echo_headers());
+        let service = AdmitLayer::new(Jwt(auth), AsGrpc).layer(echo_headers());
         let request = |path: &str, method: Option<&str>| {
             let mut req = Request::post(path).body(Body::empty()).expect("request");
             req.headers_mut().insert(crate::auth::SUBJECT_HEADER, HeaderValue::from_static("root"));

@@ -53,8 +53,8 @@ use tracing::Instrument;
 
 use crate::{
     admission::{
-        Admitted, AsGrpc, Jwt, JwtLayer, Limiter, MethodPath, Peer, RateLimit, RateLimitLayer, Refusal, Refuse,
-        Upstream, UpstreamLayer, rejected,
+        Admit, AdmitLayer, Admitted, AsGrpc, Jwt, Limiter, MethodPath, Peer, RateLimit, Refusal, Refuse, Upstream,
+        UpstreamLayer, rejected,
     },
     auth::Auth,
     contracts::Contracts,
@@ -193,28 +193,29 @@ type CallFuture = BoxFuture<Result<Response<Body>, Infallible>>;
 
 /// A passthrough call after admission: client → rate limit → JWT →
 /// upstream metadata → the balanced channel.
-type GrpcStack = RateLimit<Jwt<Upstream<Passthrough>, AsGrpc>, AsGrpc>;
+type GrpcStack = Admit<Admit<Upstream<Passthrough>, Jwt, AsGrpc>, RateLimit, AsGrpc>;
 
 /// A REST call: rate limit → route → JWT (the policy of the route's
 /// method) → transcode → upstream metadata → the balanced channel.
-type RestStack = RateLimit<RestRoute<Jwt<RestCall, AsJson>>, AsJson>;
+type RestStack = Admit<RestRoute<Admit<RestCall, Jwt, AsJson>>, RateLimit, AsJson>;
 
 impl Dispatch {
     pub fn new(gateway: Arc<Gateway>, client: SocketAddr) -> Self {
         let peer = Peer::new(client);
         let settings = &gateway.settings;
-        let limit = (gateway.limiter.clone(), settings.rate_limit_per_sec, client.ip());
+        let rate_limit = RateLimit::new(gateway.limiter.clone(), settings.rate_limit_per_sec, client.ip());
+        let jwt = Jwt(gateway.auth.clone());
         let upstream = UpstreamLayer::new(gateway.timeout(), peer);
         let passthrough = |collect_unary| Passthrough { gateway: gateway.clone(), collect_unary };
         let grpc = ServiceBuilder::new()
-            .layer(RateLimitLayer::new(limit.0.clone(), limit.1, limit.2, AsGrpc))
-            .layer(JwtLayer::new(gateway.auth.clone(), AsGrpc))
+            .layer(AdmitLayer::new(rate_limit.clone(), AsGrpc))
+            .layer(AdmitLayer::new(jwt.clone(), AsGrpc))
             .layer(upstream.clone())
             .service(passthrough(true));
         let rest = ServiceBuilder::new()
-            .layer(RateLimitLayer::new(limit.0, limit.1, limit.2, AsJson))
+            .layer(AdmitLayer::new(rate_limit, AsJson))
             .layer_fn(|inner| RestRoute { gateway: gateway.clone(), inner })
-            .layer(JwtLayer::new(gateway.auth.clone(), AsJson))
+            .layer(AdmitLayer::new(jwt, AsJson))
             .service(RestCall { gateway: gateway.clone(), upstream: upstream.layer(passthrough(false)) });
         Self { gateway: gateway.clone(), grpc: GrpcCall { gateway: gateway.clone(), admitted: grpc }, rest }
     }

@@ -236,18 +236,20 @@ if (( ${#go_tools[@]} )); then
     done
 fi
 
-# The Java parts from the one Maven build (the test clients, the meshkit
-# library for Spring Boot and the Spring Boot UserService); again only when a
-# source changed.
+# The Java parts from the one Maven build (the test clients, the bench's
+# Spring Cloud Gateway peer, the meshkit library for Spring Boot and the
+# Spring Boot UserService); again only when a source changed.
 if (( want_test || want_bench || want_java )); then
     jar="$root/services/integration-tests/clients/java/target/meshkit-java-clients-0.1.0.jar"
     spring="$root/services/user-spring/target/meshkit-user-spring-0.1.0.jar"
+    scg="$root/services/integration-tests/clients/scg/target/meshkit-scg-peer-0.1.0.jar"
     # Maven leaves a jar untouched when its classes did not change, so the
     # last good build is marked by a stamp of its own.
     stamp="$root/target/java-build.stamp"
-    if [[ ! -f "$jar" || ! -f "${jar%/*}/classpath" || ! -f "$spring" || ! -f "${spring%/*}/classpath" || ! -f "$stamp" ]] \
+    if [[ ! -f "$jar" || ! -f "${jar%/*}/classpath" || ! -f "$spring" || ! -f "${spring%/*}/classpath" \
+          || ! -f "$scg" || ! -f "${scg%/*}/classpath" || ! -f "$stamp" ]] \
         || [[ -n "$(find "$root/common/java" "$root/deploy/kafka" "$root/proto" "$root/services/integration-tests/clients/java" \
-                    "$root/services/user-spring" \
+                    "$root/services/user-spring" "$root/services/integration-tests/clients/scg" \
                     -name target -prune -o -newer "$stamp" \( -name '*.java' -o -name '*.proto' -o -name pom.xml \
                     -o -name '*.properties' -o -name '*.imports' -o -name '*.factories' -o -name 'logback*.xml' \) -print \
                     | head -1)" ]]; then

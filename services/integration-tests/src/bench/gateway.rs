@@ -7,6 +7,10 @@
 //!    request at that rate (nginx: master and workers together).
 //! 2. REST/JSON transcoding vs passthrough through the same gateway, to the
 //!    same method: CPU per request and throughput.
+//! 3. Every load shape (h2load): the gateway, nginx and HAProxy 2.6 in
+//!    cleartext; then all of them over TLS both ways, with Spring Cloud
+//!    Gateway 5 beside them (it proxies gRPC over TLS only). Proxy and
+//!    whole-system CPU per request, added latency, proxy memory.
 
 use std::{
     path::Path,
@@ -30,6 +34,11 @@ use super::{CONCURRENCY, Stats, load, paced};
 const RATE: u64 = 2_000;
 
 pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
+    // `MESHKIT_BENCH_GATEWAY=tls`: the TLS table alone (Spring Cloud Gateway's).
+    if std::env::var("MESHKIT_BENCH_GATEWAY").as_deref() == Ok("tls") {
+        std::fs::write(logs.join("echo.binpb"), ECHO_DESCRIPTOR_SET)?;
+        return over_tls(etcd, logs).await;
+    }
     let phase = Duration::from_secs(secs);
     // The backend is a process of its own (`echo-server`, `MeshServer` with
     // its default layers), so its CPU is read apart from the load generators'.
@@ -64,33 +73,36 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
         env.push(("TOKIO_WORKER_THREADS", n));
     }
     let gateway = ServiceProcess::spawn("meshkit-gateway", &env, logs)?;
-    let nginx = Nginx::start(logs, backend_addr.port())?;
+    let nginx = Nginx::start(logs, backend_addr.port(), None)?;
 
     let direct = channel(backend_addr.port()).await?;
+    let haproxy = Haproxy::start(logs, backend_addr.port(), None)?;
     let via_nginx = channel(nginx.port).await?;
+    let via_haproxy = channel(haproxy.port).await?;
     let via_gateway = channel(gateway_port).await?;
     // The first call through the gateway waits for its pool's first etcd read.
-    for c in [&direct, &via_nginx, &via_gateway] {
+    let paths = [&direct, &via_nginx, &via_gateway, &via_haproxy];
+    for c in paths {
         echo_once(c.clone()).await.context("warm-up call")?;
     }
 
     // Saturation: closed loop, alternating so drift hits every path alike.
-    let mut sat = [Stats::default(), Stats::default(), Stats::default()];
+    let mut sat: [Stats; 4] = Default::default();
     for _ in 0..2 {
-        for (i, c) in [&direct, &via_nginx, &via_gateway].into_iter().enumerate() {
+        for (i, c) in paths.into_iter().enumerate() {
             let c = c.clone();
             sat[i].merge(load(phase / 2, move || echo_once(c.clone())).await?);
         }
     }
     // A steady rate: latency, and the proxy's CPU per request.
-    let mut steady = [Stats::default(), Stats::default(), Stats::default()];
+    let mut steady: [Stats; 4] = Default::default();
     // Each proxy's CPU in user space and in the kernel (its system calls and
     // the loopback TCP work done on its behalf).
-    let mut proxy_user = [Duration::ZERO; 3];
-    let mut proxy_kernel = [Duration::ZERO; 3];
-    let pids = [None, Some(nginx.pid()), Some(gateway.pid())];
+    let mut proxy_user = [Duration::ZERO; 4];
+    let mut proxy_kernel = [Duration::ZERO; 4];
+    let pids = [None, Some(nginx.pid()), Some(gateway.pid()), Some(haproxy.pid())];
     for _ in 0..2 {
-        for (i, c) in [&direct, &via_nginx, &via_gateway].into_iter().enumerate() {
+        for (i, c) in paths.into_iter().enumerate() {
             let c = c.clone();
             let before = pids[i].map(tree_times).unwrap_or_default();
             steady[i].merge(paced(RATE, phase / 2, move || echo_once(c.clone())).await?);
@@ -103,13 +115,13 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
     let per_call = |i: usize| per_req(proxy_user[i] + proxy_kernel[i], i);
     let p = |s: &Stats, q: f64| s.hist.value_at_quantile(q) as i64;
     println!(
-        "\n== gateway gRPC passthrough vs nginx 1.22 grpc_pass (unary Echo, one backend, concurrency {CONCURRENCY})"
+        "\n== gateway gRPC passthrough vs nginx 1.22 grpc_pass and HAProxy 2.6 (unary Echo, one backend; tonic client, one connection, concurrency {CONCURRENCY}; steady rate: calls evenly spaced)"
     );
     println!(
         "  {:<9} {:>14} {:>10} {:>10} {:>10} {:>10} {:>16} {:>22}",
         "", "sat. calls/s", "p50 µs", "p99 µs", "+p50 µs", "+p99 µs", "proxy CPU µs/req", "of which user / kernel"
     );
-    for (i, name) in ["direct", "nginx", "gateway"].into_iter().enumerate() {
+    for (i, name) in ["direct", "nginx", "gateway", "haproxy"].into_iter().enumerate() {
         println!(
             "  {:<9} {:>14.0} {:>10} {:>10} {:>10} {:>10} {:>16} {:>22}",
             name,
@@ -126,17 +138,24 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
             },
         );
     }
-    let added = |i: usize| (p(&steady[i], 0.5) - p(&steady[0], 0.5)).max(1) as f64;
+    let added = |i: usize, q: f64| p(&steady[i], q) - p(&steady[0], q);
     println!(
-        "  gateway/nginx: CPU per request x{:.2} (goal <= 0.33)   added p50 x{:.2} (goal <= 0.5)   throughput x{:.2}   (latency and CPU at a steady {RATE}/s)",
+        "  gateway: CPU per request x{:.2} nginx, x{:.2} HAProxy (goal <= 1 of the better); added p50 {:+} µs vs {:+} and {:+}, p99 {:+} vs {:+} and {:+} (goal <= both); throughput x{:.2} nginx, x{:.2} HAProxy (latency and CPU at a steady {RATE}/s)",
         per_call(2) / per_call(1),
-        added(2) / added(1),
+        per_call(2) / per_call(3),
+        added(2, 0.5),
+        added(1, 0.5),
+        added(3, 0.5),
+        added(2, 0.99),
+        added(1, 0.99),
+        added(3, 0.99),
         sat[2].rate() / sat[1].rate(),
+        sat[2].rate() / sat[3].rate(),
     );
     println!(
-        "  CPU goal: {:.1} µs per request (a third of nginx's); kernel time alone: nginx {:.1} µs, gateway {:.1} µs",
-        per_call(1) / 3.0,
+        "  kernel time alone: nginx {:.1} µs, HAProxy {:.1} µs, gateway {:.1} µs",
         per_req(proxy_kernel[1], 1),
+        per_req(proxy_kernel[3], 3),
         per_req(proxy_kernel[2], 2),
     );
 
@@ -194,19 +213,131 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
         rest_per / grpc_per,
         rest_sat.rate() / grpc_sat.rate()
     );
-    let haproxy = Haproxy::start(logs, backend_addr.port())?;
-    shapes(
+    let targets = [
+        Target { name: "direct", port: backend_addr.port(), pid: None },
+        Target { name: "gateway", port: gateway_port, pid: Some(gateway.pid()) },
+        Target { name: "nginx", port: nginx.port, pid: Some(nginx.pid()) },
+        Target { name: "haproxy", port: haproxy.port, pid: Some(haproxy.pid()) },
+    ];
+    println!(
+        "\n== gRPC passthrough by load shape, cleartext (h2load, unary Echo; medians of {ROUNDS} alternating rounds, spread = max - min)"
+    );
+    println!(
+        "  proxies: the gateway (2 runtime threads), nginx 1.22 grpc_pass (2 workers), HAProxy 2.6 (2 threads, h2 both sides); the backend: echo-server (MeshServer), a process of its own; no CPU pinning"
+    );
+    shapes(logs, "http", &targets, backend.pid())?;
+    drop(haproxy);
+    drop(nginx);
+    drop(gateway);
+    drop(backend);
+    over_tls(etcd, logs).await
+}
+
+/// Every proxy over TLS, downstream and upstream, with Spring Cloud Gateway
+/// 5 beside them (it proxies gRPC over TLS only): a backend of its own with
+/// TLS on, under an etcd prefix of its own so the gateway finds only it.
+async fn over_tls(etcd: &Etcd, logs: &Path) -> anyhow::Result<()> {
+    let certs = logs.join("tls");
+    meshkit_meshctl::certs::issue(&certs, "meshkit", &["echo", "gateway", "proxy"], 1)?;
+    let pem = |name: &str| certs.join(name).display().to_string();
+    const PREFIX: &str = "/bench-tls";
+    let mesh_tls = |name: &str, extra: Vec<(&'static str, String)>| {
+        let mut env = vec![
+            ("MESHKIT_ETCD_ENDPOINTS", etcd.endpoint()),
+            ("MESHKIT_ETCD_PREFIX", PREFIX.to_owned()),
+            ("MESHKIT_ADMIN_ENABLED", "false".to_owned()),
+            ("MESHKIT_TLS_ENABLED", "true".to_owned()),
+            ("MESHKIT_TLS_CERT_FILE", pem(&format!("{name}.pem"))),
+            ("MESHKIT_TLS_KEY_FILE", pem(&format!("{name}.key"))),
+            ("MESHKIT_TLS_CA_FILE", pem("ca.pem")),
+        ];
+        env.extend(extra);
+        env
+    };
+    let backend_port = free_port();
+    // nginx, HAProxy and Spring Cloud Gateway present no client certificate.
+    let backend = ServiceProcess::spawn(
+        "echo-server",
+        &mesh_tls(
+            "echo",
+            vec![
+                ("ECHO_SERVER", "mesh".to_owned()),
+                ("MESHKIT_SERVER_LISTEN", format!("127.0.0.1:{backend_port}")),
+                ("MESHKIT_REGISTRY_INSTANCE_ID", "bench-echo-tls".to_owned()),
+                ("MESHKIT_TLS_CLIENT_AUTH", "optional".to_owned()),
+            ],
+        ),
         logs,
-        backend_addr.port(),
-        [(gateway_port, gateway.pid()), (nginx.port, nginx.pid()), (haproxy.port, haproxy.pid())],
-        backend.pid(),
-    )
-    .await?;
+    )?;
+    let key = meshkit_common::registry::instance_key(PREFIX, ECHO, "bench-echo-tls");
+    let client = etcd.client().await;
+    meshkit_integration_tests::eventually("the TLS backend registered", Duration::from_secs(15), || {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move { client.get(key, None).await.ok().filter(|r| !r.kvs().is_empty()).map(|_| ()) }
+    })
+    .await;
+    let descriptors = logs.join("echo.binpb");
+    let gateway_port = free_port();
+    let gateway = ServiceProcess::spawn(
+        "meshkit-gateway",
+        &mesh_tls(
+            "gateway",
+            vec![
+                ("MESHKIT_GATEWAY_LISTEN", format!("127.0.0.1:{gateway_port}")),
+                ("MESHKIT_GATEWAY_DESCRIPTOR_SETS", descriptors.display().to_string()),
+                ("MESHKIT_GATEWAY_TLS_CERT_FILE", pem("proxy.pem")),
+                ("MESHKIT_GATEWAY_TLS_KEY_FILE", pem("proxy.key")),
+            ],
+        ),
+        logs,
+    )?;
+    wait_listening(gateway_port, "the TLS gateway did not listen")?;
+    let proxy = Certs { cert: certs.join("proxy.pem"), key: certs.join("proxy.key") };
+    let nginx = Nginx::start(logs, backend_port, Some(&proxy))?;
+    let haproxy = Haproxy::start(logs, backend_port, Some(&proxy))?;
+    let scg = Scg::start(logs, backend_port, &proxy)?;
+    let targets = [
+        Target { name: "direct", port: backend_port, pid: None },
+        Target { name: "gateway", port: gateway_port, pid: Some(gateway.pid()) },
+        Target { name: "nginx", port: nginx.port, pid: Some(nginx.pid()) },
+        Target { name: "haproxy", port: haproxy.port, pid: Some(haproxy.pid()) },
+        Target { name: "scg", port: scg.port, pid: Some(scg.pid()) },
+    ];
+    // The JVM compiles its hot paths after some thousands of calls: every
+    // target gets the same warm-up before anything is measured.
+    let warm_up = Shape { name: "warm-up", connections: 4, streams: 16, rate_per_connection: None, requests: 40_000 };
+    let body = request_body(logs)?;
+    for target in &targets {
+        tokio::task::block_in_place(|| h2load("https", target.port, &warm_up, &body, target.pid, backend.pid()))
+            .with_context(|| format!("warming up {}", target.name))?;
+    }
+    println!(
+        "\n== gRPC passthrough by load shape, over TLS both ways (h2load, unary Echo; medians of {ROUNDS} alternating rounds, spread = max - min)"
+    );
+    println!(
+        "  proxies as above, and Spring Cloud Gateway 5.0 (WebFlux, Spring Boot 4.0, one route, JVM defaults); TLS 1.3 to each proxy; upstream: the gateway mTLS, the others TLS without a client certificate; the backend: echo-server with TLS; no CPU pinning"
+    );
+    shapes(logs, "https", &targets, backend.pid())?;
+    drop(scg);
     drop(haproxy);
     drop(nginx);
     drop(gateway);
     drop(backend);
     Ok(())
+}
+
+/// One target of h2load: a proxy (its process, for its CPU and memory) or
+/// the backend itself (`direct`, no pid).
+struct Target {
+    name: &'static str,
+    port: u16,
+    pid: Option<i32>,
+}
+
+/// A proxy's certificate and key (PEM).
+struct Certs {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
 }
 
 /// A load shape for h2load: connections, streams per connection, and a
@@ -260,6 +391,8 @@ struct Run {
     proxy_kernel: Duration,
     backend: Duration,
     loadgen: Duration,
+    /// The proxy's resident memory (its workers' too) after the run.
+    proxy_rss_kib: u64,
 }
 
 impl Run {
@@ -277,7 +410,14 @@ impl Run {
 /// h2load (nghttp2) against `port`: unary Echo calls in `shape`. Its CPU is
 /// what bash's `times` reports for its child; the backend's is its
 /// process's (`backend`, the echo-server's pid).
-fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>, backend: i32) -> anyhow::Result<Run> {
+fn h2load(
+    scheme: &str,
+    port: u16,
+    shape: &Shape,
+    body: &Path,
+    proxy: Option<i32>,
+    backend: i32,
+) -> anyhow::Result<Run> {
     let mut args = vec![
         format!("-c{}", shape.connections),
         format!("-m{}", shape.streams),
@@ -296,11 +436,12 @@ fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>, backend: i3
         .args(&args)
         .arg("-d")
         .arg(body)
-        .arg(format!("http://127.0.0.1:{port}/meshkit.echo.v1.EchoService/Echo"))
+        .arg(format!("{scheme}://127.0.0.1:{port}/meshkit.echo.v1.EchoService/Echo"))
         .output()
         .context("running h2load (deploy/local/install-deps.sh --bench installs it)")?;
     let backend_after = tree_times(backend);
     let proxy_after = proxy.map(tree_times).unwrap_or_default();
+    let proxy_rss_kib = proxy.map(tree_rss_kib).unwrap_or(0);
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "h2load failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     let after =
@@ -347,39 +488,38 @@ fn h2load(port: u16, shape: &Shape, body: &Path, proxy: Option<i32>, backend: i3
         proxy_kernel: proxy_after.1.saturating_sub(proxy_before.1),
         backend: (backend_after.0 + backend_after.1).saturating_sub(backend_before.0 + backend_before.1),
         loadgen,
+        proxy_rss_kib,
     })
 }
 
-/// gRPC passthrough in every load shape, h2load driving the direct path, the
-/// gateway, nginx and HAProxy in alternating rounds: CPU per request of the
-/// proxy and of the whole system (load generator, proxy, backend).
-async fn shapes(logs: &Path, backend_port: u16, proxies: [(u16, i32); 3], backend: i32) -> anyhow::Result<()> {
-    const ROUNDS: usize = 3;
+/// The framed Echo request h2load sends.
+fn request_body(logs: &Path) -> anyhow::Result<std::path::PathBuf> {
     let body = logs.join("echo-request.bin");
     let message = prost::Message::encode_to_vec(&EchoRequest { text: "bench".into(), ..Default::default() });
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(&message);
     std::fs::write(&body, framed)?;
-    let names = ["direct", "gateway", "nginx", "haproxy"];
-    let targets: [(u16, Option<i32>); 4] = [
-        (backend_port, None),
-        (proxies[0].0, Some(proxies[0].1)),
-        (proxies[1].0, Some(proxies[1].1)),
-        (proxies[2].0, Some(proxies[2].1)),
-    ];
-    println!(
-        "\n== gRPC passthrough by load shape (h2load, unary Echo; medians of {ROUNDS} alternating rounds, spread = max - min)"
-    );
-    println!(
-        "  proxies: the gateway (2 runtime threads), nginx 1.22 grpc_pass (2 workers), HAProxy 2.6 (2 threads, h2 both sides); the backend: echo-server (MeshServer), a process of its own; no CPU pinning"
-    );
+    Ok(body)
+}
+
+/// Rounds of each load shape, the targets alternating within a round.
+const ROUNDS: usize = 3;
+
+/// gRPC passthrough in every load shape, h2load driving each target (the
+/// direct path first) in alternating rounds: CPU per request of the proxy
+/// and of the whole system (load generator, proxy, backend), and the
+/// proxy's memory.
+fn shapes(logs: &Path, scheme: &str, targets: &[Target], backend: i32) -> anyhow::Result<()> {
+    let body = request_body(logs)?;
+    let at = |name: &str| targets.iter().position(|t| t.name == name);
     for shape in &SHAPES {
-        let mut runs: [Vec<Run>; 4] = Default::default();
+        let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
         for _ in 0..ROUNDS {
-            for (i, (port, pid)) in targets.iter().enumerate() {
-                let (port, pid, shape_ref, body) = (*port, *pid, shape, body.clone());
-                let run = tokio::task::block_in_place(|| h2load(port, shape_ref, &body, pid, backend))?;
+            for (i, target) in targets.iter().enumerate() {
+                let run =
+                    tokio::task::block_in_place(|| h2load(scheme, target.port, shape, &body, target.pid, backend))
+                        .with_context(|| format!("{}: {}", target.name, shape.name))?;
                 runs[i].push(run);
             }
         }
@@ -389,13 +529,13 @@ async fn shapes(logs: &Path, backend_port: u16, proxies: [(u16, i32); 3], backen
         };
         println!("\n  {}", shape.name);
         println!(
-            "    {:<8} {:>10} {:>14} {:>8} {:>14} {:>13} {:>10}",
-            "", "proxy µs", "user / kernel", "spread", "system µs", "mean req µs", "calls/s"
+            "    {:<8} {:>10} {:>14} {:>8} {:>14} {:>13} {:>10} {:>9}",
+            "", "proxy µs", "user / kernel", "spread", "system µs", "mean req µs", "calls/s", "RSS MiB"
         );
-        let mut proxy_med = [0.0; 4];
-        let mut system_med = [0.0; 4];
-        let mut mean_med = [0.0; 4];
-        for (i, name) in names.iter().enumerate() {
+        let mut proxy_med = vec![0.0; targets.len()];
+        let mut system_med = vec![0.0; targets.len()];
+        let mut mean_med = vec![0.0; targets.len()];
+        for (i, target) in targets.iter().enumerate() {
             let r = &runs[i];
             let mut proxy: Vec<f64> = r.iter().map(Run::proxy).collect();
             let spread =
@@ -406,51 +546,147 @@ async fn shapes(logs: &Path, backend_port: u16, proxies: [(u16, i32); 3], backen
             let user = median(&mut r.iter().map(|x| x.per_call(x.proxy_user)).collect());
             let kernel = median(&mut r.iter().map(|x| x.per_call(x.proxy_kernel)).collect());
             let rate = median(&mut r.iter().map(|x| x.rate).collect());
-            if i == 0 {
+            let rss = r.iter().map(|x| x.proxy_rss_kib).max().unwrap_or(0) as f64 / 1024.0;
+            let name = target.name;
+            if target.pid.is_none() {
                 println!(
-                    "    {name:<8} {:>10} {:>14} {:>8} {:>14.1} {:>13.0} {:>10.0}",
-                    "-", "-", "-", system_med[i], mean_med[i], rate
+                    "    {name:<8} {:>10} {:>14} {:>8} {:>14.1} {:>13.0} {:>10.0} {:>9}",
+                    "-", "-", "-", system_med[i], mean_med[i], rate, "-"
                 );
             } else {
                 println!(
-                    "    {name:<8} {:>10.1} {:>14} {:>8.1} {:>14.1} {:>13.0} {:>10.0}",
+                    "    {name:<8} {:>10.1} {:>14} {:>8.1} {:>14.1} {:>13.0} {:>10.0} {:>9.0}",
                     proxy_med[i],
                     format!("{user:.0} / {kernel:.0}"),
                     spread,
                     system_med[i],
                     mean_med[i],
-                    rate
+                    rate,
+                    rss
+                );
+            }
+        }
+        let (Some(direct), Some(gateway)) = (at("direct"), at("gateway")) else { continue };
+        let added = |i: usize| mean_med[i] - mean_med[direct];
+        let mut line = String::from("    gateway:");
+        for (peer, label) in [("nginx", "nginx"), ("haproxy", "HAProxy"), ("scg", "Spring Cloud Gateway")] {
+            if let Some(p) = at(peer) {
+                line += &format!(
+                    " x{:.2} {label}'s proxy CPU, x{:.2} its system CPU, added mean {:+.0} µs vs {:+.0};",
+                    proxy_med[gateway] / proxy_med[p],
+                    system_med[gateway] / system_med[p],
+                    added(gateway),
+                    added(p),
                 );
             }
         }
         println!(
-            "    gateway: proxy CPU x{:.2} nginx, x{:.2} HAProxy (goal <= 1 of the better, aim 0.6 / 0.8); system CPU x{:.2} nginx, x{:.2} HAProxy; added mean {:+.0} µs (nginx {:+.0}, HAProxy {:+.0})",
-            proxy_med[1] / proxy_med[2],
-            proxy_med[1] / proxy_med[3],
-            system_med[1] / system_med[2],
-            system_med[1] / system_med[3],
-            mean_med[1] - mean_med[0],
-            mean_med[2] - mean_med[0],
-            mean_med[3] - mean_med[0],
+            "{} (goal: proxy CPU <= 1 of the better of nginx and HAProxy, aim 0.6 / 0.8)",
+            line.trim_end_matches(';')
         );
     }
     Ok(())
 }
 
+/// Resident memory (VmRSS, KiB) of `pid` and its direct children.
+fn tree_rss_kib(pid: i32) -> u64 {
+    let rss = |pid: i32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let mut total = rss(pid);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if stat_times(child).is_some_and(|(ppid, _, _)| ppid == pid) {
+                total += rss(child);
+            }
+        }
+    }
+    total
+}
+
+/// Spring Cloud Gateway 5 (services/integration-tests/clients/scg, built by
+/// the one Maven build) with one route to the backend over TLS; stopped when
+/// dropped.
+struct Scg {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Scg {
+    fn start(dir: &Path, backend_port: u16, certs: &Certs) -> anyhow::Result<Self> {
+        let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/scg/target");
+        let classpath = std::fs::read_to_string(module.join("classpath"))
+            .context("Spring Cloud Gateway is not built: run deploy/local/install-deps.sh --bench")?;
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("scg.log"))?;
+        let child = std::process::Command::new("java")
+            .arg("-cp")
+            .arg(format!("{}:{}", classpath.trim(), module.join("meshkit-scg-peer-0.1.0.jar").display()))
+            .arg("io.meshkit.scg.GatewayApplication")
+            .arg(format!("--server.port={port}"))
+            .arg("--server.address=127.0.0.1")
+            .arg(format!("--backend=https://127.0.0.1:{backend_port}"))
+            .arg(format!("--server.ssl.certificate=file:{}", certs.cert.display()))
+            .arg(format!("--server.ssl.certificate-private-key=file:{}", certs.key.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting Spring Cloud Gateway (java)")?;
+        let mut scg = Self { child, port };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = scg.child.try_wait() {
+                anyhow::bail!("Spring Cloud Gateway exited ({status}); see {}", dir.join("scg.log").display());
+            }
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "Spring Cloud Gateway did not listen in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(scg)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Scg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// HAProxy 2.6 in front of one backend: HTTP/2 on both sides, upstream
-/// connections reused across clients; stopped when dropped.
+/// connections reused across clients; with `tls`, TLS both sides (the
+/// backend's certificate not checked); stopped when dropped.
 struct Haproxy {
     child: std::process::Child,
     port: u16,
 }
 
 impl Haproxy {
-    fn start(dir: &Path, backend_port: u16) -> anyhow::Result<Self> {
+    fn start(dir: &Path, backend_port: u16, tls: Option<&Certs>) -> anyhow::Result<Self> {
         let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .context("haproxy is missing: run deploy/local/install-deps.sh --bench")?;
         let port = free_port();
+        let (bind, server) = match tls {
+            None => ("proto h2".to_owned(), "proto h2".to_owned()),
+            Some(certs) => {
+                // HAProxy reads the certificate and its key from one file.
+                let both = dir.join("haproxy-tls.pem");
+                std::fs::write(&both, [std::fs::read(&certs.cert)?, std::fs::read(&certs.key)?].concat())?;
+                (format!("ssl crt {} alpn h2", both.display()), "ssl verify none alpn h2".to_owned())
+            }
+        };
         let conf = format!(
             "global
     maxconn 4096
@@ -461,14 +697,14 @@ defaults
     timeout client 60s
     timeout server 60s
 frontend grpc
-    bind 127.0.0.1:{port} proto h2
+    bind 127.0.0.1:{port} {bind}
     default_backend echo
 backend echo
     http-reuse always
-    server echo 127.0.0.1:{backend_port} proto h2
+    server echo 127.0.0.1:{backend_port} {server}
 "
         );
-        let conf_path = dir.join("haproxy.cfg");
+        let conf_path = dir.join(if tls.is_some() { "haproxy-tls.cfg" } else { "haproxy.cfg" });
         std::fs::write(&conf_path, conf)?;
         let child = std::process::Command::new(haproxy)
             .arg("-f")
@@ -554,23 +790,35 @@ fn stat_times(pid: i32) -> Option<(i32, Duration, Duration)> {
 }
 
 /// nginx with `grpc_pass` to one backend, keepalive to it, on its own port
-/// and prefix directory; stopped when dropped.
+/// and prefix directory; with `tls`, TLS both sides (`grpcs://`, the
+/// backend's certificate not checked); stopped when dropped.
 struct Nginx {
     child: std::process::Child,
     port: u16,
 }
 
 impl Nginx {
-    fn start(dir: &Path, backend_port: u16) -> anyhow::Result<Self> {
+    fn start(dir: &Path, backend_port: u16, tls: Option<&Certs>) -> anyhow::Result<Self> {
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .context("nginx is missing: run deploy/local/install-deps.sh --bench")?;
-        let prefix = dir.join("nginx");
+        let prefix = dir.join(if tls.is_some() { "nginx-tls" } else { "nginx" });
         std::fs::create_dir_all(prefix.join("tmp"))?;
         let port = free_port();
         let p = prefix.display();
         let user = if std::env::var("USER").as_deref() == Ok("root") || is_root() { "user root;" } else { "" };
+        let (listen, upstream) = match tls {
+            None => ("http2;".to_owned(), "grpc_pass grpc://backend;".to_owned()),
+            Some(certs) => (
+                format!(
+                    "ssl http2;\n        ssl_certificate {};\n        ssl_certificate_key {};",
+                    certs.cert.display(),
+                    certs.key.display()
+                ),
+                "grpc_pass grpcs://backend; grpc_ssl_verify off; grpc_ssl_session_reuse on;".to_owned(),
+            ),
+        };
         let conf = format!(
             "{user}
 worker_processes 2;
@@ -591,8 +839,8 @@ http {{
         keepalive_requests 100000000;
     }}
     server {{
-        listen 127.0.0.1:{port} http2;
-        location / {{ grpc_pass grpc://backend; }}
+        listen 127.0.0.1:{port} {listen}
+        location / {{ {upstream} }}
     }}
 }}
 "

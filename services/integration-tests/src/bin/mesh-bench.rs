@@ -9,8 +9,10 @@
 //! 3. Pool changes: registration, SIGTERM and kill -9 to the pool's reaction.
 //! 4. Events: outbox relay throughput, and order → notification latency and
 //!    consumer lag at a steady 500 orders/s (see `bench/events.rs`).
-//! 5. Gateway: gRPC passthrough vs nginx `grpc_pass`, and REST/JSON
-//!    transcoding vs passthrough (see `bench/gateway.rs`).
+//! 5. Gateway: gRPC passthrough vs nginx `grpc_pass`, REST/JSON transcoding
+//!    vs passthrough, then every load shape against nginx and HAProxy in
+//!    cleartext, and over TLS with Spring Cloud Gateway beside them (see
+//!    `bench/gateway.rs`).
 //! 6. xDS: registry change → grpc-go and grpc-java calls, 1,000 ADS clients,
 //!    grpc-java through xDS vs to the address (see `bench/xds.rs`).
 //! 7. Spring Boot vs meshkit: the same UserService on the same PostgreSQL,

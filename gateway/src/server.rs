@@ -81,11 +81,14 @@ pub fn limiter(settings: &GatewaySettings) -> Option<Arc<Limiter>> {
     })
 }
 
-/// What every connection of a worker shares.
-pub struct Gateway {
+/// What every worker of a process shares, built once from the contracts
+/// and the settings (by the first worker to start, with the config
+/// center's settings in force then): the routes, the auth policy, the
+/// per-client limiter, the OpenAPI document, and health and reflection.
+/// Only the balanced channels are a worker's own.
+pub struct Frontage {
     contracts: Contracts,
     router: Router,
-    channels: HashMap<String, BalancedChannel>,
     auth: Arc<Auth>,
     limiter: Option<Arc<Limiter>>,
     settings: GatewaySettings,
@@ -93,6 +96,25 @@ pub struct Gateway {
     reflection_v1: LocalService,
     reflection_v1alpha: LocalService,
     health: LocalService,
+}
+
+/// Where the workers of a process find their [`Frontage`]: empty until the
+/// first worker builds it.
+pub type SharedFrontage = Arc<std::sync::Mutex<Option<Arc<Frontage>>>>;
+
+/// What every connection of a worker shares: the process's frontage and
+/// the worker's balanced channel for every service the contracts define.
+pub struct Gateway {
+    front: Arc<Frontage>,
+    channels: HashMap<String, BalancedChannel>,
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = Frontage;
+
+    fn deref(&self) -> &Frontage {
+        &self.front
+    }
 }
 
 /// Why the gateway could not start.
@@ -122,15 +144,11 @@ impl From<meshkit_common::tls::Error> for StartError {
     }
 }
 
-impl Gateway {
-    /// Reads the contracts and builds the routes, the auth policy and a
-    /// balanced channel for every service the contracts define.
-    pub fn new(
-        settings: &GatewaySettings,
-        channels: &ChannelBuilder,
-        contracts: Contracts,
-        limiter: Option<Arc<Limiter>>,
-    ) -> Result<Self, StartError> {
+impl Frontage {
+    /// Reads the contracts and builds the routes, the auth policy, the
+    /// limiter, the OpenAPI document, health and reflection.
+    pub fn new(settings: &GatewaySettings) -> Result<Self, StartError> {
+        let contracts = Contracts::load(&settings.descriptor_sets)?;
         let router = Router::from_contracts(&contracts)?;
         let auth = Arc::new(Auth::from_settings(&settings.jwt).map_err(StartError::Config)?);
         let reflection = || {
@@ -153,16 +171,13 @@ impl Gateway {
         let reflection_v1 = BoxCloneSyncService::new(reflection().build_v1().map_err(config_error)?);
         let reflection_v1alpha = BoxCloneSyncService::new(reflection().build_v1alpha().map_err(config_error)?);
         let (_reporter, health) = tonic_health::server::health_reporter();
-        let upstreams =
-            contracts.services().map(|s| (s.full_name().to_owned(), channels.balanced(s.full_name()))).collect();
         let openapi =
             Bytes::from(serde_json::to_vec_pretty(&openapi::document(&contracts, &router)).unwrap_or_default());
         Ok(Self {
             contracts,
             router,
-            channels: upstreams,
             auth,
-            limiter,
+            limiter: limiter(settings),
             settings: settings.clone(),
             openapi,
             reflection_v1,
@@ -171,6 +186,30 @@ impl Gateway {
         })
     }
 
+    /// The process's frontage: `shared`'s, or built from `settings` and
+    /// kept there when this is the first worker to ask.
+    pub fn shared(shared: &SharedFrontage, settings: &GatewaySettings) -> Result<Arc<Self>, StartError> {
+        let mut slot = shared.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(front) = &*slot {
+            return Ok(front.clone());
+        }
+        let front = Arc::new(Self::new(settings)?);
+        *slot = Some(front.clone());
+        Ok(front)
+    }
+}
+
+impl Gateway {
+    /// A worker's gateway: a balanced channel for every service the
+    /// contracts define.
+    pub fn new(front: Arc<Frontage>, channels: &ChannelBuilder) -> Self {
+        let channels =
+            front.contracts.services().map(|s| (s.full_name().to_owned(), channels.balanced(s.full_name()))).collect();
+        Self { front, channels }
+    }
+}
+
+impl Frontage {
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.settings.request_timeout_ms)
     }
@@ -672,8 +711,7 @@ impl Drop for RunningGateway {
 /// [`crate::workers`]).
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
     let listen = config.gateway.listen.clone();
-    let limiter = limiter(&config.gateway);
-    start_worker(config, &listen, false, true, limiter).await
+    start_worker(config, &listen, false, true, SharedFrontage::default()).await
 }
 
 /// One worker: its own etcd client, balanced channels and listener on
@@ -684,9 +722,8 @@ pub(crate) async fn start_worker(
     listen: &str,
     reuse_port: bool,
     first: bool,
-    limiter: Option<Arc<Limiter>>,
+    front: SharedFrontage,
 ) -> Result<RunningGateway, StartError> {
-    let contracts = Contracts::load(&config.gateway.descriptor_sets)?;
     // What every process starts from: etcd, the config center, the
     // calling-side governance of the upstream channels (breakers,
     // throttling, method timeouts, retries and traffic splits; with no rule
@@ -695,7 +732,10 @@ pub(crate) async fn start_worker(
     // per-client limit is the gateway's own.
     let mesh = Mesh::connect(&config, COMPONENT).await?;
     let config = mesh.config();
-    let channels = mesh.channels.clone().with_methods(contracts.method_table());
+    // One for the process, however many workers: the contracts and what is
+    // built from them take about 4 MiB a worker.
+    let front = Frontage::shared(&front, &config.gateway)?;
+    let channels = mesh.channels.clone().with_methods(front.contracts.method_table());
     let edge_tls = if config.gateway.tls_cert_file.is_empty() {
         None
     } else {
@@ -706,7 +746,7 @@ pub(crate) async fn start_worker(
             &[b"h2", b"http/1.1"],
         )?)
     };
-    let gateway = Arc::new(Gateway::new(&config.gateway, &channels, contracts, limiter)?);
+    let gateway = Arc::new(Gateway::new(front, &channels));
     let listen_error = |source| StartError::Listen { addr: listen.to_owned(), source };
     let listener = bind(listen, reuse_port).map_err(listen_error)?;
     let addr = listener.local_addr().map_err(listen_error)?;

@@ -10,10 +10,7 @@ use std::{future::Future, sync::mpsc, thread};
 use crate::settings::GatewayConfig;
 use tokio::sync::watch;
 
-use crate::{
-    admission::Limiter,
-    server::{StartError, limiter, start_worker},
-};
+use crate::server::{SharedFrontage, StartError, start_worker};
 
 /// How many workers `gateway.workers` asks for (0: one per core).
 pub fn count(config: &GatewayConfig) -> usize {
@@ -34,9 +31,10 @@ pub async fn run(config: GatewayConfig, stop: impl Future<Output = ()>) -> Resul
     // that the others then share.
     let mut handles = Vec::new();
     let mut listen = config.gateway.listen.clone();
-    // One limiter for the process, so a client's allowance does not grow
-    // with the number of workers its connections land on.
-    let shared = limiter(&config.gateway);
+    // One frontage for the process (contracts, routes, policies, and the
+    // limiter, so a client's allowance does not grow with the number of
+    // workers its connections land on), built by the first worker.
+    let shared = SharedFrontage::default();
     for index in 0..n {
         let (config, stop_rx, ready_tx, addr) = (config.clone(), stop_rx.clone(), ready_tx.clone(), listen.clone());
         let shared = shared.clone();
@@ -78,7 +76,7 @@ fn worker(
     config: GatewayConfig,
     listen: String,
     reuse_port: bool,
-    limiter: Option<std::sync::Arc<Limiter>>,
+    front: SharedFrontage,
     mut stop: watch::Receiver<bool>,
     ready: mpsc::Sender<Result<String, StartError>>,
 ) {
@@ -90,7 +88,7 @@ fn worker(
         }
     };
     runtime.block_on(async move {
-        let running = match start_worker(config, &listen, reuse_port, index == 0, limiter).await {
+        let running = match start_worker(config, &listen, reuse_port, index == 0, front).await {
             Ok(r) => r,
             Err(e) => {
                 let _ = ready.send(Err(e));

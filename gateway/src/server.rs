@@ -74,7 +74,7 @@ const MAX_RESPONSE_BYTES: usize = 64 << 20;
 const FORWARDED_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"];
 
 /// The limiter `settings` ask for, if any.
-pub fn limiter(settings: &GatewaySettings) -> Option<Arc<Limiter>> {
+fn limiter(settings: &GatewaySettings) -> Option<Arc<Limiter>> {
     NonZeroU32::new(settings.rate_limit_per_sec).map(|rate| {
         let burst = NonZeroU32::new(settings.rate_limit_burst).unwrap_or(rate);
         Arc::new(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
@@ -186,6 +186,10 @@ impl Frontage {
         })
     }
 
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.request_timeout_ms)
+    }
+
     /// The process's frontage: `shared`'s, or built from `settings` and
     /// kept there when this is the first worker to ask.
     pub fn shared(shared: &SharedFrontage, settings: &GatewaySettings) -> Result<Arc<Self>, StartError> {
@@ -206,12 +210,6 @@ impl Gateway {
         let channels =
             front.contracts.services().map(|s| (s.full_name().to_owned(), channels.balanced(s.full_name()))).collect();
         Self { front, channels }
-    }
-}
-
-impl Frontage {
-    fn timeout(&self) -> Duration {
-        Duration::from_millis(self.settings.request_timeout_ms)
     }
 }
 
@@ -321,16 +319,22 @@ impl Service<Request<Body>> for GrpcCall {
         } else {
             None
         };
-        let answer: CallFuture = match local {
-            Some(service) => Box::pin(service.clone().oneshot(req)),
+        // Passthrough runs the admission steps here, inside the call's span
+        // (each is ready at once: none holds capacity); the future they
+        // return is awaited below without a box of its own.
+        let answer = match local {
+            Some(service) => Err((service.clone(), req)),
             None => {
-                // Every admission step is ready at once (none holds capacity).
                 let _entered = span.enter();
-                Box::pin(self.admitted.call(req))
+                Ok(self.admitted.call(req))
             }
         };
         Box::pin(async move {
-            let res = match answer.instrument(span).await {
+            let answered = match answer {
+                Ok(admitted) => admitted.instrument(span).await,
+                Err((local, req)) => local.oneshot(req).instrument(span).await,
+            };
+            let res = match answered {
                 Ok(res) => res,
                 Err(never) => match never {},
             };

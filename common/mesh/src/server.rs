@@ -271,11 +271,7 @@ impl MeshServer {
         let listener = TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen, source })?;
         watch_peers(&listener)?;
         let local_addr = listener.local_addr()?;
-        let instance_id = if config.registry.instance_id.is_empty() {
-            new_instance_id()
-        } else {
-            config.registry.instance_id.clone()
-        };
+        let instance_id = instance_id_of(&config);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         routes.add_service(health_service);
@@ -437,11 +433,7 @@ impl MeshServer {
         self.resolve()?;
         let MeshServer { config, mut metadata, etcd, channels, reports, sources, center, .. } = self;
         let admin = start_admin(&config, channels, reports, sources, &mut metadata).await?;
-        let instance_id = if config.registry.instance_id.is_empty() {
-            new_instance_id()
-        } else {
-            config.registry.instance_id.clone()
-        };
+        let instance_id = instance_id_of(&config);
         let beside = Beside { addr, instance_id, services: &[service], metadata };
         Presence::register(admin, center, &config, etcd, beside, None).await
     }
@@ -637,7 +629,6 @@ fn routes_of(builder: RoutesBuilder) -> Routes {
     builder.routes()
 }
 
-/// `{pid}-{random}`: unique per process, readable in logs.
 /// Server layer: every call's status and latency into `meshkit_server_*`,
 /// and its span, the child of the caller's; the instance's name on the
 /// response ([`INSTANCE_HEADER`]).
@@ -736,6 +727,12 @@ pub fn advertised(local: SocketAddr, etcd_endpoints: &[String]) -> String {
     local.to_string()
 }
 
+/// The configured `registry.instance_id`, or a fresh one when empty.
+fn instance_id_of(config: &MeshConfig) -> String {
+    if config.registry.instance_id.is_empty() { new_instance_id() } else { config.registry.instance_id.clone() }
+}
+
+/// `{pid}-{random}`: unique per process, readable in logs.
 pub fn new_instance_id() -> String {
     let random = uuid::Uuid::now_v7().simple().to_string();
     format!("{}-{}", std::process::id(), &random[random.len() - 10..])

@@ -6,7 +6,7 @@ use std::{
     process::Command,
 };
 
-use crate::free_port;
+use crate::{free_port, free_ports};
 
 /// The repository's root.
 pub fn root() -> PathBuf {
@@ -36,7 +36,8 @@ impl LocalCluster {
     /// `cluster.sh up` with `extra` settings; panics with its output if it fails.
     pub fn up(extra: &[(&'static str, String)]) -> Self {
         let run_dir = tempfile::Builder::new().prefix("meshkit-local-").tempdir().expect("a temp run directory");
-        let (etcd, gateway, kafka) = (free_port(), free_port(), free_port());
+        // Three etcd members take the base port and the five above it.
+        let (etcd, gateway, kafka) = (free_ports(6), free_port(), free_port());
         let mut env = vec![
             ("MESHKIT_RUN_DIR", run_dir.path().display().to_string()),
             ("MESHKIT_PROFILE", "dev".into()),

@@ -69,11 +69,57 @@ pub fn tls_files(dir: &Path, name: &str) -> meshkit_common::config::TlsSettings 
     }
 }
 
+/// A loopback port nothing listens on, for a server a test starts next.
+///
+/// It comes from outside the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), so between this call and the server's
+/// bind neither an outgoing connection nor another process's bind to port 0
+/// (a service `cluster.sh` starts, say) can take it. A port from a bind to 0
+/// could be taken that way, and once was. Each call in a process returns a
+/// different port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the loopback interface accepts a bind to port 0")
+    free_ports(1)
+}
+
+/// The first of `n` consecutive free loopback ports, for a program that
+/// places its listeners from one base port (`cluster.sh`'s three etcd members
+/// take the base and the five above it).
+pub fn free_ports(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+
+    let (low, high) = outside_ephemeral();
+    let span = u32::from(high - low) + 1;
+    assert!(span > u32::from(n) * 64, "no room for test ports outside the ephemeral range");
+    // Start at a point of the range that differs between processes.
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let _ = NEXT.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span / u32::from(n) {
+        let offset = NEXT.fetch_add(u32::from(n), Ordering::Relaxed) % span;
+        if offset + u32::from(n) > span {
+            continue;
+        }
+        let base = low + offset as u16;
+        if (base..base + n).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} free consecutive loopback ports in {low}..={high}");
+}
+
+/// The ports tests take their listeners from: below the ephemeral range,
+/// from 10000, or above it when the range starts too low to leave room.
+fn outside_ephemeral() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range.split_whitespace().filter_map(|b| b.parse::<u16>().ok());
+    let (first, last) = (bounds.next().unwrap_or(32768), bounds.next().unwrap_or(60999));
+    if first > 12_000 {
+        (10_000, first - 1)
+    } else {
+        assert!(last < 63_000, "the ephemeral range {first}-{last} leaves no room for test ports");
+        (last + 1, 65_535)
+    }
 }
 
 /// Every section the reference services read, so one test's settings start
@@ -228,4 +274,23 @@ pub async fn meshctl_at(endpoints: &str, args: &[&str]) -> (i32, String, String)
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_lie_outside_the_ephemeral_range_and_differ_per_call() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let bounds: Vec<u16> = range.split_whitespace().map(|b| b.parse().unwrap()).collect();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let port = free_port();
+            assert!(!(bounds[0]..=bounds[1]).contains(&port), "{port} is in the ephemeral range {range}");
+            assert!(seen.insert(port), "{port} was handed out twice");
+        }
+        let base = free_ports(6);
+        assert!((base..base + 6).all(|p| !seen.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok()));
+    }
 }

@@ -239,7 +239,7 @@ mod tests {
     #[test]
     fn defaults_then_file_then_env() {
         let dir = tempfile_dir();
-        let file = dir.join("mesh.toml");
+        let file = dir.path().join("mesh.toml");
         std::fs::write(&file, "[registry]\nttl_secs = 30\nzone = \"a\"\n[etcd]\nendpoints = [\"10.0.0.1:2379\"]\n")
             .unwrap();
         let e = env(&[
@@ -267,7 +267,7 @@ mod tests {
     #[test]
     fn file_errors_name_the_key() {
         let dir = tempfile_dir();
-        let file = dir.join("bad.toml");
+        let file = dir.path().join("bad.toml");
         std::fs::write(&file, "[registry]\nttl = 3\n").unwrap();
         let err = MeshConfig::load("user", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
         assert!(err.to_string().contains("unknown setting `registry.ttl`"), "{err}");
@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn governance_rules_load_from_a_file_and_bad_ones_are_named() {
         let dir = tempfile_dir();
-        let file = dir.join("governance.toml");
+        let file = dir.path().join("governance.toml");
         std::fs::write(
             &file,
             "[governance.methods.\"/meshkit.user.v1.UserService/GetUser\"]\nqps = 100.0\nburst = 20\n\
@@ -325,7 +325,7 @@ mod tests {
             ("[etcd]\ncert_file = \"c\"\nkey_file = \"k\"\n", "etcd.ca_file"),
         ] {
             let dir = tempfile_dir();
-            let file = dir.join("security.toml");
+            let file = dir.path().join("security.toml");
             std::fs::write(&file, toml).unwrap();
             let err = MeshConfig::load("user", &env(&[("MESHKIT_CONFIG", file.to_str().unwrap())])).unwrap_err();
             assert!(err.to_string().contains(expect), "{toml}: {err}");
@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn sections_of_other_components_are_left_alone() {
         let dir = tempfile_dir();
-        let file = dir.join("shared.toml");
+        let file = dir.path().join("shared.toml");
         std::fs::write(
             &file,
             "[registry]\nzone = \"b\"\n[gateway]\nlisten = \"127.0.0.1:8080\"\n[database]\nurl = \"x\"\n",
@@ -345,9 +345,8 @@ mod tests {
         assert_eq!(c.registry.zone, "b");
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("meshkit-config-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A temp directory, removed when the test drops it.
+    fn tempfile_dir() -> tempfile::TempDir {
+        tempfile::Builder::new().prefix("meshkit-config-").tempdir().unwrap()
     }
 }

@@ -1,7 +1,9 @@
 """Python stubs generated from proto/ at run time with grpcio-tools, so the
 clients here always match the .proto files the Rust services are built from."""
 
+import atexit
 import importlib.resources
+import shutil
 import sys
 import tempfile
 
@@ -19,6 +21,7 @@ def load(proto_dir, protos):
     into a temp dir and puts it on sys.path, so `meshkit.user.v1.user_pb2`,
     `buf.validate.validate_pb2` and the like import."""
     out = tempfile.mkdtemp(prefix="meshkit-py-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     for proto in GOOGLE_API + BUF_VALIDATE + list(protos):
         code = protoc.main(

@@ -21,8 +21,27 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CLIENTS="$ROOT/services/integration-tests/clients"
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+# N distinct free loopback ports for the cluster's listeners, from below the
+# kernel's ephemeral range: a port found by binding to 0 can be taken by an
+# outgoing connection, or by a service cluster.sh starts on such a port,
+# before the listener it was meant for binds it.
+free_ports() {
+    python3 - "$1" <<'PY'
+import random, socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+ports = []
+while len(ports) < int(sys.argv[1]):
+    port = random.randrange(10000, low) if low > 12000 else 0
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        port = s.getsockname()[1]
+    if port not in ports:
+        ports.append(port)
+print(*ports)
+PY
 }
 
 OWN_CLUSTER=0
@@ -42,9 +61,10 @@ if [[ "${1:-}" == "--own-cluster" ]]; then
     OWN_CLUSTER=1
     MESHKIT_RUN_DIR="$(mktemp -d /tmp/meshkit-interop.XXXXXX)"
     export MESHKIT_RUN_DIR MESHKIT_PROFILE="${MESHKIT_PROFILE:-dev}"
-    export MESHKIT_ETCD_PORT="$(free_port)" MESHKIT_ETCD_PEER_PORT="$(free_port)"
-    export MESHKIT_KAFKA_PORT="$(free_port)" MESHKIT_GATEWAY_PORT="$(free_port)"
-    export MESHKIT_PROMETHEUS_PORT="$(free_port)" MESHKIT_XDS_PORT="$(free_port)" MESHKIT_CONSOLE_PORT="$(free_port)"
+    read -r MESHKIT_ETCD_PORT MESHKIT_ETCD_PEER_PORT MESHKIT_KAFKA_PORT MESHKIT_GATEWAY_PORT \
+        MESHKIT_PROMETHEUS_PORT MESHKIT_XDS_PORT MESHKIT_CONSOLE_PORT < <(free_ports 7)
+    export MESHKIT_ETCD_PORT MESHKIT_ETCD_PEER_PORT MESHKIT_KAFKA_PORT MESHKIT_GATEWAY_PORT \
+        MESHKIT_PROMETHEUS_PORT MESHKIT_XDS_PORT MESHKIT_CONSOLE_PORT
     unset MESHKIT_ETCD_ENDPOINTS MESHKIT_EVENTS_BROKERS
     "$ROOT/deploy/local/cluster.sh" up >"$WORK/cluster.log" 2>&1 \
         || { echo "interop: the cluster did not start:" >&2; tail -20 "$WORK/cluster.log" >&2; exit 1; }

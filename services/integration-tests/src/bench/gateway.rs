@@ -387,6 +387,9 @@ struct Run {
     calls: f64,
     rate: f64,
     mean_us: f64,
+    /// Request time, from h2load's per-request log: median and 99th percentile.
+    p50_us: f64,
+    p99_us: f64,
     proxy_user: Duration,
     proxy_kernel: Duration,
     backend: Duration,
@@ -427,6 +430,9 @@ fn h2load(
     if let Some(rate) = shape.rate_per_connection {
         args.push(format!("--rps={rate}"));
     }
+    // Every request's time, for the percentiles h2load does not print.
+    let log = tempfile::NamedTempFile::new().context("a temp file for h2load's request log")?;
+    args.push(format!("--log-file={}", log.path().display()));
     let proxy_before = proxy.map(tree_times).unwrap_or_default();
     let backend_before = tree_times(backend);
     let out = std::process::Command::new("bash")
@@ -469,6 +475,7 @@ fn h2load(
     };
     let mean_us =
         after("time for request:").and_then(|l| l.split_whitespace().nth(2).and_then(micros)).unwrap_or(f64::NAN);
+    let (p50_us, p99_us) = request_percentiles(log.path())?;
     // `times`: the shell's own line, then its children's: "0m0.512s 0m0.208s".
     let seconds = |v: &str| -> Option<f64> {
         let (m, s) = v.strip_suffix('s')?.split_once('m')?;
@@ -484,12 +491,27 @@ fn h2load(
         calls: succeeded,
         rate,
         mean_us,
+        p50_us,
+        p99_us,
         proxy_user: proxy_after.0.saturating_sub(proxy_before.0),
         proxy_kernel: proxy_after.1.saturating_sub(proxy_before.1),
         backend: (backend_after.0 + backend_after.1).saturating_sub(backend_before.0 + backend_before.1),
         loadgen,
         proxy_rss_kib,
     })
+}
+
+/// The median and 99th percentile (nearest rank) of the request times in
+/// h2load's `--log-file`: start (µs since the epoch), status, µs to the end
+/// of the response, tab-separated.
+fn request_percentiles(log: &Path) -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let mut times: Vec<u64> =
+        text.lines().filter_map(|l| l.split('\t').nth(2)).filter_map(|t| t.trim().parse().ok()).collect();
+    anyhow::ensure!(!times.is_empty(), "h2load's request log {} has no request", log.display());
+    times.sort_unstable();
+    let rank = |q: f64| times[((q * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1] as f64;
+    Ok((rank(0.50), rank(0.99)))
 }
 
 /// The framed Echo request h2load sends.
@@ -529,12 +551,23 @@ fn shapes(logs: &Path, scheme: &str, targets: &[Target], backend: i32) -> anyhow
         };
         println!("\n  {}", shape.name);
         println!(
-            "    {:<8} {:>10} {:>14} {:>8} {:>14} {:>13} {:>10} {:>9}",
-            "", "proxy µs", "user / kernel", "spread", "system µs", "mean req µs", "calls/s", "RSS MiB"
+            "    {:<8} {:>10} {:>14} {:>8} {:>14} {:>13} {:>9} {:>9} {:>10} {:>9}",
+            "",
+            "proxy µs",
+            "user / kernel",
+            "spread",
+            "system µs",
+            "mean req µs",
+            "p50 µs",
+            "p99 µs",
+            "calls/s",
+            "RSS MiB"
         );
         let mut proxy_med = vec![0.0; targets.len()];
         let mut system_med = vec![0.0; targets.len()];
         let mut mean_med = vec![0.0; targets.len()];
+        let mut p50_med = vec![0.0; targets.len()];
+        let mut p99_med = vec![0.0; targets.len()];
         for (i, target) in targets.iter().enumerate() {
             let r = &runs[i];
             let mut proxy: Vec<f64> = r.iter().map(Run::proxy).collect();
@@ -543,6 +576,8 @@ fn shapes(logs: &Path, scheme: &str, targets: &[Target], backend: i32) -> anyhow
             proxy_med[i] = median(&mut proxy);
             system_med[i] = median(&mut r.iter().map(Run::system).collect());
             mean_med[i] = median(&mut r.iter().map(|x| x.mean_us).collect());
+            p50_med[i] = median(&mut r.iter().map(|x| x.p50_us).collect());
+            p99_med[i] = median(&mut r.iter().map(|x| x.p99_us).collect());
             let user = median(&mut r.iter().map(|x| x.per_call(x.proxy_user)).collect());
             let kernel = median(&mut r.iter().map(|x| x.per_call(x.proxy_kernel)).collect());
             let rate = median(&mut r.iter().map(|x| x.rate).collect());
@@ -550,38 +585,51 @@ fn shapes(logs: &Path, scheme: &str, targets: &[Target], backend: i32) -> anyhow
             let name = target.name;
             if target.pid.is_none() {
                 println!(
-                    "    {name:<8} {:>10} {:>14} {:>8} {:>14.1} {:>13.0} {:>10.0} {:>9}",
-                    "-", "-", "-", system_med[i], mean_med[i], rate, "-"
+                    "    {name:<8} {:>10} {:>14} {:>8} {:>14.1} {:>13.0} {:>9.0} {:>9.0} {:>10.0} {:>9}",
+                    "-", "-", "-", system_med[i], mean_med[i], p50_med[i], p99_med[i], rate, "-"
                 );
             } else {
                 println!(
-                    "    {name:<8} {:>10.1} {:>14} {:>8.1} {:>14.1} {:>13.0} {:>10.0} {:>9.0}",
+                    "    {name:<8} {:>10.1} {:>14} {:>8.1} {:>14.1} {:>13.0} {:>9.0} {:>9.0} {:>10.0} {:>9.0}",
                     proxy_med[i],
                     format!("{user:.0} / {kernel:.0}"),
                     spread,
                     system_med[i],
                     mean_med[i],
+                    p50_med[i],
+                    p99_med[i],
                     rate,
                     rss
                 );
             }
         }
         let (Some(direct), Some(gateway)) = (at("direct"), at("gateway")) else { continue };
-        let added = |i: usize| mean_med[i] - mean_med[direct];
+        let added = |med: &[f64], i: usize| med[i] - med[direct];
         let mut line = String::from("    gateway:");
         for (peer, label) in [("nginx", "nginx"), ("haproxy", "HAProxy"), ("scg", "Spring Cloud Gateway")] {
             if let Some(p) = at(peer) {
                 line += &format!(
-                    " x{:.2} {label}'s proxy CPU, x{:.2} its system CPU, added mean {:+.0} µs vs {:+.0};",
+                    " x{:.2} {label}'s proxy CPU, x{:.2} its system CPU, ",
                     proxy_med[gateway] / proxy_med[p],
                     system_med[gateway] / system_med[p],
-                    added(gateway),
-                    added(p),
                 );
+                // Latency is compared at the steady rates; saturated, throughput.
+                line += &if shape.rate_per_connection.is_some() {
+                    format!(
+                        "added p50 {:+.0} µs vs {:+.0}, p99 {:+.0} vs {:+.0};",
+                        added(&p50_med, gateway),
+                        added(&p50_med, p),
+                        added(&p99_med, gateway),
+                        added(&p99_med, p),
+                    )
+                } else {
+                    let rate = |i: usize| median(&mut runs[i].iter().map(|x| x.rate).collect());
+                    format!("x{:.2} its calls/s;", rate(gateway) / rate(p))
+                };
             }
         }
         println!(
-            "{} (goal: proxy CPU <= 1 of the better of nginx and HAProxy, aim 0.6 / 0.8)",
+            "{} (goals: proxy CPU <= 1 of the better of nginx and HAProxy, aim 0.6 / 0.8; added p50 and p99 <= both)",
             line.trim_end_matches(';')
         );
     }

@@ -102,19 +102,10 @@ pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
     let exporting = (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
         && !env_true("OTEL_SDK_DISABLED")
         && !std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim().eq_ignore_ascii_case("none"));
-    // One filter for the whole subscriber (not per layer): a callsite it
-    // disables (h2's and hyper's spans, say) is never visited again, which
-    // per-layer filters cannot promise. Exporting traces adds meshkit's
-    // span targets to whatever the logs show.
-    let traces = if exporting {
-        format!(",{}=info,{}=info", crate::trace::RPC_TARGET, crate::trace::EVENTS_TARGET)
-    } else {
-        String::new()
-    };
     let directives =
         std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| settings.filter.clone());
-    let filter = EnvFilter::try_new(format!("{directives}{traces}"))
-        .or_else(|_| EnvFilter::try_new(format!("info{traces}")))
+    let filter = EnvFilter::try_new(with_span_targets(&directives, exporting))
+        .or_else(|_| EnvFilter::try_new(with_span_targets("info", exporting)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
     let json = settings.format == "json";
@@ -151,7 +142,7 @@ pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
     if tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init().is_ok() {
         tracing::dispatcher::get_default(|installed| dispatch.set(installed.downgrade()).ok());
         let _ = FILTER.set(Box::new(move |directives: &str| {
-            let filter = EnvFilter::try_new(format!("{directives}{traces}")).map_err(|e| e.to_string())?;
+            let filter = EnvFilter::try_new(with_span_targets(directives, exporting)).map_err(|e| e.to_string())?;
             reload.reload(filter).map_err(|e| e.to_string())
         }));
     } else {
@@ -159,6 +150,29 @@ pub fn init(settings: &LogSettings, service: &str) -> Telemetry {
         telemetry.stop();
     }
     telemetry
+}
+
+/// The log filter's directives with meshkit's span targets set.
+///
+/// One filter serves the whole subscriber (not one per layer): a callsite
+/// it disables (h2's and hyper's spans, say) is never visited again, which
+/// per-layer filters cannot promise. Exporting traces turns meshkit's span
+/// targets on whatever the logs show. Not exporting turns them off, so that
+/// no span is made at all: a plain `info` would otherwise make two spans a
+/// call at the gateway (a server and a client span), each formatted for the
+/// log lines, about a tenth of its CPU per request. Directives that name a
+/// span target themselves (to see calls' fields in the logs) are left as
+/// they are.
+fn with_span_targets(directives: &str, exporting: bool) -> String {
+    use crate::trace::{EVENTS_TARGET, RPC_TARGET};
+    let level = if exporting { "info" } else { "off" };
+    let mut out = directives.to_owned();
+    for target in [RPC_TARGET, EVENTS_TARGET] {
+        if exporting || !directives.contains(target) {
+            let _ = write!(out, ",{target}={level}");
+        }
+    }
+    out
 }
 
 type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -312,6 +326,32 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    /// Whether a call's server span is made under the filter `init` builds
+    /// from `directives`.
+    fn span_made(directives: &str, exporting: bool) -> bool {
+        let filter = EnvFilter::try_new(with_span_targets(directives, exporting)).expect("the directives parse");
+        let subscriber = tracing_subscriber::registry().with(filter).with(fmt::layer().with_writer(std::io::sink));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = crate::trace::server_span("/meshkit.user.v1.UserService/GetUser", &http::HeaderMap::new());
+            let events = crate::trace::producer_span("order-events", "e-1");
+            assert_eq!(span.is_disabled(), events.is_disabled(), "{directives}");
+            !span.is_disabled()
+        })
+    }
+
+    #[test]
+    fn without_an_exporter_no_span_is_made_unless_the_filter_names_it() {
+        // The default filter, and any other that does not name the targets.
+        assert!(!span_made("info,rskafka=off", false));
+        assert!(!span_made("debug", false));
+        assert!(!span_made("", false));
+        // Exporting: spans whatever the logs show.
+        assert!(span_made("info,rskafka=off", true));
+        assert!(span_made("warn", true));
+        // Asked for by name, to see calls' fields in the log lines.
+        assert!(span_made("info,meshkit::rpc=info,meshkit::events=info", false));
+    }
 
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);

@@ -291,7 +291,7 @@ async fn over_tls(etcd: &Etcd, logs: &Path) -> anyhow::Result<()> {
         ),
         logs,
     )?;
-    wait_listening(gateway_port, "the TLS gateway did not listen")?;
+    wait_listening(gateway_port, Duration::from_secs(10), || None).context("the TLS gateway")?;
     let proxy = Certs { cert: certs.join("proxy.pem"), key: certs.join("proxy.key") };
     let nginx = Nginx::start(logs, backend_port, Some(&proxy))?;
     let haproxy = Haproxy::start(logs, backend_port, Some(&proxy))?;
@@ -658,22 +658,67 @@ fn tree_rss_kib(pid: i32) -> u64 {
     total
 }
 
-/// Spring Cloud Gateway 5 (services/integration-tests/clients/scg, built by
-/// the one Maven build) with one route to the backend over TLS; stopped when
-/// dropped.
-struct Scg {
+/// A proxy process of the bench, on `port`; stopped when dropped (first
+/// with `stop_signal` when it has a graceful stop, then killed).
+struct Proxy {
     child: std::process::Child,
     port: u16,
+    stop_signal: Option<&'static str>,
 }
 
+impl Proxy {
+    fn spawn(
+        mut command: std::process::Command,
+        port: u16,
+        stop_signal: Option<&'static str>,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        let child = command.stdin(std::process::Stdio::null()).spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Self { child, port, stop_signal })
+    }
+
+    /// Until the proxy listens, within `within`; it fails at once if the
+    /// process exits first. `log` says where to look.
+    fn wait_listening(&mut self, within: Duration, log: &str) -> anyhow::Result<()> {
+        let child = &mut self.child;
+        wait_listening(self.port, within, || child.try_wait().ok().flatten()).with_context(|| format!("see {log}"))
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(signal) = self.stop_signal {
+            let _ = std::process::Command::new("kill").arg(signal).arg(self.child.id().to_string()).status();
+            for _ in 0..100 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spring Cloud Gateway 5 (services/integration-tests/clients/scg, built by
+/// the one Maven build) with one route to the backend over TLS.
+struct Scg;
+
 impl Scg {
-    fn start(dir: &Path, backend_port: u16, certs: &Certs) -> anyhow::Result<Self> {
+    fn start(dir: &Path, backend_port: u16, certs: &Certs) -> anyhow::Result<Proxy> {
         let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/scg/target");
         let classpath = std::fs::read_to_string(module.join("classpath"))
             .context("Spring Cloud Gateway is not built: run deploy/local/install-deps.sh --bench")?;
         let port = free_port();
-        let log = std::fs::File::create(dir.join("scg.log"))?;
-        let child = std::process::Command::new("java")
+        let log_path = dir.join("scg.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut command = std::process::Command::new("java");
+        command
             .arg("-cp")
             .arg(format!("{}:{}", classpath.trim(), module.join("meshkit-scg-peer-0.1.0.jar").display()))
             .arg("io.meshkit.scg.GatewayApplication")
@@ -682,45 +727,22 @@ impl Scg {
             .arg(format!("--backend=https://127.0.0.1:{backend_port}"))
             .arg(format!("--server.ssl.certificate=file:{}", certs.cert.display()))
             .arg(format!("--server.ssl.certificate-private-key=file:{}", certs.key.display()))
-            .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting Spring Cloud Gateway (java)")?;
-        let mut scg = Self { child, port };
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = scg.child.try_wait() {
-                anyhow::bail!("Spring Cloud Gateway exited ({status}); see {}", dir.join("scg.log").display());
-            }
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "Spring Cloud Gateway did not listen in 60 s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            .stderr(log);
+        let mut scg = Proxy::spawn(command, port, None, "Spring Cloud Gateway (java)")?;
+        // The JVM starts slower than the others.
+        scg.wait_listening(Duration::from_secs(60), &log_path.display().to_string()).context("Spring Cloud Gateway")?;
         Ok(scg)
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for Scg {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
 /// HAProxy 2.6 in front of one backend: HTTP/2 on both sides, upstream
 /// connections reused across clients; with `tls`, TLS both sides (the
-/// backend's certificate not checked); stopped when dropped.
-struct Haproxy {
-    child: std::process::Child,
-    port: u16,
-}
+/// backend's certificate not checked).
+struct Haproxy;
 
 impl Haproxy {
-    fn start(dir: &Path, backend_port: u16, tls: Option<&Certs>) -> anyhow::Result<Self> {
+    fn start(dir: &Path, backend_port: u16, tls: Option<&Certs>) -> anyhow::Result<Proxy> {
         let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -754,27 +776,11 @@ backend echo
         );
         let conf_path = dir.join(if tls.is_some() { "haproxy-tls.cfg" } else { "haproxy.cfg" });
         std::fs::write(&conf_path, conf)?;
-        let child = std::process::Command::new(haproxy)
-            .arg("-f")
-            .arg(&conf_path)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .context("starting haproxy")?;
-        wait_listening(port, "haproxy did not listen")?;
-        Ok(Self { child, port })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut command = std::process::Command::new(haproxy);
+        command.arg("-f").arg(&conf_path).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit());
+        let mut proxy = Proxy::spawn(command, port, None, "haproxy")?;
+        proxy.wait_listening(Duration::from_secs(10), "its messages above").context("haproxy")?;
+        Ok(proxy)
     }
 }
 
@@ -839,14 +845,11 @@ fn stat_times(pid: i32) -> Option<(i32, Duration, Duration)> {
 
 /// nginx with `grpc_pass` to one backend, keepalive to it, on its own port
 /// and prefix directory; with `tls`, TLS both sides (`grpcs://`, the
-/// backend's certificate not checked); stopped when dropped.
-struct Nginx {
-    child: std::process::Child,
-    port: u16,
-}
+/// backend's certificate not checked).
+struct Nginx;
 
 impl Nginx {
-    fn start(dir: &Path, backend_port: u16, tls: Option<&Certs>) -> anyhow::Result<Self> {
+    fn start(dir: &Path, backend_port: u16, tls: Option<&Certs>) -> anyhow::Result<Proxy> {
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -895,31 +898,35 @@ http {{
         );
         let conf_path = prefix.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
-        let child = std::process::Command::new(nginx)
+        let mut command = std::process::Command::new(nginx);
+        command
             .arg("-p")
             .arg(&prefix)
             .arg("-c")
             .arg(&conf_path)
             .args(["-g", "daemon off;"])
-            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .context("starting nginx")?;
-        wait_listening(port, &format!("nginx did not listen; see {p}/error.log"))?;
-        Ok(Self { child, port })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
+            .stderr(std::process::Stdio::inherit());
+        // SIGQUIT: nginx's graceful stop, which also ends its workers.
+        let mut proxy = Proxy::spawn(command, port, Some("-QUIT"), "nginx")?;
+        proxy.wait_listening(Duration::from_secs(10), &format!("{p}/error.log")).context("nginx")?;
+        Ok(proxy)
     }
 }
 
-/// Until something accepts on 127.0.0.1:`port`, within 10 s.
-fn wait_listening(port: u16, failure: &str) -> anyhow::Result<()> {
+/// Until something accepts on 127.0.0.1:`port`, within `within`; fails at
+/// once when `exited` says the process meant to listen there has ended.
+fn wait_listening(
+    port: u16,
+    within: Duration,
+    mut exited: impl FnMut() -> Option<std::process::ExitStatus>,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "{failure}");
+        if let Some(status) = exited() {
+            anyhow::bail!("exited ({status}) before listening on {port}");
+        }
+        anyhow::ensure!(started.elapsed() < within, "nothing listened on {port} within {within:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
@@ -930,19 +937,4 @@ fn is_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGQUIT: nginx's graceful stop; then make sure.
-        let _ = std::process::Command::new("kill").arg("-QUIT").arg(self.child.id().to_string()).status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

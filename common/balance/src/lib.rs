@@ -417,9 +417,13 @@ impl Service<Request> for BalancedChannel {
     fn call(&mut self, mut req: Request) -> Self::Future {
         let mut record = meshkit_telemetry::metrics::CallRecord::client(self.view.service(), req.uri().path());
         if let Some(governance) = &self.governance {
-            let uri = req.uri().clone();
-            match governance.before_call(self.view.service(), uri.path(), req.headers_mut()) {
-                Ok(Some(guard)) => record.on_finish(move |code| guard.finish(code)),
+            // The headers apart for the call, so the path is borrowed as it
+            // is (no copy of the URI per call).
+            let mut headers = std::mem::take(req.headers_mut());
+            let checked = governance.before_call(self.view.service(), req.uri().path(), &mut headers);
+            *req.headers_mut() = headers;
+            match checked {
+                Ok(Some(guard)) => record.on_finish(move |code, now| guard.finish_at(code, now)),
                 Ok(None) => {}
                 Err(status) => {
                     // Refused locally, without touching the pool.

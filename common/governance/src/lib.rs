@@ -602,7 +602,11 @@ pub struct CallGuard {
 
 impl CallGuard {
     pub fn finish(self, code: tonic::Code) {
-        let now = Instant::now();
+        self.finish_at(code, Instant::now());
+    }
+
+    /// [`Self::finish`] with the caller's reading of the clock at the call's end.
+    pub fn finish_at(self, code: tonic::Code, now: Instant) {
         if let Some(throttle) = &self.throttle {
             throttle.record_at(!matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted), now);
         }

@@ -529,7 +529,7 @@ pub struct CallRecord {
     metrics: Arc<MethodMetrics>,
     span: tracing::Span,
     server: bool,
-    on_finish: Option<Box<dyn FnOnce(tonic::Code) + Send>>,
+    on_finish: Option<Box<dyn FnOnce(tonic::Code, Instant) + Send>>,
 }
 
 impl CallRecord {
@@ -552,8 +552,10 @@ impl CallRecord {
         &self.span
     }
 
-    /// Also runs `f` with the call's status when it ends (a breaker's report).
-    pub fn on_finish(&mut self, f: impl FnOnce(tonic::Code) + Send + 'static) {
+    /// Also runs `f` when the call ends (a breaker's report), with its status
+    /// and the clock reading the record took for its duration: one reading
+    /// serves both.
+    pub fn on_finish(&mut self, f: impl FnOnce(tonic::Code, Instant) + Send + 'static) {
         self.on_finish = Some(Box::new(f));
     }
 
@@ -565,7 +567,7 @@ impl CallRecord {
         });
         crate::trace::record_status(&self.span, code, self.server);
         if let Some(f) = self.on_finish {
-            f(code);
+            f(code, now);
         }
     }
 }

@@ -30,6 +30,17 @@ public final class Etcd {
     /** The global scope of the config center. */
     public static final String GLOBAL = "_global";
 
+    static {
+        // jetcd runs on Vert.x, which keeps a cache directory in the temp dir
+        // per instance for resolving files on the classpath, and removes it
+        // only when closed: every killed process left one behind. Nothing
+        // here reads files through Vert.x. Set before jetcd loads Vert.x,
+        // whose options read it once; a value set by the user stands.
+        if (System.getProperty("vertx.disableFileCPResolving") == null) {
+            System.setProperty("vertx.disableFileCPResolving", "true");
+        }
+    }
+
     private Etcd() {
     }
 

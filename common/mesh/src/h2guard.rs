@@ -16,6 +16,17 @@
 //!   a protocol error, …) and RST_STREAM `REFUSED_STREAM` (a stream past
 //!   `server.max_concurrent_streams`).
 //!
+//! - Consecutive DATA frames of one stream that arrive in one read are
+//!   passed on as one frame (up to 16 KiB, the least frame size every
+//!   HTTP/2 server accepts; padded frames as they are). gRPC clients send
+//!   each message in a DATA frame of its own, and h2 closes a connection
+//!   with GOAWAY `ENHANCE_YOUR_CALM` (`too_many_data_frames`) once the small
+//!   frames it holds for the handler exceed a budget (half the connection
+//!   window, a few thousand frames): a client streaming small messages
+//!   faster than the handler read them lost its connection, every call on it
+//!   with it. Frame boundaries in DATA carry no meaning and flow control
+//!   counts payload bytes, so nothing else changes.
+//!
 //! Each is counted in `meshkit_h2_refusals_total{reason}`, and the first on a
 //! connection is logged with the peer's address, so a flood writes one line.
 //! A connection that is not HTTP/2 (the gateway's HTTP/1.1) passes untouched.
@@ -41,6 +52,11 @@ const GOAWAY: u8 = 0x7;
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const ACK: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
+const PADDED: u8 = 0x8;
+/// The largest DATA frame a merge makes: SETTINGS_MAX_FRAME_SIZE is never
+/// below it.
+const MERGED_FRAME_MAX: usize = 16_384;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const REFUSED_STREAM: u32 = 0x7;
 
@@ -100,6 +116,28 @@ impl Scanner {
         }
     }
 
+    /// Where in `data`, the bytes about to be fed, the first frame that
+    /// starts in them starts (None past the end, or when not HTTP/2).
+    fn next_frame_at(&self, data: &[u8]) -> Option<usize> {
+        if self.off {
+            return None;
+        }
+        let at = if self.preface > 0 {
+            self.preface
+        } else if self.have == 9 {
+            self.left
+        } else if self.have == 0 {
+            0
+        } else {
+            // Inside a frame's header: its length is in it.
+            let need = 9 - self.have;
+            let mut head = self.head;
+            head[self.have..].copy_from_slice(data.get(..need)?);
+            need + u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize
+        };
+        (at <= data.len()).then_some(at)
+    }
+
     /// At a frame boundary: bytes may be put in without breaking a frame.
     fn between_frames(&self) -> bool {
         self.preface == 0 && self.have == 0 && self.left == 0
@@ -147,6 +185,51 @@ impl Scanner {
             }
         }
     }
+}
+
+/// Merges each run of DATA frames of one stream in `buf`, from `start` (a
+/// frame boundary) on, into one frame of at most [`MERGED_FRAME_MAX`]
+/// payload bytes, END_STREAM on the last; a frame cut off by the end of
+/// `buf` stays as it is, as do padded frames and every other kind. Returns
+/// the length of what is left in `buf`.
+fn merge_data_frames(buf: &mut [u8], start: usize) -> usize {
+    let len = buf.len();
+    let (mut read, mut write) = (start, start);
+    // The DATA frame being added to: its header's place in the output, its
+    // stream and its payload length.
+    let mut open: Option<(usize, u32, usize)> = None;
+    while read + 9 <= len {
+        let size = u32::from_be_bytes([0, buf[read], buf[read + 1], buf[read + 2]]) as usize;
+        let end = read + 9 + size;
+        if end > len {
+            break;
+        }
+        let (kind, flags) = (buf[read + 3], buf[read + 4]);
+        let stream = u32::from_be_bytes([buf[read + 5], buf[read + 6], buf[read + 7], buf[read + 8]]) & 0x7fff_ffff;
+        let plain = kind == DATA && flags & PADDED == 0 && stream != 0;
+        match open {
+            Some((at, on, so_far)) if plain && on == stream && so_far + size <= MERGED_FRAME_MAX => {
+                buf.copy_within(read + 9..end, write);
+                write += size;
+                let merged = so_far + size;
+                buf[at..at + 3].copy_from_slice(&(merged as u32).to_be_bytes()[1..]);
+                buf[at + 4] |= flags & END_STREAM;
+                open = (flags & END_STREAM == 0).then_some((at, on, merged));
+            }
+            _ => {
+                if write != read {
+                    buf.copy_within(read..end, write);
+                }
+                open = (plain && flags & END_STREAM == 0).then_some((write, stream, size));
+                write += end - read;
+            }
+        }
+        read = end;
+    }
+    if write != read {
+        buf.copy_within(read..len, write);
+    }
+    write + (len - read)
 }
 
 /// The name a GOAWAY is counted under: its debug data when it is a short
@@ -230,12 +313,15 @@ impl<S> FrameGuard<S> {
         }
     }
 
-    fn scan_incoming(&mut self, data: &[u8]) {
+    /// Scans what came in; how many DATA frames ended in it.
+    fn scan_incoming(&mut self, data: &[u8]) -> usize {
         let mut flooded = false;
         let mut last_stream = self.last_stream;
         let mut earned = self.earned_ping;
         let mut control = 0u32;
+        let mut data_frames = 0;
         self.incoming.feed(data, |frame| {
+            data_frames += usize::from(frame.kind == DATA);
             // Acknowledgements count too: h2 logs a warning for every PING
             // ACK it did not ask for.
             if matches!(frame.kind, PING | SETTINGS) {
@@ -273,6 +359,7 @@ impl<S> FrameGuard<S> {
             goaway.extend_from_slice(&payload);
             self.goaway = Some((goaway, 0));
         }
+        data_frames
     }
 
     fn scan_outgoing(&mut self, data: &[u8]) {
@@ -345,7 +432,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
         let before = buf.filled().len();
         std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         if !this.incoming.off {
-            this.scan_incoming(&buf.filled()[before..]);
+            let first = this.incoming.next_frame_at(&buf.filled()[before..]);
+            let data_frames = this.scan_incoming(&buf.filled()[before..]);
+            if let Some(first) = first.filter(|_| data_frames > 1 && !this.incoming.off) {
+                let kept = merge_data_frames(&mut buf.filled_mut()[before..], first);
+                buf.set_filled(before + kept);
+            }
             if this.refused {
                 let _ = this.poll_goaway(cx);
                 return Poll::Ready(Err(Self::refused_error()));
@@ -442,6 +534,114 @@ mod tests {
             assert_eq!((seen[1].0, seen[1].1), (HEADERS, 1));
             assert_eq!(goaway_reason(0xb, &seen[2].2[8..]), "too_many_resets");
             assert!(scanner.between_frames());
+        }
+    }
+
+    /// The frames in `bytes`: (kind, flags, stream, payload).
+    fn parse(mut bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while bytes.len() >= 9 {
+            let size = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+            let stream = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]);
+            frames.push((bytes[3], bytes[4], stream, bytes[9..9 + size].to_vec()));
+            bytes = &bytes[9 + size..];
+        }
+        assert!(bytes.is_empty(), "a frame cut off");
+        frames
+    }
+
+    #[test]
+    fn runs_of_data_frames_of_one_stream_become_one_frame() {
+        let mut padded = vec![2u8];
+        padded.extend_from_slice(b"pq\0\0");
+        let frames = [
+            frame(DATA, 0, 1, b"ab"),
+            frame(DATA, 0, 1, b"cd"),
+            frame(DATA, END_STREAM, 1, b"e"),
+            frame(HEADERS, 0x4, 3, &[0x82]),
+            frame(DATA, 0, 3, b"x"),
+            frame(DATA, PADDED, 3, &padded),
+            frame(DATA, 0, 3, b"y"),
+            frame(DATA, 0, 5, b"z"),
+            frame(DATA, 0, 3, b"w"),
+            frame(DATA, 0, 0, b"on stream 0"),
+            frame(DATA, 0, 0, b"as it came"),
+        ];
+        let mut buf = frames.concat();
+        let kept = merge_data_frames(&mut buf, 0);
+        let merged = parse(&buf[..kept]);
+        let expected = vec![
+            (DATA, END_STREAM, 1, b"abcde".to_vec()),
+            (HEADERS, 0x4, 3, vec![0x82]),
+            (DATA, 0, 3, b"x".to_vec()),
+            (DATA, PADDED, 3, padded.clone()),
+            (DATA, 0, 3, b"y".to_vec()),
+            (DATA, 0, 5, b"z".to_vec()),
+            (DATA, 0, 3, b"w".to_vec()),
+            (DATA, 0, 0, b"on stream 0".to_vec()),
+            (DATA, 0, 0, b"as it came".to_vec()),
+        ];
+        assert_eq!(merged, expected);
+
+        // Never past 16 KiB, and a frame cut off at the end stays as it came.
+        let mut buf =
+            [frame(DATA, 0, 7, &[1; 8_000]), frame(DATA, 0, 7, &[2; 8_000]), frame(DATA, 0, 7, &[3; 8_000])].concat();
+        let cut = frame(DATA, 0, 7, b"tail");
+        buf.extend_from_slice(&cut[..11]);
+        let kept = merge_data_frames(&mut buf, 0);
+        assert_eq!(&buf[kept - 11..kept], &cut[..11]);
+        let sizes: Vec<usize> = parse(&buf[..kept - 11]).iter().map(|f| f.3.len()).collect();
+        assert_eq!(sizes, [16_000, 8_000]);
+    }
+
+    #[tokio::test]
+    async fn small_data_frames_read_through_the_guard_arrive_whole_however_the_bytes_are_split() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A client streaming 2,000 small messages on stream 1, one DATA frame
+        // each, a PING between, a second stream, then the end.
+        let mut sent = PREFACE.to_vec();
+        sent.extend(frame(SETTINGS, 0, 0, &[]));
+        sent.extend(frame(HEADERS, 0x4, 1, &[0x83]));
+        for i in 0..2_000u32 {
+            sent.extend(frame(DATA, 0, 1, &[0, 0, 0, 0, 3, 0x0a, 0x01, (i % 251) as u8]));
+            if i == 1_000 {
+                sent.extend(frame(PING, 0, 0, &[0; 8]));
+                sent.extend(frame(HEADERS, 0x4, 3, &[0x83]));
+                sent.extend(frame(DATA, END_STREAM, 3, b"other"));
+            }
+        }
+        sent.extend(frame(DATA, END_STREAM, 1, &[]));
+        let payload = |frames: &[(u8, u8, u32, Vec<u8>)], stream: u32| -> Vec<u8> {
+            frames.iter().filter(|f| f.0 == DATA && f.2 == stream).flat_map(|f| f.3.clone()).collect()
+        };
+        let original = parse(&sent[PREFACE.len()..]);
+        for split in [1, 9, 10, 100, 4_096, sent.len()] {
+            let (client, server) = tokio::io::duplex(sent.len() + 1);
+            let mut guard = FrameGuard::new(server, None, GuardLimits { control_frames_per_sec: 100 });
+            let mut client = client;
+            let mut received = Vec::new();
+            for chunk in sent.chunks(split) {
+                client.write_all(chunk).await.unwrap();
+                // One read takes the whole chunk (merging makes it shorter).
+                let mut buf = vec![0u8; 64 * 1024];
+                let n = guard.read(&mut buf).await.unwrap();
+                received.extend_from_slice(&buf[..n]);
+            }
+            assert!(received.starts_with(PREFACE));
+            let frames = parse(&received[PREFACE.len()..]);
+            for stream in [1, 3] {
+                assert_eq!(payload(&frames, stream), payload(&original, stream), "split {split}, stream {stream}");
+            }
+            let ends = |fs: &[(u8, u8, u32, Vec<u8>)]| -> Vec<u32> {
+                fs.iter().filter(|f| f.0 == DATA && f.1 & END_STREAM != 0).map(|f| f.2).collect()
+            };
+            assert_eq!(ends(&frames), ends(&original), "split {split}");
+            assert_eq!(frames.iter().filter(|f| f.0 == PING).count(), 1, "split {split}");
+            assert!(frames.iter().all(|f| f.3.len() <= MERGED_FRAME_MAX));
+            let data = frames.iter().filter(|f| f.0 == DATA).count();
+            if split >= 4_096 {
+                assert!(data < 100, "split {split}: {data} DATA frames of 2,002 left");
+            }
         }
     }
 

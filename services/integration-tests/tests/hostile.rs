@@ -471,3 +471,67 @@ async fn the_gateway_refuses_http1_request_smuggling_forms() {
     gateway.shutdown().await;
     backend.shutdown().await.unwrap();
 }
+
+/// A client-streaming call of `messages` small messages, each in a DATA
+/// frame of its own and all sent at once, as a gRPC client streaming fast
+/// sends them; then a unary call on the same connection. The count the
+/// server saw, and the unary call's status.
+async fn stream_small_messages(addr: SocketAddr, messages: usize) -> (i64, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(64 << 20)
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let framed = |text: &str| {
+        let m = EchoRequest { text: text.into(), ..Default::default() }.encode_to_vec();
+        Bytes::from(grpc_message(false, m.len() as u32, &m))
+    };
+    let message = framed("x");
+    let frames =
+        (0..messages).map(move |_| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(message.clone())));
+    let req = http::Request::post(format!("http://{addr}/meshkit.echo.v1.EchoService/Collect"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed())
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req))
+        .await
+        .expect("the streaming call answered within 20 s")
+        .unwrap_or_else(|e| panic!("the streaming call of {messages} messages failed: {e}"));
+    let collected = tokio::time::timeout(Duration::from_secs(20), res.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the response to {messages} messages failed: {e}"));
+    let status =
+        collected.trailers().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    assert_eq!(status.as_deref(), Some("0"), "Collect of {messages} messages");
+    let body = collected.to_bytes();
+    let reply = echo::EchoReply::decode(body.get(5..).unwrap_or_default()).unwrap();
+
+    let unary = http::Request::post(format!("http://{addr}{ECHO_PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(framed("y")).map_err(|never| match never {}).boxed())
+        .unwrap();
+    let res = sender.send_request(unary).await.expect("the connection is still open");
+    let collected = res.into_body().collect().await.unwrap();
+    let unary_status =
+        collected.trailers().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    (reply.count, unary_status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_streaming_many_small_messages_at_once_is_served_in_full() {
+    init_logs();
+    let (_etcd, _dir, backend, gateway) = gateway_over_echo(|_| {}).await;
+    for (target, addr) in [("a MeshServer", backend.local_addr()), ("the gateway", gateway.local_addr())] {
+        let (count, unary) = stream_small_messages(addr, 20_000).await;
+        assert_eq!(count, 20_000, "{target}: messages the handler saw");
+        assert_eq!(unary, "0", "{target}: a call after it on the same connection");
+    }
+    gateway.shutdown().await;
+    backend.shutdown().await.unwrap();
+}

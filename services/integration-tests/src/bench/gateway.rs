@@ -8,9 +8,11 @@
 //! 2. REST/JSON transcoding vs passthrough through the same gateway, to the
 //!    same method: CPU per request and throughput.
 //! 3. Every load shape (h2load): the gateway, nginx and HAProxy 2.6 in
-//!    cleartext; then all of them over TLS both ways, with Spring Cloud
-//!    Gateway 5 beside them (it proxies gRPC over TLS only). Proxy and
-//!    whole-system CPU per request, added latency, proxy memory.
+//!    cleartext, with `h2-floor` (the h2 crate alone relaying each stream)
+//!    as the yardstick of what the gateway adds; then all of them over TLS
+//!    both ways, with Spring Cloud Gateway 5 beside them (it proxies gRPC
+//!    over TLS only). Proxy and whole-system CPU per request, added
+//!    latency, proxy memory.
 
 use std::{
     path::Path,
@@ -213,11 +215,13 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
         rest_per / grpc_per,
         rest_sat.rate() / grpc_sat.rate()
     );
+    let floor = H2Floor::start(logs, backend_addr.port())?;
     let targets = [
         Target { name: "direct", port: backend_addr.port(), pid: None },
         Target { name: "gateway", port: gateway_port, pid: Some(gateway.pid()) },
         Target { name: "nginx", port: nginx.port, pid: Some(nginx.pid()) },
         Target { name: "haproxy", port: haproxy.port, pid: Some(haproxy.pid()) },
+        Target { name: "h2-floor", port: floor.port, pid: Some(floor.pid()) },
     ];
     println!(
         "\n== gRPC passthrough by load shape, cleartext (h2load, unary Echo; medians of {ROUNDS} alternating rounds, spread = max - min)"
@@ -225,7 +229,11 @@ pub async fn run(etcd: &Etcd, logs: &Path, secs: u64) -> anyhow::Result<()> {
     println!(
         "  proxies: the gateway (2 runtime threads), nginx 1.22 grpc_pass (2 workers), HAProxy 2.6 (2 threads, h2 both sides); the backend: echo-server (MeshServer), a process of its own; no CPU pinning"
     );
+    println!(
+        "  h2-floor: the h2 crate alone relaying each request on one thread (no routing, admission, metrics, balancing, retries): what the gateway spends above it is its own"
+    );
     shapes(logs, "http", &targets, backend.pid())?;
+    drop(floor);
     drop(haproxy);
     drop(nginx);
     drop(gateway);
@@ -606,6 +614,9 @@ fn shapes(logs: &Path, scheme: &str, targets: &[Target], backend: i32) -> anyhow
         let (Some(direct), Some(gateway)) = (at("direct"), at("gateway")) else { continue };
         let added = |med: &[f64], i: usize| med[i] - med[direct];
         let mut line = String::from("    gateway:");
+        if let Some(floor) = at("h2-floor") {
+            line += &format!(" {:+.1} µs per request above the h2 floor;", proxy_med[gateway] - proxy_med[floor]);
+        }
         for (peer, label) in [("nginx", "nginx"), ("haproxy", "HAProxy"), ("scg", "Spring Cloud Gateway")] {
             if let Some(p) = at(peer) {
                 line += &format!(
@@ -702,6 +713,25 @@ impl Drop for Proxy {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `h2-floor` (src/bin/h2-floor.rs) in front of the backend.
+struct H2Floor;
+
+impl H2Floor {
+    fn start(dir: &Path, backend_port: u16) -> anyhow::Result<Proxy> {
+        let port = free_port();
+        let log_path = dir.join("h2-floor.log");
+        let mut command = std::process::Command::new(meshkit_integration_tests::bin_dir().join("h2-floor"));
+        command
+            .arg(port.to_string())
+            .arg(backend_port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?);
+        let mut proxy = Proxy::spawn(command, port, None, "h2-floor")?;
+        proxy.wait_listening(Duration::from_secs(10), &log_path.display().to_string())?;
+        Ok(proxy)
     }
 }
 

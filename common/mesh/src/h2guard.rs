@@ -266,6 +266,9 @@ pub struct FrameGuard<S> {
     last_stream: u32,
     /// The server has sent DATA or HEADERS since the client's last PING.
     earned_ping: bool,
+    /// The stream of the last frame in, when it was a DATA frame a next one
+    /// of that stream could be merged into.
+    open_data: Option<u32>,
     logged: bool,
     /// A GOAWAY of ours still to write, and how much of it is written.
     goaway: Option<(Vec<u8>, usize)>,
@@ -285,6 +288,7 @@ impl<S> FrameGuard<S> {
             refilled: Instant::now(),
             last_stream: 0,
             earned_ping: false,
+            open_data: None,
             logged: false,
             goaway: None,
             refused: false,
@@ -313,15 +317,20 @@ impl<S> FrameGuard<S> {
         }
     }
 
-    /// Scans what came in; how many DATA frames ended in it.
-    fn scan_incoming(&mut self, data: &[u8]) -> usize {
+    /// Scans what came in; whether a DATA frame in it follows one of the
+    /// same stream that a merge could add it to (else a merge has nothing
+    /// to do: many streams' unary requests in one read are not walked twice).
+    fn scan_incoming(&mut self, data: &[u8]) -> bool {
         let mut flooded = false;
         let mut last_stream = self.last_stream;
         let mut earned = self.earned_ping;
         let mut control = 0u32;
-        let mut data_frames = 0;
+        let mut mergeable = false;
+        let mut open_data = self.open_data;
         self.incoming.feed(data, |frame| {
-            data_frames += usize::from(frame.kind == DATA);
+            let plain = frame.kind == DATA && frame.flags & PADDED == 0 && frame.stream != 0;
+            mergeable |= plain && open_data == Some(frame.stream);
+            open_data = (plain && frame.flags & END_STREAM == 0).then_some(frame.stream);
             // Acknowledgements count too: h2 logs a warning for every PING
             // ACK it did not ask for.
             if matches!(frame.kind, PING | SETTINGS) {
@@ -337,6 +346,7 @@ impl<S> FrameGuard<S> {
         });
         self.last_stream = last_stream;
         self.earned_ping = earned;
+        self.open_data = open_data;
         for _ in 0..control {
             if !self.admit_control_frame() {
                 flooded = true;
@@ -359,7 +369,7 @@ impl<S> FrameGuard<S> {
             goaway.extend_from_slice(&payload);
             self.goaway = Some((goaway, 0));
         }
-        data_frames
+        mergeable
     }
 
     fn scan_outgoing(&mut self, data: &[u8]) {
@@ -433,8 +443,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
         std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         if !this.incoming.off {
             let first = this.incoming.next_frame_at(&buf.filled()[before..]);
-            let data_frames = this.scan_incoming(&buf.filled()[before..]);
-            if let Some(first) = first.filter(|_| data_frames > 1 && !this.incoming.off) {
+            let mergeable = this.scan_incoming(&buf.filled()[before..]);
+            if let Some(first) = first.filter(|_| mergeable && !this.incoming.off) {
                 let kept = merge_data_frames(&mut buf.filled_mut()[before..], first);
                 buf.set_filled(before + kept);
             }
